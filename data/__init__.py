@@ -1,0 +1,1 @@
+"""Folder-per-class datasets, prompts, instruction annotations and the toy dataset."""

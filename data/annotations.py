@@ -1,0 +1,113 @@
+"""Instruction annotations (JSON Lines, one record per training image) and their conversations.
+
+Stage 0 appends records; stage 1 reads them and turns each into three conversations
+(observation, reasoning, categorical) that share the system message and the image.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import IO, Iterator, Sequence
+
+from data.prompts import (OBSERVATION_QUESTION, REASONING_QUESTION, SYSTEM_MESSAGE,
+                          categorical_answer, categorical_question)
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ANNOTATIONS_FILE = "annotations_train.jsonl"
+TASKS = ("observation", "reasoning", "categorical")
+
+
+@dataclass(frozen=True)
+class Annotation:
+    image: str          # path relative to data_root, e.g. "toy/train/awe/0001.png"
+    label: str          # class name
+    key_elements: str   # section 1 of the generator's answer
+    reasoning: str      # section 2
+    generator: str      # model that wrote it
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "Annotation":
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if not isinstance(record.get(n), str)]
+        if missing:
+            raise ValueError(f"missing or non-string fields {missing}")
+        return cls(**{n: record[n] for n in names})
+
+
+def iter_annotations(path: str | Path) -> Iterator[Annotation]:
+    """Records of a JSONL file. A broken *last* line (an interrupted write) is ignored with a
+    warning; a broken line elsewhere is a UserError naming the line."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    complete = lines[:-1]  # text after the final newline is an unfinished write
+    if lines[-1].strip():
+        log.warning("%s: ignoring an unfinished last line (interrupted write)", path)
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield Annotation.from_dict(json.loads(line))
+        except (json.JSONDecodeError, ValueError, TypeError) as err:
+            raise UserError(f"{path}:{number}: not a valid annotation record ({err}); "
+                            "fix or delete that line") from None
+
+
+def read_annotations(path: str | Path) -> list[Annotation]:
+    return list(iter_annotations(path))
+
+
+def repair_tail(path: str | Path) -> None:
+    """Cut an unfinished last line (no trailing newline) so appends start on a fresh line."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    keep = data[: data.rfind(b"\n") + 1]
+    log.warning("%s: removing an unfinished last line left by an interrupted run", path)
+    with open(path, "r+b") as fh:
+        fh.truncate(len(keep))
+
+
+def append_record(fh: IO[str], record: dict) -> None:
+    """Append one JSON line and make it durable before returning (one write per record)."""
+    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def append_annotation(fh: IO[str], annotation: Annotation) -> None:
+    append_record(fh, asdict(annotation))
+
+
+def _conversation(question: str, answer: str) -> list[dict]:
+    return [
+        {"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+
+
+def prompt_messages(question: str) -> list[dict]:
+    """System + user turn (image, question), ready for ``add_generation_prompt=True``."""
+    return _conversation(question, "")[:2]
+
+
+def to_conversations(annotation: Annotation, class_names: Sequence[str]) -> dict[str, list[dict]]:
+    """The three training conversations of one annotated image, keyed by task name."""
+    if annotation.label not in class_names:
+        raise UserError(f"annotation for {annotation.image}: label {annotation.label!r} "
+                        f"is not one of the dataset's classes {list(class_names)}")
+    return {
+        "observation": _conversation(OBSERVATION_QUESTION, annotation.key_elements),
+        "reasoning": _conversation(REASONING_QUESTION, annotation.reasoning),
+        "categorical": _conversation(categorical_question(class_names),
+                                     categorical_answer(annotation.label)),
+    }

@@ -1,0 +1,232 @@
+"""Folder-per-class datasets: ``<data_root>/<dataname>/{train,val,test}/<class>/<image>``.
+
+Class names are the sorted folder names of ``train/`` and are saved with every checkpoint.
+Without ``val/``, 10% of ``train/`` is split off (stratified, seed 42) and the split is
+persisted in ``<output_dir>/<dataname>/split.json`` so every stage sees the same images.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+from utils.errors import UserError
+from utils.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+VAL_FRACTION = 0.1
+SPLIT_SEED = 42
+
+MIKELS = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")
+EKMAN = ("anger", "disgust", "fear", "joy", "sadness", "surprise")
+SENTIMENT = ("negative", "positive")
+
+# Known datasets (keys lower-case) and the classes their folders should hold.
+KNOWN_DATASETS: dict[str, tuple[str, ...]] = {
+    "emoset": MIKELS,
+    "fi": MIKELS,
+    "abstract": MIKELS,
+    "artphoto": MIKELS,
+    "emotion6": EKMAN,
+    "flickr": SENTIMENT,
+    "instagram": SENTIMENT,
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str   # relative to data_root, e.g. "emoset/train/awe/0001.jpg"
+    label: int  # index into class_names
+
+
+@dataclass
+class DatasetSplits:
+    name: str
+    data_root: Path
+    class_names: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    val_from_train: bool  # True when val/ was split off train/
+    skipped: list[str] = field(default_factory=list)  # undecodable images left out
+
+    def split(self, name: str) -> list[Sample]:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}")
+        return getattr(self, name)
+
+    def absolute(self, sample: Sample) -> Path:
+        return self.data_root / sample.path
+
+    def summary(self) -> str:
+        val = "split off train (seed 42)" if self.val_from_train else "val/"
+        return (f"{self.name}: {len(self.class_names)} classes {self.class_names}; "
+                f"train {len(self.train)}, val {len(self.val)} ({val}), test {len(self.test)}")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_split(data_root: Path, split_dir: Path, class_names: Sequence[str]) -> list[Sample]:
+    samples = []
+    for label, name in enumerate(class_names):
+        files = sorted(p for p in (split_dir / name).rglob("*") if is_image_file(p))
+        if not files:
+            raise UserError(f"{split_dir / name}: class folder holds no images "
+                            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder")
+        samples += [Sample(p.relative_to(data_root).as_posix(), label) for p in files]
+    return samples
+
+
+def _check_same_classes(split_dir: Path, class_names: Sequence[str], train_dir: Path) -> None:
+    found = _class_folders(split_dir)
+    if found != list(class_names):
+        only_train = sorted(set(class_names) - set(found))
+        only_here = sorted(set(found) - set(class_names))
+        raise UserError(f"{split_dir}: class folders differ from {train_dir}: "
+                        f"missing here {only_train}, extra here {only_here}; both must hold the same classes")
+
+
+def known_classes(dataname: str) -> tuple[str, ...] | None:
+    return KNOWN_DATASETS.get(dataname.lower())
+
+
+def _stratified_split(samples: list[Sample], num_classes: int) -> tuple[list[Sample], list[Sample]]:
+    rng = random.Random(SPLIT_SEED)
+    train, val = [], []
+    for label in range(num_classes):
+        group = [s for s in samples if s.label == label]
+        rng.shuffle(group)
+        n_val = max(1, round(len(group) * VAL_FRACTION)) if len(group) >= 2 else 0
+        val += group[:n_val]
+        train += group[n_val:]
+    return sorted(train, key=lambda s: s.path), sorted(val, key=lambda s: s.path)
+
+
+def _persisted_split(split_file: Path, train_all: list[Sample], class_names: list[str],
+                     train_dir: Path) -> tuple[list[Sample], list[Sample]]:
+    """Load the split saved by an earlier stage, or make it and save it."""
+    by_path = {s.path: s for s in train_all}
+    if split_file.exists():
+        saved = read_json(split_file)
+        saved_paths = set(saved["train"]) | set(saved["val"])
+        added = sorted(set(by_path) - saved_paths)
+        removed = sorted(saved_paths - set(by_path))
+        if saved.get("class_names") != class_names or added or removed:
+            detail = (f"classes {saved.get('class_names')} vs {class_names}"
+                      if saved.get("class_names") != class_names
+                      else f"{len(added)} image(s) added (e.g. {added[:1]}), "
+                           f"{len(removed)} removed (e.g. {removed[:1]})")
+            raise UserError(f"{split_file} no longer matches the images in {train_dir}: {detail}; "
+                            "restore the images, or delete the split file to re-split "
+                            "(and retrain every stage, which used the old split)")
+        return [by_path[p] for p in saved["train"]], [by_path[p] for p in saved["val"]]
+    train, val = _stratified_split(train_all, len(class_names))
+    write_json(split_file, {
+        "note": f"validation split: {VAL_FRACTION:.0%} of train/ per class, seed {SPLIT_SEED}",
+        "class_names": class_names,
+        "train": [s.path for s in train],
+        "val": [s.path for s in val],
+    })
+    log.info("split %d train images into %d train / %d val, saved to %s",
+             len(train_all), len(train), len(val), split_file)
+    return train, val
+
+
+def find_bad_images(data_root: Path, samples: Sequence[Sample]) -> list[str]:
+    """Paths (relative) of images PIL cannot decode."""
+    bad = []
+    for sample in samples:
+        try:
+            with Image.open(data_root / sample.path) as img:
+                img.load()
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+            bad.append(sample.path)
+    return bad
+
+
+def load_dataset(data_root: str | Path, dataname: str, output_dir: str | Path = "outputs",
+                 skip_bad_images: bool = False) -> DatasetSplits:
+    """Scan the folders, check the class sets, and return the train/val/test samples."""
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise UserError(f"--data_root {data_root}: no such folder; point it at the folder that holds "
+                        f"<dataname>/train and <dataname>/test")
+    root = data_root / dataname
+    if not root.is_dir():
+        available = sorted(p.name for p in data_root.iterdir() if p.is_dir())
+        raise UserError(f"{root}: no such dataset folder (found: {available or 'nothing'}); "
+                        "check --dataname and --data_root")
+    train_dir, val_dir, test_dir = root / "train", root / "val", root / "test"
+    for required in (train_dir, test_dir):
+        if not required.is_dir():
+            raise UserError(f"{required}: missing; expected layout {root}/{{train,val,test}}/<class>/<image> "
+                            "(val/ is optional)")
+    class_names = _class_folders(train_dir)
+    if len(class_names) < 2:
+        raise UserError(f"{train_dir}: found {len(class_names)} class folder(s); need at least 2")
+    expected = known_classes(dataname)
+    if expected is not None and sorted(expected) != class_names:
+        log.warning("%s: class folders %s differ from the known %s classes %s",
+                    train_dir, class_names, dataname, sorted(expected))
+    _check_same_classes(test_dir, class_names, train_dir)
+    train_all = _scan_split(data_root, train_dir, class_names)
+    test = _scan_split(data_root, test_dir, class_names)
+    if val_dir.is_dir():
+        _check_same_classes(val_dir, class_names, train_dir)
+        train, val = train_all, _scan_split(data_root, val_dir, class_names)
+    else:
+        split_file = Path(output_dir) / dataname / "split.json"
+        train, val = _persisted_split(split_file, train_all, class_names, train_dir)
+    splits = DatasetSplits(dataname, data_root, class_names, train, val, test,
+                           val_from_train=not val_dir.is_dir())
+    if skip_bad_images:
+        bad = set(find_bad_images(data_root, train + splits.val + test))
+        if bad:
+            log.warning("skipping %d undecodable image(s), e.g. %s", len(bad), sorted(bad)[0])
+            splits.train = [s for s in train if s.path not in bad]
+            splits.val = [s for s in splits.val if s.path not in bad]
+            splits.test = [s for s in test if s.path not in bad]
+            splits.skipped = sorted(bad)
+    return splits
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Decode one image as RGB; an undecodable file is a UserError naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"{path}: image not found") from None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: cannot decode image ({err.__class__.__name__}); "
+                        "fix or remove it, or pass --skip_bad_images") from None
+
+
+class ImageDataset:
+    """Lazy map-style dataset over samples: ``(transform(image), label)``; images open on access."""
+
+    def __init__(self, data_root: str | Path, samples: Sequence[Sample],
+                 transform: Callable | None = None):
+        self.data_root = Path(data_root)
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        image = open_image(self.data_root / sample.path)
+        return (self.transform(image) if self.transform else image), sample.label

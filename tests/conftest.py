@@ -1,0 +1,43 @@
+"""Offline environment and the tiny world (toy images, tiny VLM) shared by the whole suite."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def run_script(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` from the repository root as a user would; capture its output."""
+    return subprocess.run([sys.executable, *args], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    """``<root>/toy/{train,test}`` with 4 classes, 24 train and 8 test images per class."""
+    from data.toy import make_toy_dataset
+
+    root = tmp_path_factory.mktemp("images")
+    make_toy_dataset(root / "toy", num_classes=4, per_class=24, test_per_class=8, seed=0, size=64)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-VL saved as a Hugging Face folder."""
+    from models.tiny import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("checkpoints") / "tiny-qwen2-vl", seed=0)

@@ -1,0 +1,214 @@
+"""The dataset layer, prompts, answer parser, annotation format and shared utilities."""
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import run_script
+from data.annotations import (Annotation, append_annotation, read_annotations, repair_tail,
+                              to_conversations)
+from data.datasets import ImageDataset, load_dataset
+from data.prompts import (categorical_answer, categorical_question, parse_emotion,
+                          split_sections)
+from utils.cli import base_parser, parse_args
+from utils.errors import UserError
+from utils.metrics import classification_metrics, write_metrics
+
+CLASSES = ["amusement", "anger", "awe", "contentment"]
+
+
+def draw(path: Path, colour=(200, 30, 30), size=(16, 12)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def make_tree(root: Path, per_class=10, splits=("train", "test"), classes=("anger", "awe")) -> Path:
+    for split in splits:
+        for c in classes:
+            for i in range(per_class):
+                draw(root / "ds" / split / c / f"{i:03d}.png")
+    return root
+
+
+def test_classes_are_sorted_and_odd_files_ignored(tmp_path):
+    root = make_tree(tmp_path, classes=("fear", "awe"))
+    draw(root / "ds/train/awe/UPPER.JPG")
+    draw(root / "ds/train/awe/x.WebP")
+    (root / "ds/train/awe/.DS_Store").write_text("junk")
+    (root / "ds/train/awe/notes.txt").write_text("junk")
+    splits = load_dataset(root, "ds", tmp_path / "out")
+    assert splits.class_names == ["awe", "fear"]
+    everything = splits.train + splits.val
+    assert len(everything) == 22
+    assert {Path(s.path).suffix for s in everything} == {".png", ".JPG", ".WebP"}
+    assert all(s.label == 0 for s in everything if "/awe/" in s.path)
+
+
+def test_val_split_is_stratified_persisted_and_checked(tmp_path):
+    root = make_tree(tmp_path, per_class=20)
+    out = tmp_path / "out"
+    first = load_dataset(root, "ds", out)
+    assert first.val_from_train
+    assert [sum(s.label == k for s in first.val) for k in (0, 1)] == [2, 2]
+    assert not set(first.val) & set(first.train)
+    split_file = out / "ds" / "split.json"
+    saved = json.loads(split_file.read_text())
+    assert sorted(saved["val"]) == sorted(s.path for s in first.val)
+    again = load_dataset(root, "ds", out)
+    assert again.val == first.val and again.train == first.train
+    draw(root / "ds/train/awe/new.png")
+    with pytest.raises(UserError, match="no longer matches"):
+        load_dataset(root, "ds", out)
+    # a different output folder (no split file yet) splits again, identically (seed 42)
+    (root / "ds/train/awe/new.png").unlink()
+    assert load_dataset(root, "ds", tmp_path / "other").val == first.val
+
+
+def test_existing_val_folder_is_used(tmp_path):
+    root = make_tree(tmp_path, per_class=3, splits=("train", "val", "test"))
+    splits = load_dataset(root, "ds", tmp_path / "out")
+    assert not splits.val_from_train and len(splits.val) == 6 and len(splits.train) == 6
+    assert not (tmp_path / "out/ds/split.json").exists()
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no_root", "no such folder"),
+    ("no_test", "test: missing"),
+    ("differing", "missing here ['awe'], extra here ['joy']"),
+    ("empty_class", "holds no images"),
+])
+def test_bad_layouts(tmp_path, breakage, message):
+    root = make_tree(tmp_path, per_class=2)
+    if breakage == "no_root":
+        root = tmp_path / "nowhere"
+    elif breakage == "no_test":
+        for p in sorted((root / "ds/test").rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        (root / "ds/test").rmdir()
+    elif breakage == "differing":
+        (root / "ds/test/awe").rename(root / "ds/test/joy")
+    elif breakage == "empty_class":
+        for p in (root / "ds/train/awe").iterdir():
+            p.unlink()
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_dataset(root, "ds", tmp_path / "out")
+
+
+def test_undecodable_image_is_named_or_skipped(tmp_path):
+    root = make_tree(tmp_path, per_class=3, splits=("train", "val", "test"))
+    bad = root / "ds/train/awe/broken.jpg"
+    bad.write_bytes(b"not really a jpeg")
+    splits = load_dataset(root, "ds", tmp_path / "out")
+    dataset = ImageDataset(root, splits.train)
+    index = [s.path for s in splits.train].index("ds/train/awe/broken.jpg")
+    with pytest.raises(UserError, match="broken.jpg: cannot decode"):
+        dataset[index]
+    image, label = dataset[0]
+    assert image.mode == "RGB" and label == 0
+    skipped = load_dataset(root, "ds", tmp_path / "out", skip_bad_images=True)
+    assert skipped.skipped == ["ds/train/awe/broken.jpg"] and len(skipped.train) == 6
+
+
+def test_data_check_cli_errors_are_one_line_exit_2(tmp_path):
+    root = make_tree(tmp_path, per_class=3)
+    ok = run_script("-m", "data", "--dataname", "ds", "--data_root", str(root),
+                    "--output_dir", str(tmp_path / "out"))
+    assert ok.returncode == 0, ok.stderr
+    assert "2 classes ['anger', 'awe']" in ok.stdout and "all images decode" in ok.stdout
+    (root / "ds/test/awe/0.png").write_bytes(b"garbage")
+    bad = run_script("-m", "data", "--dataname", "ds", "--data_root", str(root),
+                     "--output_dir", str(tmp_path / "out"))
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == (f"error: {root}/ds/test/awe/0.png: cannot decode "
+                                                   "image (UnidentifiedImageError); fix or remove "
+                                                   "it, or pass --skip_bad_images")
+    missing = run_script("-m", "data", "--dataname", "nope", "--data_root", str(root))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.count("\n") == 1 and "no such dataset folder" in missing.stderr
+
+
+def test_categorical_prompt_uses_the_dataset_classes():
+    question = categorical_question(["negative", "positive"])
+    assert "[negative, positive]" in question and "{'emotion': '<category>'}" in question
+    assert categorical_answer("awe") == "{'emotion': 'awe'}"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("{'emotion': 'awe'}", 2),
+    ('{"emotion": "Anger"}', 1),
+    ("  {  'emotion' :  'contentment' }  because it is calm", 3),
+    ("Sure! {'emotion': 'amusement'", 0),
+    ("The image evokes awe.", 2),
+    ("{'emotion': 'joy'}", None),
+    ("anger or awe, hard to say", None),
+    ("", None),
+    ("awesome", None),
+])
+def test_parse_emotion(text, expected):
+    assert parse_emotion(text, CLASSES) == expected
+
+
+def test_split_sections():
+    assert split_sections("1. Key elements: a dog in sun\n2. Reasoning: warm light") == \
+        ("a dog in sun", "warm light")
+    assert split_sections("**1. Key Elements:**\n- dog\n\n**2. Reasoning:**\nwarm") == ("- dog", "warm")
+    assert split_sections("1. Key elements: a dog") is None
+    assert split_sections("1. Key elements:\n2. Reasoning: warm") is None
+
+
+def test_annotations_round_trip_and_broken_tail(tmp_path):
+    path = tmp_path / "a.jsonl"
+    records = [Annotation(f"ds/train/awe/{i}.png", "awe", f"key {i}", f"why {i}", "gpt-4o")
+               for i in range(3)]
+    with open(path, "a", encoding="utf-8") as fh:
+        for record in records:
+            append_annotation(fh, record)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('{"image": "ds/train/awe/9.png", "lab')  # interrupted write
+    assert read_annotations(path) == records
+    repair_tail(path)
+    assert path.read_text().endswith("\n") and read_annotations(path) == records
+    path.write_text(path.read_text().replace('"key 1"', "oops", 1))
+    with pytest.raises(UserError, match=r"a.jsonl:2: not a valid annotation"):
+        read_annotations(path)
+
+
+def test_conversions_give_three_tasks():
+    record = Annotation("ds/train/awe/1.png", "awe", "mountains at dawn", "vastness", "m")
+    conv = to_conversations(record, CLASSES)
+    assert list(conv) == ["observation", "reasoning", "categorical"]
+    for messages in conv.values():
+        assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+        assert messages[1]["content"][0] == {"type": "image"}
+    assert conv["observation"][2]["content"][0]["text"] == "mountains at dawn"
+    assert conv["reasoning"][2]["content"][0]["text"] == "vastness"
+    assert conv["categorical"][2]["content"][0]["text"] == "{'emotion': 'awe'}"
+    with pytest.raises(UserError, match="not one of"):
+        to_conversations(Annotation("x.png", "joy", "a", "b", "m"), CLASSES)
+
+
+def test_config_file_sets_defaults_command_line_wins(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("seed: 7\ndata_root: elsewhere\n")
+    parser = base_parser("t", batch_size=4)
+    args = parse_args(parser, ["--dataname", "x", "--config", str(config), "--seed", "3"])
+    assert (args.seed, args.data_root, args.batch_size) == (3, "elsewhere", 4)
+    config.write_text("sead: 7\n")
+    with pytest.raises(UserError, match=r"unknown keys \['sead'\]"):
+        parse_args(base_parser("t"), ["--dataname", "x", "--config", str(config)])
+
+
+def test_metrics_match_hand_counts(tmp_path):
+    metrics = classification_metrics([0, 0, 1, 1, 2], [0, 1, 1, -1, 2], ["a", "b", "c"])
+    assert metrics["accuracy"] == pytest.approx(3 / 5)
+    assert metrics["unparseable"] == 1
+    assert metrics["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    assert metrics["per_class"]["b"]["precision"] == pytest.approx(0.5)
+    # per-class F1 by hand: a (p 1, r 1/2), b (p 1/2, r 1/2), c (p 1, r 1)
+    f1 = {"a": 2 * 1 * 0.5 / 1.5, "b": 0.5, "c": 1.0}
+    assert metrics["macro_f1"] == pytest.approx(sum(f1.values()) / 3)
+    write_metrics(tmp_path, metrics, "test")
+    assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 5
+    assert (tmp_path / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"

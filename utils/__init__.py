@@ -1,0 +1,1 @@
+"""Shared helpers: CLI flags, run records, atomic writes, metrics, errors."""

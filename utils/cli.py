@@ -1,0 +1,90 @@
+"""Flags every stage shares, ``--config`` defaults, and device selection."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+from utils.errors import UserError
+
+
+def base_parser(description: str, batch_size: int | None = None) -> argparse.ArgumentParser:
+    """A parser with the shared flags in a ``common`` group; stages add their own groups."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("common")
+    group.add_argument("--dataname", required=True,
+                       help="dataset folder name under --data_root (e.g. emoset, FI, toy)")
+    group.add_argument("--data_root", default="images",
+                       help="root holding <dataname>/{train,val,test}/<class>/<image>")
+    group.add_argument("--output_dir", default="outputs",
+                       help="stage outputs go to <output_dir>/<dataname>/<stage>/")
+    group.add_argument("--seed", type=int, default=42)
+    group.add_argument("--gpu", type=int, default=None,
+                       help="CUDA device index; falls back to CPU when CUDA is absent")
+    group.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes")
+    group.add_argument("--skip_bad_images", action="store_true",
+                       help="skip (and count) images that cannot be decoded instead of stopping")
+    group.add_argument("--config", default=None,
+                       help="YAML or JSON file whose keys become defaults; the command line wins")
+    if batch_size is not None:
+        group.add_argument("--batch_size", type=int, default=batch_size)
+    return parser
+
+
+def load_config(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {path}: no such file")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as err:  # noqa: BLE001 - any parse error is the user's file
+        raise UserError(f"--config {path}: cannot parse ({err.__class__.__name__}: {err})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of flag names to values")
+    return values
+
+
+class _ArgumentParserError(Exception):
+    pass
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; values from ``--config`` become defaults that the command line overrides."""
+    pre, _ = parser.parse_known_args(argv)
+    if getattr(pre, "config", None):
+        values = load_config(pre.config)
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"--config {pre.config}: unknown keys {unknown}; valid keys are the flag names")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def resolve_device(gpu: int | None) -> "torch.device":  # noqa: F821
+    """``--gpu N`` -> cuda:N; no flag -> cuda:0 if present; CPU when CUDA is absent."""
+    import torch
+
+    if torch.cuda.is_available():
+        index = 0 if gpu is None else gpu
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device("cuda", index)
+    if gpu is not None:
+        print(f"warning: --gpu {gpu} given but CUDA is not available; running on CPU")
+    return torch.device("cpu")
+
+
+def stage_dir(args: argparse.Namespace, stage: str) -> Path:
+    """``<output_dir>/<dataname>/<stage>``: where a stage writes and the next one reads."""
+    return Path(args.output_dir) / args.dataname / stage

@@ -1,0 +1,32 @@
+"""User-facing errors: one clear line on stderr and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file, wrong data layout)."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run a stage's ``main(argv)``; turn UserError into ``error: ...`` plus exit code 2."""
+    try:
+        main(argv)
+    except UserError as err:
+        print(f"error: {_last_line(str(err))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: everything written so far is kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _last_line(message: str) -> str:
+    # A UserError raised in a DataLoader worker comes back with the worker's traceback in
+    # its message; the user needs only the final line.
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in message:
+        return lines[-1].split("UserError: ", 1)[-1]
+    return message
