@@ -1,0 +1,1 @@
+"""Model builders and loaders: the tiny test VLM, VLM loading and visual features."""

@@ -1,0 +1,121 @@
+"""Loading a Qwen2-VL-style model and reading its visual encoder: shared by every stage.
+
+A hub id (``Qwen/Qwen2-VL-7B-Instruct``) and a local ``save_pretrained`` folder (such as the tiny
+model from ``models/tiny.py``) load the same way. Prompt building lives elsewhere.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from utils.errors import UserError
+
+QUANT_CHOICES = ("4bit",)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else err.__class__.__name__
+
+
+def _check_model_id(model_id: str | Path) -> None:
+    """Fail early on a missing local folder: the hub would only say it is not a valid repo id."""
+    model_id = str(model_id)
+    is_hub_id = model_id.count("/") <= 1 and not model_id.startswith((".", "/", "~"))
+    if not Path(model_id).exists() and not is_hub_id:
+        raise UserError(f"--vlm_model {model_id}: no such folder; build a tiny one with "
+                        "`python -m models.tiny` or give a hub id such as Qwen/Qwen2-VL-7B-Instruct")
+
+
+def _load_error(model_id: str, err: Exception) -> UserError:
+    what = "cannot load this folder" if Path(model_id).exists() else "not a local folder nor a cached hub id"
+    return UserError(f"--vlm_model {model_id}: {what} ({_first_line(err)})")
+
+
+def load_processor(model_id: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The model's processor, with batched prompts padded on the left (needed for generation)."""
+    from transformers import AutoProcessor
+    from transformers.image_utils import SizeDict
+
+    _check_model_id(model_id)
+    try:
+        processor = AutoProcessor.from_pretrained(model_id)
+    except (OSError, ValueError) as err:
+        raise _load_error(model_id, err) from None
+    processor.tokenizer.padding_side = "left"
+    if min_pixels is not None or max_pixels is not None:
+        # The image processor's size holds the pixel budget (shortest_edge = min, longest_edge = max).
+        size = processor.image_processor.size
+        processor.image_processor.size = SizeDict(shortest_edge=min_pixels or size.shortest_edge,
+                                                  longest_edge=max_pixels or size.longest_edge)
+    return processor
+
+
+def _quantization_config(quant: str, device: torch.device):
+    if quant not in QUANT_CHOICES:
+        raise UserError(f"--quant {quant}: choose one of {', '.join(QUANT_CHOICES)} or leave it out")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise UserError(f"--quant {quant} needs a CUDA GPU (bitsandbytes); drop --quant to run in full precision")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"--quant {quant} needs bitsandbytes: pip install -r requirements-qlora.txt")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_vlm(model_id: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+             quant: str | None = None, adapter: str | Path | None = None, trainable: bool = False):
+    """Load the VLM (optionally 4-bit, optionally with a LoRA adapter) on ``device``.
+
+    ``dtype`` None keeps transformers' default; the model is in eval mode unless ``trainable``.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    device = torch.device(device)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    if quant is not None:
+        kwargs["quantization_config"] = _quantization_config(quant, device)
+        kwargs["device_map"] = {"": device.index or 0}  # bitsandbytes places weights while loading
+    _check_model_id(model_id)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _load_error(model_id, err) from None
+    if quant is None:
+        model.to(device)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"adapter {adapter}: no adapter_config.json there; point to the folder "
+                            "written by the instruction-tuning stage")
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    model.train(trainable)
+    return model
+
+
+def vision_hidden_size(model_or_config) -> int:
+    """Width of one merged visual token (what the patch merger outputs), from the config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    vision = config.vision_config
+    # Qwen2.5-VL (and later) name the merger's output width out_hidden_size and use hidden_size
+    # for the encoder's inner width; Qwen2-VL calls its output width hidden_size.
+    return int(getattr(vision, "out_hidden_size", None) or vision.hidden_size)
+
+
+@torch.no_grad()
+def pooled_image_features(model, processor, images: Sequence[Image.Image]) -> torch.Tensor:
+    """Mean of each image's merged visual tokens: (len(images), vision_hidden_size), float32 on CPU.
+
+    Runs only the visual encoder and patch merger; images may have different sizes.
+    """
+    inputs = processor.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+    parameter = next(model.parameters())
+    outputs = model.get_image_features(pixel_values=inputs["pixel_values"].to(parameter.device),
+                                       image_grid_thw=inputs["image_grid_thw"].to(parameter.device))
+    return torch.stack([tokens.float().mean(dim=0) for tokens in outputs.pooler_output]).cpu()
