@@ -1,0 +1,128 @@
+"""Stage 3 gates: fuse the VLM's answer with the distillation head's logits.
+
+Every gate maps ``(vlm_signal, head_logits) -> logits``, all of shape (B, C). ``vlm_signal`` is
+the one-hot of the VLM's parsed answer (zeros when it could not be parsed) or a probability
+vector; ``head_logits`` are the frozen distillation head's raw logits. ``concat_linear`` is the
+paper's gate; the others are the variants of its ablation. Gates that weigh their sources
+explicitly (``moe``, ``dynamic_weight``) expose those weights through ``forward_with_weights``,
+read uniformly with ``gate_weights``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from utils.errors import UserError
+
+
+class ConcatLinearGate(nn.Module):
+    """The paper's gate: one linear layer on ``[vlm_signal; head_logits]`` (2C -> C)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(2 * num_classes, num_classes)
+
+    def forward(self, vlm_signal: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.cat([vlm_signal, head_logits], dim=-1))
+
+
+class BilinearGate(nn.Module):
+    """``vlm_signal^T W_k head_logits`` per class, plus a linear term on the concatenation.
+
+    The linear term matters: a purely bilinear map is linear in ``head_logits`` once the VLM's
+    one-hot picks a slice of W, so it cannot tell a confident head from a hesitant one except
+    through their scale, which the argmax ignores. ``linear_terms=False`` gives the bare layer.
+    """
+
+    def __init__(self, num_classes: int, linear_terms: bool = True):
+        super().__init__()
+        self.bilinear = nn.Bilinear(num_classes, num_classes, num_classes)
+        self.linear = nn.Linear(2 * num_classes, num_classes, bias=False) if linear_terms else None
+
+    def forward(self, vlm_signal: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
+        logits = self.bilinear(vlm_signal, head_logits)
+        if self.linear is not None:
+            logits = logits + self.linear(torch.cat([vlm_signal, head_logits], dim=-1))
+        return logits
+
+
+class MoEGate(nn.Module):
+    """Mixture of linear experts over the concatenation, mixed by a softmax router."""
+
+    def __init__(self, num_classes: int, num_experts: int = 3):
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(2 * num_classes, num_classes)
+                                     for _ in range(num_experts))
+        self.router = nn.Linear(2 * num_classes, num_experts)
+        self.weight_names = tuple(f"expert_{i}" for i in range(num_experts))
+
+    def forward_with_weights(self, vlm_signal: torch.Tensor, head_logits: torch.Tensor):
+        """Return ``(logits (B, C), routing weights (B, num_experts))``."""
+        joint = torch.cat([vlm_signal, head_logits], dim=-1)
+        weights = self.router(joint).softmax(dim=-1)
+        expert_logits = torch.stack([expert(joint) for expert in self.experts], dim=1)  # (B, E, C)
+        return (weights.unsqueeze(-1) * expert_logits).sum(dim=1), weights
+
+    def forward(self, vlm_signal: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_weights(vlm_signal, head_logits)[0]
+
+
+class DynamicWeightGate(nn.Module):
+    """Per-sample softmax weights for the two sources, weighted sum, then a linear layer."""
+
+    weight_names = ("vlm", "head")
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.weigher = nn.Linear(2 * num_classes, 2)
+        self.linear = nn.Linear(num_classes, num_classes)
+
+    def forward_with_weights(self, vlm_signal: torch.Tensor, head_logits: torch.Tensor):
+        """Return ``(logits (B, C), weights (B, 2))`` with columns (vlm, head)."""
+        weights = self.weigher(torch.cat([vlm_signal, head_logits], dim=-1)).softmax(dim=-1)
+        mixed = weights[:, :1] * vlm_signal + weights[:, 1:] * head_logits
+        return self.linear(mixed), weights
+
+    def forward(self, vlm_signal: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_weights(vlm_signal, head_logits)[0]
+
+
+class CrossGate(nn.Module):
+    """Each source gates the other through a sigmoid; the gated sources are summed, then linear."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.vlm_gate_from_head = nn.Linear(num_classes, num_classes)
+        self.head_gate_from_vlm = nn.Linear(num_classes, num_classes)
+        self.linear = nn.Linear(num_classes, num_classes)
+
+    def forward(self, vlm_signal: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
+        gated_vlm = torch.sigmoid(self.vlm_gate_from_head(head_logits)) * vlm_signal
+        gated_head = torch.sigmoid(self.head_gate_from_vlm(vlm_signal)) * head_logits
+        return self.linear(gated_vlm + gated_head)
+
+
+GATES = {
+    "concat_linear": ConcatLinearGate,
+    "bilinear": BilinearGate,
+    "moe": MoEGate,
+    "dynamic_weight": DynamicWeightGate,
+    "cross_gate": CrossGate,
+}
+
+
+def build_gate(name: str, num_classes: int) -> nn.Module:
+    """The gate called ``name`` (a key of GATES) for ``num_classes`` classes."""
+    if name not in GATES:
+        raise UserError(f"unknown gate {name!r}; choose one of: {', '.join(GATES)}")
+    return GATES[name](num_classes)
+
+
+@torch.no_grad()
+def gate_weights(gate: nn.Module, vlm_signal: torch.Tensor,
+                 head_logits: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """How much each source (or expert) weighed, ``{name: (B,) tensor}``; None if not exposed."""
+    if not hasattr(gate, "forward_with_weights"):
+        return None
+    weights = gate.forward_with_weights(vlm_signal, head_logits)[1]
+    return {name: weights[:, i] for i, name in enumerate(gate.weight_names)}
