@@ -44,10 +44,22 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _redact(words: list[str]) -> list[str]:
+    """Mask the value of any ``--*key*`` flag so secrets never reach a run record."""
+    out = []
+    for word in words:
+        if out and out[-1].startswith("--") and "key" in out[-1].lower() and "=" not in out[-1]:
+            word = "***"
+        elif word.startswith("--") and "key" in word.lower() and "=" in word:
+            word = word.split("=", 1)[0] + "=***"
+        out.append(word)
+    return out
+
+
 def record_run(folder: str | Path, args: argparse.Namespace, **extra) -> Path:
     """Write ``run.json`` (resolved arguments, versions, git commit, command) into ``folder``."""
     record = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join(_redact([Path(sys.argv[0]).name, *sys.argv[1:]])),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "args": {key: value for key, value in vars(args).items()
                  if "key" not in key.lower()},  # never record secrets such as --api_key

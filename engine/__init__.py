@@ -1,0 +1,1 @@
+"""Stage engines: the loops and logic behind the stage scripts."""

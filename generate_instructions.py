@@ -1,0 +1,160 @@
+"""Stage 0: emotion instruction data (key elements + reasoning per training image) from a multimodal LLM.
+
+    export OPENAI_API_KEY=...
+    python generate_instructions.py --dataname emoset --data_root images
+    python generate_instructions.py --dataname FI --base_url http://localhost:8000/v1 \\
+        --model Qwen/Qwen2-VL-72B-Instruct            # any OpenAI-compatible server (vLLM, Ollama, ...)
+    python generate_instructions.py --dataname toy --backend local \\
+        --vlm_model checkpoints/tiny-qwen2-vl --accept_unstructured   # a local Hugging Face VLM
+
+Only training images are sent (the validation images split off train/ never are). Writes
+<output_dir>/<dataname>/instructions/: annotations_train.jsonl (read by train_vlm.py),
+rejected.jsonl (answers refused after --max_attempts, with the reason), meta.json, run.json.
+Rerun the same command to resume: annotated images are skipped, rejected ones asked again
+(unless --skip_rejected), failed requests retried.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from data.datasets import load_dataset
+from engine.instructions import (OpenAIBackend, LocalBackend, annotated_images, approx_image_tokens,
+                                 compact_rejected, image_data_url, plan_requests, write_outcomes)
+from utils.checkpoints import check_compatible, read_meta, write_meta
+from utils.cli import base_parser, parse_args, resolve_device, stage_dir
+from utils.errors import UserError, run_cli
+from utils.run import record_run
+
+
+def get_args_parser():
+    parser = base_parser("Stage 0: ask a multimodal LLM for key elements and reasoning per training image.",
+                         batch_size=4)
+    group = parser.add_argument_group("generator")
+    group.add_argument("--backend", choices=("openai", "local"), default="openai",
+                       help="openai: any OpenAI-compatible API; local: a Hugging Face VLM (--vlm_model)")
+    group.add_argument("--model", default="gpt-4o", help="model name on the API")
+    group.add_argument("--base_url", default=None,
+                       help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: OpenAI)")
+    group.add_argument("--api_key", default=None,
+                       help="prefer the OPENAI_API_KEY environment variable (a flag leaks into shell "
+                            "history); never written to any file")
+    group.add_argument("--vlm_model", default=None, help="--backend local: hub id or local model folder")
+    group.add_argument("--workers", type=int, default=4, help="concurrent API requests")
+    group.add_argument("--max_retries", type=int, default=5,
+                       help="client retries with backoff on rate limits, timeouts and 5xx")
+    group.add_argument("--timeout", type=float, default=120.0, help="seconds per API request")
+    group = parser.add_argument_group("answers")
+    group.add_argument("--max_new_tokens", type=int, default=512, help="answer length limit")
+    group.add_argument("--max_side", type=int, default=1024, help="downscale images to this longer side")
+    group.add_argument("--max_attempts", type=int, default=3,
+                       help="asks per image while the answer lacks a section or names the emotion")
+    group.add_argument("--accept_unstructured", action="store_true",
+                       help="keep an answer without the two sections as both fields (weak local "
+                            "models, the toy quickstart)")
+    group.add_argument("--skip_rejected", action="store_true",
+                       help="do not ask again for images already in rejected.jsonl")
+    group.add_argument("--limit", type=int, default=None, help="ask for at most N images in this run")
+    group.add_argument("--dry_run", action="store_true",
+                       help="print one rendered prompt and the cost-estimate inputs; send nothing")
+    return parser
+
+
+def check_args(args) -> None:
+    for flag in ("workers", "max_attempts", "max_new_tokens", "max_side", "batch_size", "limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} {value}: must be at least 1")
+    if args.max_retries < 0 or args.timeout <= 0:
+        raise UserError("--max_retries must be >= 0 and --timeout > 0")
+    if args.backend == "local" and not args.vlm_model:
+        raise UserError("--backend local needs --vlm_model (a local model folder or a hub id)")
+
+
+def api_key(args) -> str | None:
+    key = args.api_key or os.environ.get("OPENAI_API_KEY") or None
+    if key is None and args.backend == "openai" and args.base_url is None and not args.dry_run:
+        raise UserError("no API key: export OPENAI_API_KEY=<key>, or point --base_url at an "
+                        "OpenAI-compatible server")
+    return key
+
+
+def redacted_command(argv, secret: str | None) -> str:
+    words = [Path(__file__).name, *(sys.argv[1:] if argv is None else argv)]
+    return " ".join(word.replace(secret, "***") if secret else word for word in words)
+
+
+def dry_run(requests, args) -> None:
+    if not requests:
+        print("dry run: nothing left to ask")
+        return
+    first = requests[0]
+    url, (width, height) = image_data_url(first.path, args.max_side)
+    text_tokens = len(first.prompt) // 4  # English averages about 4 characters per token
+    image_tokens = approx_image_tokens(width, height)
+    print(f"dry run: nothing is sent\n--- prompt for {first.sample.path} (label {first.emotion}) ---\n"
+          f"{first.prompt}\n[image: {url[5:url.index(';')]} data URL, {width}x{height} px, "
+          f"{len(url) // 1024} KiB]\n---")
+    print(f"images to ask: {len(requests)}\n"
+          f"approx prompt tokens per image: ~{text_tokens + image_tokens} "
+          f"(text ~{text_tokens}, image ~{image_tokens} by the GPT-4o high-detail rule)\n"
+          f"max output tokens per image: {args.max_new_tokens} "
+          f"(each refused answer costs one more request, up to --max_attempts {args.max_attempts})")
+
+
+def make_backend(args, key: str | None):
+    if args.backend == "local":
+        return LocalBackend(args.vlm_model, resolve_device(args.gpu), args.batch_size,
+                            args.max_new_tokens, args.max_side, args.accept_unstructured)
+    return OpenAIBackend(args.model, key, args.base_url, args.max_retries, args.timeout,
+                         args.max_new_tokens, args.max_side, args.max_attempts, args.workers,
+                         args.accept_unstructured)
+
+
+def main(argv=None) -> None:
+    from tqdm.auto import tqdm
+
+    args = parse_args(get_args_parser(), argv)
+    check_args(args)
+    key = api_key(args)
+    if args.api_key:
+        print("note: a key given with --api_key shows in shell history and process lists; "
+              "prefer export OPENAI_API_KEY", file=sys.stderr)
+    splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
+    folder = stage_dir(args, "instructions")
+    if (folder / "meta.json").is_file():
+        check_compatible(read_meta(folder, "instructions", args.dataname), folder, splits.class_names)
+    requests, tally = plan_requests(splits, folder, args.skip_rejected, args.limit)
+    print(splits.summary())
+    print(f"training images: {len(splits.train)}; already annotated or skipped: {tally.skipped}; "
+          f"to ask now: {len(requests)} (the {len(splits.val)} validation images are never sent)")
+    if args.dry_run:
+        dry_run(requests, args)
+        return
+
+    generator = args.vlm_model if args.backend == "local" else args.model
+    try:
+        if requests:
+            backend = make_backend(args, key)
+            with tqdm(total=len(requests), desc="instructions", unit="img") as progress:
+                progress.set_postfix(tally.counts())
+                write_outcomes(backend.outcomes(requests), folder, generator, tally, progress)
+    finally:  # also after a fatal error or Ctrl-C: rejected.jsonl keeps one line per open image
+        annotated = annotated_images(folder, splits.class_names) & {s.path for s in splits.train}
+        num_rejected = compact_rejected(folder, annotated)
+    print(f"this run: {tally.done} annotated, {tally.rejected} rejected, {tally.failed} failed "
+          f"(rerun to retry); {len(annotated)}/{len(splits.train)} training images annotated in "
+          f"{folder}; {num_rejected} in rejected.jsonl")
+    usage = {"prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens}
+    if args.backend == "openai":
+        print(f"token usage: prompt {usage['prompt_tokens']}, completion {usage['completion_tokens']}, "
+              f"total {sum(usage.values())}")
+    write_meta(folder, "instructions", splits.class_names, generator=generator,
+               num_annotated=len(annotated), num_train=len(splits.train), num_rejected=num_rejected,
+               complete=len(annotated) == len(splits.train))
+    record_run(folder, args, command=redacted_command(argv, key), counts=tally.counts(), usage=usage)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,273 @@
+"""Stage 0 (generate_instructions.py) against a loopback OpenAI-compatible server and a tiny local VLM."""
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import REPO, run_script
+from data.annotations import ANNOTATIONS_FILE, read_annotations
+from data.datasets import load_dataset
+from fake_openai_server import (FakeOpenAIServer, Reply, good_answer, image_urls, leaking_answer, prompt_text,
+                                refusing_key)
+from generate_instructions import main
+from utils.errors import UserError
+
+KEY = "sk-test-Zq81secretvalue"
+
+
+def argv(root, out, server=None, *extra):
+    args = ["--dataname", "toy", "--data_root", str(root), "--output_dir", str(out)]
+    return args + (["--base_url", server.url] if server else []) + [str(e) for e in extra]
+
+
+def folder(out):
+    return out / "toy" / "instructions"
+
+
+def annotations(out):
+    path = folder(out) / ANNOTATIONS_FILE
+    return read_annotations(path) if path.exists() else []
+
+
+def rejected(out):
+    path = folder(out) / "rejected.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def assert_key_nowhere(out, *texts):
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert KEY not in path.read_text(encoding="utf-8", errors="ignore"), path
+    for text in texts:
+        assert KEY not in text
+
+
+def test_normal_run_covers_training_images_only(toy_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    with FakeOpenAIServer() as server:
+        main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 4))
+        printed = capsys.readouterr()
+        splits = load_dataset(toy_root, "toy", out)
+        words = len(good_answer({}, {}).content.split())  # the fake's completion_tokens
+        assert f"total {len(splits.train) * (100 + words)}" in printed.out
+        records = annotations(out)
+        assert sorted(a.image for a in records) == sorted(s.path for s in splits.train)
+        assert not {a.image for a in records} & {s.path for s in splits.val}
+        by_path = {s.path: splits.class_names[s.label] for s in splits.train}
+        assert all(a.label == by_path[a.image] and a.generator == "gpt-4o" for a in records)
+        assert records[0].key_elements.startswith("a bright shape") and records[0].reasoning.startswith("the contrast")
+
+        bodies = server.chat_bodies()
+        assert len(bodies) == len(splits.train)
+        assert {r["headers"]["authorization"] for r in server.requests} == {f"Bearer {KEY}"}
+        train_bytes = {(toy_root / s.path).read_bytes(): s.path for s in splits.train}
+        sent = []
+        for body in bodies:
+            assert body["model"] == "gpt-4o"
+            (url,) = image_urls(body)
+            assert url.startswith("data:image/png;base64,")
+            image = train_bytes[base64.b64decode(url.split(",", 1)[1])]  # KeyError: not a train image
+            sent.append(image)
+            assert f"evokes '{by_path[image]}'" in prompt_text(body)
+            assert ", ".join(splits.class_names) in prompt_text(body)
+        assert sorted(sent) == sorted(by_path)
+
+        main(argv(toy_root, out, server, "--api_key", KEY))  # resume: nothing left to ask
+        assert len(server.chat_bodies()) == len(splits.train)
+    assert len(annotations(out)) == len(splits.train)
+    meta = json.loads((folder(out) / "meta.json").read_text())
+    assert meta["stage"] == "instructions" and meta["class_names"] == splits.class_names
+    assert meta["generator"] == "gpt-4o" and meta["complete"] is True
+    run = json.loads((folder(out) / "run.json").read_text())
+    assert "--api_key ***" in run["command"] and "api_key" not in run["args"]
+    assert_key_nowhere(out, printed.out, printed.err, *capsys.readouterr())
+
+
+def test_rate_limit_retried_by_client_and_failed_requests_retried_next_run(toy_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    out = tmp_path / "out"
+    limit = argv(toy_root, out, None, "--limit", 1, "--workers", 1, "--max_retries", 1)
+    with FakeOpenAIServer() as server:
+        server.queue(Reply(status=429, headers={"retry-after-ms": "10"}))
+        main(limit + ["--base_url", server.url])
+        assert len(server.chat_bodies()) == 2 and len(annotations(out)) == 1
+
+        # Rate limited beyond --max_retries: counted as failed, nothing written, asked again next run.
+        server.queue(*[Reply(status=429, headers={"retry-after-ms": "10"})] * 2)
+        main(limit + ["--base_url", server.url])
+        assert len(server.chat_bodies()) == 4 and len(annotations(out)) == 1 and rejected(out) == []
+        main(limit + ["--base_url", server.url])
+        assert len(server.chat_bodies()) == 5 and len(annotations(out)) == 2
+        assert server.chat_bodies()[2] == server.chat_bodies()[4]  # the failed image came back
+
+
+def test_malformed_answers_are_asked_again(toy_root, tmp_path):
+    out = tmp_path / "out"
+    with FakeOpenAIServer() as server:
+        server.queue(Reply("A lovely picture without any sections."), Reply(raw=b"<html>proxy error</html>"))
+        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1))
+        # first image: unstructured answer, then a good one; second image: a body that is not JSON
+        assert len(server.chat_bodies()) == 3
+        assert len(annotations(out)) == 1 and rejected(out) == []
+        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1))
+    assert len(annotations(out)) == 3
+
+
+def test_answers_naming_the_emotion_are_rejected_then_retried_on_rerun(toy_root, tmp_path):
+    out = tmp_path / "out"
+    with FakeOpenAIServer(default=leaking_answer) as server:
+        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1, "--max_attempts", 2))
+        assert len(server.chat_bodies()) == 4
+    assert annotations(out) == []
+    refused = rejected(out)
+    assert len(refused) == 2 and all(r["attempts"] == 2 for r in refused)
+    assert all(r["reason"] == f"names the emotion {r['label']!r}" and r["label"] in r["answer"] for r in refused)
+
+    with FakeOpenAIServer() as server:
+        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 1, "--skip_rejected"))
+        assert annotations(out)[0].image not in {r["image"] for r in refused}
+        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2))
+    assert {a.image for a in annotations(out)} >= {r["image"] for r in refused}
+    assert rejected(out) == []  # answered images leave rejected.jsonl
+
+
+def test_bad_key_stops_with_one_line_and_exit_2(toy_root, tmp_path):
+    out = tmp_path / "out"
+    with FakeOpenAIServer(default=refusing_key) as server:
+        server.queue(*[Reply(f"1. Key elements: shapes {i}.\n2. Reasoning: colours.") for i in range(3)])
+        with pytest.raises(UserError):
+            main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 1))
+        before = (folder(out) / ANNOTATIONS_FILE).read_bytes()
+        assert len(annotations(out)) == 3
+
+        result = run_script("generate_instructions.py", *argv(toy_root, out, server, "--api_key", KEY),
+                            timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "refused the API key" in lines[-1]
+    assert "Traceback" not in result.stderr and "***" in lines[-1]
+    assert (folder(out) / ANNOTATIONS_FILE).read_bytes() == before
+    assert not (folder(out) / "meta.json").exists()
+    assert_key_nowhere(out, result.stdout, result.stderr)
+
+
+def test_fatal_error_mid_run_stops_and_a_rerun_resumes(toy_root, tmp_path):
+    out = tmp_path / "out"
+    with FakeOpenAIServer(default=lambda body, headers: Reply(status=503)) as server:
+        server.queue(*[Reply(f"1. Key elements: shapes {i}.\n2. Reasoning: colours.") for i in range(10)],
+                     Reply(status=403, error="model not allowed"))
+        # The key loses access half-way: stop at once, keep what was written.
+        with pytest.raises(UserError, match="may not use --model"):
+            main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 3, "--max_retries", 0))
+        first = annotations(out)
+        assert 7 <= len(first) <= 10  # at most the requests in flight are lost
+        with open(folder(out) / ANNOTATIONS_FILE, "a") as fh:  # a write cut off by a kill
+            fh.write('{"image": "toy/train/awe/half')
+        server.default = good_answer
+        main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 3))
+    splits = load_dataset(toy_root, "toy", out)
+    images = [a.image for a in annotations(out)]
+    assert sorted(images) == sorted(s.path for s in splits.train)  # each once, no val image
+    assert images[:len(first)] == [a.image for a in first]
+
+
+def test_ctrl_c_then_resume(toy_root, tmp_path):
+    out, release = tmp_path / "out", threading.Event()
+
+    def stalled(body, headers):
+        release.wait(20)
+        return good_answer(body, headers)
+
+    with FakeOpenAIServer(default=stalled) as server:
+        server.queue(*[good_answer] * 5)
+        child = subprocess.Popen([sys.executable, "generate_instructions.py", *argv(toy_root, out, server, "--workers", 2)],
+                                 cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": KEY},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        path, deadline = folder(out) / ANNOTATIONS_FILE, time.monotonic() + 30
+        while time.monotonic() < deadline and not (path.exists() and path.read_text().count("\n") == 5):
+            time.sleep(0.05)
+        time.sleep(0.2)  # the two stalled requests are in flight
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=10)  # exits without waiting for the stalled answers
+        release.set()
+        assert child.returncode == 130 and "rerun the same command to resume" in stderr
+        assert len(annotations(out)) == 5
+        server.default = good_answer
+        main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 3))
+    splits = load_dataset(toy_root, "toy", out)
+    assert sorted(a.image for a in annotations(out)) == sorted(s.path for s in splits.train)
+
+
+def test_every_request_failing_stops_the_run(toy_root, tmp_path):
+    out = tmp_path / "out"
+    with FakeOpenAIServer(default=lambda body, headers: Reply(status=400, error="image input not supported")) as server:
+        with pytest.raises(UserError, match="last 20 requests all failed.*image input not supported"):
+            main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 1))
+        assert len(server.chat_bodies()) == 20
+    assert annotations(out) == [] and rejected(out) == []
+
+
+def test_unreachable_server_stops_at_once(toy_root, tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(UserError, match=f"cannot reach http://127.0.0.1:{port}/v1"):
+        main(argv(toy_root, tmp_path / "out", None, "--api_key", KEY, "--max_retries", 0,
+                  "--base_url", f"http://127.0.0.1:{port}/v1"))
+
+
+def test_images_and_answer_checks(tmp_path):
+    from PIL import Image
+
+    from engine.instructions import approx_image_tokens, check_answer, image_data_url
+
+    Image.new("RGB", (300, 200), "red").save(tmp_path / "big.bmp")
+    Image.new("RGB", (300, 200), "red").save(tmp_path / "big.png")
+    for name, mime in (("big.bmp", "image/jpeg"), ("big.png", "image/png")):
+        url, size = image_data_url(tmp_path / name, max_side=100)
+        assert url.startswith(f"data:{mime};base64,") and size == (100, 67)
+        sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        assert sent.size == (100, 67) and sent.get_format_mimetype() == mime
+    assert approx_image_tokens(1024, 1024) == 765  # OpenAI's published example
+    good = "1. Key elements: a clown.\n2. Reasoning: silly faces."
+    assert check_answer(good, "awe") == (("a clown.", "silly faces."), "")
+    assert check_answer(good.replace("silly", "Amusement and silly"), "amusement")[0] is None
+    assert check_answer("just text", "awe")[1].startswith("missing")
+    assert check_answer("just text", "awe", accept_unstructured=True)[0] == ("just text", "just text")
+    assert check_answer(None, "awe") == (None, "empty answer")
+
+
+def test_dry_run_and_missing_key(toy_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="OPENAI_API_KEY"):
+        main(argv(toy_root, out))
+    main(argv(toy_root, out, None, "--dry_run", "--limit", 5))
+    printed = capsys.readouterr().out
+    assert "Write two numbered sections" in printed and "image/png data URL, 64x64 px" in printed
+    assert "images to ask: 5" in printed and "max output tokens per image: 512" in printed
+    assert not folder(out).exists()
+
+
+def test_local_backend_on_tiny_vlm(tiny_vlm_dir, tmp_path):
+    from data.toy import make_toy_dataset
+
+    root, out = tmp_path / "images", tmp_path / "out"
+    make_toy_dataset(root / "toy", num_classes=2, per_class=4, test_per_class=1, seed=0, size=64)
+    main(argv(root, out, None, "--backend", "local", "--vlm_model", tiny_vlm_dir, "--accept_unstructured",
+              "--max_new_tokens", 8, "--batch_size", 4))
+    splits = load_dataset(root, "toy", out)
+    records = annotations(out)
+    assert sorted(a.image for a in records) == sorted(s.path for s in splits.train)
+    assert all(a.generator == str(tiny_vlm_dir) and a.key_elements == a.reasoning for a in records)
+    meta = json.loads((folder(out) / "meta.json").read_text())
+    assert meta["generator"] == str(tiny_vlm_dir) and meta["complete"] is True
