@@ -1,0 +1,118 @@
+"""Cost of stage 2 with cached frozen features vs re-running the frozen models every epoch.
+
+``python -m bench.distill_cost``: on the tiny VLM, a tiny teacher checkpoint (random weights cost
+the same as trained ones) and toy data, measures (1) one feature pass: the visual encoder and the
+teacher over every train/val/test image once, batched, models loaded included; (2) the whole stage
+(``train_distillation.py`` with 5 head epochs, caches empty, teacher given: teacher fine-tuning is
+the same in both approaches and left out); (3) the reference approach: for every training image,
+the encoder and the teacher run again at batch 1 before a head step, timed over one epoch and
+multiplied by 5 (every epoch repeats the same work; models loaded once, no validation or test
+passes, which favours it). A first, untimed stage run in the same process pays the one-off import
+costs; (1) and (2) are the best of two runs.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+EPOCHS = 5
+
+
+def _toy_world(root: Path) -> tuple[Path, Path, Path]:
+    """Toy images, a tiny VLM and an untrained tiny teacher checkpoint."""
+    from data.toy import make_toy_dataset, toy_class_names
+    from models.teacher import build_teacher, data_config, save_teacher
+    from models.tiny import TINY_TEACHER_IMG_SIZE, TINY_TEACHER_MODEL, build_tiny_vlm
+
+    make_toy_dataset(root / "images" / "toy", num_classes=4, per_class=40, test_per_class=10, seed=0, size=64)
+    vlm = build_tiny_vlm(root / "tiny-qwen2-vl")
+    classes = toy_class_names(4)
+    teacher = build_teacher(TINY_TEACHER_MODEL, 4, TINY_TEACHER_IMG_SIZE, pretrained=False)
+    path = save_teacher(root / "teacher.pt", teacher, TINY_TEACHER_MODEL, TINY_TEACHER_IMG_SIZE, classes,
+                        data_config(teacher, TINY_TEACHER_IMG_SIZE), False, 0.0, 0)
+    return root / "images", vlm, path
+
+
+def _feature_pass(splits, vlm: Path, teacher: Path, cache_dir: Path) -> float:
+    from engine.distill import cached_teacher_logits, cached_vlm_features
+
+    start = time.perf_counter()
+    cached_vlm_features(splits, str(vlm), None, "cpu", 8, cache_dir)
+    cached_teacher_logits(splits, teacher, "cpu", 20, cache_dir)
+    return time.perf_counter() - start
+
+
+def _reference(splits, vlm: Path, teacher_path: Path) -> float:
+    """Every epoch: encoder + teacher per training image at batch 1, then one head step."""
+    import torch
+
+    from data.datasets import open_image
+    from engine.distill import distillation_loss
+    from models.heads import DistillHead
+    from models.teacher import load_teacher, teacher_transforms
+    from models.vlm import load_processor, load_vlm, pooled_image_features, vision_hidden_size
+
+    model, processor = load_vlm(str(vlm)), load_processor(str(vlm))
+    teacher, checkpoint = load_teacher(teacher_path)
+    _, eval_transform = teacher_transforms(checkpoint["data_config"])
+    head = DistillHead(vision_hidden_size(model), len(splits.class_names))
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    for sample in splits.train:
+        image = open_image(splits.absolute(sample))
+        features = pooled_image_features(model, processor, [image])
+        with torch.no_grad():
+            teacher_logits = teacher(eval_transform(image)[None])
+        loss = distillation_loss(head(features), teacher_logits, torch.tensor([sample.label]), 0.5, 2.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return EPOCHS * (time.perf_counter() - start)
+
+
+def _stage(images: Path, vlm: Path, teacher: Path, output_dir: Path) -> float:
+    """Wall time of ``train_distillation.py`` into a fresh output folder (stage 1's meta.json only)."""
+    from data.toy import toy_class_names
+    from train_distillation import main
+    from utils.checkpoints import write_meta
+
+    write_meta(output_dir / "toy" / "vlm", "vlm", toy_class_names(4), base_model=str(vlm), adapter_id="bench")
+    start = time.perf_counter()
+    main(["--dataname", "toy", "--data_root", str(images), "--output_dir", str(output_dir),
+          "--config", str(Path(__file__).resolve().parents[1] / "configs" / "toy_distill.yaml"),
+          "--teacher_checkpoint", str(teacher), "--epochs", str(EPOCHS)])
+    return time.perf_counter() - start
+
+
+def run() -> dict:
+    """Wall times (s) and the two ratios, from one run in a temporary folder."""
+    import logging
+
+    from data.datasets import load_dataset
+
+    logging.getLogger("engine.distill").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        images, vlm, teacher = _toy_world(root)
+        _stage(images, vlm, teacher, root / "warmup")  # one-off imports, not timed
+        splits = load_dataset(images, "toy", root / "warmup")
+        # Best of two fresh runs each: this machine is shared, the minimum is the least disturbed.
+        feature_pass = min(_feature_pass(splits, vlm, teacher, root / f"cache{i}") for i in range(2))
+        stage = min(_stage(images, vlm, teacher, root / f"outputs{i}") for i in range(2))
+        reference = _reference(splits, vlm, teacher)
+    images_total = len(splits.train) + len(splits.val) + len(splits.test)
+    result = {"images": images_total, "head_epochs": EPOCHS, "feature_pass_s": round(feature_pass, 2),
+              "stage_s": round(stage, 2), "reference_s": round(reference, 2),
+              "stage_over_feature_pass": round(stage / feature_pass, 3),
+              "reference_over_stage": round(reference / stage, 3)}
+    print(f"whole stage / one feature pass: {result['stage_over_feature_pass']:.2f}x (target <= 1.3x); "
+          f"reference (re-encode every epoch, batch 1) / whole stage: {result['reference_over_stage']:.2f}x")
+    return result
+
+
+if __name__ == "__main__":
+    print(run())

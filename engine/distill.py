@@ -1,0 +1,367 @@
+"""Stage 2 library: teacher fine-tuning, the frozen-feature and teacher-logit caches, the
+distillation loss, head training and the head checkpoint.
+
+The VLM's visual encoder and the teacher are frozen during distillation, so each image is
+encoded once and cached under ``<output_dir>/<dataname>/distill/cache/``; the head then trains
+from tensors. A cache file stores the key it was built for (model, config, weights, image list,
+preprocessing) and is rebuilt, with a log line, when the key differs. Under ``torchrun`` /
+``accelerate launch`` the images are sharded across processes and the results gathered.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from data.datasets import DatasetSplits, ImageDataset, Sample
+from engine.vlm_train import distributed_rank
+from models.heads import DistillHead
+from models.teacher import load_teacher, teacher_transforms
+from models.vlm import load_processor, load_vlm, pooled_image_features
+from utils.checkpoints import check_compatible, file_id, read_meta
+from utils.errors import UserError
+from utils.io import torch_save, write_text
+from utils.metrics import save_curves_png
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+HEAD_FILE = "head.pt"
+# Ranks other than 0 wait while rank 0 fine-tunes the teacher, which can take hours.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=12)
+
+
+# ---------------------------------------------------------------- loss
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                      alpha: float, temperature: float) -> torch.Tensor:
+    """``alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, y)``.
+
+    KL is averaged over the batch; T^2 keeps the soft-target gradients on the scale of the CE term.
+    """
+    kd = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
+                  F.log_softmax(teacher_logits / temperature, dim=-1), reduction="batchmean", log_target=True)
+    ce = F.cross_entropy(student_logits, targets)
+    return alpha * temperature ** 2 * kd + (1 - alpha) * ce
+
+
+# ---------------------------------------------------------------- processes
+
+def init_distributed() -> tuple[int, int]:
+    """``(rank, world_size)``; joins the launcher's process group (gloo: only CPU objects are gathered)."""
+    rank, _, world = distributed_rank()
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    return rank, world
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _sharded(count: int, compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    """``compute`` over this process's share of ``range(count)``, gathered back in order on every rank."""
+    rank, world = init_distributed()
+    indices = list(range(rank, count, world))
+    part = compute(indices) if indices else None
+    if world == 1:
+        return part
+    import torch.distributed as dist
+
+    parts = [None] * world
+    dist.all_gather_object(parts, (indices, part))
+    width = next(p.shape[1] for _, p in parts if p is not None)
+    out = torch.empty(count, width)
+    for idx, values in parts:
+        if idx:
+            out[idx] = values
+    return out
+
+
+# ---------------------------------------------------------------- cache files
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def image_list_id(data_root: str | Path, samples: Sequence[Sample]) -> str:
+    """Hash of the split's images in order: path, size and modification time of each file."""
+    rows = []
+    for sample in samples:
+        stat = (Path(data_root) / sample.path).stat()
+        rows.append((sample.path, stat.st_size, stat.st_mtime_ns))
+    return _digest(rows)
+
+
+def _weights_fingerprint(model_id: str) -> list | None:
+    """For a local folder: names, sizes and times of its weight files (a rebuilt model there differs)."""
+    folder = Path(model_id)
+    if not folder.is_dir():
+        return None  # a hub id: the id and config identify it
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()
+                  if f.suffix in (".safetensors", ".bin"))
+
+
+def _cached(path: Path, key: dict) -> torch.Tensor | None:
+    """The cached tensor when ``path`` was built for ``key``; otherwise None, saying why."""
+    if not path.is_file():
+        log.info("cache miss: %s does not exist; building it", path)
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+        log.warning("cache unreadable: %s (%s); rebuilding it", path, err.__class__.__name__)
+        return None
+    if stored.get("key") != key:
+        changed = sorted(k for k in set(key) | set(stored.get("key", {}))
+                         if stored.get("key", {}).get(k) != key.get(k))
+        log.warning("cache stale: %s was built for another %s; rebuilding it", path, ", ".join(changed))
+        return None
+    log.info("cache hit: %s", path)
+    return stored["values"]
+
+
+def _store(path: Path, key: dict, values: torch.Tensor) -> None:
+    if distributed_rank()[0] == 0:
+        torch_save({"key": key, "values": values}, path)
+
+
+def _load_or_build(cache_dir: Path, name: str, keys: dict[str, dict],
+                   build: Callable[[list[str]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per split: reuse ``<name>_<split>.pt`` when its key matches, else build the missing splits."""
+    result = {split: _cached(cache_dir / f"{name}_{split}.pt", key) for split, key in keys.items()}
+    barrier()  # every rank has decided before rank 0 overwrites a file
+    missing = [split for split, values in result.items() if values is None]
+    if missing:
+        built = build(missing)
+        for split in missing:
+            _store(cache_dir / f"{name}_{split}.pt", keys[split], built[split])
+        result.update(built)
+    return result
+
+
+def _as_list(batch):
+    return [image for image, _ in batch]
+
+
+def _image_batches(splits: DatasetSplits, samples: Sequence[Sample], batch_size: int, num_workers: int,
+                   transform=None, desc: str = ""):
+    """Batches of PIL images (no ``transform``) or of tensors, with a progress bar on rank 0."""
+    dataset = ImageDataset(splits.data_root, samples, transform)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=None if transform else _as_list)
+    return tqdm(loader, desc=desc, disable=distributed_rank()[0] != 0, leave=False)
+
+
+# ---------------------------------------------------------------- frozen VLM features
+
+def vlm_feature_key(vlm_model: str, processor, config, dtype: torch.dtype | None) -> dict:
+    size = processor.image_processor.size
+    return {"vlm_model": str(vlm_model), "config": _digest(config.to_dict()),
+            "weights": _weights_fingerprint(str(vlm_model)), "dtype": str(dtype),
+            "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge}
+
+
+def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs: dict | None,
+                        device: str | torch.device, batch_size: int, cache_dir: str | Path,
+                        num_workers: int = 0, names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
+    """Mean-pooled visual features (after the patch merger) per split: ``{split: (N, in_dim)}``.
+
+    Reuses ``cache_dir/vlm_features_<split>.pt`` when built for the same model, config, weights,
+    image list and pixel budget; otherwise loads the VLM once and encodes the missing splits.
+    """
+    from transformers import AutoConfig
+
+    device = torch.device(device)
+    processor = load_processor(vlm_model, **(processor_kwargs or {}))
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    base = vlm_feature_key(vlm_model, processor, AutoConfig.from_pretrained(vlm_model), dtype)
+    keys = {split: {**base, "images": image_list_id(splits.data_root, splits.split(split))} for split in names}
+
+    def build(missing: list[str]) -> dict[str, torch.Tensor]:
+        model = load_vlm(vlm_model, device, dtype=dtype)
+        out = {}
+        for split in missing:
+            samples = splits.split(split)
+
+            def encode(indices: list[int]) -> torch.Tensor:
+                chunks = [pooled_image_features(model, processor, images) for images in _image_batches(
+                    splits, [samples[i] for i in indices], batch_size, num_workers, desc=f"VLM features {split}")]
+                return torch.cat(chunks)
+
+            out[split] = _sharded(len(samples), encode)
+            log.info("encoded %d %s images with the frozen visual encoder -> %s", len(samples), split,
+                     tuple(out[split].shape))
+        return out
+
+    return _load_or_build(Path(cache_dir), "vlm_features", keys, build)
+
+
+# ---------------------------------------------------------------- teacher
+
+@torch.no_grad()
+def cached_teacher_logits(splits: DatasetSplits, teacher_path: str | Path, device: str | torch.device,
+                          batch_size: int, cache_dir: str | Path, num_workers: int = 0,
+                          names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
+    """The teacher's logits (eval transform) per split, cached by teacher file and image list."""
+    teacher_id = file_id(teacher_path)
+    keys = {split: {"teacher_id": teacher_id, "images": image_list_id(splits.data_root, splits.split(split))}
+            for split in names}
+
+    def build(missing: list[str]) -> dict[str, torch.Tensor]:
+        model, checkpoint = load_teacher(teacher_path, splits.class_names, device)
+        _, eval_transform = teacher_transforms(checkpoint["data_config"])
+        out = {}
+        for split in missing:
+            samples = splits.split(split)
+
+            def run(indices: list[int]) -> torch.Tensor:
+                batches = _image_batches(splits, [samples[i] for i in indices], batch_size, num_workers,
+                                         eval_transform, desc=f"teacher logits {split}")
+                return torch.cat([model(images.to(device)).float().cpu() for images, _ in batches])
+
+            out[split] = _sharded(len(samples), run)
+        return out
+
+    return _load_or_build(Path(cache_dir), "teacher_logits", keys, build)
+
+
+@torch.no_grad()
+def _accuracy(model, loader, device) -> float:
+    model.eval()
+    correct = total = 0
+    for images, labels in loader:
+        correct += (model(images.to(device)).argmax(-1).cpu() == labels).sum().item()
+        total += len(labels)
+    return correct / max(total, 1)
+
+
+def train_teacher(model: torch.nn.Module, splits: DatasetSplits, data_config: dict, device: torch.device,
+                  epochs: int, lr: float, weight_decay: float, batch_size: int, num_workers: int,
+                  seed: int, out_dir: Path) -> dict:
+    """Fine-tune the teacher with Adam; keep the epoch best on validation.
+
+    Returns ``{state_dict, epoch, best_val_acc, history}``; writes ``log.txt`` and ``curves.png``.
+    """
+    train_tf, eval_tf = teacher_transforms(data_config)
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(ImageDataset(splits.data_root, splits.train, train_tf), batch_size=batch_size,
+                              shuffle=True, num_workers=num_workers, generator=generator)
+    val_loader = DataLoader(ImageDataset(splits.data_root, splits.val, eval_tf), batch_size=batch_size,
+                            num_workers=num_workers)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    best = {"best_val_acc": -1.0, "epoch": 0, "state_dict": None}
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        total = count = 0.0
+        for images, labels in tqdm(train_loader, desc=f"teacher epoch {epoch}/{epochs}", leave=False):
+            loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(labels)
+            count += len(labels)
+        row = {"epoch": epoch, "train_loss": total / count, "val_acc": _accuracy(model, val_loader, device)}
+        history.append(row)
+        print("teacher " + json.dumps(row))
+        if row["val_acc"] > best["best_val_acc"]:
+            best = {"best_val_acc": row["val_acc"], "epoch": epoch,
+                    "state_dict": copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})}
+        write_text(out_dir / "log.txt", "".join(json.dumps(h) + "\n" for h in history))
+    save_curves_png(history, out_dir / "curves.png", "stage 2: teacher fine-tuning")
+    model.load_state_dict(best["state_dict"])
+    return {**best, "history": history}
+
+
+# ---------------------------------------------------------------- head
+
+def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torch.Tensor],
+               labels: dict[str, torch.Tensor], in_dim: int, num_classes: int, *, depth: int = 1,
+               dropout: float = 0.1, epochs: int = 5, lr: float = 1e-5, weight_decay: float = 1e-4,
+               batch_size: int = 32, alpha: float = 0.5, temperature: float = 2.0, standardize: bool = False,
+               seed: int = 0, device: str | torch.device = "cpu",
+               log_path: Path | None = None) -> tuple[DistillHead, dict]:
+    """Train the head on cached tensors with the distillation loss; keep the epoch best on validation.
+
+    Returns the head (best weights, eval mode, CPU) and ``{epoch, best_val_acc, history}``.
+    """
+    torch.manual_seed(seed)  # same seed, same cached tensors -> the same head, teacher trained or not
+    head = DistillHead(in_dim, num_classes, depth, dropout)
+    if standardize:
+        head.set_standardization(features["train"])
+    head.to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    loader = DataLoader(TensorDataset(features["train"], teacher_logits["train"], labels["train"]),
+                        batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    best = {"best_val_acc": -1.0, "epoch": 0, "state_dict": None}
+    history = []
+    for epoch in range(1, epochs + 1):
+        head.train()
+        total = count = 0.0
+        for x, t, y in loader:
+            loss = distillation_loss(head(x.to(device)), t.to(device), y.to(device), alpha, temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(y)
+            count += len(y)
+        head.eval()
+        with torch.no_grad():
+            val_logits = head(features["val"].to(device)).cpu()
+        val_loss = distillation_loss(val_logits, teacher_logits["val"], labels["val"], alpha, temperature)
+        row = {"epoch": epoch, "train_loss": total / count, "val_loss": val_loss.item(),
+               "val_acc": (val_logits.argmax(-1) == labels["val"]).float().mean().item()}
+        history.append(row)
+        log.info("head %s", json.dumps(row))
+        if row["val_acc"] > best["best_val_acc"]:
+            best = {"best_val_acc": row["val_acc"], "epoch": epoch,
+                    "state_dict": copy.deepcopy({k: v.cpu() for k, v in head.state_dict().items()})}
+        if log_path is not None:
+            write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
+    head.load_state_dict(best["state_dict"])
+    return head.cpu().eval(), {"epoch": best["epoch"], "best_val_acc": best["best_val_acc"], "history": history}
+
+
+@torch.no_grad()
+def head_logits(head: DistillHead, features: torch.Tensor) -> torch.Tensor:
+    head.eval()
+    return head(features.to(next(head.parameters()).device)).cpu()
+
+
+def save_head(path: str | Path, head: DistillHead, class_names: Sequence[str], **fields) -> Path:
+    """``head.pt``: weights (standardisation buffers included), constructor arguments, class names, ``fields``."""
+    state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+    return torch_save({"state_dict": state, "class_names": list(class_names), **head.config(), **fields}, path)
+
+
+def load_head(distill_dir: str | Path, class_names: Sequence[str] | None = None,
+              base_model: str | None = None) -> tuple[DistillHead, dict]:
+    """Rebuild the trained head (eval mode, CPU) from a stage-2 folder; returns ``(head, meta)``."""
+    distill_dir = Path(distill_dir)
+    meta = read_meta(distill_dir, "distill")
+    check_compatible(meta, distill_dir, class_names, base_model)
+    path = distill_dir / HEAD_FILE
+    if not path.is_file() or file_id(path) != meta.get("head_id"):
+        raise UserError(f"{path}: missing or not the head meta.json describes; rerun "
+                        "`python train_distillation.py` for this dataset")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    head = DistillHead(checkpoint["in_dim"], checkpoint["num_classes"], checkpoint["depth"], checkpoint["dropout"])
+    head.load_state_dict(checkpoint["state_dict"])
+    return head.eval(), meta

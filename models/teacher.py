@@ -1,0 +1,106 @@
+"""The conventional vision teacher (a timm model) and its self-describing checkpoint.
+
+``teacher.pt`` holds ``{state_dict, model, img_size, class_names, data_config, pretrained,
+best_val_acc, epoch}``: enough to rebuild the network and its eval transform without the
+training script's flags.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from utils.errors import UserError
+from utils.io import torch_save
+
+DEFAULT_TEACHER = "vit_base_patch16_384.augreg_in21k_ft_in1k"
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else err.__class__.__name__
+
+
+def default_img_size(model_name: str) -> int:
+    """The input size the timm checkpoint was trained at (384 for the default teacher)."""
+    import timm
+
+    if not timm.is_model(model_name):
+        raise UserError(f"--teacher_model {model_name}: unknown timm model; list them with "
+                        "`python -c \"import timm; print(timm.list_models('vit_*'))\"`")
+    return timm.models.get_pretrained_cfg(model_name).input_size[-1]
+
+
+def build_teacher(model_name: str, num_classes: int, img_size: int | None = None,
+                  pretrained: bool = True) -> torch.nn.Module:
+    """A timm model with a fresh ``num_classes`` head; ``img_size`` resizes fixed-size models (ViT)."""
+    import timm
+
+    default_img_size(model_name)  # refuses an unknown name
+    kwargs = {"num_classes": num_classes}
+    if img_size is not None and timm.models.get_pretrained_cfg(model_name).fixed_input_size:
+        kwargs["img_size"] = img_size  # ViTs resize their position embeddings; CNNs take any size
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError) as err:
+        if not pretrained:
+            raise
+        raise UserError(f"--teacher_model {model_name}: cannot load pretrained weights ({_first_line(err)}); "
+                        "connect to the Hugging Face hub once, or pass --no_teacher_pretrained") from None
+
+
+def data_config(model: torch.nn.Module, img_size: int | None = None) -> dict:
+    """timm's preprocessing for this checkpoint (its own mean/std/interpolation) at ``img_size``."""
+    from timm.data import resolve_data_config
+
+    size = img_size or model.pretrained_cfg["input_size"][-1]
+    # resolve_data_config ignores a model's custom img_size unless input_size is given explicitly.
+    return resolve_data_config({"input_size": (3, size, size)}, model=model)
+
+
+def teacher_transforms(config: dict):
+    """``(train, eval)``: random resized crop + horizontal flip; resize + centre crop. Normalised."""
+    from timm.data import create_transform
+
+    train = create_transform(**config, is_training=True, color_jitter=None)
+    return train, create_transform(**config, is_training=False)
+
+
+def save_teacher(path: str | Path, model: torch.nn.Module, model_name: str, img_size: int,
+                 class_names: Sequence[str], config: dict, pretrained: bool, best_val_acc: float,
+                 epoch: int) -> Path:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return torch_save({"state_dict": state, "model": model_name, "img_size": img_size,
+                       "class_names": list(class_names), "data_config": dict(config), "pretrained": pretrained,
+                       "best_val_acc": best_val_acc, "epoch": epoch}, path)
+
+
+def read_teacher_checkpoint(path: str | Path, class_names: Sequence[str] | None = None) -> dict:
+    """The saved teacher dict, checked: it must be ours (class names, timm model) and fit ``class_names``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"teacher checkpoint {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UserError(f"teacher checkpoint {path}: cannot read it ({_first_line(err)})") from None
+    missing = [k for k in ("state_dict", "model", "img_size", "class_names", "data_config")
+               if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise UserError(f"teacher checkpoint {path}: missing {missing}; give a teacher.pt written by "
+                        "train_distillation.py (it carries the class names and the timm model name)")
+    if class_names is not None and list(checkpoint["class_names"]) != list(class_names):
+        raise UserError(f"teacher checkpoint {path}: trained for classes {checkpoint['class_names']}, "
+                        f"but this dataset has {list(class_names)}; train a teacher for this dataset")
+    return checkpoint
+
+
+def load_teacher(path: str | Path, class_names: Sequence[str] | None = None,
+                 device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a saved teacher (eval mode) and return it with its checkpoint dict."""
+    checkpoint = read_teacher_checkpoint(path, class_names)
+    model = build_teacher(checkpoint["model"], len(checkpoint["class_names"]), checkpoint["img_size"],
+                          pretrained=False)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval(), checkpoint

@@ -1,0 +1,234 @@
+"""Stage 2 (train_distillation.py): the distillation loss, batched pooled features, teacher and head
+on the toy data, the feature/logit caches, head reload, a 2-process run, and one-line errors."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tests.conftest import REPO, run_script
+
+TOY_CONFIG = str(REPO / "configs" / "toy_distill.yaml")
+
+
+def fake_stage1(output_dir: Path, vlm: Path) -> Path:
+    """Stage 1's meta.json, the only stage-1 output stage 2 reads.
+
+    TODO: switch to a real `train_vlm.py` run on the toy data if that stays cheap (tests/pipeline.py's
+    session fixture `trained_pipeline` now runs stages 1-3 once and could serve this module).
+    """
+    from data.toy import toy_class_names
+    from utils.checkpoints import write_meta
+
+    return write_meta(output_dir / "toy" / "vlm", "vlm", toy_class_names(4), base_model=str(vlm), adapter_id="test")
+
+
+def stage2_argv(toy_root: Path, output_dir: Path, *extra: str) -> list[str]:
+    # Three teacher epochs suffice for the tiny ViT on the toy set (OFFLINE.md: 100% by epoch 3).
+    return ["--dataname", "toy", "--data_root", str(toy_root), "--output_dir", str(output_dir),
+            "--config", TOY_CONFIG, "--teacher_epochs", "3", *extra]
+
+
+def read_metrics(output_dir: Path) -> dict:
+    return json.loads((output_dir / "toy" / "distill" / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory, toy_root, tiny_vlm_dir) -> Path:
+    """One full in-process stage-2 run on the toy data; returns its --output_dir."""
+    from train_distillation import main
+
+    output_dir = tmp_path_factory.mktemp("stage2")
+    fake_stage1(output_dir, tiny_vlm_dir)
+    main(stage2_argv(toy_root, output_dir))
+    return output_dir
+
+
+def test_loss_matches_the_formula():
+    student = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -2.0], [-1.5, 1.0, 1.0]])
+    teacher = torch.tensor([[1.0, 0.0, -1.0], [3.0, -1.0, 0.0], [0.2, 0.2, 2.5]])
+    targets = torch.tensor([0, 2, 1])
+
+    def expected(alpha: float, t: float) -> float:
+        kl = 0.0
+        for s_row, t_row in zip(student.double(), teacher.double()):
+            p = torch.exp(t_row / t) / torch.exp(t_row / t).sum()
+            q = torch.exp(s_row / t) / torch.exp(s_row / t).sum()
+            kl += float((p * (p / q).log()).sum())
+        kl /= len(student)
+        ce = -sum(float(torch.log(torch.exp(row) / torch.exp(row).sum())[y])
+                  for row, y in zip(student.double(), targets)) / len(student)
+        return alpha * t * t * kl + (1 - alpha) * ce
+
+    from engine.distill import distillation_loss
+
+    for alpha in (0.0, 0.5, 1.0):
+        for temperature in (1.0, 2.0, 4.0):
+            got = distillation_loss(student, teacher, targets, alpha, temperature).item()
+            assert got == pytest.approx(expected(alpha, temperature), rel=1e-5), (alpha, temperature)
+    assert distillation_loss(student, teacher, targets, 0.0, 2.0).item() == pytest.approx(
+        F.cross_entropy(student, targets).item())
+    # alpha 1 ignores the labels; the T^2 factor is there (KL alone at T=4 is 16 times smaller).
+    assert distillation_loss(student, teacher, targets.flip(0), 1.0, 4.0).item() == pytest.approx(expected(1.0, 4.0))
+    assert distillation_loss(student, teacher, targets, 1.0, 4.0).item() == pytest.approx(
+        16 * F.kl_div(F.log_softmax(student / 4, -1), F.softmax(teacher / 4, -1), reduction="batchmean").item())
+
+
+def test_pooled_features_batched_equal_one_at_a_time(tiny_vlm_dir, toy_root):
+    from models.vlm import load_processor, load_vlm, pooled_image_features, vision_hidden_size
+
+    model, processor = load_vlm(str(tiny_vlm_dir)), load_processor(str(tiny_vlm_dir))
+    files = sorted((toy_root / "toy" / "train").rglob("*.png"))[::20][:4]
+    sizes = [(64, 64), (40, 30), (90, 60), (56, 112)]  # different numbers of visual tokens
+    images = [Image.open(f).convert("RGB").resize(size) for f, size in zip(files, sizes)]
+    batched = pooled_image_features(model, processor, images)
+    assert batched.shape == (4, vision_hidden_size(model.config))
+    single = torch.cat([pooled_image_features(model, processor, [image]) for image in images])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(batched[0], batched[1])
+
+
+def test_teacher_and_head_beat_chance_and_the_folders_describe_themselves(stage2):
+    metrics = read_metrics(stage2)
+    assert metrics["n"] == 32 and metrics["split"] == "test"
+    assert metrics["accuracy"] >= 0.6 and metrics["teacher_accuracy"] >= 0.6  # chance is 0.25
+    assert metrics["agreement"] >= 0.5 and set(metrics["per_class"]) == set(metrics["class_names"])
+    teacher_dir, distill_dir = stage2 / "toy" / "teacher", stage2 / "toy" / "distill"
+    assert json.loads((teacher_dir / "metrics.json").read_text())["accuracy"] == metrics["teacher_accuracy"]
+    checkpoint = torch.load(teacher_dir / "teacher.pt", weights_only=True)
+    assert checkpoint["class_names"] == metrics["class_names"] and checkpoint["img_size"] == 64
+    log_rows = [json.loads(line) for line in (distill_dir / "log.txt").read_text().splitlines()]
+    assert [row["epoch"] for row in log_rows] == list(range(1, 21))
+    head = torch.load(distill_dir / "head.pt", weights_only=True)
+    assert head["best_val_acc"] == max(row["val_acc"] for row in log_rows)
+    assert head["in_dim"] == 64 and head["depth"] == 1 and head["class_names"] == metrics["class_names"]
+    for name in ("curves.png", "confusion_matrix.png", "run.json"):
+        assert (distill_dir / name).is_file() and (teacher_dir / name).is_file()
+
+
+def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path):
+    from engine.distill import head_logits, load_head, save_head, train_head
+    from utils.checkpoints import file_id, write_meta
+
+    cache = stage2 / "toy" / "distill" / "cache"
+    features = {s: torch.load(cache / f"vlm_features_{s}.pt", weights_only=True)["values"]
+                for s in ("train", "val", "test")}
+    teacher = {s: torch.load(cache / f"teacher_logits_{s}.pt", weights_only=True)["values"] for s in features}
+    labels = {s: teacher[s].argmax(-1) for s in features}
+    head, _ = train_head(features, teacher, labels, 64, 4, depth=2, epochs=3, lr=1e-3, batch_size=16,
+                         standardize=True)
+    path = save_head(tmp_path / "head.pt", head, ["a", "b", "c", "d"], vlm_model="tiny", teacher_id="t")
+    write_meta(tmp_path, "distill", ["a", "b", "c", "d"], base_model="tiny", head_id=file_id(path))
+    reloaded, meta = load_head(tmp_path)
+    assert torch.equal(head_logits(reloaded, features["test"]), head_logits(head, features["test"]))
+    assert torch.equal(reloaded.feature_std, head.feature_std) and not torch.all(reloaded.feature_std == 1)
+
+    # The script's own head, reloaded, gives exactly the test metrics it wrote.
+    from data.datasets import load_dataset
+    from utils.metrics import classification_metrics
+
+    script_head, meta = load_head(stage2 / "toy" / "distill")
+    truth = [sample.label for sample in load_dataset(toy_root, "toy", stage2).test]
+    recomputed = classification_metrics(truth, head_logits(script_head, features["test"]).argmax(-1),
+                                        meta["class_names"])
+    metrics = read_metrics(stage2)
+    assert recomputed["accuracy"] == metrics["accuracy"]
+    assert recomputed["confusion_matrix"] == metrics["confusion_matrix"]
+
+
+def test_second_run_reuses_the_caches_and_gives_the_same_metrics(stage2, toy_root, monkeypatch, caplog):
+    import engine.distill
+    from train_distillation import main
+
+    calls = []
+    for name in ("load_vlm", "pooled_image_features", "load_teacher"):
+        original = getattr(engine.distill, name)
+        monkeypatch.setattr(engine.distill, name,
+                            lambda *a, _name=name, _f=original, **k: calls.append(_name) or _f(*a, **k))
+    before = read_metrics(stage2)
+    caplog.set_level(logging.INFO, logger="engine.distill")
+    main(stage2_argv(toy_root, stage2))
+    assert calls == []  # no VLM load, no encoder forward, no teacher forward
+    assert sum("cache hit" in record.message for record in caplog.records) == 6
+    assert read_metrics(stage2) == before
+
+
+def test_stale_cache_is_rebuilt_with_a_log_line(stage2, tiny_vlm_dir, toy_root, tmp_path, caplog):
+    from data.datasets import load_dataset
+    from engine.distill import cached_vlm_features
+
+    cache = tmp_path / "cache"
+    splits = load_dataset(toy_root, "toy", stage2)
+    first = cached_vlm_features(splits, str(tiny_vlm_dir), None, "cpu", 8, cache, names=("val",))["val"]
+    caplog.set_level(logging.INFO, logger="engine.distill")
+
+    other_model = tmp_path / "other-vlm"
+    shutil.copytree(tiny_vlm_dir, other_model)
+    again = cached_vlm_features(splits, str(other_model), None, "cpu", 8, cache, names=("val",))["val"]
+    assert any("cache stale" in r.message and "vlm_model" in r.message for r in caplog.records)
+    torch.testing.assert_close(again, first)  # same weights, rebuilt all the same
+
+    caplog.clear()
+    splits.val = splits.val[1:]
+    fewer = cached_vlm_features(splits, str(other_model), None, "cpu", 8, cache, names=("val",))["val"]
+    assert any("cache stale" in r.message and "images" in r.message for r in caplog.records)
+    assert len(fewer) == len(first) - 1
+
+
+def test_two_processes_shard_the_images_and_match_one(stage2, toy_root, tmp_path):
+    output_dir = tmp_path / "out"
+    for name in ("vlm", "teacher"):  # stage 1 meta and the trained teacher, so only stage 2's sharded part runs
+        shutil.copytree(stage2 / "toy" / name, output_dir / "toy" / name)
+    shutil.copy(stage2 / "toy" / "split.json", output_dir / "toy" / "split.json")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "train_distillation.py", *stage2_argv(toy_root, output_dir)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout
+    assert read_metrics(output_dir) == read_metrics(stage2)
+    cache = "toy/distill/cache/vlm_features_train.pt"
+    assert torch.equal(torch.load(output_dir / cache)["values"], torch.load(stage2 / cache)["values"])
+
+
+def test_missing_stage1_output_exits_2_naming_train_vlm(toy_root, tmp_path):
+    result = run_script("train_distillation.py", *stage2_argv(toy_root, tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "python train_vlm.py --dataname toy" in lines[0]
+
+
+@pytest.mark.parametrize("case", ["teacher_checkpoint_classes", "own_teacher_classes", "another_vlm"])
+def test_bad_inputs_are_one_line_errors(case, stage2, tiny_vlm_dir, toy_root, tmp_path, capsys):
+    from models.teacher import build_teacher, save_teacher
+    from train_distillation import main
+    from utils.checkpoints import write_meta
+    from utils.errors import run_cli
+
+    fake_stage1(tmp_path, tiny_vlm_dir)
+    extra = []
+    if case == "teacher_checkpoint_classes":
+        model = build_teacher("vit_tiny_patch16_224", 2, 64, pretrained=False)
+        path = save_teacher(tmp_path / "other.pt", model, "vit_tiny_patch16_224", 64, ["cats", "dogs"],
+                            {"input_size": (3, 64, 64)}, False, 1.0, 1)
+        extra, expected = ["--teacher_checkpoint", str(path)], "['cats', 'dogs']"
+    elif case == "own_teacher_classes":
+        folder = tmp_path / "toy" / "teacher"
+        folder.mkdir(parents=True)
+        (folder / "teacher.pt").write_bytes(b"")
+        write_meta(folder, "teacher", ["cats", "dogs"], model="vit_tiny_patch16_224", img_size=64)
+        expected = "--retrain_teacher"
+    else:
+        extra, expected = ["--vlm_model", str(tmp_path / "elsewhere")], "--vlm_model"
+    assert run_cli(main, stage2_argv(toy_root, tmp_path, *extra)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines

@@ -1,0 +1,204 @@
+"""Stage 2: fine-tune the ViT teacher, then distil it into a small head on the VLM's frozen visual encoder.
+
+Writes the teacher to ``<output_dir>/<dataname>/teacher/`` and the head, its metrics and the
+feature cache to ``<output_dir>/<dataname>/distill/``. Needs stage 1's folder for its class
+names and base VLM. A trained teacher for the same classes is reused; the frozen features and
+teacher logits are computed once and cached.
+
+    python train_distillation.py --dataname emoset --gpu 1
+    python train_distillation.py --dataname emoset --teacher_checkpoint my_vit.pt   # reuse a teacher
+    torchrun --nproc_per_node 4 train_distillation.py --dataname emoset   # features sharded (or accelerate launch)
+    python train_distillation.py --dataname toy --vlm_model checkpoints/tiny-qwen2-vl --config configs/toy_distill.yaml
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from utils.cli import base_parser, parse_args, stage_dir
+from utils.errors import UserError, run_cli
+
+log = logging.getLogger("train_distillation")
+
+
+def get_args_parser():
+    from models.teacher import DEFAULT_TEACHER
+
+    parser = base_parser("Stage 2: ViT teacher and the distilled head on the VLM's frozen visual features.",
+                         batch_size=32)
+    model = parser.add_argument_group("frozen VLM features")
+    model.add_argument("--vlm_model", default=None,
+                       help="base VLM (hub id or folder); default and required match: stage 1's base model")
+    model.add_argument("--feature_batch_size", type=int, default=8,
+                       help="images per batch of the frozen passes (visual encoder, teacher logits)")
+    teacher = parser.add_argument_group("teacher (timm)")
+    teacher.add_argument("--teacher_model", default=DEFAULT_TEACHER, help="timm model name")
+    teacher.add_argument("--no_teacher_pretrained", action="store_true", help="train the teacher from scratch")
+    teacher.add_argument("--teacher_img_size", type=int, default=None,
+                         help="teacher input size (default: the timm checkpoint's own, 384 for the default)")
+    teacher.add_argument("--teacher_checkpoint", default=None,
+                         help="use this trained teacher.pt (from this script) instead of training one")
+    teacher.add_argument("--retrain_teacher", action="store_true",
+                         help="train a new teacher even if <output_dir>/<dataname>/teacher/ holds one")
+    teacher.add_argument("--teacher_lr", type=float, default=3e-5)
+    teacher.add_argument("--teacher_weight_decay", type=float, default=1e-5)
+    teacher.add_argument("--teacher_batch_size", type=int, default=10)
+    teacher.add_argument("--teacher_epochs", type=int, default=10)
+    head = parser.add_argument_group("distillation head (--batch_size is its mini-batch)")
+    head.add_argument("--depth", type=int, default=1, choices=range(6),
+                      help="hidden layers, widths [1024, 512, 256, 128, 64][:depth]")
+    head.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation (KL) term")
+    head.add_argument("--temperature", type=float, default=2.0)
+    head.add_argument("--lr", type=float, default=1e-5)
+    head.add_argument("--weight_decay", type=float, default=1e-4)
+    head.add_argument("--epochs", type=int, default=5)
+    head.add_argument("--standardize_features", action="store_true",
+                      help="standardise features with the training mean/std (saved in the head)")
+    return parser
+
+
+def existing_teacher(args, class_names, folder: Path) -> Path | None:
+    """``teacher/teacher.pt`` when it fits this run; a teacher for other classes or another model is refused."""
+    from models.teacher import default_img_size
+    from utils.checkpoints import check_compatible, read_meta
+
+    path = folder / "teacher.pt"
+    if args.retrain_teacher or not (folder / "meta.json").is_file() or not path.is_file():
+        return None
+    meta = read_meta(folder, "teacher", args.dataname)
+    try:
+        check_compatible(meta, folder, class_names=class_names)
+    except UserError as err:
+        raise UserError(f"{err}; or pass --retrain_teacher") from None
+    size = args.teacher_img_size or default_img_size(args.teacher_model)
+    if (meta.get("model"), meta.get("img_size")) != (args.teacher_model, size):
+        raise UserError(f"{folder}: holds teacher {meta.get('model')} at {meta.get('img_size')} px, but this run "
+                        f"asks for --teacher_model {args.teacher_model} at {size} px; pass those flags, "
+                        "or --retrain_teacher to replace it")
+    return path
+
+
+def train_teacher(args, splits, folder: Path, device) -> Path:
+    from engine.distill import train_teacher as fit
+    from models.teacher import build_teacher, data_config, save_teacher
+    from utils.checkpoints import file_id, write_meta
+    from utils.run import record_run
+
+    (folder / "meta.json").unlink(missing_ok=True)  # an interrupted run leaves no trusted teacher
+    folder.mkdir(parents=True, exist_ok=True)
+    pretrained = not args.no_teacher_pretrained
+    model = build_teacher(args.teacher_model, len(splits.class_names), args.teacher_img_size, pretrained)
+    config = data_config(model, args.teacher_img_size)
+    size = config["input_size"][-1]
+    print(f"training teacher {args.teacher_model} ({'pretrained' if pretrained else 'from scratch'}, {size} px, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) for {args.teacher_epochs} epochs")
+    result = fit(model, splits, config, device, args.teacher_epochs, args.teacher_lr, args.teacher_weight_decay,
+                 args.teacher_batch_size, args.num_workers, args.seed, folder)
+    path = save_teacher(folder / "teacher.pt", model, args.teacher_model, size, splits.class_names, config,
+                        pretrained, result["best_val_acc"], result["epoch"])
+    record_run(folder, args)
+    write_meta(folder, "teacher", splits.class_names, model=args.teacher_model, img_size=size,
+               pretrained=pretrained, teacher_id=file_id(path), best_val_acc=result["best_val_acc"],
+               epoch=result["epoch"])
+    print(f"teacher: best val acc {result['best_val_acc']:.4f} at epoch {result['epoch']} -> {path}")
+    return path
+
+
+def teacher_checkpoint(args, splits, device, rank: int) -> Path:
+    """The teacher to distil: --teacher_checkpoint, the stage's own trained one, or a new one (rank 0
+    trains while the other processes wait)."""
+    from engine.distill import barrier
+    from models.teacher import read_teacher_checkpoint
+
+    if args.teacher_checkpoint:
+        path = Path(args.teacher_checkpoint)
+        read_teacher_checkpoint(path, splits.class_names)  # refuses a missing file or other classes now
+        return path
+    folder = stage_dir(args, "teacher")
+    if existing_teacher(args, splits.class_names, folder) is not None:
+        if rank == 0:
+            print(f"reusing the trained teacher in {folder}; --retrain_teacher replaces it")
+    elif rank == 0:
+        train_teacher(args, splits, folder, device)
+    barrier()
+    return folder / "teacher.pt"
+
+
+def main(argv=None) -> None:
+    args = parse_args(get_args_parser(), argv)
+    import torch
+
+    from data.datasets import load_dataset
+    from engine.distill import (HEAD_FILE, cached_teacher_logits, cached_vlm_features, head_logits,
+                                init_distributed, save_head, train_head)
+    from engine.vlm_train import distributed_rank, training_device
+    from models.vlm import vision_hidden_size
+    from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
+    from utils.metrics import classification_metrics, save_curves_png, write_metrics
+    from utils.run import record_run, seed_everything
+
+    # Under a launcher only the first process reports progress.
+    logging.basicConfig(level=logging.INFO if distributed_rank()[0] == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    seed_everything(args.seed)
+    vlm_dir = stage_dir(args, "vlm")
+    vlm_meta = read_meta(vlm_dir, "vlm", args.dataname)
+    splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
+    check_compatible(vlm_meta, vlm_dir, class_names=splits.class_names, base_model=args.vlm_model)
+    args.vlm_model = args.vlm_model or vlm_meta["base_model"]
+    rank, world = init_distributed()
+    if rank == 0:
+        print(splits.summary() + (f"; {world} processes" if world > 1 else ""))
+    device = training_device(args.gpu)
+    out_dir = stage_dir(args, "distill")
+    cache_dir = out_dir / "cache"
+
+    teacher_path = teacher_checkpoint(args, splits, device, rank)
+    # The head's pixel budget must be the one stage 1 (and so stage 3 and the demo) use.
+    pixels = {"min_pixels": vlm_meta.get("min_pixels"), "max_pixels": vlm_meta.get("max_pixels")}
+    features = cached_vlm_features(splits, args.vlm_model, pixels, device, args.feature_batch_size, cache_dir,
+                                   args.num_workers)
+    teacher_logits = cached_teacher_logits(splits, teacher_path, device, args.feature_batch_size, cache_dir,
+                                           args.num_workers)
+    if rank != 0:
+        return
+    labels = {split: torch.tensor([s.label for s in splits.split(split)]) for split in features}
+    teacher_test = classification_metrics(labels["test"], teacher_logits["test"].argmax(-1), splits.class_names)
+    if not args.teacher_checkpoint:  # the stage's own teacher: its test metrics live beside it
+        write_metrics(teacher_path.parent, {"dataset": args.dataname, "split": "test", **teacher_test},
+                      f"{args.dataname}: teacher {args.teacher_model}")
+        print(f"teacher test accuracy {teacher_test['accuracy']:.4f}")
+
+    from transformers import AutoConfig
+
+    in_dim = vision_hidden_size(AutoConfig.from_pretrained(args.vlm_model))
+    (out_dir / "meta.json").unlink(missing_ok=True)  # an interrupted run leaves no trusted head
+    head, result = train_head(features, teacher_logits, labels, in_dim, len(splits.class_names), depth=args.depth,
+                              epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                              batch_size=args.batch_size, alpha=args.alpha, temperature=args.temperature,
+                              standardize=args.standardize_features, seed=args.seed, device=device,
+                              log_path=out_dir / "log.txt")
+    save_curves_png(result["history"], out_dir / "curves.png", "stage 2: distillation head")
+    teacher_id = file_id(teacher_path)
+    head_path = save_head(out_dir / HEAD_FILE, head, splits.class_names, vlm_model=args.vlm_model,
+                          teacher_id=teacher_id, best_val_acc=result["best_val_acc"], epoch=result["epoch"],
+                          standardized=args.standardize_features, **pixels)
+
+    head_pred = head_logits(head, features["test"]).argmax(-1)
+    head_test = classification_metrics(labels["test"], head_pred, splits.class_names)
+    agreement = (head_pred == teacher_logits["test"].argmax(-1)).float().mean().item()
+    write_metrics(out_dir, {"dataset": args.dataname, "split": "test", **head_test,
+                            "teacher_accuracy": teacher_test["accuracy"], "agreement": agreement,
+                            "teacher": teacher_test}, f"{args.dataname}: distilled head")
+    record_run(out_dir, args, in_dim=in_dim, processes=world)
+    write_meta(out_dir, "distill", splits.class_names, base_model=args.vlm_model, head_id=file_id(head_path),
+               teacher_id=teacher_id, teacher_checkpoint=str(teacher_path), vlm_adapter_id=vlm_meta.get("adapter_id"),
+               depth=args.depth, in_dim=in_dim, **pixels)
+    print(f"head ({args.depth} hidden layer(s), {in_dim}-d input): best val acc {result['best_val_acc']:.4f} at "
+          f"epoch {result['epoch']}; test accuracy {head_test['accuracy']:.4f}, teacher "
+          f"{teacher_test['accuracy']:.4f}, agreement {agreement:.4f} -> {out_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
