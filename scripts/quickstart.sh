@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole EmoVLM-KD pipeline on the built-in toy world, CPU only, offline.
+# Run through `make quickstart` (which creates .venv first) or directly with PY=<python>.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=${DATA:-toy}
+CLASSES=${CLASSES:-4}
+PER_CLASS=${PER_CLASS:-40}
+TEST_PER_CLASS=${TEST_PER_CLASS:-20}
+DATA_ROOT=${DATA_ROOT:-images}
+OUT=${OUT:-outputs}
+VLM=${VLM:-checkpoints/tiny-qwen2-vl}
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 GRADIO_ANALYTICS_ENABLED=False TOKENIZERS_PARALLELISM=false
+COMMON=(--dataname "$DATA" --data_root "$DATA_ROOT" --output_dir "$OUT")
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+start=$(date +%s)
+
+step "toy dataset: $DATA_ROOT/$DATA ($CLASSES classes, $PER_CLASS train + $TEST_PER_CLASS test images each)"
+if [ -d "$DATA_ROOT/$DATA" ]; then echo "exists, kept"; else
+  "$PY" -m data.toy --out "$DATA_ROOT/$DATA" --num_classes "$CLASSES" --per_class "$PER_CLASS" \
+    --test_per_class "$TEST_PER_CLASS" --seed 0
+fi
+
+step "tiny VLM: $VLM"
+if [ -f "$VLM/config.json" ]; then echo "exists, kept"; else "$PY" -m models.tiny --out "$VLM"; fi
+
+step "stage 0: instruction data from the local tiny VLM"
+"$PY" generate_instructions.py "${COMMON[@]}" --backend local --vlm_model "$VLM" \
+  --accept_unstructured --max_new_tokens 32
+
+step "stage 1: LoRA instruction tuning of the VLM (configs/toy_vlm.yaml)"
+"$PY" train_vlm.py "${COMMON[@]}" --vlm_model "$VLM" --config configs/toy_vlm.yaml
+
+step "stage 2: ViT teacher and distilled head (configs/toy_distill.yaml)"
+"$PY" train_distillation.py "${COMMON[@]}" --vlm_model "$VLM" --config configs/toy_distill.yaml
+
+step "stage 3: the gate (configs/toy_gate.yaml)"
+"$PY" train_gate.py "${COMMON[@]}" --vlm_model "$VLM" --config configs/toy_gate.yaml
+
+step "results on the $DATA test split (python -m utils.report)"
+"$PY" -m utils.report --output_dir "$OUT" --datasets "$DATA"
+echo "quickstart finished in $(( $(date +%s) - start )) s; try the demo:"
+echo "  $PY demo.py --dataname $DATA --vlm_model $VLM"
