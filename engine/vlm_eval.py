@@ -1,0 +1,248 @@
+"""The instruction-tuned VLM as a classifier: loading a stage-1 folder and predicting classes.
+
+``score`` (default) ranks the classes by the log-likelihood of each class's categorical answer
+(``{'emotion': '<class>'}``) given the image and question. The prompt (image included) is
+encoded once per image and its key/value cache serves all C candidate answers, which run
+together in one packed row (a token tree), so only the few class-specific answer tokens are added. ``generate`` decodes an answer greedily and parses it.
+Both are deterministic.
+"""
+from __future__ import annotations
+
+import json
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from data.annotations import prompt_messages
+from data.prompts import categorical_answer, categorical_question, parse_emotion
+from models.chat import (IGNORE_INDEX, answer_ids, encode_conversations, encode_prompts,
+                         generate_texts)
+from utils.checkpoints import read_meta
+from utils.errors import UserError
+from utils.io import write_text
+from utils.metrics import NONE, classification_metrics, write_metrics
+
+EVAL_MODES = ("score", "generate")
+
+
+@dataclass
+class VLMPredictions:
+    pred: torch.Tensor            # (N,) long, -1 where no class could be read
+    probs: torch.Tensor | None    # (N, C) float, score mode only
+    texts: list[str] | None       # generated answers, generate mode only
+
+
+def categorical_prompt(class_names: Sequence[str]) -> list[dict]:
+    """System + user(image, categorical question) messages for one dataset's classes."""
+    return prompt_messages(categorical_question(class_names))
+
+
+def class_conversations(class_names: Sequence[str]) -> list[list[dict]]:
+    """The categorical prompt completed by each class's answer, one conversation per class."""
+    prompt = categorical_prompt(class_names)
+    return [prompt + [{"role": "assistant", "content": [{"type": "text", "text": categorical_answer(name)}]}]
+            for name in class_names]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _decoder(model):
+    """The inner multimodal model (holds ``rope_deltas``), with or without a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
+# Answer token ids per processor and class list: rendering C conversations costs about as much
+# as a batch's prompt forward on a small model, so it is done once.
+_ANSWER_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _candidate_tokens(processor, class_names: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each class's answer tokens (end-of-turn included), right-padded: ids (C, L), mask (C, L)."""
+    per_processor = _ANSWER_IDS.setdefault(processor, {})
+    key = tuple(class_names)
+    if key not in per_processor:
+        per_processor[key] = [answer_ids(processor, c) for c in class_conversations(class_names)]
+    ids = per_processor[key]
+    length = max(len(tokens) for tokens in ids)
+    pad = processor.tokenizer.pad_token_id
+    tokens = torch.tensor([t + [pad] * (length - len(t)) for t in ids], device=device)
+    mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in ids], device=device)
+    return tokens, mask
+
+
+def _shared_prefix_length(candidates: torch.Tensor, mask: torch.Tensor) -> int:
+    """Leading tokens all class answers share (``{'emotion': '``), leaving each at least one."""
+    limit = int(mask.sum(dim=1).min()) - 1
+    same = (candidates[:, :limit] == candidates[:1, :limit]).all(dim=0).tolist()
+    return same.index(False) if False in same else limit
+
+
+def _packed_continuations(candidates: torch.Tensor, mask: torch.Tensor):
+    """All classes' answer continuations side by side in one row (a token tree).
+
+    Returns per packed token: its id, class, offset inside its answer and the next token it
+    predicts (K,), plus the (K, K) mask letting a token see only earlier tokens of its own answer.
+    """
+    lengths = mask.sum(dim=1) - 1  # the last answer token is only predicted, never fed
+    tokens, classes, offsets, targets = [], [], [], []
+    for c, length in enumerate(lengths.tolist()):
+        tokens.append(candidates[c, :length])
+        targets.append(candidates[c, 1:length + 1])
+        classes.append(torch.full((length,), c, device=candidates.device))
+        offsets.append(torch.arange(length, device=candidates.device))
+    tokens, classes, offsets, targets = (torch.cat(t) for t in (tokens, classes, offsets, targets))
+    visible = (classes[:, None] == classes[None, :]) & (offsets[None, :] <= offsets[:, None])
+    return tokens, classes, offsets, targets, visible
+
+
+@torch.no_grad()
+def score_classes(model, processor, images: Sequence[Image.Image], class_names: Sequence[str],
+                  batch_size: int = 8) -> torch.Tensor:
+    """Summed log-likelihood of every class answer per image: (N, C) float32 on CPU.
+
+    One prompt forward per image with ``use_cache``; the answer prefix all classes share is
+    appended to the prompt, so it runs once too. The class-specific rest of the C answers then
+    runs as one packed row per image on that cache: a 4-D attention mask lets each answer see
+    the prompt and its own earlier tokens only, and explicit 3-D rotary positions (prompt length
+    without padding + offset + the prompt's ``rope_deltas``) place every answer right after the
+    prompt, as left-padded batches need.
+    """
+    device = _device(model)
+    candidates, candidate_mask = _candidate_tokens(processor, class_names, device)
+    shared = _shared_prefix_length(candidates, candidate_mask)
+    prefix = candidates[0, :shared]
+    candidates, candidate_mask = candidates[:, shared:], candidate_mask[:, shared:]
+    tokens, classes, offsets, targets, visible = _packed_continuations(candidates, candidate_mask)
+    num_classes, packed = len(class_names), len(tokens)
+    prompt = categorical_prompt(class_names)
+    scores = []
+    for start in range(0, len(images), batch_size):
+        batch_images = images[start:start + batch_size]
+        batch = len(batch_images)
+        inputs = encode_prompts(processor, [prompt] * batch, batch_images).to(device)
+        # Left padding: every prompt ends at the last column, so the prefix is appended there.
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], prefix.expand(batch, -1)], dim=1)
+        inputs["attention_mask"] = torch.cat(
+            [inputs["attention_mask"], torch.ones_like(inputs["attention_mask"][:, :shared])], dim=1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat(
+                [inputs["mm_token_type_ids"], torch.zeros_like(inputs["mm_token_type_ids"][:, :shared])], dim=1)
+        out = model(**inputs, use_cache=True, logits_to_keep=shared + 1)
+        log_probs = torch.log_softmax(out.logits.float(), dim=-1)              # (B, shared+1, V)
+        prefix_score = log_probs[:, :-1].gather(-1, prefix.expand(batch, -1).unsqueeze(-1)).sum(dim=(1, 2))
+        # The first class-specific token is predicted by the last prompt position.
+        total = prefix_score[:, None] + log_probs[:, -1][:, candidates[:, 0]]  # (B, C)
+        if packed:
+            prompt_mask = inputs["attention_mask"]
+            rope_deltas = _decoder(model).rope_deltas.to(device)                # (B, 1)
+            positions = (prompt_mask.sum(dim=1, keepdim=True) + rope_deltas + offsets).expand(3, -1, -1)
+            allowed = torch.cat([prompt_mask.bool()[:, None, :].expand(-1, packed, -1),
+                                 visible.expand(batch, -1, -1)], dim=2)[:, None]  # (B, 1, K, prompt+K)
+            dtype = out.logits.dtype if out.logits.is_floating_point() else torch.float32
+            attention = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            attention.masked_fill_(~allowed, torch.finfo(dtype).min)
+            rest = model(input_ids=tokens.expand(batch, -1), attention_mask=attention, position_ids=positions,
+                         past_key_values=out.past_key_values, use_cache=True)
+            rest_log_probs = torch.log_softmax(rest.logits.float(), dim=-1)    # (B, K, V)
+            token_scores = rest_log_probs.gather(-1, targets.expand(batch, -1).unsqueeze(-1)).squeeze(-1)
+            total = total.index_add(1, classes, token_scores)
+        scores.append(total.cpu())
+    return torch.cat(scores) if scores else torch.empty(0, num_classes)
+
+
+@torch.no_grad()
+def score_classes_full(model, processor, images: Sequence[Image.Image],
+                       class_names: Sequence[str]) -> torch.Tensor:
+    """Reference scoring: every (image, class) conversation encoded and run whole, one at a time."""
+    device = _device(model)
+    conversations = class_conversations(class_names)
+    scores = torch.zeros(len(images), len(class_names))
+    for i, image in enumerate(images):
+        for c, conversation in enumerate(conversations):
+            batch = encode_conversations(processor, [conversation], [image]).to(device)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+            targets = labels[:, 1:]
+            keep = targets != IGNORE_INDEX
+            scores[i, c] = log_probs[keep].gather(-1, targets[keep].unsqueeze(-1)).sum().cpu()
+    return scores
+
+
+def predict_vlm(model, processor, images: Sequence[Image.Image], class_names: Sequence[str],
+                mode: str = "score", batch_size: int = 8, max_new_tokens: int = 32) -> VLMPredictions:
+    """The VLM's class for each image (``score`` or ``generate``; see the module docstring)."""
+    if mode == "score":
+        probs = torch.softmax(score_classes(model, processor, images, class_names, batch_size), dim=-1)
+        return VLMPredictions(pred=probs.argmax(dim=-1), probs=probs, texts=None)
+    if mode == "generate":
+        prompt = categorical_prompt(class_names)
+        texts = generate_texts(model, processor, [prompt] * len(images), images, max_new_tokens, batch_size)
+        parsed = [parse_emotion(text, class_names) for text in texts]
+        pred = torch.tensor([NONE if index is None else index for index in parsed], dtype=torch.long)
+        return VLMPredictions(pred=pred, probs=None, texts=texts)
+    raise UserError(f"--eval_mode {mode}: choose one of {', '.join(EVAL_MODES)}")
+
+
+def load_trained_vlm(vlm_dir: str | Path, device: str | torch.device, vlm_model: str | None = None,
+                     quant: str | None = None):
+    """``(model, processor, meta)`` from a stage-1 folder: base VLM + LoRA adapter, eval mode.
+
+    ``vlm_model`` overrides where the base model is read from; it must name the same model
+    that was trained (``meta["base_model"]``).
+    """
+    from models.vlm import load_processor, load_vlm
+
+    vlm_dir = Path(vlm_dir)
+    meta = read_meta(vlm_dir, "vlm", vlm_dir.parent.name)
+    if vlm_model is not None and vlm_model != meta["base_model"]:
+        raise UserError(f"{vlm_dir}: adapter trained on --vlm_model {meta['base_model']!r}, not "
+                        f"{vlm_model!r}; pass the same --vlm_model or retrain stage 1")
+    processor = load_processor(str(vlm_dir), meta.get("min_pixels"), meta.get("max_pixels"))
+    model = load_vlm(meta["base_model"], device, quant=quant, adapter=vlm_dir)
+    return model, processor, meta
+
+
+def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: Sequence[str],
+                 out_dir: str | Path, mode: str = "score", batch_size: int = 8,
+                 max_new_tokens: int = 32, title: str = "") -> dict:
+    """Predict ``samples`` (data.datasets.Sample), write metrics.json, confusion PNG and
+    predictions.jsonl into ``out_dir``; return the metrics."""
+    from tqdm.auto import tqdm
+
+    from data.datasets import open_image
+
+    # Images are decoded a chunk at a time, never the whole split at once.
+    chunk = max(batch_size, 64)
+    parts = []
+    for start in tqdm(range(0, len(samples), chunk), desc=f"eval ({mode})", unit="chunk"):
+        images = [open_image(Path(data_root) / sample.path) for sample in samples[start:start + chunk]]
+        parts.append(predict_vlm(model, processor, images, class_names, mode, batch_size, max_new_tokens))
+    result = VLMPredictions(
+        pred=torch.cat([part.pred for part in parts]),
+        probs=torch.cat([part.probs for part in parts]) if mode == "score" else None,
+        texts=[text for part in parts for text in part.texts] if mode == "generate" else None)
+    labels = [sample.label for sample in samples]
+    metrics = classification_metrics(labels, result.pred.tolist(), class_names)
+    metrics["mode"] = mode
+    rows = []
+    for i, sample in enumerate(samples):
+        pred = int(result.pred[i])
+        row = {"image": sample.path, "label": class_names[sample.label],
+               "pred": None if pred == NONE else class_names[pred]}
+        if result.probs is not None:
+            row["probs"] = [round(float(p), 6) for p in result.probs[i]]
+        if result.texts is not None:
+            row["text"] = result.texts[i]
+        rows.append(json.dumps(row, ensure_ascii=False))
+    out_dir = Path(out_dir)
+    write_text(out_dir / "predictions.jsonl", "\n".join(rows) + "\n")
+    write_metrics(out_dir, metrics, title or f"VLM ({mode})")
+    return metrics

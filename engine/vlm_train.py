@@ -1,0 +1,177 @@
+"""Stage 1 library: instruction examples from annotations, the masking collator, LoRA/QLoRA
+wrapping, the transformers ``Trainer`` set-up and the per-epoch log."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from data.annotations import Annotation, to_conversations
+from data.datasets import DatasetSplits, open_image
+from models.chat import encode_conversations
+from utils.errors import UserError
+from utils.io import write_text
+from utils.metrics import save_curves_png
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def build_examples(annotations: Sequence[Annotation], splits: DatasetSplits,
+                   annotations_path: str | Path) -> list[dict]:
+    """Three conversations per annotated training image: ``{"conversation", "image"}`` items.
+
+    An annotation whose image is gone is a UserError; one for an image outside the training
+    split (e.g. moved to the validation split) is skipped with a warning.
+    """
+    train_paths = {sample.path for sample in splits.train}
+    examples, outside = [], []
+    for annotation in annotations:
+        path = splits.data_root / annotation.image
+        if not path.is_file():
+            raise UserError(f"{annotations_path}: image {annotation.image} no longer exists under "
+                            f"--data_root {splits.data_root}; restore it or rerun stage 0")
+        if annotation.image not in train_paths:
+            outside.append(annotation.image)
+            continue
+        for conversation in to_conversations(annotation, splits.class_names).values():
+            examples.append({"conversation": conversation, "image": str(path)})
+    if outside:
+        log.warning("skipping %d annotation(s) of images outside the training split (e.g. %s): "
+                    "they are validation/test images", len(outside), outside[0])
+    annotated = len(examples) // 3
+    if annotated < len(train_paths):
+        log.warning("%d of %d training images have no annotation; run stage 0 again to finish them",
+                    len(train_paths) - annotated, len(train_paths))
+    if not examples:
+        raise UserError(f"{annotations_path}: no annotation of a training image of {splits.name}; "
+                        f"run `python generate_instructions.py --dataname {splits.name}`")
+    return examples
+
+
+class ConversationCollator:
+    """Opens the images of a batch and encodes it with answer-only labels (``models.chat``)."""
+
+    def __init__(self, processor, train_on_prompt: bool = False):
+        self.processor = processor
+        self.train_on_prompt = train_on_prompt
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        images = [open_image(item["image"]) for item in items]
+        batch = encode_conversations(self.processor, [item["conversation"] for item in items], images,
+                                     self.train_on_prompt)
+        return dict(batch)
+
+
+def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules: Sequence[str],
+              modules_to_save: Sequence[str] | None, quantized: bool, gradient_checkpointing: bool):
+    """peft LoRA on ``model`` (after k-bit preparation when 4-bit); prints trainable parameters."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        modules_to_save=list(modules_to_save) or None, bias="none")
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(f"--target_modules/--modules_to_save: {str(err).splitlines()[0]}") from None
+    model.print_trainable_parameters()
+    return model
+
+
+def last_checkpoint(trainer_dir: str | Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(trainer_dir)) if Path(trainer_dir).is_dir() else None
+
+
+def epoch_logger(log_path: str | Path, curves_path: str | Path, history: list[dict] | None = None):
+    """A TrainerCallback appending one JSON line per epoch (mean loss, lr, grad norm) to log.txt
+    and redrawing the loss curve; only the main process writes."""
+    from transformers import TrainerCallback
+
+    class EpochLogger(TrainerCallback):
+        def __init__(self):
+            self.history = list(history or [])
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # Logging is per epoch; the epoch's loss arrives here, after on_epoch_end.
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            row = {"epoch": round(float(state.epoch)), "train_loss": float(logs["loss"]),
+                   "lr": float(logs.get("learning_rate", 0.0)), "step": state.global_step}
+            if "grad_norm" in logs:
+                row["grad_norm"] = float(logs["grad_norm"])
+            self.history = [h for h in self.history if h["epoch"] != row["epoch"]] + [row]
+            write_text(log_path, "".join(json.dumps(h) + "\n" for h in self.history))
+            save_curves_png([{k: h[k] for k in ("epoch", "train_loss")} for h in self.history],
+                            curves_path, "stage 1: instruction tuning")
+            print(json.dumps(row))
+
+    return EpochLogger()
+
+
+def read_history(log_path: str | Path) -> list[dict]:
+    path = Path(log_path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def training_arguments(args, trainer_dir: str | Path, on_gpu: bool):
+    """The Trainer's settings from the stage-1 flags (paper defaults; bf16 and gradient
+    checkpointing only on a GPU)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(trainer_dir),
+        num_train_epochs=args.epoch,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lr_scheduler_type=args.lr_scheduler,
+        # transformers 5 reads a float below 1 as a fraction of the training steps.
+        warmup_steps=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm,
+        weight_decay=args.weight_decay,
+        optim="adamw_torch",
+        bf16=on_gpu,
+        activation_checkpointing=on_gpu,
+        activation_checkpointing_kwargs={"use_reentrant": False} if on_gpu else None,
+        logging_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        remove_unused_columns=False,
+        dataloader_num_workers=args.num_workers,
+        report_to="none",
+        seed=args.seed,
+        data_seed=args.seed,
+        use_cpu=not on_gpu,
+        ddp_find_unused_parameters=False,
+        # CPU processes under a launcher talk through gloo (nccl is GPU only).
+        ddp_backend="gloo" if not on_gpu and distributed_rank()[2] > 1 else None,
+    )
+
+
+def distributed_rank() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` as set by torchrun / accelerate launch."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def training_device(gpu: int | None) -> torch.device:
+    """This process's device: its local rank's GPU under a launcher, else ``--gpu`` or the CPU."""
+    from utils.cli import resolve_device
+
+    _, local_rank, world_size = distributed_rank()
+    if world_size > 1 and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return resolve_device(gpu)

@@ -1,0 +1,249 @@
+"""Stage 1 (train_vlm.py): answer-only masking, LoRA training on the toy data, adapter reload,
+score/generate evaluation, a 2-process CPU run, and one-line errors for bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO, run_script
+
+TOY_CONFIG = str(REPO / "configs" / "toy_vlm.yaml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to split; on a busy 2-core machine several threads
+    per op spin against each other (measured: 10x slower training)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_annotations(data_root: Path, output_dir: Path, extra: tuple[str, ...] = ()) -> Path:
+    """Synthetic stage-0 output: one annotation per training image (plus ``extra`` image paths)."""
+    from data.annotations import ANNOTATIONS_FILE, Annotation, append_annotation
+    from data.datasets import load_dataset
+
+    splits = load_dataset(data_root, "toy", output_dir)
+    path = output_dir / "toy" / "instructions" / ANNOTATIONS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [(s.path, splits.class_names[s.label]) for s in splits.train]
+    records += [(image, splits.class_names[0]) for image in extra]
+    with open(path, "w", encoding="utf-8") as fh:
+        for image, label in records:
+            append_annotation(fh, Annotation(image, label, f"A {label} scene: one shape on a plain background.",
+                                             "The colours and the shape set the mood.", "test"))
+    return path
+
+
+def stage1_argv(toy_root: Path, output_dir: Path, vlm: Path, *extra: str) -> list[str]:
+    return ["--dataname", "toy", "--data_root", str(toy_root), "--output_dir", str(output_dir),
+            "--vlm_model", str(vlm), *extra]
+
+
+def test_masking_labels_only_answers(tiny_vlm_dir, toy_root):
+    from data.annotations import Annotation, to_conversations
+    from models.chat import IGNORE_INDEX, encode_conversations
+    from models.vlm import load_processor
+
+    processor = load_processor(str(tiny_vlm_dir))
+    tokenizer = processor.tokenizer
+    annotation = Annotation("toy/x.png", "awe", "A red circle on yellow.", "Big bright shapes feel grand.", "t")
+    conversations = to_conversations(annotation, ["amusement", "anger", "awe", "contentment"])
+    image = Image.open(next((toy_root / "toy" / "train" / "awe").iterdir()))
+    small = image.resize((40, 30))  # fewer visual tokens: rows differ in length and get padded
+    batch = encode_conversations(processor, list(conversations.values()), [image, small, image])
+    answers = ["A red circle on yellow.", "Big bright shapes feel grand.", "{'emotion': 'awe'}"]
+    for row, answer in enumerate(answers):
+        labelled = batch["labels"][row] != IGNORE_INDEX
+        assert tokenizer.decode(batch["input_ids"][row][labelled]) == answer + tokenizer.eos_token
+        # Labels are contiguous and equal the inputs there.
+        positions = labelled.nonzero().flatten()
+        assert positions[-1] - positions[0] + 1 == len(positions)
+        assert torch.equal(batch["labels"][row][labelled], batch["input_ids"][row][labelled])
+
+    whole = encode_conversations(processor, list(conversations.values()), [image, small, image],
+                                 train_on_prompt=True)
+    labelled = whole["labels"] != IGNORE_INDEX
+    assert (labelled.sum(1) > (batch["labels"] != IGNORE_INDEX).sum(1) + 50).all()
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert not labelled[whole["input_ids"] == image_token].any()
+    assert not labelled[whole["attention_mask"] == 0].any()
+    assert (whole["attention_mask"] == 0).any()  # the padding case was exercised
+
+
+def test_examples_skip_val_images_and_refuse_missing_ones(toy_root, tmp_path, caplog):
+    from data.annotations import read_annotations
+    from data.datasets import load_dataset
+    from engine.vlm_train import build_examples
+    from utils.errors import UserError
+
+    splits = load_dataset(toy_root, "toy", tmp_path)
+    path = write_annotations(toy_root, tmp_path, extra=(splits.val[0].path,))
+    examples = build_examples(read_annotations(path), splits, path)
+    assert len(examples) == 3 * len(splits.train)
+    assert "outside the training split" in caplog.text
+
+    gone = write_annotations(toy_root, tmp_path / "gone", extra=("toy/train/awe/deleted.png",))
+    with pytest.raises(UserError, match="deleted.png no longer exists"):
+        build_examples(read_annotations(gone), splits, gone)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, toy_root, tiny_vlm_dir) -> Path:
+    """Stage 1 run in-process with the documented toy settings; returns the vlm/ folder."""
+    import train_vlm
+
+    output_dir = tmp_path_factory.mktemp("outputs")
+    write_annotations(toy_root, output_dir)
+    train_vlm.main(stage1_argv(toy_root, output_dir, tiny_vlm_dir, "--config", TOY_CONFIG))
+    return output_dir / "toy" / "vlm"
+
+
+def test_training_lowers_loss_and_learns_the_toy_classes(trained, tiny_vlm_dir):
+    history = [json.loads(line) for line in (trained / "log.txt").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "processor_config.json",
+                 "run.json", "curves.png", "eval_score/confusion_matrix.png"):
+        assert (trained / name).is_file(), name
+    meta = json.loads((trained / "meta.json").read_text())
+    assert meta["class_names"] == ["amusement", "anger", "awe", "contentment"]
+    assert meta["base_model"] == str(tiny_vlm_dir) and meta["modules_to_save"] == ["lm_head"]
+    metrics = json.loads((trained / "eval_score" / "metrics.json").read_text())
+    assert metrics["n"] == 32 and metrics["unparseable"] == 0
+    assert metrics["accuracy"] >= 0.5  # chance is 0.25; measured 0.75-0.91 over seeds
+
+
+def _test_images(toy_root: Path, count: int = 6) -> tuple[list[Image.Image], list[str]]:
+    files = sorted((toy_root / "toy" / "test").rglob("*.png"))[::5][:count]
+    return [Image.open(f).convert("RGB") for f in files], [f.relative_to(toy_root).as_posix() for f in files]
+
+
+def test_reloaded_adapter_reproduces_the_trained_predictions(trained):
+    from engine.vlm_eval import load_trained_vlm, predict_vlm
+
+    from data.datasets import open_image
+
+    model, processor, meta = load_trained_vlm(trained, "cpu")
+    rows = [json.loads(line) for line in (trained / "eval_score" / "predictions.jsonl").read_text().splitlines()]
+    root = Path(json.loads((trained / "run.json").read_text())["args"]["data_root"])
+    images = [open_image(root / row["image"]) for row in rows[:8]]
+    result = predict_vlm(model, processor, images, meta["class_names"], "score", batch_size=4)
+    saved = torch.tensor([row["probs"] for row in rows[:8]])
+    assert torch.allclose(result.probs, saved, atol=2e-6)
+
+
+def test_score_is_a_distribution_matching_one_class_at_a_time(trained, toy_root):
+    from engine.vlm_eval import load_trained_vlm, score_classes, score_classes_full
+
+    model, processor, meta = load_trained_vlm(trained, "cpu")
+    images, _ = _test_images(toy_root)
+    images[1] = images[1].resize((90, 40))  # another size: another number of visual tokens
+    cached = score_classes(model, processor, images, meta["class_names"], batch_size=4)
+    full = score_classes_full(model, processor, images, meta["class_names"])
+    assert torch.allclose(cached, full, atol=1e-3)
+    assert torch.equal(cached.argmax(1), full.argmax(1))
+    probs = torch.softmax(cached, dim=-1)
+    assert torch.allclose(probs.sum(1), torch.ones(len(images)))
+
+
+def test_generate_mode_and_unparseable_answers(trained, tiny_vlm_dir, toy_root, tmp_path):
+    import train_vlm
+    from data.datasets import load_dataset
+    from engine.vlm_eval import evaluate_vlm
+    from models.vlm import load_processor, load_vlm
+
+    # The trained adapter answers in the dictionary form.
+    output_dir = trained.parents[1]
+    train_vlm.main(stage1_argv(toy_root, output_dir, tiny_vlm_dir, "--eval_only", "--eval_mode", "generate"))
+    metrics = json.loads((trained / "eval_generate" / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (trained / "eval_generate" / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["mode"] == "generate" and len(rows) == metrics["n"] == 32
+    assert metrics["unparseable"] <= 4 and metrics["accuracy"] >= 0.5
+    assert all(row["text"].startswith("{'emotion'") for row in rows if row["pred"] is not None)
+
+    # The untrained model babbles: every answer is unparseable, counted, and scored as wrong.
+    splits = load_dataset(toy_root, "toy", output_dir)
+    model, processor = load_vlm(str(tiny_vlm_dir)), load_processor(str(tiny_vlm_dir))
+    metrics = evaluate_vlm(model, processor, toy_root, splits.test[:4], splits.class_names, tmp_path,
+                           mode="generate", max_new_tokens=8)
+    assert metrics["unparseable"] == 4 and metrics["accuracy"] == 0.0
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert all(row["pred"] is None and row["text"] for row in rows)
+
+
+def test_eval_only_refuses_another_base_model(trained, toy_root):
+    import train_vlm
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="adapter trained on --vlm_model"):
+        train_vlm.main(stage1_argv(toy_root, trained.parents[1], Path("elsewhere"), "--eval_only"))
+
+
+def test_two_process_cpu_run_saves_one_adapter(tiny_vlm_dir, toy_root, tmp_path):
+    write_annotations(toy_root, tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "train_vlm.py", *stage1_argv(toy_root, tmp_path, tiny_vlm_dir, "--config", TOY_CONFIG,
+                                            "--epoch", "1", "--skip_eval")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "toy" / "vlm"
+    assert len(list(folder.glob("*.safetensors"))) == 1 and (folder / "meta.json").is_file()
+    assert len((folder / "log.txt").read_text().splitlines()) == 1
+    assert "2 process(es)" in result.stdout
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_vlm_dir, toy_root, tmp_path, capsys):
+    import train_vlm
+
+    write_annotations(toy_root, tmp_path)
+    argv = stage1_argv(toy_root, tmp_path, tiny_vlm_dir, "--config", TOY_CONFIG, "--skip_eval")
+    train_vlm.main(argv + ["--epoch", "1"])
+    folder = tmp_path / "toy" / "vlm"
+    first_adapter = (folder / "adapter_model.safetensors").read_bytes()
+    train_vlm.main(argv + ["--epoch", "2", "--resume"])
+    assert "resuming from" in capsys.readouterr().out
+    history = [json.loads(line) for line in (folder / "log.txt").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[1]["step"] == 2 * history[0]["step"]  # epoch 1 was not run again
+    assert (folder / "adapter_model.safetensors").read_bytes() != first_adapter
+
+
+def test_missing_annotations_exit_2_naming_stage_0(tiny_vlm_dir, toy_root, tmp_path):
+    result = run_script("train_vlm.py", *stage1_argv(toy_root, tmp_path, tiny_vlm_dir))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert "python generate_instructions.py --dataname toy" in errors[0]
+
+
+@pytest.mark.parametrize("case", ["image_gone", "quant_without_cuda", "unknown_model"])
+def test_bad_inputs_are_one_line_errors(case, tiny_vlm_dir, toy_root, tmp_path, capsys):
+    import train_vlm
+    from utils.errors import run_cli
+
+    extra = ("toy/train/awe/deleted.png",) if case == "image_gone" else ()
+    write_annotations(toy_root, tmp_path, extra=extra)
+    vlm, flags = tiny_vlm_dir, ()
+    if case == "quant_without_cuda":
+        if torch.cuda.is_available():
+            pytest.skip("CUDA present")
+        flags = ("--quant", "4bit")
+    if case == "unknown_model":
+        vlm = tmp_path / "no-such-model"
+    assert run_cli(train_vlm.main, stage1_argv(toy_root, tmp_path, vlm, *flags)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = {"image_gone": "deleted.png no longer exists", "quant_without_cuda": "--quant 4bit needs a CUDA GPU",
+                "unknown_model": "no-such-model"}[case]
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not (tmp_path / "toy" / "vlm" / "meta.json").exists()

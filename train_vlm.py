@@ -1,0 +1,206 @@
+"""Stage 1: instruction-tune a Qwen2-VL-style model with LoRA/QLoRA, then evaluate it as a classifier.
+
+Reads stage 0's ``annotations_train.jsonl``, trains on three conversations per annotated
+training image (observation, reasoning, categorical) with the loss on the answers only, and
+writes the adapter, processor, log and ``meta.json`` to ``<output_dir>/<dataname>/vlm/``.
+
+    python train_vlm.py --dataname emoset --quant 4bit                  # paper settings, one GPU
+    torchrun --nproc_per_node 4 train_vlm.py --dataname emoset          # data-parallel (or accelerate launch)
+    python train_vlm.py --dataname toy --vlm_model checkpoints/tiny-qwen2-vl --config configs/toy_vlm.yaml
+    python train_vlm.py --dataname emoset --eval_only --eval_mode generate
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from utils.cli import base_parser, parse_args, stage_dir
+from utils.errors import UserError, run_cli
+
+DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
+log = logging.getLogger("train_vlm")
+
+
+def get_args_parser():
+    from engine.vlm_eval import EVAL_MODES
+    from engine.vlm_train import DEFAULT_TARGET_MODULES
+
+    parser = base_parser("Stage 1: LoRA/QLoRA instruction tuning of the VLM and its evaluation.",
+                         batch_size=1)
+    model = parser.add_argument_group("model")
+    model.add_argument("--vlm_model", default=None,
+                       help=f"hub id or local folder (default {DEFAULT_VLM}; --eval_only: the trained one)")
+    model.add_argument("--min_pixels", type=int, default=None, help="image pixel budget, lower bound")
+    model.add_argument("--max_pixels", type=int, default=None,
+                       help="image pixel budget, upper bound (fewer visual tokens, less memory)")
+    model.add_argument("--quant", choices=("4bit",), default=None,
+                       help="QLoRA: NF4 4-bit base with double quantisation (CUDA + bitsandbytes)")
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora_r", type=int, default=8)
+    lora.add_argument("--lora_alpha", type=int, default=8)
+    lora.add_argument("--lora_dropout", type=float, default=0.05)
+    lora.add_argument("--target_modules", nargs="+", default=list(DEFAULT_TARGET_MODULES))
+    lora.add_argument("--modules_to_save", nargs="*", default=[],
+                      help="modules trained fully next to LoRA (the tiny random model needs lm_head)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--annotations", default=None,
+                       help="stage 0 output (default <output_dir>/<dataname>/instructions/annotations_train.jsonl)")
+    train.add_argument("--epoch", type=int, default=5)
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--lr_scheduler", default="constant_with_warmup",
+                       help="transformers scheduler name, e.g. constant_with_warmup, linear, cosine")
+    train.add_argument("--warmup_ratio", type=float, default=0.03)
+    train.add_argument("--max_grad_norm", type=float, default=0.3)
+    train.add_argument("--weight_decay", type=float, default=0.0)
+    train.add_argument("--grad_accum", type=int, default=1, help="gradient accumulation steps")
+    train.add_argument("--train_on_prompt", action="store_true",
+                       help="loss on every text token, not only the answers (the reference code's way)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in vlm/trainer/")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval_only", action="store_true", help="evaluate the trained adapter, no training")
+    evaluation.add_argument("--eval_mode", choices=EVAL_MODES, default="score")
+    evaluation.add_argument("--skip_eval", action="store_true", help="train only")
+    evaluation.add_argument("--eval_batch_size", type=int, default=8)
+    evaluation.add_argument("--max_new_tokens", type=int, default=32, help="generate mode")
+    return parser
+
+
+def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
+    from engine.vlm_eval import evaluate_vlm
+
+    model.eval()
+    eval_dir = out_dir / f"eval_{args.eval_mode}"
+    metrics = evaluate_vlm(model, processor, splits.data_root, splits.test, splits.class_names, eval_dir,
+                           args.eval_mode, args.eval_batch_size, args.max_new_tokens,
+                           title=f"{args.dataname}: VLM ({args.eval_mode})")
+    print(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+          f"unparseable {metrics['unparseable']} of {metrics['n']} -> {eval_dir}")
+    return metrics
+
+
+def eval_only(args, splits, out_dir: Path) -> dict:
+    from engine.vlm_eval import load_trained_vlm
+    from utils.checkpoints import check_compatible
+    from utils.cli import resolve_device
+
+    model, processor, meta = load_trained_vlm(out_dir, resolve_device(args.gpu), args.vlm_model, args.quant)
+    check_compatible(meta, out_dir, class_names=splits.class_names)
+    return evaluate(args, model, processor, splits, out_dir)
+
+
+def annotations_file(args, class_names) -> Path:
+    from data.annotations import ANNOTATIONS_FILE
+    from utils.checkpoints import META_FILE, check_compatible, read_meta
+
+    if args.annotations:
+        path = Path(args.annotations)
+        if not path.is_file():
+            raise UserError(f"--annotations {path}: no such file")
+        return path
+    folder = stage_dir(args, "instructions")
+    path = folder / ANNOTATIONS_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: no instruction annotations; run "
+                        f"`python generate_instructions.py --dataname {args.dataname}` first")
+    if (folder / META_FILE).is_file():
+        check_compatible(read_meta(folder, "instructions", args.dataname), folder, class_names=class_names)
+    return path
+
+
+def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
+    """Distrust the old result (meta.json goes first); find the checkpoint to resume from."""
+    from engine.vlm_train import distributed_rank, last_checkpoint
+
+    checkpoint = last_checkpoint(trainer_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        raise UserError(f"--resume: no checkpoint in {trainer_dir}; run without --resume")
+    if distributed_rank()[0] == 0:
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        if not args.resume:
+            (out_dir / "log.txt").unlink(missing_ok=True)
+            if trainer_dir.exists():
+                print(f"starting afresh: removing old checkpoints in {trainer_dir}")
+                shutil.rmtree(trainer_dir)
+    return checkpoint
+
+
+def save_outputs(args, model, processor, class_names, out_dir: Path, num_examples: int) -> None:
+    """Adapter, processor, run record, then meta.json last: only a complete folder has one."""
+    from utils.checkpoints import file_id, write_meta
+    from utils.run import record_run
+
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    size = processor.image_processor.size
+    record_run(out_dir, args, train_examples=num_examples)
+    write_meta(out_dir, "vlm", class_names, base_model=args.vlm_model,
+               adapter_id=file_id(out_dir / "adapter_model.safetensors"),
+               min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
+               modules_to_save=list(args.modules_to_save), target_modules=list(args.target_modules),
+               lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=args.quant,
+               train_on_prompt=args.train_on_prompt, epochs=args.epoch)
+    print(f"saved adapter and processor to {out_dir}")
+
+
+def train(args, splits, out_dir: Path) -> None:
+    import torch
+    from transformers import Trainer
+
+    from data.annotations import read_annotations
+    from engine.vlm_train import (ConversationCollator, build_examples, epoch_logger, read_history,
+                                  training_arguments, training_device, wrap_lora)
+    from models.vlm import load_processor, load_vlm
+
+    args.vlm_model = args.vlm_model or DEFAULT_VLM
+    path = annotations_file(args, splits.class_names)
+    examples = build_examples(read_annotations(path), splits, path)
+    device = training_device(args.gpu)
+    on_gpu = device.type == "cuda"
+    processor = load_processor(args.vlm_model, args.min_pixels, args.max_pixels)
+    model = load_vlm(args.vlm_model, device, dtype=torch.bfloat16 if on_gpu else None, quant=args.quant,
+                     trainable=True)
+    model = wrap_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.target_modules,
+                      args.modules_to_save, quantized=args.quant is not None, gradient_checkpointing=on_gpu)
+
+    trainer_dir = out_dir / "trainer"
+    checkpoint = prepare_folder(args, out_dir, trainer_dir)
+    training_args = training_arguments(args, trainer_dir, on_gpu)
+    batches = -(-len(examples) // (args.batch_size * training_args.world_size))
+    print(f"{len(examples)} conversations from {len(examples) // 3} images; effective batch "
+          f"{args.batch_size * args.grad_accum * training_args.world_size} "
+          f"({training_args.world_size} process(es)); ~{-(-batches // args.grad_accum)} optimizer steps per epoch"
+          + (f"; resuming from {checkpoint}" if checkpoint else ""))
+    logger = epoch_logger(out_dir / "log.txt", out_dir / "curves.png",
+                          read_history(out_dir / "log.txt") if checkpoint else None)
+    trainer = Trainer(model=model, args=training_args, train_dataset=examples,
+                      data_collator=ConversationCollator(processor, args.train_on_prompt), callbacks=[logger])
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if not trainer.is_world_process_zero():
+        return
+    save_outputs(args, model, processor, splits.class_names, out_dir, len(examples))
+    if not args.skip_eval:
+        evaluate(args, model, processor, splits, out_dir)
+
+
+def main(argv=None) -> None:
+    args = parse_args(get_args_parser(), argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from data.datasets import load_dataset
+    from engine.vlm_train import distributed_rank
+    from utils.run import seed_everything
+
+    seed_everything(args.seed)
+    splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
+    if distributed_rank()[0] == 0:
+        print(splits.summary())
+    out_dir = stage_dir(args, "vlm")
+    if args.eval_only:
+        eval_only(args, splits, out_dir)
+    else:
+        train(args, splits, out_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
