@@ -1,0 +1,156 @@
+"""Cost of stage 3 with cached inputs vs one pass of the frozen models and vs the reference approach.
+
+``python -m bench.gate_cost``: on the toy world (4 classes, 96 train+val and 32 test images,
+the tiny VLM after a short stage 1, the distilled head after a short stage 2, both built first
+and untimed) measures (1) one pass of the frozen models over every train/val/test image: the
+trained VLM loaded once, its class answers (``score``, batch 8), its pooled visual features and
+the head; (2) the whole stage, ``train_gate.py`` with the paper's 10 epochs, both caches empty
+(the VLM answers and stage 2's feature cache deleted); (3) the same stage rerun with warm
+caches; (4) the reference approach: for every training image in every epoch, the VLM generates
+its answer with sampling (temperature 0.8, up to 256 new tokens) and the encoder and head run
+again, all at batch 1, before a gate step; timed on a few images and scaled to the training
+split and 10 epochs (no validation or test passes, which favours it). Needs pytest installed
+(requirements-dev.txt): the world is built with tests/pipeline.py. Times are the best of two runs.
+The tiny VLM takes ~3 ms per image, so the stage's fixed per-run cost (writing metrics and two
+PNGs, ~0.2-0.3 s) weighs far more here than next to a real 7B pass; ``inputs_over_one_pass``
+leaves it out.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+EPOCHS = 10
+REFERENCE_IMAGES = 16
+TARGET = 1.3  # stage wall time at most 1.3x one pass of the frozen models
+
+
+def _best_of(fn, repeats: int = 2) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _one_pass(pipeline, splits) -> None:
+    """What stage 3 cannot avoid: every image through the trained VLM (answers, features) and the head."""
+    from data.datasets import open_image
+    from engine.distill import head_logits, load_head
+    from engine.gate import predict_samples
+    from engine.vlm_eval import load_trained_vlm
+    from models.vlm import pooled_image_features
+
+    model, processor, _ = load_trained_vlm(pipeline.stage("vlm"), "cpu")
+    head, _ = load_head(pipeline.stage("distill"))
+    for split in ("train", "val", "test"):
+        samples = splits.split(split)
+        predict_samples(model, processor, splits.data_root, samples, splits.class_names, "score", 8, 32)
+        for start in range(0, len(samples), 8):
+            images = [open_image(splits.absolute(s)) for s in samples[start:start + 8]]
+            head_logits(head, pooled_image_features(model, processor, images))
+
+
+def _stage(pipeline, cold: bool) -> None:
+    import train_gate
+
+    if cold:
+        shutil.rmtree(pipeline.stage("gate") / "cache", ignore_errors=True)
+        for path in (pipeline.stage("distill") / "cache").glob("vlm_features_*.pt"):
+            path.unlink()
+    train_gate.main(pipeline.argv("--epoch", str(EPOCHS), "--num_workers", "0"))
+
+
+def _reference(pipeline, splits) -> tuple[float, float]:
+    """Seconds per training image and epoch the reference way, and the mean generated length."""
+    import torch
+    import torch.nn.functional as F
+
+    from data.datasets import open_image
+    from engine.distill import load_head
+    from engine.vlm_eval import categorical_prompt, load_trained_vlm
+    from models.chat import encode_prompts
+    from models.gates import build_gate
+    from models.vlm import pooled_image_features
+
+    model, processor, _ = load_trained_vlm(pipeline.stage("vlm"), "cpu")
+    head, _ = load_head(pipeline.stage("distill"))
+    num_classes = len(splits.class_names)
+    gate = build_gate("concat_linear", num_classes)
+    optimizer = torch.optim.Adam(gate.parameters(), lr=1e-4, weight_decay=1e-4)
+    prompt = categorical_prompt(splits.class_names)
+    samples = splits.train[::max(1, len(splits.train) // REFERENCE_IMAGES)][:REFERENCE_IMAGES]
+    lengths = []
+    start = time.perf_counter()
+    for sample in samples:
+        image = open_image(splits.absolute(sample))
+        inputs = encode_prompts(processor, [prompt], [image])
+        with torch.no_grad():
+            output = model.generate(**inputs, do_sample=True, temperature=0.8, max_new_tokens=256,
+                                    pad_token_id=processor.tokenizer.pad_token_id)
+            lengths.append(output.shape[1] - inputs["input_ids"].shape[1])
+            signal = torch.zeros(1, num_classes)  # the parsed answer's one-hot (parsing costs nothing here)
+            logits = head(pooled_image_features(model, processor, [image]))
+        loss = F.cross_entropy(gate(signal, logits), torch.tensor([sample.label]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - start) / len(samples), sum(lengths) / len(lengths)
+
+
+def run() -> dict:
+    """Build the toy world, time the four ways, return the ratios and times."""
+    import torch
+
+    from data.datasets import load_dataset
+    from data.toy import make_toy_dataset
+    from models.tiny import build_tiny_vlm
+    from tests.pipeline import Pipeline, run_pipeline
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_toy_dataset(root / "images" / "toy", num_classes=4, per_class=24, test_per_class=8, seed=0, size=64)
+        pipeline = run_pipeline(Pipeline(root / "images", root / "outputs", build_tiny_vlm(root / "tiny", seed=0)),
+                                vlm_epochs=2, gate_args=None)
+        splits = load_dataset(pipeline.data_root, "toy", pipeline.output_dir)
+        _stage(pipeline, cold=True)  # untimed: pays one-off costs (imports, first model load)
+        one_pass = _best_of(lambda: _one_pass(pipeline, splits))
+        stage = _best_of(lambda: _stage(pipeline, cold=True))
+        warm = _best_of(lambda: _stage(pipeline, cold=False))
+        per_image, tokens = _reference(pipeline, splits)
+        reference = per_image * len(splits.train) * EPOCHS
+    return {
+        "images": len(splits.train) + len(splits.val) + len(splits.test),
+        "one_pass_s": round(one_pass, 2),
+        "stage_cold_s": round(stage, 2),
+        "stage_warm_s": round(warm, 2),
+        "reference_s": round(reference, 1),
+        "reference_generated_tokens": round(tokens, 1),
+        "stage_over_one_pass": stage / one_pass,
+        # The warm rerun is the per-run cost that does not grow with the images' model cost (gate
+        # epochs, metrics, pictures, run record); without it, the stage's input pass vs one pass:
+        "inputs_over_one_pass": (stage - warm) / one_pass,
+        "warm_stage_over_one_pass": warm / one_pass,
+        "reference_over_stage": reference / stage,
+        "stage_within_target": stage / one_pass <= TARGET,
+    }
+
+
+def main() -> int:
+    results = run()
+    for key, value in results.items():
+        print(f"{key:30s} {value:.3g}" if isinstance(value, float) else f"{key:30s} {value}")
+    print(f"stage (10 epochs, cold caches) / one pass of the frozen models: {results['stage_over_one_pass']:.2f}x "
+          f"(target <= {TARGET}x); reference approach / stage: {results['reference_over_stage']:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

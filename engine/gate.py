@@ -1,0 +1,211 @@
+"""Stage 3 engine: the gate's inputs, computed once per image and cached, and its training loop.
+
+Both inputs come from frozen models, so they are computed once per image: the VLM's answers
+(stage 1's ``predict_vlm``) are cached under ``<gate dir>/cache/`` keyed by everything that
+decides them (adapter id, answer mode, classes, image list), and the head's logits come from
+stage 2's cached visual features. Gate epochs then run on those small tensors in mini-batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.gates import build_gate
+from utils.errors import UserError
+from utils.io import torch_save
+from utils.metrics import NONE
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SIGNALS = ("onehot", "probs")
+ANSWER_MODES = ("score", "generate")
+
+
+@dataclass
+class GateData:
+    """One split's cached gate inputs."""
+    vlm_pred: torch.Tensor     # (N,) long, -1 where the VLM's answer could not be parsed
+    vlm_signal: torch.Tensor   # (N, C) one-hot (zeros when unparseable) or class probabilities
+    head_logits: torch.Tensor  # (N, C) the frozen distillation head's logits
+    labels: torch.Tensor       # (N,) long
+
+
+@dataclass
+class GateResult:
+    name: str
+    gate: nn.Module            # holds the best-on-validation weights
+    best_epoch: int
+    best_val_acc: float
+    history: list[dict] = field(default_factory=list)
+
+
+def vlm_gate_inputs(predictions, num_classes: int, kind: str = "onehot") -> torch.Tensor:
+    """The gate's VLM input from ``VLMPredictions``: one-hot of the answer (the zero vector when
+    it could not be parsed) or, for ``probs``, the class distribution of ``score`` mode."""
+    if kind == "onehot":
+        signal = torch.zeros(len(predictions.pred), num_classes)
+        known = predictions.pred != NONE
+        signal[known, predictions.pred[known]] = 1.0
+        return signal
+    if kind == "probs":
+        if predictions.probs is None:
+            raise UserError("--vlm_signal probs needs class probabilities: use --vlm_answer score")
+        return predictions.probs.float()
+    raise UserError(f"--vlm_signal {kind}: choose one of {', '.join(SIGNALS)}")
+
+
+# ---------------------------------------------------------------- VLM answers, cached per split
+
+def vlm_cache_key(vlm_meta: dict, mode: str, max_new_tokens: int, quant: str | None,
+                  class_names: Sequence[str], data_root: str | Path, samples: Sequence) -> str:
+    """Hash of everything that decides the VLM's answers for these images (a changed image file
+    changes it: ``image_list_id`` hashes each file's path, size and modification time)."""
+    from engine.distill import image_list_id
+
+    fields = {
+        "base_model": vlm_meta["base_model"], "adapter_id": vlm_meta["adapter_id"],
+        "min_pixels": vlm_meta.get("min_pixels"), "max_pixels": vlm_meta.get("max_pixels"),
+        "mode": mode, "max_new_tokens": max_new_tokens if mode == "generate" else None, "quant": quant,
+        "class_names": list(class_names), "images": image_list_id(data_root, samples),
+    }
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+
+
+def predict_samples(model, processor, data_root: str | Path, samples: Sequence, class_names: Sequence[str],
+                    mode: str, batch_size: int, max_new_tokens: int, desc: str = "VLM"):
+    """``predict_vlm`` over ``samples``, decoding a chunk of images at a time."""
+    from tqdm.auto import tqdm
+
+    from data.datasets import open_image
+    from engine.vlm_eval import VLMPredictions, predict_vlm
+
+    chunk = max(batch_size, 64)
+    parts = []
+    for start in tqdm(range(0, len(samples), chunk), desc=desc, unit="chunk"):
+        images = [open_image(Path(data_root) / s.path) for s in samples[start:start + chunk]]
+        parts.append(predict_vlm(model, processor, images, class_names, mode, batch_size, max_new_tokens))
+    if not parts:  # an empty split
+        return predict_vlm(model, processor, [], class_names, mode, batch_size, max_new_tokens)
+    return VLMPredictions(pred=torch.cat([p.pred for p in parts]),
+                          probs=torch.cat([p.probs for p in parts]) if mode == "score" else None,
+                          texts=[t for p in parts for t in p.texts] if mode == "generate" else None)
+
+
+def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_model: Callable[[], tuple],
+                           mode: str = "score", batch_size: int = 8, max_new_tokens: int = 32,
+                           quant: str | None = None, split_names: Sequence[str] = SPLITS) -> dict:
+    """``{split: VLMPredictions}``, read from ``cache_dir`` or predicted and stored there.
+
+    ``load_model()`` returns ``(model, processor)``; it is called only on a cache miss, so a
+    rerun never loads the VLM.
+    """
+    cache_dir = Path(cache_dir)
+    loaded = None  # (model, processor) once a split misses
+    result = {}
+    for split in split_names:
+        samples = splits.split(split)
+        key = vlm_cache_key(vlm_meta, mode, max_new_tokens, quant, splits.class_names, splits.data_root, samples)
+        path = cache_dir / f"vlm_{mode}_{split}.pt"
+        if path.is_file():
+            cached = torch.load(path, weights_only=True)
+            if cached.get("key") == key:
+                log.info("VLM answers (%s) for %s: cache hit %s", mode, split, path)
+                result[split] = _predictions(cached)
+                continue
+        log.info("VLM answers (%s) for %s: cache miss, predicting %d images", mode, split, len(samples))
+        if loaded is None:
+            loaded = load_model()
+        predictions = predict_samples(*loaded, splits.data_root, samples, splits.class_names,
+                                      mode, batch_size, max_new_tokens, desc=f"VLM {mode} ({split})")
+        torch_save({"key": key, "pred": predictions.pred, "probs": predictions.probs,
+                    "texts": predictions.texts}, path)
+        result[split] = predictions
+    return result
+
+
+def _predictions(cached: dict):
+    from engine.vlm_eval import VLMPredictions
+
+    return VLMPredictions(pred=cached["pred"], probs=cached["probs"], texts=cached["texts"])
+
+
+# ---------------------------------------------------------------- training on cached tensors
+
+@torch.no_grad()
+def gate_logits(gate: nn.Module, data: GateData, batch_size: int = 4096) -> torch.Tensor:
+    gate.eval()
+    device = next(gate.parameters()).device
+    parts = [gate(data.vlm_signal[i:i + batch_size].to(device), data.head_logits[i:i + batch_size].to(device)).cpu()
+             for i in range(0, len(data.labels), batch_size)]
+    return torch.cat(parts)
+
+
+def _evaluate(gate: nn.Module, data: GateData) -> tuple[float, float]:
+    logits = gate_logits(gate, data)
+    loss = F.cross_entropy(logits, data.labels).item()
+    return loss, (logits.argmax(dim=1) == data.labels).float().mean().item()
+
+
+def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epochs: int = 10,
+               lr: float = 1e-4, weight_decay: float = 1e-4, batch_size: int = 32, seed: int = 42,
+               device: str | torch.device = "cpu", on_epoch: Callable[[dict], None] | None = None) -> GateResult:
+    """Train gate ``name`` with cross-entropy and Adam; keep the epoch best on validation.
+
+    Best means highest validation accuracy, ties going to the lower validation loss. The
+    initialisation and the batch order depend only on ``seed``, not on which gates ran before.
+    """
+    torch.manual_seed(seed)
+    gate = build_gate(name, num_classes).to(device)
+    optimizer = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=weight_decay)
+    order = torch.Generator().manual_seed(seed)
+    best = None  # (val_acc, -val_loss), epoch, state
+    history = []
+    for epoch in range(1, epochs + 1):
+        gate.train()
+        total, seen = 0.0, 0
+        for index in torch.randperm(len(train.labels), generator=order).split(batch_size):
+            logits = gate(train.vlm_signal[index].to(device), train.head_logits[index].to(device))
+            loss = F.cross_entropy(logits, train.labels[index].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+            seen += len(index)
+        val_loss, val_acc = _evaluate(gate, val)
+        row = {"gate": name, "epoch": epoch, "train_loss": total / max(seen, 1),
+               "val_loss": val_loss, "val_acc": val_acc}
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+        score = (val_acc, -val_loss)
+        if best is None or score > best[0]:
+            best = (score, epoch, {k: v.detach().clone() for k, v in gate.state_dict().items()})
+    if best is None:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    gate.load_state_dict(best[2])
+    gate.eval()
+    return GateResult(name=name, gate=gate, best_epoch=best[1], best_val_acc=best[0][0], history=history)
+
+
+def predictions(gate: nn.Module, data: GateData) -> torch.Tensor:
+    return gate_logits(gate, data).argmax(dim=1)
+
+
+# ---------------------------------------------------------------- checkpoint
+
+def save_gate(path: str | Path, result: GateResult, class_names: Sequence[str], **fields) -> Path:
+    """``gate.pt``: weights plus everything needed to rebuild and trust the gate (CONTRACTS.md);
+    ``engine.predict.load_gate`` reads it back."""
+    state = {key: value.detach().cpu() for key, value in result.gate.state_dict().items()}
+    return torch_save({"state_dict": state, "gate": result.name,
+                       "num_classes": len(class_names), "class_names": list(class_names),
+                       "best_val_acc": result.best_val_acc, "epoch": result.best_epoch, **fields}, path)

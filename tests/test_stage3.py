@@ -1,0 +1,233 @@
+"""Stage 3 (train_gate.py): the toy pipeline end to end, checkpoint reload, cache reuse, a binary
+dataset, and one-line errors for missing or mismatched stage outputs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_script
+from tests.pipeline import CONFIGS, Pipeline, run_pipeline, trained_pipeline  # noqa: F401
+
+GATE_NAMES = ("concat_linear", "bilinear", "moe", "dynamic_weight", "cross_gate")
+
+
+def _gate_data(pipeline: Pipeline, *extra: str) -> dict:
+    """The gate's inputs per split, as train_gate.py builds them (from the caches after a run)."""
+    import train_gate
+    from utils.checkpoints import read_meta
+    from utils.cli import parse_args
+
+    args = parse_args(train_gate.get_args_parser(), pipeline.argv(*extra))
+    from data.datasets import load_dataset
+
+    splits = load_dataset(args.data_root, args.dataname, args.output_dir)
+    vlm_dir, vlm_meta, distill_dir, head_meta = train_gate.read_inputs(args)
+    return train_gate.gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, "cpu")
+
+
+def _rebuild(path: Path):
+    """A gate rebuilt from its checkpoint alone (strict: every saved weight is used)."""
+    from models.gates import build_gate
+
+    checkpoint = torch.load(path, weights_only=True)
+    gate = build_gate(checkpoint["gate"], checkpoint["num_classes"])
+    gate.load_state_dict(checkpoint["state_dict"])
+    return gate.eval(), checkpoint
+
+
+def test_pipeline_outputs_table_and_accuracy(trained_pipeline):
+    from utils.report import build_report
+
+    gate_dir = trained_pipeline.stage("gate")
+    for stage, name in [("vlm", "adapter_model.safetensors"), ("teacher", "teacher.pt"), ("distill", "head.pt"),
+                        ("gate", "gate.pt"), ("gate", "metrics.json"), ("gate", "confusion_matrix.png"),
+                        ("gate", "curves.png"), ("gate", "table.md"), ("gate", "run.json"), ("gate", "meta.json"),
+                        *[("gate", f"gate_{name}.pt") for name in GATE_NAMES],
+                        *[("gate", f"cache/vlm_score_{split}.pt") for split in ("train", "val", "test")]]:
+        assert (trained_pipeline.stage(stage) / name).is_file(), f"{stage}/{name}"
+
+    metrics = json.loads((gate_dir / "metrics.json").read_text())
+    assert metrics["dataset"] == "toy" and metrics["split"] == "test" and metrics["n"] == 32
+    assert metrics["class_names"] == ["amusement", "anger", "awe", "contentment"]
+    assert set(metrics["gates"]) == set(GATE_NAMES) and metrics["teacher"]["n"] == 32
+    for key in ("vlm", "head", "teacher"):
+        assert 0 <= metrics[key]["accuracy"] <= 1 and "macro_f1" in metrics[key]
+    chosen = metrics["gate"]
+    assert metrics["gates"][chosen]["val_accuracy"] == max(g["val_accuracy"] for g in metrics["gates"].values())
+    assert metrics["gates"]["concat_linear"]["accuracy"] >= 0.5  # chance is 0.25
+    assert metrics["gates"][chosen]["accuracy"] >= 0.5
+
+    # log.txt: one JSON line per gate and epoch; the kept epoch is the best on validation.
+    rows = [json.loads(line) for line in (gate_dir / "log.txt").read_text().splitlines()]
+    assert len(rows) == 10 * len(GATE_NAMES)
+    for name in GATE_NAMES:
+        mine = [row for row in rows if row["gate"] == name]
+        best = max(mine, key=lambda row: (row["val_acc"], -row["val_loss"]))
+        assert metrics["gates"][name]["best_epoch"] == best["epoch"]
+
+    table = (gate_dir / "table.md").read_text()
+    for row in ("VLM", "distill module", "teacher", *[f"EmoVLM-KD ({name})" for name in GATE_NAMES]):
+        assert f"| {row} " in table or f"| {row} *" in table, row
+    assert "| toy | EmoVLM-KD" in build_report(trained_pipeline.output_dir)
+
+
+def test_checkpoint_reload_reproduces_the_test_predictions(trained_pipeline):
+    from engine.gate import predictions
+    from utils.metrics import classification_metrics
+
+    gate_dir = trained_pipeline.stage("gate")
+    metrics = json.loads((gate_dir / "metrics.json").read_text())
+    gate, checkpoint = _rebuild(gate_dir / "gate.pt")
+    vlm_meta = json.loads((trained_pipeline.stage("vlm") / "meta.json").read_text())
+    head_meta = json.loads((trained_pipeline.stage("distill") / "meta.json").read_text())
+    assert checkpoint["gate"] == metrics["gate"] and checkpoint["class_names"] == metrics["class_names"]
+    assert checkpoint["vlm_adapter_id"] == vlm_meta["adapter_id"] and checkpoint["head_id"] == head_meta["head_id"]
+    assert checkpoint["base_model"] == str(trained_pipeline.vlm_model)
+    assert (checkpoint["vlm_signal"], checkpoint["vlm_answer"]) == ("onehot", "score")
+
+    test = _gate_data(trained_pipeline)["test"]
+    assert test.vlm_signal.sum(1).le(1).all() and set(test.vlm_signal.unique().tolist()) <= {0.0, 1.0}
+    reloaded = classification_metrics(test.labels.tolist(), predictions(gate, test).tolist(), metrics["class_names"])
+    saved = metrics["gates"][metrics["gate"]]
+    assert reloaded["confusion_matrix"] == saved["confusion_matrix"] and reloaded["accuracy"] == saved["accuracy"]
+    twin, _ = _rebuild(gate_dir / f"gate_{metrics['gate']}.pt")
+    for key, value in gate.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[key]), key
+
+
+def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monkeypatch, caplog):
+    import engine.distill
+    import engine.vlm_eval
+    import train_gate
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a rerun must not run the frozen VLM")
+
+    monkeypatch.setattr(engine.vlm_eval, "load_trained_vlm", no_forward)
+    monkeypatch.setattr(engine.vlm_eval, "predict_vlm", no_forward)
+    monkeypatch.setattr(engine.distill, "load_vlm", no_forward)
+    gate_dir = trained_pipeline.stage("gate")
+    before = json.loads((gate_dir / "metrics.json").read_text())
+    weights = torch.load(gate_dir / "gate.pt", weights_only=True)["state_dict"]
+    caplog.set_level("INFO")
+    train_gate.main(trained_pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--gate", "all"))
+    assert caplog.text.count("VLM answers (score) for") == 3 and caplog.text.count("cache hit") == 6
+    assert json.loads((gate_dir / "metrics.json").read_text()) == before
+    again = torch.load(gate_dir / "gate.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(again[key], value) for key, value in weights.items())
+
+
+def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
+    import engine.gate
+    from data.datasets import DatasetSplits, Sample
+    from engine.gate import cached_vlm_predictions
+    from engine.vlm_eval import VLMPredictions
+
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"x" * (i + 1))
+    splits = DatasetSplits("d", tmp_path, ["a", "b"], [Sample("0.png", 0)], [Sample("1.png", 1)],
+                           [Sample("2.png", 1)], val_from_train=False)
+    calls = []
+
+    def fake_predict(model, processor, data_root, samples, class_names, mode, *rest, **kwargs):
+        calls.append(mode)
+        return VLMPredictions(pred=torch.tensor([-1] * len(samples)), probs=None, texts=["?"] * len(samples))
+
+    monkeypatch.setattr(engine.gate, "predict_samples", fake_predict)
+    loads = []
+    meta = {"base_model": "m", "adapter_id": "a1"}
+
+    def run(meta=meta, mode="generate"):
+        return cached_vlm_predictions(splits, meta, tmp_path / "cache", lambda: loads.append(1) or (None, None), mode)
+
+    assert run()["val"].texts == ["?"] and len(calls) == 3 and len(loads) == 1
+    run()
+    assert len(calls) == 3 and len(loads) == 1                   # all hits: the VLM is not even loaded
+    run({**meta, "adapter_id": "a2"})
+    assert len(calls) == 6                                        # another adapter: every split again
+    run({**meta, "adapter_id": "a2"}, mode="score")
+    assert calls[-3:] == ["score"] * 3                            # modes have their own files
+    os.utime(tmp_path / "2.png", ns=(1, 1))
+    run({**meta, "adapter_id": "a2"})
+    assert len(calls) == 10                                       # only the changed test split
+
+
+def test_vlm_gate_inputs_onehot_zero_when_unparseable_and_probs():
+    from engine.gate import vlm_gate_inputs
+    from engine.vlm_eval import VLMPredictions
+    from utils.errors import UserError
+
+    probs = torch.tensor([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
+    answers = VLMPredictions(pred=torch.tensor([1, -1, 0]), probs=probs, texts=None)
+    assert vlm_gate_inputs(answers, 2).tolist() == [[0, 1], [0, 0], [1, 0]]
+    assert torch.equal(vlm_gate_inputs(answers, 2, "probs"), probs)
+    with pytest.raises(UserError, match="--vlm_answer score"):
+        vlm_gate_inputs(VLMPredictions(answers.pred, None, ["x"] * 3), 2, "probs")
+
+
+def test_binary_dataset_trains_with_both_classes_as_targets(tmp_path_factory, tiny_vlm_dir):
+    from data.toy import make_toy_dataset
+
+    root = tmp_path_factory.mktemp("binary_images")
+    make_toy_dataset(root / "toy", num_classes=2, per_class=12, test_per_class=6, seed=1, size=64)
+    pipeline = run_pipeline(Pipeline(root, tmp_path_factory.mktemp("binary_outputs"), tiny_vlm_dir),
+                            gate_args=("--gate", "concat_linear"))
+    data = _gate_data(pipeline)
+    assert sorted(data["train"].labels.unique().tolist()) == [0, 1]
+    assert data["train"].vlm_signal.shape[1] == data["train"].head_logits.shape[1] == 2
+    metrics = json.loads((pipeline.stage("gate") / "metrics.json").read_text())
+    assert metrics["class_names"] == ["negative", "positive"]
+    result = metrics["gates"]["concat_linear"]
+    assert len(result["confusion_matrix"]) == 2 and result["accuracy"] > 0.5
+    assert all(sum(column) > 0 for column in zip(*result["confusion_matrix"]))  # both classes predicted
+
+
+def _copy_metas(source: Pipeline, output_dir: Path, stages=("vlm", "distill")) -> Pipeline:
+    """A fresh output folder holding only the given stages' meta.json (errors come before any loading)."""
+    target = Pipeline(source.data_root, output_dir, source.vlm_model)
+    for stage in stages:
+        (target.stage(stage)).mkdir(parents=True)
+        shutil.copy(source.stage(stage) / "meta.json", target.stage(stage) / "meta.json")
+    return target
+
+
+def _edit_meta(pipeline: Pipeline, stage: str, **fields) -> None:
+    path = pipeline.stage(stage) / "meta.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("case", ["no_distill", "other_classes", "other_vlm", "probs_of_generate"])
+def test_bad_inputs_are_one_line_errors(case, trained_pipeline, tmp_path, capsys):
+    import train_gate
+    from utils.errors import run_cli
+
+    pipeline = _copy_metas(trained_pipeline, tmp_path, ("vlm",) if case == "no_distill" else ("vlm", "distill"))
+    flags = ()
+    if case == "other_classes":
+        _edit_meta(pipeline, "distill", class_names=["anger", "awe", "fear", "joy"])
+    if case == "other_vlm":
+        _edit_meta(pipeline, "distill", base_model="Qwen/Qwen2-VL-7B-Instruct")
+    if case == "probs_of_generate":
+        flags = ("--vlm_signal", "probs", "--vlm_answer", "generate")
+    assert run_cli(train_gate.main, pipeline.argv(*flags)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = {"no_distill": "run `python train_distillation.py --dataname toy` first",
+                "other_classes": "trained for classes",
+                "other_vlm": "head trained on features of VLM 'Qwen/Qwen2-VL-7B-Instruct'",
+                "probs_of_generate": "--vlm_signal probs needs class probabilities"}[case]
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not pipeline.stage("gate").exists()
+
+
+def test_missing_stage1_output_exits_2_naming_the_command(toy_root, tmp_path):
+    result = run_script("train_gate.py", "--dataname", "toy", "--data_root", str(toy_root),
+                        "--output_dir", str(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "run `python train_vlm.py --dataname toy` first" in lines[0]

@@ -1,0 +1,211 @@
+"""Stage 3: train the gate that fuses the VLM's answer with the distilled head's logits.
+
+Reads stage 1 (``<output_dir>/<dataname>/vlm/``) and stage 2 (``.../distill/``, ``.../teacher/``),
+computes both frozen inputs once per image (cached), trains the gate on those tensors, keeps
+the best epoch on validation and writes ``gate.pt``, ``metrics.json``, ``table.md`` and the
+pictures to ``<output_dir>/<dataname>/gate/``.
+
+    python train_gate.py --dataname emoset --gpu 0                 # the paper's gate: concat + linear
+    python train_gate.py --dataname emoset --gate all              # the ablation: every variant, one table
+    python train_gate.py --dataname toy --vlm_model checkpoints/tiny-qwen2-vl --config configs/toy_gate.yaml
+
+With ``--gate all`` every variant is saved as ``gate_<name>.pt`` and the one best on validation
+(ties: the earlier in the table, concat_linear first) also as ``gate.pt``, which the demo loads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from utils.cli import base_parser, parse_args, stage_dir
+from utils.errors import UserError, run_cli
+
+log = logging.getLogger("train_gate")
+
+
+def get_args_parser():
+    from engine.gate import ANSWER_MODES, SIGNALS
+    from models.gates import GATES
+
+    parser = base_parser("Stage 3: train the gate fusing the VLM's answer and the distilled head.",
+                         batch_size=32)
+    inputs = parser.add_argument_group("gate inputs")
+    inputs.add_argument("--vlm_model", default=None,
+                        help="base VLM (default: the one stage 1 was trained on; must match it)")
+    inputs.add_argument("--vlm_signal", choices=SIGNALS, default="onehot",
+                        help="onehot: the VLM's answer (zeros if unparseable), the paper's; "
+                             "probs: its class distribution (needs --vlm_answer score)")
+    inputs.add_argument("--vlm_answer", choices=ANSWER_MODES, default="score",
+                        help="score: most likely class answer; generate: greedy decoding, parsed")
+    inputs.add_argument("--vlm_batch_size", type=int, default=8, help="images per VLM forward")
+    inputs.add_argument("--max_new_tokens", type=int, default=32, help="--vlm_answer generate")
+    inputs.add_argument("--quant", choices=("4bit",), default=None, help="load the VLM in 4 bit (CUDA)")
+    gate = parser.add_argument_group("gate")
+    gate.add_argument("--gate", choices=[*GATES, "all"], default="concat_linear",
+                      help="gate variant; all: train every variant and tabulate them")
+    gate.add_argument("--epoch", type=int, default=10)
+    gate.add_argument("--lr", type=float, default=1e-4)
+    gate.add_argument("--weight_decay", type=float, default=1e-4)
+    return parser
+
+
+def read_inputs(args):
+    """Stage 1 and 2 metadata (read before anything else: a missing stage fails at once)."""
+    from utils.checkpoints import read_meta
+
+    vlm_dir, distill_dir = stage_dir(args, "vlm"), stage_dir(args, "distill")
+    vlm_meta = read_meta(vlm_dir, "vlm", args.dataname)
+    return vlm_dir, vlm_meta, distill_dir, read_meta(distill_dir, "distill", args.dataname)
+
+
+def check_inputs(args, class_names, vlm_dir, vlm_meta, distill_dir, head_meta) -> None:
+    """Both stages trained for these classes, the head on the VLM stage 1 tuned."""
+    from utils.checkpoints import check_compatible
+
+    check_compatible(vlm_meta, vlm_dir, class_names=class_names, base_model=args.vlm_model)
+    check_compatible(head_meta, distill_dir, class_names=class_names)
+    if head_meta["base_model"] != vlm_meta["base_model"]:
+        raise UserError(f"{distill_dir}: head trained on features of VLM {head_meta['base_model']!r}, but the "
+                        f"stage-1 adapter in {vlm_dir} is on {vlm_meta['base_model']!r}; rerun "
+                        f"`python train_distillation.py --dataname {args.dataname} "
+                        f"--vlm_model {vlm_meta['base_model']}`")
+
+
+def gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device) -> dict:
+    """``{split: GateData}``: the cached VLM answers and the frozen head on stage 2's cached features."""
+    import torch
+
+    from engine.distill import cached_vlm_features, head_logits, load_head
+    from engine.gate import GateData, cached_vlm_predictions, vlm_gate_inputs
+    from engine.vlm_eval import load_trained_vlm
+
+    def load_model():
+        model, processor, _ = load_trained_vlm(vlm_dir, device, quant=args.quant)
+        return model, processor
+
+    answers = cached_vlm_predictions(splits, vlm_meta, stage_dir(args, "gate") / "cache", load_model,
+                                     args.vlm_answer, args.vlm_batch_size, args.max_new_tokens, args.quant)
+    head, _ = load_head(distill_dir, splits.class_names)
+    pixels = {"min_pixels": head_meta.get("min_pixels"), "max_pixels": head_meta.get("max_pixels")}
+    features = cached_vlm_features(splits, head_meta["base_model"], pixels, device, args.vlm_batch_size,
+                                   distill_dir / "cache", args.num_workers)
+    num_classes = len(splits.class_names)
+    return {split: GateData(vlm_pred=answers[split].pred,
+                            vlm_signal=vlm_gate_inputs(answers[split], num_classes, args.vlm_signal),
+                            head_logits=head_logits(head, features[split]),
+                            labels=torch.tensor([s.label for s in splits.split(split)], dtype=torch.long))
+            for split in ("train", "val", "test")}
+
+
+def teacher_metrics(args, class_names, num_test: int) -> dict | None:
+    """The test metrics of the teacher the head was distilled from (stage 2's metrics.json)."""
+    from utils.io import read_json
+
+    path = stage_dir(args, "distill") / "metrics.json"
+    metrics = read_json(path).get("teacher") if path.is_file() else None
+    if not metrics:
+        return None
+    if metrics.get("class_names") != list(class_names) or metrics.get("n") != num_test:
+        log.warning("teacher metrics in %s are for other classes or another test split; row left out", path)
+        return None
+    return metrics
+
+
+def curve_rows(results: dict) -> list[dict]:
+    """Per-epoch rows for curves.png; with several gates each key is prefixed by the gate's name."""
+    prefix = len(results) > 1
+    return [{"epoch": row["epoch"], **{(f"{name} {key}" if prefix else key): value for key, value in row.items()
+                                       if key not in ("gate", "epoch")}}
+            for name, result in results.items() for row in result.history]
+
+
+def write_results(args, out_dir: Path, data: dict, results: dict, selected: str, class_names, provenance) -> str:
+    """gate.pt (and gate_<name>.pt), metrics.json, pictures, table.md, run.json; meta.json last."""
+    from engine.gate import predictions, save_gate
+    from utils.checkpoints import file_id, write_meta
+    from utils.io import write_json, write_text
+    from utils.metrics import classification_metrics, save_confusion_png, save_curves_png
+    from utils.report import dataset_rows, markdown_table
+    from utils.run import record_run
+
+    if len(results) > 1:
+        for name, result in results.items():
+            save_gate(out_dir / f"gate_{name}.pt", result, class_names, **provenance)
+    save_gate(out_dir / "gate.pt", results[selected], class_names, **provenance)
+
+    test = data["test"]
+    labels = test.labels.tolist()
+    metrics = {
+        "dataset": args.dataname, "split": "test", "n": len(labels), "class_names": class_names,
+        "vlm": classification_metrics(labels, test.vlm_pred.tolist(), class_names),
+        "head": classification_metrics(labels, test.head_logits.argmax(1).tolist(), class_names),
+        "teacher": teacher_metrics(args, class_names, len(labels)),
+        "gates": {name: {**classification_metrics(labels, predictions(result.gate, test).tolist(), class_names),
+                         "best_epoch": result.best_epoch, "val_accuracy": result.best_val_acc}
+                  for name, result in results.items()},
+        "gate": selected, **provenance,
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    save_confusion_png(metrics["gates"][selected]["confusion_matrix"], class_names,
+                       out_dir / "confusion_matrix.png", f"{args.dataname}: EmoVLM-KD ({selected})")
+    save_curves_png(curve_rows(results), out_dir / "curves.png", f"{args.dataname}: gate training")
+    table = markdown_table(dataset_rows(args.dataname, metrics)) + "\n"
+    write_text(out_dir / "table.md", table)
+    record_run(out_dir, args, selected_gate=selected)
+    write_meta(out_dir, "gate", class_names, gate=selected, gate_id=file_id(out_dir / "gate.pt"), **provenance)
+    return table
+
+
+def main(argv=None) -> None:
+    args = parse_args(get_args_parser(), argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from data.datasets import load_dataset
+    from engine.gate import train_gate
+    from models.gates import GATES
+    from utils.cli import resolve_device
+    from utils.run import seed_everything
+
+    if args.vlm_signal == "probs" and args.vlm_answer != "score":
+        raise UserError("--vlm_signal probs needs class probabilities: use --vlm_answer score")
+    if args.epoch < 1:
+        raise UserError(f"--epoch {args.epoch}: train at least one epoch")
+    seed_everything(args.seed)
+    vlm_dir, vlm_meta, distill_dir, head_meta = read_inputs(args)
+    splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
+    print(splits.summary())
+    check_inputs(args, splits.class_names, vlm_dir, vlm_meta, distill_dir, head_meta)
+    out_dir = stage_dir(args, "gate")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # until this run finishes, the folder is not trusted
+    device = resolve_device(args.gpu)
+    data = gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device)
+
+    log_path = out_dir / "log.txt"
+    log_path.unlink(missing_ok=True)
+
+    def log_epoch(row: dict) -> None:
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(f"[{row['gate']}] epoch {row['epoch']}: train loss {row['train_loss']:.4f}, "
+              f"val loss {row['val_loss']:.4f}, val acc {row['val_acc']:.4f}")
+
+    names = list(GATES) if args.gate == "all" else [args.gate]
+    print(f"training {', '.join(names)} on {len(data['train'].labels)} cached examples "
+          f"({args.epoch} epochs, batch {args.batch_size}, Adam lr {args.lr:g}, wd {args.weight_decay:g})")
+    results = {name: train_gate(name, len(splits.class_names), data["train"], data["val"], args.epoch,
+                                args.lr, args.weight_decay, args.batch_size, args.seed, device, log_epoch)
+               for name in names}
+    selected = max(names, key=lambda name: results[name].best_val_acc)  # the first of equals wins
+    provenance = {"vlm_signal": args.vlm_signal, "vlm_answer": args.vlm_answer,
+                  "vlm_adapter_id": vlm_meta["adapter_id"], "head_id": head_meta["head_id"],
+                  "base_model": vlm_meta["base_model"]}
+    table = write_results(args, out_dir, data, results, selected, splits.class_names, provenance)
+    print(table)
+    print(f"saved gate {selected!r} (val acc {results[selected].best_val_acc:.4f} at epoch "
+          f"{results[selected].best_epoch}) to {out_dir / 'gate.pt'}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
