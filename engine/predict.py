@@ -1,0 +1,223 @@
+"""EmoVLM-KD as one predictor: the stage-1 VLM, the stage-2 distilled head and the stage-3 gate.
+
+``EmoVLMKD.from_outputs(output_dir, dataname)`` loads the three parts from their stage folders
+and refuses, naming the stage to rerun, parts that are missing or were not built on each other
+(class names, base VLM, adapter and head ids). ``predict`` / ``predict_batch`` compute every
+module's output for PIL images: the gate's VLM input is obtained exactly as stage 3 obtained it
+(the ``vlm_signal`` / ``vlm_answer`` settings saved in ``gate.pt``), so a test image gets the
+prediction stage 3's evaluation gave it. No Gradio here: demo.py wraps this class.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from utils.checkpoints import STAGE_COMMANDS, read_meta
+from utils.errors import UserError
+
+GATE_FILE = "gate.pt"
+GATE_FIELDS = ("gate", "num_classes", "class_names", "vlm_signal", "vlm_answer", "vlm_adapter_id",
+               "head_id", "base_model")
+# train_gate.py's --max_new_tokens default, for gate.pt files that do not record theirs.
+GATE_ANSWER_MAX_NEW_TOKENS = 32
+DEFAULT_MAX_IMAGE_SIDE = 4096
+DEFAULT_MAX_UPLOAD_PIXELS = 64_000_000
+
+
+def open_upload(path: str | Path, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
+                max_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS) -> Image.Image:
+    """Decode an uploaded file as RGB, the way the datasets are read.
+
+    Non-images and images above ``max_pixels`` are a UserError (checked from the header, before
+    decoding); a longer side above ``max_image_side`` is shrunk to it, which bounds the decoding
+    work (the VLM's processor resizes to its own pixel budget anyway).
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise UserError(f"the image is {width}x{height} pixels ({width * height / 1e6:.0f} MP); "
+                                f"the limit is {max_pixels / 1e6:.0f} MP: upload a smaller image")
+            if max(width, height) > max_image_side:
+                img.draft("RGB", (max_image_side, max_image_side))  # JPEG: decode at reduced scale
+                img.thumbnail((max_image_side, max_image_side))
+            return img.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+        reason = "too large to decode safely" if isinstance(err, Image.DecompressionBombError) \
+            else "not an image that can be decoded"
+        raise UserError(f"{Path(path).name}: {reason}; upload a JPEG, PNG, WebP, BMP or GIF image") from None
+
+
+def _stage_error(folder: Path, stage: str, dataname: str, problem: str) -> UserError:
+    command = STAGE_COMMANDS[stage].format(dataname=dataname)
+    return UserError(f"{folder}: {problem}; rerun `{command}`")
+
+
+def load_gate(gate_dir: str | Path, dataname: str = "<dataname>") -> tuple[torch.nn.Module, dict]:
+    """``(gate with its trained weights, the rest of gate.pt)``, eval mode, CPU."""
+    from models.gates import build_gate
+
+    gate_dir = Path(gate_dir)
+    path = gate_dir / GATE_FILE
+    if not path.is_file():
+        raise _stage_error(gate_dir, "gate", dataname, f"no {GATE_FILE} (stage 3 did not finish)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [key for key in ("state_dict", *GATE_FIELDS) if key not in checkpoint]
+    if missing:
+        raise _stage_error(gate_dir, "gate", dataname, f"{GATE_FILE} lacks {missing} (an older format)")
+    gate = build_gate(checkpoint["gate"], checkpoint["num_classes"])
+    gate.load_state_dict(checkpoint.pop("state_dict"))  # strict: every trained weight is used
+    return gate.eval(), checkpoint
+
+
+def check_parts(dataname: str, vlm: tuple[Path, dict], distill: tuple[Path, dict],
+                gate: tuple[Path, dict]) -> None:
+    """Refuse stage outputs that were not built on each other; the error names the stage to rerun.
+
+    Each pair is ``(folder, meta)``; for the gate the meta is ``gate.pt``'s contents. A later
+    stage is blamed for a mismatch with an earlier one, since it is the one to retrain.
+    """
+    (vlm_dir, vlm_meta), (distill_dir, distill_meta), (gate_dir, gate_meta) = vlm, distill, gate
+    classes = list(vlm_meta["class_names"])
+    for folder, meta, stage in ((distill_dir, distill_meta, "distill"), (gate_dir, gate_meta, "gate")):
+        if list(meta["class_names"]) != classes:
+            raise _stage_error(folder, stage, dataname, f"trained for classes {list(meta['class_names'])}, "
+                               f"but stage 1 ({vlm_dir}) has {classes}")
+        if meta.get("base_model") != vlm_meta["base_model"]:
+            raise _stage_error(folder, stage, dataname, f"built on VLM {meta.get('base_model')!r}, but "
+                               f"stage 1 ({vlm_dir}) trained {vlm_meta['base_model']!r}")
+    if gate_meta["vlm_adapter_id"] != vlm_meta.get("adapter_id"):
+        raise _stage_error(gate_dir, "gate", dataname, f"trained on the answers of another stage-1 adapter "
+                           f"({gate_meta['vlm_adapter_id']}, now {vlm_meta.get('adapter_id')})")
+    if gate_meta["head_id"] != distill_meta.get("head_id"):
+        raise _stage_error(gate_dir, "gate", dataname, f"trained on another distilled head "
+                           f"({gate_meta['head_id']}, now {distill_meta.get('head_id')})")
+
+
+def _as_dict(probs: torch.Tensor, class_names: Sequence[str]) -> dict[str, float]:
+    return {name: float(p) for name, p in zip(class_names, probs)}
+
+
+class EmoVLMKD:
+    """The instruction-tuned VLM, the distilled head and the gate, run together on images.
+
+    ``processor`` prepares the VLM's prompts (stage 1's); ``feature_processor`` prepares the
+    head's pooled visual features (stage 2's; the same object unless their settings differ).
+    """
+
+    def __init__(self, model, processor, head: torch.nn.Module, gate: torch.nn.Module,
+                 class_names: Sequence[str], gate_name: str, vlm_signal: str = "onehot",
+                 vlm_answer: str = "score", answer_max_new_tokens: int = GATE_ANSWER_MAX_NEW_TOKENS,
+                 feature_processor=None):
+        self.model, self.processor = model, processor
+        self.feature_processor = feature_processor or processor
+        self.head, self.gate = head.eval(), gate.eval()
+        self.class_names = list(class_names)
+        self.gate_name, self.vlm_signal, self.vlm_answer = gate_name, vlm_signal, vlm_answer
+        self.answer_max_new_tokens = answer_max_new_tokens
+
+    @classmethod
+    def from_outputs(cls, output_dir: str | Path, dataname: str, device: str | torch.device = "cpu",
+                     vlm_model: str | None = None) -> "EmoVLMKD":
+        """Load ``<output_dir>/<dataname>/{vlm,distill,gate}``; small files are checked before the VLM loads."""
+        from engine.distill import load_head
+        from engine.vlm_eval import load_trained_vlm
+        from models.vlm import load_processor
+
+        root = Path(output_dir) / dataname
+        vlm_dir, distill_dir, gate_dir = root / "vlm", root / "distill", root / "gate"
+        vlm_meta = read_meta(vlm_dir, "vlm", dataname)
+        distill_meta = read_meta(distill_dir, "distill", dataname)
+        read_meta(gate_dir, "gate", dataname)
+        gate, gate_meta = load_gate(gate_dir, dataname)
+        check_parts(dataname, (vlm_dir, vlm_meta), (distill_dir, distill_meta), (gate_dir, gate_meta))
+        head, _ = load_head(distill_dir)
+        model, processor, _ = load_trained_vlm(vlm_dir, device, vlm_model)
+        # The head's features are pooled as stage 2 pooled them: the base model's processor with
+        # the pixel budget recorded in the distill folder.
+        feature_processor = load_processor(vlm_meta["base_model"], distill_meta.get("min_pixels"),
+                                           distill_meta.get("max_pixels"))
+        return cls(model, processor, head.to(device), gate.to(device), vlm_meta["class_names"],
+                   gate_meta["gate"], gate_meta["vlm_signal"], gate_meta["vlm_answer"],
+                   gate_meta.get("max_new_tokens", GATE_ANSWER_MAX_NEW_TOKENS), feature_processor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def explain(self, images: Sequence[Image.Image], max_new_tokens: int = 128) -> list[tuple[str, str]]:
+        """``(observation, reasoning)`` per image, greedy, with the questions stage 1 trained on."""
+        from data.annotations import prompt_messages
+        from data.prompts import OBSERVATION_QUESTION, REASONING_QUESTION
+        from models.chat import generate_texts
+
+        messages = [prompt_messages(OBSERVATION_QUESTION), prompt_messages(REASONING_QUESTION)]
+        texts = generate_texts(self.model, self.processor, messages * len(images),
+                               [image for image in images for _ in messages], max_new_tokens,
+                               batch_size=len(messages))
+        return list(zip(texts[0::2], texts[1::2]))
+
+    @torch.no_grad()
+    def predict_batch(self, images: Sequence[Image.Image], max_new_tokens: int = 128,
+                      explain: bool = False) -> list[dict]:
+        """Every module's output per image (see :meth:`predict`)."""
+        from data.prompts import categorical_answer
+        from engine.gate import vlm_gate_inputs
+        from engine.vlm_eval import predict_vlm
+        from models.gates import gate_weights
+        from models.vlm import pooled_image_features
+
+        images = [image.convert("RGB") for image in images]
+        num_classes = len(self.class_names)
+        scored = predict_vlm(self.model, self.processor, images, self.class_names, mode="score")
+        # The gate's VLM input, obtained as train_gate.py obtained it (settings saved in gate.pt).
+        answered = scored if self.vlm_answer == "score" else predict_vlm(
+            self.model, self.processor, images, self.class_names, self.vlm_answer,
+            max_new_tokens=self.answer_max_new_tokens)
+        signal = vlm_gate_inputs(answered, num_classes, self.vlm_signal)
+        features = pooled_image_features(self.model, self.feature_processor, images)
+        head_device = next(self.head.parameters()).device
+        head_logits = self.head(features.to(head_device)).float().cpu()
+        gate_device = next(self.gate.parameters()).device
+        final_logits = self.gate(signal.to(gate_device), head_logits.to(gate_device)).float().cpu()
+        weights = gate_weights(self.gate, signal.to(gate_device), head_logits.to(gate_device))
+        explanations = self.explain(images, max_new_tokens) if explain else [(None, None)] * len(images)
+
+        results = []
+        for i, (observation, reasoning) in enumerate(explanations):
+            answer_index = int(answered.pred[i])
+            vlm_label = self.class_names[answer_index] if answer_index >= 0 else None
+            head_probs, final_probs = head_logits[i].softmax(-1), final_logits[i].softmax(-1)
+            results.append({
+                "vlm_answer": answered.texts[i] if answered.texts is not None
+                else categorical_answer(vlm_label),
+                "vlm_label": vlm_label,
+                "vlm_probs": _as_dict(scored.probs[i], self.class_names),
+                "observation": observation,
+                "reasoning": reasoning,
+                "head_label": self.class_names[int(head_probs.argmax())],
+                "head_probs": _as_dict(head_probs, self.class_names),
+                "final_label": self.class_names[int(final_probs.argmax())],
+                "final_probs": _as_dict(final_probs, self.class_names),
+                "gate": self.gate_name,
+                "gate_weights": None if weights is None
+                else {name: float(w[i]) for name, w in weights.items()},
+            })
+        return results
+
+    def predict(self, image: Image.Image, max_new_tokens: int = 128, explain: bool = True) -> dict:
+        """Every module's output for one image.
+
+        Keys: ``vlm_answer`` (the VLM's categorical answer: the generated text, or in ``score``
+        mode the best-scored candidate answer), ``vlm_label`` (its class, None if unparseable:
+        what the gate received), ``vlm_probs`` (class distribution from answer likelihoods),
+        ``observation`` / ``reasoning`` (greedy texts, None unless ``explain``), ``head_label`` /
+        ``head_probs`` (distilled head), ``final_label`` / ``final_probs`` (the gate's output:
+        EmoVLM-KD's prediction), ``gate`` (its type) and ``gate_weights`` (per source or expert,
+        None for gates that do not expose them). Probabilities are ``{class name: float}``.
+        """
+        return self.predict_batch([image], max_new_tokens, explain)[0]

@@ -1,0 +1,188 @@
+"""demo.py and engine/predict.py: the loaded parts reproduce stage 3's test predictions, the app
+answers over HTTP with every field, and missing, mismatched or bad inputs give readable errors."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.pipeline import trained_pipeline  # noqa: F401  (session fixture)
+from utils.errors import UserError
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_pipeline):  # noqa: F811
+    from engine.predict import EmoVLMKD
+
+    return EmoVLMKD.from_outputs(trained_pipeline.output_dir, "toy", "cpu", str(trained_pipeline.vlm_model))
+
+
+@pytest.fixture(scope="module")
+def test_images(trained_pipeline):  # noqa: F811
+    from data.datasets import load_dataset
+
+    splits = load_dataset(trained_pipeline.data_root, "toy", trained_pipeline.output_dir)
+    return splits, [splits.absolute(sample) for sample in splits.test]
+
+
+def test_predictions_match_stage3_evaluation(predictor, test_images, trained_pipeline):  # noqa: F811
+    from data.datasets import open_image
+    from utils.metrics import classification_metrics
+
+    splits, paths = test_images
+    results = predictor.predict_batch([open_image(path) for path in paths])
+    for result in results:
+        for key in ("vlm_probs", "head_probs", "final_probs"):
+            assert list(result[key]) == splits.class_names
+            assert sum(result[key].values()) == pytest.approx(1.0, abs=1e-5)
+        assert result["final_label"] == max(result["final_probs"], key=result["final_probs"].get)
+        assert result["head_label"] == max(result["head_probs"], key=result["head_probs"].get)
+    # Same confusion matrices as stage 3's evaluation on the same 32 test images, per module.
+    metrics = json.loads((trained_pipeline.stage("gate") / "metrics.json").read_text())
+    labels = [sample.label for sample in splits.test]
+    index = {name: i for i, name in enumerate(splits.class_names)}
+    for key, expected in (("final_label", metrics["gates"][metrics["gate"]]), ("head_label", metrics["head"]),
+                          ("vlm_label", metrics["vlm"])):
+        pred = [index.get(result[key], -1) for result in results]
+        assert classification_metrics(labels, pred, splits.class_names)["confusion_matrix"] \
+            == expected["confusion_matrix"], key
+    assert predictor.gate_name == metrics["gate"]
+
+    one = predictor.predict(open_image(paths[0]), max_new_tokens=12, explain=True)
+    assert one["final_probs"] == pytest.approx(results[0]["final_probs"])
+    for key in ("observation", "reasoning"):  # generated with the trained observation/reasoning prompts
+        assert isinstance(one[key], str) and one[key]
+        assert len(predictor.processor.tokenizer(one[key])["input_ids"]) <= 12 + 2
+
+
+def test_gate_weights_are_reported_for_gates_that_expose_them(predictor, test_images):
+    from data.datasets import open_image
+    from engine.predict import EmoVLMKD
+    from models.gates import build_gate
+
+    torch.manual_seed(0)
+    moe = EmoVLMKD(predictor.model, predictor.processor, predictor.head, build_gate("moe", 4),
+                   predictor.class_names, "moe", feature_processor=predictor.feature_processor)
+    result = moe.predict(open_image(test_images[1][0]), explain=False)
+    assert set(result["gate_weights"]) == {"expert_0", "expert_1", "expert_2"}
+    assert sum(result["gate_weights"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert result["observation"] is None
+    saved = predictor.predict(open_image(test_images[1][0]), explain=False)["gate_weights"]
+    assert (saved is None) == (not hasattr(predictor.gate, "forward_with_weights"))
+
+
+def test_app_over_http_returns_every_field(predictor, test_images, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    import demo
+    from data.datasets import open_image
+
+    _, paths = test_images
+    app = demo.build_app(predictor, examples=[str(paths[0])], max_new_tokens=8)
+    port = free_port()
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        outputs = client.predict(handle_file(str(paths[0])), api_name="/predict")
+        assert len(outputs) == len(demo.OUTPUT_FIELDS)
+        fields = dict(zip(demo.OUTPUT_FIELDS, outputs))
+        expected = predictor.predict(open_image(paths[0]), max_new_tokens=8)
+        assert fields["vlm_answer"].startswith(expected["vlm_answer"])
+        assert fields["observation"] == expected["observation"]
+        assert fields["reasoning"] == expected["reasoning"]
+        for key, label in (("vlm_probs", expected["vlm_label"]), ("head_probs", expected["head_label"]),
+                           ("final_probs", expected["final_label"])):
+            assert fields[key]["label"] == label
+            shown = {row["label"]: row["confidence"] for row in fields[key]["confidences"]}
+            assert shown == pytest.approx(expected[key])
+
+        not_image = tmp_path / "notes.png"
+        not_image.write_text("not an image")
+        with pytest.raises(AppError, match="not an image that can be decoded"):
+            client.predict(handle_file(str(not_image)), api_name="/predict")
+    finally:
+        app.close()
+
+
+def test_upload_checks(tmp_path):
+    from engine.predict import open_upload
+
+    text = tmp_path / "a.jpg"
+    text.write_text("hello")
+    with pytest.raises(UserError, match="a.jpg: not an image"):
+        open_upload(text)
+    huge = tmp_path / "huge.png"
+    Image.new("1", (9000, 8000)).save(huge)  # 72 MP, a small file: refused from its header
+    with pytest.raises(UserError, match="9000x8000 pixels"):
+        open_upload(huge, max_pixels=64_000_000)
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (300, 100), "red").save(wide)
+    image = open_upload(wide, max_image_side=60)
+    assert image.size == (60, 20) and image.mode == "RGB"
+
+
+def _copy_outputs(pipeline, tmp_path) -> Path:
+    out = tmp_path / "outputs"
+    shutil.copytree(pipeline.output_dir / "toy", out / "toy",
+                    ignore=shutil.ignore_patterns("cache", "trainer", "*.png"))
+    return out
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("damage, command", [
+    ("no_vlm", "train_vlm.py"),
+    ("no_gate", "train_gate.py"),
+    ("distill_classes", "train_distillation.py"),
+    ("distill_backbone", "train_distillation.py"),
+    ("gate_classes", "train_gate.py"),
+    ("gate_stale_head", "train_gate.py"),
+    ("gate_stale_adapter", "train_gate.py"),
+])
+def test_missing_or_mismatched_parts_name_the_stage(trained_pipeline, tmp_path, damage, command):  # noqa: F811
+    from engine.predict import EmoVLMKD
+
+    out = _copy_outputs(trained_pipeline, tmp_path)
+    stage = out / "toy"
+    if damage == "no_vlm":
+        shutil.rmtree(stage / "vlm")
+    elif damage == "no_gate":
+        (stage / "gate" / "gate.pt").unlink()
+    elif damage == "distill_classes":
+        _edit_json(stage / "distill" / "meta.json", class_names=["a", "b", "c", "d"])
+    elif damage == "distill_backbone":
+        _edit_json(stage / "distill" / "meta.json", base_model="Qwen/Qwen2-VL-7B-Instruct")
+    else:
+        checkpoint = torch.load(stage / "gate" / "gate.pt", weights_only=True)
+        key, value = {"gate_classes": ("class_names", ["a", "b", "c", "d"]),
+                      "gate_stale_head": ("head_id", "0" * 12),
+                      "gate_stale_adapter": ("vlm_adapter_id", "0" * 12)}[damage]
+        torch.save({**checkpoint, key: value}, stage / "gate" / "gate.pt")
+    with pytest.raises(UserError, match=command):
+        EmoVLMKD.from_outputs(out, "toy")
+
+
+def test_cli_error_is_one_line(trained_pipeline, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import demo
+    from utils.errors import run_cli
+
+    out = _copy_outputs(trained_pipeline, tmp_path)
+    (out / "toy" / "gate" / "gate.pt").unlink()
+    monkeypatch.setattr(demo, "build_app", lambda *a, **k: pytest.fail("the app must not start"))
+    code = run_cli(demo.main, ["--dataname", "toy", "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "python train_gate.py --dataname toy" in err, err
