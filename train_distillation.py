@@ -52,7 +52,7 @@ def get_args_parser():
     head.add_argument("--temperature", type=float, default=2.0)
     head.add_argument("--lr", type=float, default=1e-5)
     head.add_argument("--weight_decay", type=float, default=1e-4)
-    head.add_argument("--epochs", type=int, default=5)
+    head.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=5)
     head.add_argument("--standardize_features", action="store_true",
                       help="standardise features with the training mean/std (saved in the head)")
     return parser

@@ -45,7 +45,7 @@ def get_args_parser():
     gate = parser.add_argument_group("gate")
     gate.add_argument("--gate", choices=[*GATES, "all"], default="concat_linear",
                       help="gate variant; all: train every variant and tabulate them")
-    gate.add_argument("--epoch", type=int, default=10)
+    gate.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=10)
     gate.add_argument("--lr", type=float, default=1e-4)
     gate.add_argument("--weight_decay", type=float, default=1e-4)
     return parser
@@ -169,8 +169,8 @@ def main(argv=None) -> None:
 
     if args.vlm_signal == "probs" and args.vlm_answer != "score":
         raise UserError("--vlm_signal probs needs class probabilities: use --vlm_answer score")
-    if args.epoch < 1:
-        raise UserError(f"--epoch {args.epoch}: train at least one epoch")
+    if args.epochs < 1:
+        raise UserError(f"--epochs {args.epochs}: train at least one epoch")
     seed_everything(args.seed)
     vlm_dir, vlm_meta, distill_dir, head_meta = read_inputs(args)
     splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
@@ -193,8 +193,8 @@ def main(argv=None) -> None:
 
     names = list(GATES) if args.gate == "all" else [args.gate]
     print(f"training {', '.join(names)} on {len(data['train'].labels)} cached examples "
-          f"({args.epoch} epochs, batch {args.batch_size}, Adam lr {args.lr:g}, wd {args.weight_decay:g})")
-    results = {name: train_gate(name, len(splits.class_names), data["train"], data["val"], args.epoch,
+          f"({args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr:g}, wd {args.weight_decay:g})")
+    results = {name: train_gate(name, len(splits.class_names), data["train"], data["val"], args.epochs,
                                 args.lr, args.weight_decay, args.batch_size, args.seed, device, log_epoch)
                for name in names}
     selected = max(names, key=lambda name: results[name].best_val_acc)  # the first of equals wins

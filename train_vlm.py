@@ -4,7 +4,7 @@ Reads stage 0's ``annotations_train.jsonl``, trains on three conversations per a
 training image (observation, reasoning, categorical) with the loss on the answers only, and
 writes the adapter, processor, log and ``meta.json`` to ``<output_dir>/<dataname>/vlm/``.
 
-    python train_vlm.py --dataname emoset --quant 4bit                  # paper settings, one GPU
+    python train_vlm.py --dataname emoset --gpu 0                       # paper settings (QLoRA on a GPU)
     torchrun --nproc_per_node 4 train_vlm.py --dataname emoset          # data-parallel (or accelerate launch)
     python train_vlm.py --dataname toy --vlm_model checkpoints/tiny-qwen2-vl --config configs/toy_vlm.yaml
     python train_vlm.py --dataname emoset --eval_only --eval_mode generate
@@ -35,8 +35,9 @@ def get_args_parser():
     model.add_argument("--min_pixels", type=int, default=None, help="image pixel budget, lower bound")
     model.add_argument("--max_pixels", type=int, default=None,
                        help="image pixel budget, upper bound (fewer visual tokens, less memory)")
-    model.add_argument("--quant", choices=("4bit",), default=None,
-                       help="QLoRA: NF4 4-bit base with double quantisation (CUDA + bitsandbytes)")
+    model.add_argument("--quant", choices=("auto", "4bit", "none"), default="auto",
+                       help="4bit: QLoRA, NF4 base with double quantisation (CUDA + bitsandbytes); "
+                            "auto: 4bit on a CUDA GPU when bitsandbytes is installed, else full precision")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora_r", type=int, default=8)
     lora.add_argument("--lora_alpha", type=int, default=8)
@@ -47,7 +48,7 @@ def get_args_parser():
     train = parser.add_argument_group("training")
     train.add_argument("--annotations", default=None,
                        help="stage 0 output (default <output_dir>/<dataname>/instructions/annotations_train.jsonl)")
-    train.add_argument("--epoch", type=int, default=5)
+    train.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=5)
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--lr_scheduler", default="constant_with_warmup",
                        help="transformers scheduler name, e.g. constant_with_warmup, linear, cosine")
@@ -85,7 +86,10 @@ def eval_only(args, splits, out_dir: Path) -> dict:
     from utils.checkpoints import check_compatible
     from utils.cli import resolve_device
 
-    model, processor, meta = load_trained_vlm(out_dir, resolve_device(args.gpu), args.vlm_model, args.quant)
+    from models.vlm import resolve_quant
+
+    device = resolve_device(args.gpu)
+    model, processor, meta = load_trained_vlm(out_dir, device, args.vlm_model, resolve_quant(args.quant, device))
     check_compatible(meta, out_dir, class_names=splits.class_names)
     return evaluate(args, model, processor, splits, out_dir)
 
@@ -140,7 +144,7 @@ def save_outputs(args, model, processor, class_names, out_dir: Path, num_example
                min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
                modules_to_save=list(args.modules_to_save), target_modules=list(args.target_modules),
                lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=args.quant,
-               train_on_prompt=args.train_on_prompt, epochs=args.epoch)
+               train_on_prompt=args.train_on_prompt, epochs=args.epochs)
     print(f"saved adapter and processor to {out_dir}")
 
 
@@ -151,13 +155,16 @@ def train(args, splits, out_dir: Path) -> None:
     from data.annotations import read_annotations
     from engine.vlm_train import (ConversationCollator, build_examples, epoch_logger, read_history,
                                   training_arguments, training_device, wrap_lora)
-    from models.vlm import load_processor, load_vlm
+    from models.vlm import load_processor, load_vlm, resolve_quant
 
     args.vlm_model = args.vlm_model or DEFAULT_VLM
     path = annotations_file(args, splits.class_names)
     examples = build_examples(read_annotations(path), splits, path)
     device = training_device(args.gpu)
     on_gpu = device.type == "cuda"
+    args.quant = resolve_quant(args.quant, device)
+    print(f"base model {args.vlm_model}: " + ("4-bit NF4 (QLoRA)" if args.quant else
+                                                "full precision" + (" (bf16)" if on_gpu else "")))
     processor = load_processor(args.vlm_model, args.min_pixels, args.max_pixels)
     model = load_vlm(args.vlm_model, device, dtype=torch.bfloat16 if on_gpu else None, quant=args.quant,
                      trainable=True)

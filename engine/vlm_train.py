@@ -133,7 +133,7 @@ def training_arguments(args, trainer_dir: str | Path, on_gpu: bool):
 
     return TrainingArguments(
         output_dir=str(trainer_dir),
-        num_train_epochs=args.epoch,
+        num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,

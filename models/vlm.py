@@ -17,6 +17,14 @@ from utils.errors import UserError
 QUANT_CHOICES = ("4bit",)
 
 
+def resolve_quant(choice: str | None, device: torch.device) -> str | None:
+    """``auto`` (the paper's QLoRA where it can run): 4-bit on CUDA with bitsandbytes, else none."""
+    if choice == "auto":
+        usable = device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
+        return "4bit" if usable else None
+    return None if choice in (None, "none") else choice
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else err.__class__.__name__

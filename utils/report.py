@@ -24,8 +24,10 @@ PAPER = {
 }
 
 ROWS = (("VLM", "vlm"), ("distill module", "head"), ("teacher", "teacher"))
-PICTURES = ("vlm/confusion_matrix.png", "vlm/curves.png", "distill/confusion_matrix.png",
-            "distill/curves.png", "gate/confusion_matrix.png", "gate/curves.png")
+PICTURES = ("vlm/curves.png", "vlm/eval_score/confusion_matrix.png",
+            "vlm/eval_generate/confusion_matrix.png", "teacher/curves.png",
+            "teacher/confusion_matrix.png", "distill/curves.png", "distill/confusion_matrix.png",
+            "gate/curves.png", "gate/confusion_matrix.png")
 
 
 def _pct(value: float | None) -> str:
