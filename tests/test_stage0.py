@@ -212,7 +212,8 @@ def test_every_request_failing_stops_the_run(toy_root, tmp_path):
     with FakeOpenAIServer(default=lambda body, headers: Reply(status=400, error="image input not supported")) as server:
         with pytest.raises(UserError, match="last 20 requests all failed.*image input not supported"):
             main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 1))
-        assert len(server.chat_bodies()) == 20
+        # the one worker may already have sent the next request when the 20th failure stops the run
+        assert 20 <= len(server.chat_bodies()) <= 21
     assert annotations(out) == [] and rejected(out) == []
 
 
