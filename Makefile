@@ -1,5 +1,7 @@
 # EmoVLM-KD: `make quickstart` runs the whole pipeline on the built-in toy world (CPU, offline);
 # `make test` runs the test suite. Both create .venv on first use.
+# `make reproduce DATA=FI` runs the pipeline on a real dataset with the paper's settings
+# (scripts/reproduce.sh; env NPROC, BASE_URL, MODEL, DATA_ROOT, OUT pass through).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +10,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv quickstart test bench browser-test clean-toy
+.PHONY: venv quickstart test bench reproduce browser-test clean-toy
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +28,21 @@ test: venv
 
 bench: venv
 	$(PY) -m bench
+
+reproduce: venv
+	@if [ -z "$(DATA)" ]; then echo "usage: make reproduce DATA=<dataname>  (e.g. DATA=FI)"; exit 2; fi
+	PY=$(PY) bash scripts/reproduce.sh $(DATA)
+
+$(VENV)/.browser: $(VENV)/.installed requirements-browser.txt
+	$(PY) -m pip install -r requirements-browser.txt
+	touch $@
+
+# Headless Chromium drives the demo page; Chromium itself comes from Debian, not pip.
+browser-test: venv
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "needs Chromium and its driver: sudo apt-get install -y chromium chromium-driver"; exit 1; fi
+	@$(MAKE) --no-print-directory $(VENV)/.browser
+	$(PY) -m pytest tests/browser_check.py -q -s -p no:cacheprovider
 
 clean-toy:
 	rm -rf images/toy checkpoints/tiny-qwen2-vl outputs/toy

@@ -23,7 +23,7 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from engine.predict import DEFAULT_MAX_IMAGE_SIDE, DEFAULT_MAX_UPLOAD_PIXELS, open_upload  # noqa: E402
-from utils.cli import base_parser, parse_args, resolve_device  # noqa: E402
+from utils.cli import base_parser, parse_args, require_positive, resolve_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
 log = logging.getLogger("demo")
@@ -38,6 +38,9 @@ def get_args_parser():
     model.add_argument("--vlm_model", default=None,
                        help="where to read the base VLM from (default: the id saved by stage 1); "
                             "must be the model stage 1 trained")
+    model.add_argument("--quant", choices=("4bit", "none"), default=None,
+                       help="how the VLM is loaded: 4bit (CUDA) or none (full precision); default: as "
+                            "stage 3 loaded it to compute the gate's inputs")
     model.add_argument("--max_new_tokens", type=int, default=128,
                        help="length limit of the generated key elements and reasoning")
     server = parser.add_argument_group("server")
@@ -156,11 +159,12 @@ def build_app(predictor, examples: Sequence[str] = (), max_new_tokens: int = 128
 
 def main(argv: Sequence[str] | None = None):
     args = parse_args(get_args_parser(), argv)
+    require_positive(args, "max_new_tokens", "max_image_side", "max_upload_pixels")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from engine.predict import EmoVLMKD
 
     predictor = EmoVLMKD.from_outputs(args.output_dir, args.dataname, resolve_device(args.gpu),
-                                      args.vlm_model)
+                                      args.vlm_model, args.quant)
     examples = example_images(args.data_root, args.dataname, args.output_dir, args.num_examples)
     app = build_app(predictor, examples, args.max_new_tokens, args.max_image_side,
                     args.max_upload_pixels)

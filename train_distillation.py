@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.cli import base_parser, parse_args, stage_dir
+from utils.cli import base_parser, parse_args, require_positive, stage_dir
 from utils.errors import UserError, run_cli
 
 log = logging.getLogger("train_distillation")
@@ -58,8 +58,17 @@ def get_args_parser():
     return parser
 
 
-def existing_teacher(args, class_names, folder: Path) -> Path | None:
-    """``teacher/teacher.pt`` when it fits this run; a teacher for other classes or another model is refused."""
+def split_ids(splits) -> dict:
+    """Identities of the images a teacher is trained and selected on (a changed split changes them)."""
+    from utils.cache import image_list_id
+
+    return {"train_images": image_list_id(splits.data_root, splits.train),
+            "val_images": image_list_id(splits.data_root, splits.val)}
+
+
+def existing_teacher(args, splits, folder: Path) -> Path | None:
+    """``teacher/teacher.pt`` when it fits this run; a teacher for other classes, another model or
+    other training images is refused."""
     from models.teacher import default_img_size
     from utils.checkpoints import check_compatible, read_meta
 
@@ -68,7 +77,7 @@ def existing_teacher(args, class_names, folder: Path) -> Path | None:
         return None
     meta = read_meta(folder, "teacher", args.dataname)
     try:
-        check_compatible(meta, folder, class_names=class_names)
+        check_compatible(meta, folder, class_names=splits.class_names)
     except UserError as err:
         raise UserError(f"{err}; or pass --retrain_teacher") from None
     size = args.teacher_img_size or default_img_size(args.teacher_model)
@@ -76,6 +85,10 @@ def existing_teacher(args, class_names, folder: Path) -> Path | None:
         raise UserError(f"{folder}: holds teacher {meta.get('model')} at {meta.get('img_size')} px, but this run "
                         f"asks for --teacher_model {args.teacher_model} at {size} px; pass those flags, "
                         "or --retrain_teacher to replace it")
+    changed = [name for name, value in split_ids(splits).items() if meta.get(name) != value]
+    if changed:
+        raise UserError(f"{folder}: the teacher was trained on other {' and '.join(changed)} (the data split "
+                        "changed); pass --retrain_teacher to replace it")
     return path
 
 
@@ -100,7 +113,7 @@ def train_teacher(args, splits, folder: Path, device) -> Path:
     record_run(folder, args)
     write_meta(folder, "teacher", splits.class_names, model=args.teacher_model, img_size=size,
                pretrained=pretrained, teacher_id=file_id(path), best_val_acc=result["best_val_acc"],
-               epoch=result["epoch"])
+               epoch=result["epoch"], **split_ids(splits))
     print(f"teacher: best val acc {result['best_val_acc']:.4f} at epoch {result['epoch']} -> {path}")
     return path
 
@@ -116,7 +129,7 @@ def teacher_checkpoint(args, splits, device, rank: int) -> Path:
         read_teacher_checkpoint(path, splits.class_names)  # refuses a missing file or other classes now
         return path
     folder = stage_dir(args, "teacher")
-    if existing_teacher(args, splits.class_names, folder) is not None:
+    if existing_teacher(args, splits, folder) is not None:
         if rank == 0:
             print(f"reusing the trained teacher in {folder}; --retrain_teacher replaces it")
     elif rank == 0:
@@ -127,12 +140,14 @@ def teacher_checkpoint(args, splits, device, rank: int) -> Path:
 
 def main(argv=None) -> None:
     args = parse_args(get_args_parser(), argv)
+    require_positive(args, "batch_size", "feature_batch_size", "teacher_batch_size", "teacher_epochs", "epochs",
+                     "teacher_img_size")
     import torch
 
     from data.datasets import load_dataset
-    from engine.distill import (HEAD_FILE, cached_teacher_logits, cached_vlm_features, head_logits,
-                                init_distributed, save_head, train_head)
-    from engine.vlm_train import distributed_rank, training_device
+    from engine.distill import (HEAD_FILE, cached_teacher_logits, cached_vlm_features, feature_dtype,
+                                head_logits, init_distributed, save_head, train_head)
+    from utils.dist import distributed_rank, training_device
     from models.vlm import vision_hidden_size
     from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
     from utils.metrics import classification_metrics, save_curves_png, write_metrics
@@ -157,6 +172,8 @@ def main(argv=None) -> None:
     teacher_path = teacher_checkpoint(args, splits, device, rank)
     # The head's pixel budget must be the one stage 1 (and so stage 3 and the demo) use.
     pixels = {"min_pixels": vlm_meta.get("min_pixels"), "max_pixels": vlm_meta.get("max_pixels")}
+    # Recorded so stage 3 asks the cache for exactly these features, whatever its own device.
+    encoding = {**pixels, "feature_dtype": str(feature_dtype(device))}
     features = cached_vlm_features(splits, args.vlm_model, pixels, device, args.feature_batch_size, cache_dir,
                                    args.num_workers)
     teacher_logits = cached_teacher_logits(splits, teacher_path, device, args.feature_batch_size, cache_dir,
@@ -183,7 +200,7 @@ def main(argv=None) -> None:
     teacher_id = file_id(teacher_path)
     head_path = save_head(out_dir / HEAD_FILE, head, splits.class_names, vlm_model=args.vlm_model,
                           teacher_id=teacher_id, best_val_acc=result["best_val_acc"], epoch=result["epoch"],
-                          standardized=args.standardize_features, **pixels)
+                          standardized=args.standardize_features, **encoding)
 
     head_pred = head_logits(head, features["test"]).argmax(-1)
     head_test = classification_metrics(labels["test"], head_pred, splits.class_names)
@@ -194,7 +211,7 @@ def main(argv=None) -> None:
     record_run(out_dir, args, in_dim=in_dim, processes=world)
     write_meta(out_dir, "distill", splits.class_names, base_model=args.vlm_model, head_id=file_id(head_path),
                teacher_id=teacher_id, teacher_checkpoint=str(teacher_path), vlm_adapter_id=vlm_meta.get("adapter_id"),
-               depth=args.depth, in_dim=in_dim, **pixels)
+               depth=args.depth, in_dim=in_dim, **encoding)
     print(f"head ({args.depth} hidden layer(s), {in_dim}-d input): best val acc {result['best_val_acc']:.4f} at "
           f"epoch {result['epoch']}; test accuracy {head_test['accuracy']:.4f}, teacher "
           f"{teacher_test['accuracy']:.4f}, agreement {agreement:.4f} -> {out_dir}")

@@ -7,6 +7,7 @@ pictures to ``<output_dir>/<dataname>/gate/``.
 
     python train_gate.py --dataname emoset --gpu 0                 # the paper's gate: concat + linear
     python train_gate.py --dataname emoset --gate all              # the ablation: every variant, one table
+    python train_gate.py --dataname emoset --gate_train_split val  # fit on validation: the VLM saw the train images
     python train_gate.py --dataname toy --vlm_model checkpoints/tiny-qwen2-vl --config configs/toy_gate.yaml
 
 With ``--gate all`` every variant is saved as ``gate_<name>.pt`` and the one best on validation
@@ -19,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.cli import base_parser, parse_args, stage_dir
+from utils.cli import base_parser, parse_args, require_positive, stage_dir
 from utils.errors import UserError, run_cli
 
 log = logging.getLogger("train_gate")
@@ -41,10 +42,17 @@ def get_args_parser():
                         help="score: most likely class answer; generate: greedy decoding, parsed")
     inputs.add_argument("--vlm_batch_size", type=int, default=8, help="images per VLM forward")
     inputs.add_argument("--max_new_tokens", type=int, default=32, help="--vlm_answer generate")
-    inputs.add_argument("--quant", choices=("4bit",), default=None, help="load the VLM in 4 bit (CUDA)")
+    inputs.add_argument("--quant", choices=("4bit", "none"), default=None,
+                        help="how the VLM answering is loaded: 4bit (CUDA) or none (full precision); "
+                             "default: as stage 1 trained it")
     gate = parser.add_argument_group("gate")
     gate.add_argument("--gate", choices=[*GATES, "all"], default="concat_linear",
                       help="gate variant; all: train every variant and tabulate them")
+    gate.add_argument("--gate_train_split", choices=("train", "val"), default="train",
+                      help="train: fit on the training split, pick the epoch on validation (the paper); "
+                           "val: fit on a stratified half of validation, pick the epoch on the other half "
+                           "(the VLM was instruction-tuned on the training images, so its answers there "
+                           "are better than on unseen ones)")
     gate.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=10)
     gate.add_argument("--lr", type=float, default=1e-4)
     gate.add_argument("--weight_decay", type=float, default=1e-4)
@@ -73,24 +81,36 @@ def check_inputs(args, class_names, vlm_dir, vlm_meta, distill_dir, head_meta) -
                         f"--vlm_model {vlm_meta['base_model']}`")
 
 
+def vlm_quant(args, vlm_meta: dict, device) -> str:
+    """How the VLM answering is loaded, ``4bit`` or ``none``: --quant, by default as stage 1 trained
+    it (in full precision where 4-bit cannot run)."""
+    from engine.vlm_eval import trained_quant
+
+    return trained_quant(vlm_meta, args.quant, device) or "none"
+
+
 def gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device) -> dict:
-    """``{split: GateData}``: the cached VLM answers and the frozen head on stage 2's cached features."""
+    """``{split: GateData}``: the cached VLM answers and the frozen head on stage 2's cached features
+    (exactly those the head was trained on: a mismatch asks to rerun stage 2, never re-encodes)."""
     import torch
 
     from engine.distill import cached_vlm_features, head_logits, load_head
     from engine.gate import GateData, cached_vlm_predictions, vlm_gate_inputs
     from engine.vlm_eval import load_trained_vlm
 
-    def load_model():
-        model, processor, _ = load_trained_vlm(vlm_dir, device, quant=args.quant)
-        return model, processor
-
-    answers = cached_vlm_predictions(splits, vlm_meta, stage_dir(args, "gate") / "cache", load_model,
-                                     args.vlm_answer, args.vlm_batch_size, args.max_new_tokens, args.quant)
     head, _ = load_head(distill_dir, splits.class_names)
     pixels = {"min_pixels": head_meta.get("min_pixels"), "max_pixels": head_meta.get("max_pixels")}
     features = cached_vlm_features(splits, head_meta["base_model"], pixels, device, args.vlm_batch_size,
-                                   distill_dir / "cache", args.num_workers)
+                                   distill_dir / "cache", dtype=head_meta.get("feature_dtype"), build=False)
+
+    quant = vlm_quant(args, vlm_meta, device)
+
+    def load_model():
+        model, processor, _ = load_trained_vlm(vlm_dir, device, quant=quant)
+        return model, processor
+
+    answers = cached_vlm_predictions(splits, vlm_meta, stage_dir(args, "gate") / "cache", load_model,
+                                     args.vlm_answer, args.vlm_batch_size, args.max_new_tokens, quant)
     num_classes = len(splits.class_names)
     return {split: GateData(vlm_pred=answers[split].pred,
                             vlm_signal=vlm_gate_inputs(answers[split], num_classes, args.vlm_signal),
@@ -123,7 +143,8 @@ def curve_rows(results: dict) -> list[dict]:
 
 def write_results(args, out_dir: Path, data: dict, results: dict, selected: str, class_names, provenance) -> str:
     """gate.pt (and gate_<name>.pt), metrics.json, pictures, table.md, run.json; meta.json last."""
-    from engine.gate import predictions, save_gate
+    from engine.gate import predictions, save_gate, split_accuracies
+    from models.gates import GATE_LABELS
     from utils.checkpoints import file_id, write_meta
     from utils.io import write_json, write_text
     from utils.metrics import classification_metrics, save_confusion_png, save_curves_png
@@ -145,13 +166,15 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
         "gates": {name: {**classification_metrics(labels, predictions(result.gate, test).tolist(), class_names),
                          "best_epoch": result.best_epoch, "val_accuracy": result.best_val_acc}
                   for name, result in results.items()},
-        "gate": selected, **provenance,
+        "gate": selected, "gate_train_split": args.gate_train_split, "splits": split_accuracies(data),
+        **provenance,
     }
     write_json(out_dir / "metrics.json", metrics)
     save_confusion_png(metrics["gates"][selected]["confusion_matrix"], class_names,
                        out_dir / "confusion_matrix.png", f"{args.dataname}: EmoVLM-KD ({selected})")
     save_curves_png(curve_rows(results), out_dir / "curves.png", f"{args.dataname}: gate training")
-    table = markdown_table(dataset_rows(args.dataname, metrics)) + "\n"
+    table = markdown_table(dataset_rows(args.dataname, metrics)) + "\n\nGates: " + "; ".join(
+        f"`{name}` = {GATE_LABELS[name]}" for name in results) + ".\n"
     write_text(out_dir / "table.md", table)
     record_run(out_dir, args, selected_gate=selected)
     write_meta(out_dir, "gate", class_names, gate=selected, gate_id=file_id(out_dir / "gate.pt"), **provenance)
@@ -162,15 +185,14 @@ def main(argv=None) -> None:
     args = parse_args(get_args_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data.datasets import load_dataset
-    from engine.gate import train_gate
-    from models.gates import GATES
+    from engine.gate import gate_training_data, split_accuracies, train_gate
+    from models.gates import GATE_LABELS, GATES
     from utils.cli import resolve_device
     from utils.run import seed_everything
 
     if args.vlm_signal == "probs" and args.vlm_answer != "score":
         raise UserError("--vlm_signal probs needs class probabilities: use --vlm_answer score")
-    if args.epochs < 1:
-        raise UserError(f"--epochs {args.epochs}: train at least one epoch")
+    require_positive(args, "epochs", "batch_size", "vlm_batch_size", "max_new_tokens")
     seed_everything(args.seed)
     vlm_dir, vlm_meta, distill_dir, head_meta = read_inputs(args)
     splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
@@ -180,6 +202,7 @@ def main(argv=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # until this run finishes, the folder is not trusted
     device = resolve_device(args.gpu)
+    args.quant = vlm_quant(args, vlm_meta, device)  # resolved once: recorded in run.json and gate.pt
     data = gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device)
 
     log_path = out_dir / "log.txt"
@@ -191,14 +214,20 @@ def main(argv=None) -> None:
         print(f"[{row['gate']}] epoch {row['epoch']}: train loss {row['train_loss']:.4f}, "
               f"val loss {row['val_loss']:.4f}, val acc {row['val_acc']:.4f}")
 
+    for split, row in split_accuracies(data).items():
+        print(f"{split}: VLM accuracy {row['vlm_accuracy']:.4f}, head accuracy {row['head_accuracy']:.4f} "
+              f"({row['n']} images)")
     names = list(GATES) if args.gate == "all" else [args.gate]
-    print(f"training {', '.join(names)} on {len(data['train'].labels)} cached examples "
+    fit, select = gate_training_data(data, args.gate_train_split, args.seed)
+    print(f"training {', '.join(f'{name} ({GATE_LABELS[name]})' for name in names)} on {len(fit.labels)} cached "
+          f"{args.gate_train_split} examples, picking the epoch on {len(select.labels)} other validation examples "
           f"({args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr:g}, wd {args.weight_decay:g})")
-    results = {name: train_gate(name, len(splits.class_names), data["train"], data["val"], args.epochs,
+    results = {name: train_gate(name, len(splits.class_names), fit, select, args.epochs,
                                 args.lr, args.weight_decay, args.batch_size, args.seed, device, log_epoch)
                for name in names}
     selected = max(names, key=lambda name: results[name].best_val_acc)  # the first of equals wins
     provenance = {"vlm_signal": args.vlm_signal, "vlm_answer": args.vlm_answer,
+                  "max_new_tokens": args.max_new_tokens, "quant": args.quant,
                   "vlm_adapter_id": vlm_meta["adapter_id"], "head_id": head_meta["head_id"],
                   "base_model": vlm_meta["base_model"]}
     table = write_results(args, out_dir, data, results, selected, splits.class_names, provenance)

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import base_parser, parse_args, stage_dir
+from utils.cli import base_parser, parse_args, require_positive, stage_dir
 from utils.errors import UserError, run_cli
 
 DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
@@ -24,20 +24,26 @@ log = logging.getLogger("train_vlm")
 
 
 def get_args_parser():
+    from transformers import SchedulerType
+
     from engine.vlm_eval import EVAL_MODES
     from engine.vlm_train import DEFAULT_TARGET_MODULES
+    from models.vlm import DEFAULT_MAX_PIXELS
 
     parser = base_parser("Stage 1: LoRA/QLoRA instruction tuning of the VLM and its evaluation.",
                          batch_size=1)
     model = parser.add_argument_group("model")
     model.add_argument("--vlm_model", default=None,
-                       help=f"hub id or local folder (default {DEFAULT_VLM}; --eval_only: the trained one)")
+                       help=f"hub id or local folder (default {DEFAULT_VLM}); with --eval_only only a check: it must "
+                            "name the base the adapter was trained on (or that local folder, moved)")
     model.add_argument("--min_pixels", type=int, default=None, help="image pixel budget, lower bound")
     model.add_argument("--max_pixels", type=int, default=None,
-                       help="image pixel budget, upper bound (fewer visual tokens, less memory)")
+                       help="image pixel budget, upper bound (fewer visual tokens, less memory); default: "
+                            f"the checkpoint's own, capped at {DEFAULT_MAX_PIXELS} (1280 visual tokens)")
     model.add_argument("--quant", choices=("auto", "4bit", "none"), default="auto",
                        help="4bit: QLoRA, NF4 base with double quantisation (CUDA + bitsandbytes); "
-                            "auto: 4bit on a CUDA GPU when bitsandbytes is installed, else full precision")
+                            "auto: 4bit on a CUDA GPU when bitsandbytes is installed, else full precision; "
+                            "with --eval_only, auto loads the base as it was trained")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora_r", type=int, default=8)
     lora.add_argument("--lora_alpha", type=int, default=8)
@@ -50,8 +56,8 @@ def get_args_parser():
                        help="stage 0 output (default <output_dir>/<dataname>/instructions/annotations_train.jsonl)")
     train.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=5)
     train.add_argument("--lr", type=float, default=1e-4)
-    train.add_argument("--lr_scheduler", default="constant_with_warmup",
-                       help="transformers scheduler name, e.g. constant_with_warmup, linear, cosine")
+    train.add_argument("--lr_scheduler", default="constant_with_warmup", choices=[s.value for s in SchedulerType],
+                       metavar="NAME", help="transformers scheduler name, e.g. constant_with_warmup, linear, cosine")
     train.add_argument("--warmup_ratio", type=float, default=0.03)
     train.add_argument("--max_grad_norm", type=float, default=0.3)
     train.add_argument("--weight_decay", type=float, default=0.0)
@@ -86,10 +92,10 @@ def eval_only(args, splits, out_dir: Path) -> dict:
     from utils.checkpoints import check_compatible
     from utils.cli import resolve_device
 
-    from models.vlm import resolve_quant
-
     device = resolve_device(args.gpu)
-    model, processor, meta = load_trained_vlm(out_dir, device, args.vlm_model, resolve_quant(args.quant, device))
+    # auto: the way stage 1 trained it (recorded in meta.json).
+    quant = None if args.quant == "auto" else args.quant
+    model, processor, meta = load_trained_vlm(out_dir, device, args.vlm_model, quant)
     check_compatible(meta, out_dir, class_names=splits.class_names)
     return evaluate(args, model, processor, splits, out_dir)
 
@@ -115,7 +121,8 @@ def annotations_file(args, class_names) -> Path:
 
 def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
     """Distrust the old result (meta.json goes first); find the checkpoint to resume from."""
-    from engine.vlm_train import distributed_rank, last_checkpoint
+    from engine.vlm_train import last_checkpoint
+    from utils.dist import distributed_rank
 
     checkpoint = last_checkpoint(trainer_dir) if args.resume else None
     if args.resume and checkpoint is None:
@@ -139,7 +146,10 @@ def save_outputs(args, model, processor, class_names, out_dir: Path, num_example
     processor.save_pretrained(out_dir)
     size = processor.image_processor.size
     record_run(out_dir, args, train_examples=num_examples)
+    # Lets a later stage accept the same local base folder after it moved.
+    config = Path(args.vlm_model) / "config.json"
     write_meta(out_dir, "vlm", class_names, base_model=args.vlm_model,
+               base_config_id=file_id(config) if config.is_file() else None,
                adapter_id=file_id(out_dir / "adapter_model.safetensors"),
                min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
                modules_to_save=list(args.modules_to_save), target_modules=list(args.target_modules),
@@ -153,9 +163,10 @@ def train(args, splits, out_dir: Path) -> None:
     from transformers import Trainer
 
     from data.annotations import read_annotations
-    from engine.vlm_train import (ConversationCollator, build_examples, epoch_logger, read_history,
-                                  training_arguments, training_device, wrap_lora)
+    from engine.vlm_train import (ConversationCollator, build_examples, check_placement, epoch_logger,
+                                  read_history, training_arguments, wrap_lora)
     from models.vlm import load_processor, load_vlm, resolve_quant
+    from utils.dist import training_device
 
     args.vlm_model = args.vlm_model or DEFAULT_VLM
     path = annotations_file(args, splits.class_names)
@@ -166,6 +177,9 @@ def train(args, splits, out_dir: Path) -> None:
     print(f"base model {args.vlm_model}: " + ("4-bit NF4 (QLoRA)" if args.quant else
                                                 "full precision" + (" (bf16)" if on_gpu else "")))
     processor = load_processor(args.vlm_model, args.min_pixels, args.max_pixels)
+    size = processor.image_processor.size
+    print(f"pixel budget per image: {size.shortest_edge}..{size.longest_edge} "
+          f"(--min_pixels/--max_pixels)")
     model = load_vlm(args.vlm_model, device, dtype=torch.bfloat16 if on_gpu else None, quant=args.quant,
                      trainable=True)
     model = wrap_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.target_modules,
@@ -174,6 +188,7 @@ def train(args, splits, out_dir: Path) -> None:
     trainer_dir = out_dir / "trainer"
     checkpoint = prepare_folder(args, out_dir, trainer_dir)
     training_args = training_arguments(args, trainer_dir, on_gpu)
+    check_placement(training_args, device)
     batches = -(-len(examples) // (args.batch_size * training_args.world_size))
     print(f"{len(examples)} conversations from {len(examples) // 3} images; effective batch "
           f"{args.batch_size * args.grad_accum * training_args.world_size} "
@@ -193,11 +208,19 @@ def train(args, splits, out_dir: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(get_args_parser(), argv)
+    require_positive(args, "batch_size", "epochs", "grad_accum", "eval_batch_size", "max_new_tokens",
+                     "lora_r", "lora_alpha", "min_pixels", "max_pixels")
+    if not 0 <= args.warmup_ratio < 1:
+        raise UserError(f"--warmup_ratio {args.warmup_ratio}: give a fraction of the training steps in [0, 1)")
+    if args.lr <= 0:
+        raise UserError(f"--lr {args.lr}: the learning rate must be positive")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data.datasets import load_dataset
-    from engine.vlm_train import distributed_rank
+    from utils.dist import distributed_rank, pin_single_gpu
     from utils.run import seed_everything
 
+    # Before anything touches CUDA: a single process sees only its GPU (see pin_single_gpu).
+    args.gpu = pin_single_gpu(args.gpu)
     seed_everything(args.seed)
     splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
     if distributed_rank()[0] == 0:

@@ -1,19 +1,25 @@
 """Cost of stage 3 with cached inputs vs one pass of the frozen models and vs the reference approach.
 
-``python -m bench.gate_cost``: on the toy world (4 classes, 96 train+val and 32 test images,
-the tiny VLM after a short stage 1, the distilled head after a short stage 2, both built first
-and untimed) measures (1) one pass of the frozen models over every train/val/test image: the
-trained VLM loaded once, its class answers (``score``, batch 8), its pooled visual features and
-the head; (2) the whole stage, ``train_gate.py`` with the paper's 10 epochs, both caches empty
-(the VLM answers and stage 2's feature cache deleted); (3) the same stage rerun with warm
-caches; (4) the reference approach: for every training image in every epoch, the VLM generates
-its answer with sampling (temperature 0.8, up to 256 new tokens) and the encoder and head run
-again, all at batch 1, before a gate step; timed on a few images and scaled to the training
-split and 10 epochs (no validation or test passes, which favours it). Needs pytest installed
-(requirements-dev.txt): the world is built with tests/pipeline.py. Times are the best of two runs.
-The tiny VLM takes ~3 ms per image, so the stage's fixed per-run cost (writing metrics and two
-PNGs, ~0.2-0.3 s) weighs far more here than next to a real 7B pass; ``inputs_over_one_pass``
-leaves it out.
+``python -m bench.gate_cost``: on a toy world of 1200 images (4 classes, 250 train+val and 50 test
+images each; the tiny VLM after one epoch of stage 1 and the distilled head after a short stage 2,
+both built first and untimed; how well they are trained does not change their cost), one process
+times:
+(1) one pass of the frozen models over every train/val/test image: the trained VLM loaded once,
+    its class answers (``score``, batch 8), its pooled visual features and the head;
+(2) the whole stage cold: ``train_gate.py`` with the paper's 10 epochs, both caches empty (the VLM
+    answers and stage 2's feature cache deleted), so it makes that pass itself;
+(3) the same stage warm (both caches filled): no model runs, so this is the stage's per-run
+    overhead (reading the caches, 10 gate epochs, metrics, two PNGs, the run record);
+(4) the reference approach: for every training image in every epoch, the VLM generates its answer
+    with sampling (temperature 0.8, up to 256 new tokens) and the encoder and head run again, all
+    at batch 1, before a gate step; timed on 16 images and scaled to the training split and 10
+    epochs (no validation or test passes, which favours it).
+A first, untimed cold stage pays the one-off costs (imports, first model load); (1), (2) and (3)
+are each the best of two runs. The target is (2) <= 1.3 x (1). The tiny VLM takes ~3 ms per image,
+so the overhead (3), a fraction of a second, is far from negligible here (on 128 images the ratio
+was ~1.5x for that reason) while next to a real 7B pass it vanishes; ``stage_over_one_pass`` keeps
+it in, ``inputs_over_one_pass`` leaves it out. Needs pytest installed (requirements-dev.txt): the
+world is built with tests/pipeline.py.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 EPOCHS = 10
+CLASSES, PER_CLASS, TEST_PER_CLASS = 4, 250, 50
 REFERENCE_IMAGES = 16
 TARGET = 1.3  # stage wall time at most 1.3x one pass of the frozen models
 
@@ -116,9 +123,10 @@ def run() -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_toy_dataset(root / "images" / "toy", num_classes=4, per_class=24, test_per_class=8, seed=0, size=64)
+        make_toy_dataset(root / "images" / "toy", num_classes=CLASSES, per_class=PER_CLASS,
+                         test_per_class=TEST_PER_CLASS, seed=0, size=64)
         pipeline = run_pipeline(Pipeline(root / "images", root / "outputs", build_tiny_vlm(root / "tiny", seed=0)),
-                                vlm_epochs=2, gate_args=None)
+                                vlm_epochs=1, teacher_epochs=1, head_epochs=1, gate_args=None)
         splits = load_dataset(pipeline.data_root, "toy", pipeline.output_dir)
         _stage(pipeline, cold=True)  # untimed: pays one-off costs (imports, first model load)
         one_pass = _best_of(lambda: _one_pass(pipeline, splits))
@@ -134,10 +142,10 @@ def run() -> dict:
         "reference_s": round(reference, 1),
         "reference_generated_tokens": round(tokens, 1),
         "stage_over_one_pass": stage / one_pass,
-        # The warm rerun is the per-run cost that does not grow with the images' model cost (gate
-        # epochs, metrics, pictures, run record); without it, the stage's input pass vs one pass:
+        # The warm rerun runs no model: it is the stage's per-run overhead. Without it, the
+        # stage's own pass over the images vs one pass:
+        "overhead_share_of_stage": warm / stage,
         "inputs_over_one_pass": (stage - warm) / one_pass,
-        "warm_stage_over_one_pass": warm / one_pass,
         "reference_over_stage": reference / stage,
         "stage_within_target": stage / one_pass <= TARGET,
     }
@@ -147,8 +155,10 @@ def main() -> int:
     results = run()
     for key, value in results.items():
         print(f"{key:30s} {value:.3g}" if isinstance(value, float) else f"{key:30s} {value}")
-    print(f"stage (10 epochs, cold caches) / one pass of the frozen models: {results['stage_over_one_pass']:.2f}x "
-          f"(target <= {TARGET}x); reference approach / stage: {results['reference_over_stage']:.1f}x")
+    print(f"stage (10 epochs, cold caches) / one pass of the frozen models on {results['images']} images: "
+          f"{results['stage_over_one_pass']:.2f}x (target <= {TARGET}x), of which {results['stage_warm_s']:.2f} s is "
+          f"per-run overhead (without it: {results['inputs_over_one_pass']:.2f}x); "
+          f"reference approach / stage: {results['reference_over_stage']:.1f}x")
     return 0
 
 

@@ -4,13 +4,14 @@ distillation loss, head training and the head checkpoint.
 The VLM's visual encoder and the teacher are frozen during distillation, so each image is
 encoded once and cached under ``<output_dir>/<dataname>/distill/cache/``; the head then trains
 from tensors. A cache file stores the key it was built for (model, config, weights, image list,
-preprocessing) and is rebuilt, with a log line, when the key differs. Under ``torchrun`` /
-``accelerate launch`` the images are sharded across processes and the results gathered.
+preprocessing) and is rebuilt, with a log line, when the key differs (utils/cache.py); stage 3
+reads the features without ever rebuilding them, since the head must see the ones it was trained
+on. Under ``torchrun`` / ``accelerate launch`` the images are sharded across processes and the
+results gathered.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 from datetime import timedelta
@@ -23,11 +24,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from data.datasets import DatasetSplits, ImageDataset, Sample
-from engine.vlm_train import distributed_rank
 from models.heads import DistillHead
 from models.teacher import load_teacher, teacher_transforms
 from models.vlm import load_processor, load_vlm, pooled_image_features
-from utils.checkpoints import check_compatible, file_id, read_meta
+from utils.cache import digest, image_list_id, load_cached, store
+from utils.checkpoints import STAGE_COMMANDS, check_compatible, file_id, read_meta
+from utils.dist import distributed_rank
 from utils.errors import UserError
 from utils.io import torch_save, write_text
 from utils.metrics import save_curves_png
@@ -95,19 +97,6 @@ def _sharded(count: int, compute: Callable[[list[int]], torch.Tensor]) -> torch.
 
 # ---------------------------------------------------------------- cache files
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def image_list_id(data_root: str | Path, samples: Sequence[Sample]) -> str:
-    """Hash of the split's images in order: path, size and modification time of each file."""
-    rows = []
-    for sample in samples:
-        stat = (Path(data_root) / sample.path).stat()
-        rows.append((sample.path, stat.st_size, stat.st_mtime_ns))
-    return _digest(rows)
-
-
 def _weights_fingerprint(model_id: str) -> list | None:
     """For a local folder: names, sizes and times of its weight files (a rebuilt model there differs)."""
     folder = Path(model_id)
@@ -117,40 +106,18 @@ def _weights_fingerprint(model_id: str) -> list | None:
                   if f.suffix in (".safetensors", ".bin"))
 
 
-def _cached(path: Path, key: dict) -> torch.Tensor | None:
-    """The cached tensor when ``path`` was built for ``key``; otherwise None, saying why."""
-    if not path.is_file():
-        log.info("cache miss: %s does not exist; building it", path)
-        return None
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
-        log.warning("cache unreadable: %s (%s); rebuilding it", path, err.__class__.__name__)
-        return None
-    if stored.get("key") != key:
-        changed = sorted(k for k in set(key) | set(stored.get("key", {}))
-                         if stored.get("key", {}).get(k) != key.get(k))
-        log.warning("cache stale: %s was built for another %s; rebuilding it", path, ", ".join(changed))
-        return None
-    log.info("cache hit: %s", path)
-    return stored["values"]
-
-
-def _store(path: Path, key: dict, values: torch.Tensor) -> None:
-    if distributed_rank()[0] == 0:
-        torch_save({"key": key, "values": values}, path)
-
-
 def _load_or_build(cache_dir: Path, name: str, keys: dict[str, dict],
-                   build: Callable[[list[str]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per split: reuse ``<name>_<split>.pt`` when its key matches, else build the missing splits."""
-    result = {split: _cached(cache_dir / f"{name}_{split}.pt", key) for split, key in keys.items()}
+                   build: Callable[[list[str]], dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor]:
+    """Per split: reuse ``<name>_<split>.pt`` when its key matches, else build the missing splits
+    together (one model load); ``build`` None returns only the hits."""
+    result = {split: load_cached(cache_dir / f"{name}_{split}.pt", key) for split, key in keys.items()}
     barrier()  # every rank has decided before rank 0 overwrites a file
     missing = [split for split, values in result.items() if values is None]
-    if missing:
+    if missing and build is not None:
         built = build(missing)
-        for split in missing:
-            _store(cache_dir / f"{name}_{split}.pt", keys[split], built[split])
+        if distributed_rank()[0] == 0:
+            for split in missing:
+                store(cache_dir / f"{name}_{split}.pt", keys[split], built[split])
         result.update(built)
     return result
 
@@ -170,30 +137,39 @@ def _image_batches(splits: DatasetSplits, samples: Sequence[Sample], batch_size:
 
 # ---------------------------------------------------------------- frozen VLM features
 
-def vlm_feature_key(vlm_model: str, processor, config, dtype: torch.dtype | None) -> dict:
+def feature_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype the frozen VLM encodes in: bfloat16 on CUDA (as trained), float32 on CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def vlm_feature_key(vlm_model: str, processor, config, dtype: torch.dtype) -> dict:
     size = processor.image_processor.size
-    return {"vlm_model": str(vlm_model), "config": _digest(config.to_dict()),
+    return {"vlm_model": str(vlm_model), "config": digest(config.to_dict()),
             "weights": _weights_fingerprint(str(vlm_model)), "dtype": str(dtype),
             "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge}
 
 
 def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs: dict | None,
                         device: str | torch.device, batch_size: int, cache_dir: str | Path,
-                        num_workers: int = 0, names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
+                        num_workers: int = 0, names: Sequence[str] = SPLITS, dtype: str | None = None,
+                        build: bool = True) -> dict[str, torch.Tensor]:
     """Mean-pooled visual features (after the patch merger) per split: ``{split: (N, in_dim)}``.
 
     Reuses ``cache_dir/vlm_features_<split>.pt`` when built for the same model, config, weights,
+    dtype (``dtype`` e.g. ``"torch.bfloat16"``; default :func:`feature_dtype` of ``device``),
     image list and pixel budget; otherwise loads the VLM once and encodes the missing splits.
+    ``build=False`` (stage 3: the head must see the features it was trained on) turns a miss
+    into a UserError naming stage 2's command instead.
     """
     from transformers import AutoConfig
 
     device = torch.device(device)
+    dtype = getattr(torch, dtype.removeprefix("torch.")) if dtype else feature_dtype(device)
     processor = load_processor(vlm_model, **(processor_kwargs or {}))
-    dtype = torch.bfloat16 if device.type == "cuda" else None
     base = vlm_feature_key(vlm_model, processor, AutoConfig.from_pretrained(vlm_model), dtype)
     keys = {split: {**base, "images": image_list_id(splits.data_root, splits.split(split))} for split in names}
 
-    def build(missing: list[str]) -> dict[str, torch.Tensor]:
+    def encode_splits(missing: list[str]) -> dict[str, torch.Tensor]:
         model = load_vlm(vlm_model, device, dtype=dtype)
         out = {}
         for split in missing:
@@ -209,7 +185,14 @@ def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs:
                      tuple(out[split].shape))
         return out
 
-    return _load_or_build(Path(cache_dir), "vlm_features", keys, build)
+    cache_dir = Path(cache_dir)
+    features = _load_or_build(cache_dir, "vlm_features", keys, encode_splits if build else None)
+    missing = [split for split in names if features[split] is None]
+    if missing:
+        command = STAGE_COMMANDS["distill"].format(dataname=splits.name)
+        raise UserError(f"{cache_dir}: the cached {'/'.join(missing)} features do not match these images, the "
+                        f"VLM or the pixel budget the head was trained with; rerun `{command}`")
+    return features
 
 
 # ---------------------------------------------------------------- teacher

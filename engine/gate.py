@@ -7,10 +7,9 @@ stage 2's cached visual features. Gate epochs then run on those small tensors in
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import gc
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.gates import build_gate
+from utils.cache import image_list_id, load_or_build
 from utils.errors import UserError
 from utils.io import torch_save
 from utils.metrics import NONE
@@ -66,79 +66,88 @@ def vlm_gate_inputs(predictions, num_classes: int, kind: str = "onehot") -> torc
 # ---------------------------------------------------------------- VLM answers, cached per split
 
 def vlm_cache_key(vlm_meta: dict, mode: str, max_new_tokens: int, quant: str | None,
-                  class_names: Sequence[str], data_root: str | Path, samples: Sequence) -> str:
-    """Hash of everything that decides the VLM's answers for these images (a changed image file
-    changes it: ``image_list_id`` hashes each file's path, size and modification time)."""
-    from engine.distill import image_list_id
-
-    fields = {
+                  class_names: Sequence[str], data_root: str | Path, samples: Sequence) -> dict:
+    """Everything that decides the VLM's answers for these images (a changed image file changes
+    it: ``image_list_id`` hashes each file's path, size and modification time)."""
+    return {
         "base_model": vlm_meta["base_model"], "adapter_id": vlm_meta["adapter_id"],
         "min_pixels": vlm_meta.get("min_pixels"), "max_pixels": vlm_meta.get("max_pixels"),
         "mode": mode, "max_new_tokens": max_new_tokens if mode == "generate" else None, "quant": quant,
         "class_names": list(class_names), "images": image_list_id(data_root, samples),
     }
-    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
-
-
-def predict_samples(model, processor, data_root: str | Path, samples: Sequence, class_names: Sequence[str],
-                    mode: str, batch_size: int, max_new_tokens: int, desc: str = "VLM"):
-    """``predict_vlm`` over ``samples``, decoding a chunk of images at a time."""
-    from tqdm.auto import tqdm
-
-    from data.datasets import open_image
-    from engine.vlm_eval import VLMPredictions, predict_vlm
-
-    chunk = max(batch_size, 64)
-    parts = []
-    for start in tqdm(range(0, len(samples), chunk), desc=desc, unit="chunk"):
-        images = [open_image(Path(data_root) / s.path) for s in samples[start:start + chunk]]
-        parts.append(predict_vlm(model, processor, images, class_names, mode, batch_size, max_new_tokens))
-    if not parts:  # an empty split
-        return predict_vlm(model, processor, [], class_names, mode, batch_size, max_new_tokens)
-    return VLMPredictions(pred=torch.cat([p.pred for p in parts]),
-                          probs=torch.cat([p.probs for p in parts]) if mode == "score" else None,
-                          texts=[t for p in parts for t in p.texts] if mode == "generate" else None)
 
 
 def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_model: Callable[[], tuple],
                            mode: str = "score", batch_size: int = 8, max_new_tokens: int = 32,
                            quant: str | None = None, split_names: Sequence[str] = SPLITS) -> dict:
-    """``{split: VLMPredictions}``, read from ``cache_dir`` or predicted and stored there.
+    """``{split: VLMPredictions}``, read from ``cache_dir/vlm_<mode>_<split>.pt`` or predicted and
+    stored there.
 
     ``load_model()`` returns ``(model, processor)``; it is called only on a cache miss, so a
     rerun never loads the VLM.
     """
-    cache_dir = Path(cache_dir)
-    loaded = None  # (model, processor) once a split misses
+    from engine.vlm_eval import VLMPredictions, predict_samples
+
+    loaded = []  # (model, processor) once a split misses
+
+    def predict(split: str, samples: Sequence) -> dict:
+        log.info("predicting %d %s images with the VLM (%s)", len(samples), split, mode)
+        if not loaded:
+            loaded.extend(load_model())
+        answers = predict_samples(*loaded, splits.data_root, samples, splits.class_names,
+                                  mode, batch_size, max_new_tokens, desc=f"VLM {mode} ({split})")
+        return {"pred": answers.pred, "probs": answers.probs, "texts": answers.texts}
+
     result = {}
     for split in split_names:
         samples = splits.split(split)
         key = vlm_cache_key(vlm_meta, mode, max_new_tokens, quant, splits.class_names, splits.data_root, samples)
-        path = cache_dir / f"vlm_{mode}_{split}.pt"
-        if path.is_file():
-            cached = torch.load(path, weights_only=True)
-            if cached.get("key") == key:
-                log.info("VLM answers (%s) for %s: cache hit %s", mode, split, path)
-                result[split] = _predictions(cached)
-                continue
-        log.info("VLM answers (%s) for %s: cache miss, predicting %d images", mode, split, len(samples))
-        if loaded is None:
-            loaded = load_model()
-        predictions = predict_samples(*loaded, splits.data_root, samples, splits.class_names,
-                                      mode, batch_size, max_new_tokens, desc=f"VLM {mode} ({split})")
-        torch_save({"key": key, "pred": predictions.pred, "probs": predictions.probs,
-                    "texts": predictions.texts}, path)
-        result[split] = predictions
+        log.info("VLM answers (%s) for %s", mode, split)
+        values = load_or_build(Path(cache_dir) / f"vlm_{mode}_{split}.pt", key, lambda: predict(split, samples))
+        result[split] = VLMPredictions(**values)
+    if loaded:  # free the VLM now: a 7B model should not sit in memory while the gate trains
+        loaded.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return result
 
 
-def _predictions(cached: dict):
-    from engine.vlm_eval import VLMPredictions
-
-    return VLMPredictions(pred=cached["pred"], probs=cached["probs"], texts=cached["texts"])
-
-
 # ---------------------------------------------------------------- training on cached tensors
+
+def subset(data: GateData, index: torch.Tensor) -> GateData:
+    return GateData(*(getattr(data, f.name)[index] for f in fields(GateData)))
+
+
+def stratified_halves(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of two halves of a split, each class divided evenly (the first half gets the odd one)."""
+    generator = torch.Generator().manual_seed(seed)
+    first, second = [], []
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        half = (len(members) + 1) // 2
+        first.append(members[:half])
+        second.append(members[half:])
+    return torch.cat(first).sort().values, torch.cat(second).sort().values
+
+
+def split_accuracies(data: dict) -> dict:
+    """The VLM's and the head's accuracy per split: on the training images the instruction-tuned
+    VLM is typically far better than on unseen ones, which a gate fitted there learns to trust."""
+    return {split: {"n": len(d.labels), "vlm_accuracy": (d.vlm_pred == d.labels).float().mean().item(),
+                    "head_accuracy": (d.head_logits.argmax(1) == d.labels).float().mean().item()}
+            for split, d in data.items()}
+
+
+def gate_training_data(data: dict, split: str, seed: int) -> tuple[GateData, GateData]:
+    """``(fit, select)``, the data the gate trains on and the data its epoch is picked on: ``train``
+    and ``val`` (the paper), or for ``split="val"`` two stratified, seed-fixed halves of ``val``."""
+    if split == "train":
+        return data["train"], data["val"]
+    fit, select = stratified_halves(data["val"].labels, seed)
+    return subset(data["val"], fit), subset(data["val"], select)
+
 
 @torch.no_grad()
 def gate_logits(gate: nn.Module, data: GateData, batch_size: int = 4096) -> torch.Tensor:

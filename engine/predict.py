@@ -19,10 +19,8 @@ from utils.checkpoints import STAGE_COMMANDS, read_meta
 from utils.errors import UserError
 
 GATE_FILE = "gate.pt"
-GATE_FIELDS = ("gate", "num_classes", "class_names", "vlm_signal", "vlm_answer", "vlm_adapter_id",
-               "head_id", "base_model")
-# train_gate.py's --max_new_tokens default, for gate.pt files that do not record theirs.
-GATE_ANSWER_MAX_NEW_TOKENS = 32
+GATE_FIELDS = ("gate", "num_classes", "class_names", "vlm_signal", "vlm_answer", "max_new_tokens", "quant",
+               "vlm_adapter_id", "head_id", "base_model")
 DEFAULT_MAX_IMAGE_SIDE = 4096
 DEFAULT_MAX_UPLOAD_PIXELS = 64_000_000
 
@@ -97,6 +95,18 @@ def check_parts(dataname: str, vlm: tuple[Path, dict], distill: tuple[Path, dict
                            f"({gate_meta['head_id']}, now {distill_meta.get('head_id')})")
 
 
+@torch.no_grad()
+def head_features(model, processor, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The head's input: pooled visual features of the base VLM, as stage 2 cached them, even when
+    ``model`` carries stage 1's adapter (a LoRA may touch the vision tower)."""
+    from contextlib import nullcontext
+
+    from models.vlm import pooled_image_features
+
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+        return pooled_image_features(model, processor, images)
+
+
 def _as_dict(probs: torch.Tensor, class_names: Sequence[str]) -> dict[str, float]:
     return {name: float(p) for name, p in zip(class_names, probs)}
 
@@ -110,8 +120,7 @@ class EmoVLMKD:
 
     def __init__(self, model, processor, head: torch.nn.Module, gate: torch.nn.Module,
                  class_names: Sequence[str], gate_name: str, vlm_signal: str = "onehot",
-                 vlm_answer: str = "score", answer_max_new_tokens: int = GATE_ANSWER_MAX_NEW_TOKENS,
-                 feature_processor=None):
+                 vlm_answer: str = "score", answer_max_new_tokens: int = 32, feature_processor=None):
         self.model, self.processor = model, processor
         self.feature_processor = feature_processor or processor
         self.head, self.gate = head.eval(), gate.eval()
@@ -121,8 +130,12 @@ class EmoVLMKD:
 
     @classmethod
     def from_outputs(cls, output_dir: str | Path, dataname: str, device: str | torch.device = "cpu",
-                     vlm_model: str | None = None) -> "EmoVLMKD":
-        """Load ``<output_dir>/<dataname>/{vlm,distill,gate}``; small files are checked before the VLM loads."""
+                     vlm_model: str | None = None, quant: str | None = None) -> "EmoVLMKD":
+        """Load ``<output_dir>/<dataname>/{vlm,distill,gate}``; small files are checked before the VLM loads.
+
+        ``quant`` (``4bit`` or ``none``) overrides how the VLM is loaded; by default it is loaded as
+        it was when stage 3 computed the gate's inputs.
+        """
         from engine.distill import load_head
         from engine.vlm_eval import load_trained_vlm
         from models.vlm import load_processor
@@ -135,14 +148,19 @@ class EmoVLMKD:
         gate, gate_meta = load_gate(gate_dir, dataname)
         check_parts(dataname, (vlm_dir, vlm_meta), (distill_dir, distill_meta), (gate_dir, gate_meta))
         head, _ = load_head(distill_dir)
-        model, processor, _ = load_trained_vlm(vlm_dir, device, vlm_model)
+        # By default the VLM loads as stage 3 loaded it for the gate's inputs; when that was as
+        # trained, load_trained_vlm's own default also covers a machine where 4-bit cannot run.
+        quant = quant or gate_meta["quant"]
+        if quant == (vlm_meta.get("quant") or "none"):
+            quant = None
+        model, processor, _ = load_trained_vlm(vlm_dir, device, vlm_model, quant)
         # The head's features are pooled as stage 2 pooled them: the base model's processor with
         # the pixel budget recorded in the distill folder.
         feature_processor = load_processor(vlm_meta["base_model"], distill_meta.get("min_pixels"),
                                            distill_meta.get("max_pixels"))
         return cls(model, processor, head.to(device), gate.to(device), vlm_meta["class_names"],
                    gate_meta["gate"], gate_meta["vlm_signal"], gate_meta["vlm_answer"],
-                   gate_meta.get("max_new_tokens", GATE_ANSWER_MAX_NEW_TOKENS), feature_processor)
+                   gate_meta["max_new_tokens"], feature_processor)
 
     @property
     def device(self) -> torch.device:
@@ -169,7 +187,6 @@ class EmoVLMKD:
         from engine.gate import vlm_gate_inputs
         from engine.vlm_eval import predict_vlm
         from models.gates import gate_weights
-        from models.vlm import pooled_image_features
 
         images = [image.convert("RGB") for image in images]
         num_classes = len(self.class_names)
@@ -179,7 +196,7 @@ class EmoVLMKD:
             self.model, self.processor, images, self.class_names, self.vlm_answer,
             max_new_tokens=self.answer_max_new_tokens)
         signal = vlm_gate_inputs(answered, num_classes, self.vlm_signal)
-        features = pooled_image_features(self.model, self.feature_processor, images)
+        features = head_features(self.model, self.feature_processor, images)
         head_device = next(self.head.parameters()).device
         head_logits = self.head(features.to(head_device)).float().cpu()
         gate_device = next(self.gate.parameters()).device

@@ -9,6 +9,7 @@ Both are deterministic.
 from __future__ import annotations
 
 import json
+import logging
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from utils.io import write_text
 from utils.metrics import NONE, classification_metrics, write_metrics
 
 EVAL_MODES = ("score", "generate")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -191,23 +193,88 @@ def predict_vlm(model, processor, images: Sequence[Image.Image], class_names: Se
     raise UserError(f"--eval_mode {mode}: choose one of {', '.join(EVAL_MODES)}")
 
 
+def trained_quant(meta: dict, quant: str | None, device: str | torch.device) -> str | None:
+    """How to load the base under a stage-1 adapter: ``quant`` None means as trained
+    (``meta["quant"]``), falling back to full precision, with a warning, where 4-bit cannot run
+    (no CUDA or no bitsandbytes); ``"none"`` full precision; ``"4bit"`` 4-bit NF4."""
+    from models.vlm import resolve_quant
+
+    if quant is not None:
+        return resolve_quant(quant, torch.device(device))
+    recorded = meta.get("quant")
+    if recorded is not None and resolve_quant("auto", torch.device(device)) != recorded:
+        log.warning("the adapter was trained on a %s base, which cannot load on %s here; "
+                    "using the full-precision base", recorded, device)
+        return None
+    return recorded
+
+
+def base_model_path(meta: dict, vlm_model: str | None, vlm_dir: str | Path) -> str:
+    """Where to read the base model of a stage-1 folder from.
+
+    ``--vlm_model`` is a consistency check, not a switch: it must name the base the adapter was
+    trained on (``meta["base_model"]``). The one exception is a local base folder that moved:
+    a folder whose ``config.json`` is identical to the recorded one (``meta["base_config_id"]``)
+    is taken as the same model.
+    """
+    from utils.checkpoints import file_id
+
+    recorded = meta["base_model"]
+    if vlm_model is None or vlm_model == recorded:
+        if vlm_model is None and _looks_local(recorded) and not Path(recorded).exists():
+            raise UserError(f"{vlm_dir}: its base model folder {recorded} is gone; if it moved, pass the "
+                            "new location with --vlm_model")
+        return recorded
+    config = Path(vlm_model) / "config.json"
+    if meta.get("base_config_id") and config.is_file() and file_id(config) == meta["base_config_id"]:
+        return str(vlm_model)
+    raise UserError(f"{vlm_dir}: adapter trained on --vlm_model {recorded!r}, not {vlm_model!r}; "
+                    "--vlm_model must name that same base model (or its moved local folder); "
+                    "leave it out or retrain stage 1")
+
+
+def _looks_local(model_id: str) -> bool:
+    # A hub id is "name" or "owner/name"; a short relative folder is indistinguishable from one.
+    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
+
+
 def load_trained_vlm(vlm_dir: str | Path, device: str | torch.device, vlm_model: str | None = None,
                      quant: str | None = None):
     """``(model, processor, meta)`` from a stage-1 folder: base VLM + LoRA adapter, eval mode.
 
-    ``vlm_model`` overrides where the base model is read from; it must name the same model
-    that was trained (``meta["base_model"]``).
+    ``vlm_model`` None reads the base from ``meta["base_model"]``; otherwise it must name that
+    same model (see :func:`base_model_path`). ``quant`` None loads the base as it was trained
+    (see :func:`trained_quant`), ``"none"`` in full precision, ``"4bit"`` in 4-bit.
     """
     from models.vlm import load_processor, load_vlm
 
     vlm_dir = Path(vlm_dir)
     meta = read_meta(vlm_dir, "vlm", vlm_dir.parent.name)
-    if vlm_model is not None and vlm_model != meta["base_model"]:
-        raise UserError(f"{vlm_dir}: adapter trained on --vlm_model {meta['base_model']!r}, not "
-                        f"{vlm_model!r}; pass the same --vlm_model or retrain stage 1")
+    base = base_model_path(meta, vlm_model, vlm_dir)
     processor = load_processor(str(vlm_dir), meta.get("min_pixels"), meta.get("max_pixels"))
-    model = load_vlm(meta["base_model"], device, quant=quant, adapter=vlm_dir)
+    model = load_vlm(base, device, quant=trained_quant(meta, quant, device), adapter=vlm_dir)
     return model, processor, meta
+
+
+def predict_samples(model, processor, data_root: str | Path, samples: Sequence, class_names: Sequence[str],
+                    mode: str, batch_size: int, max_new_tokens: int, desc: str = "VLM",
+                    chunk: int = 64) -> VLMPredictions:
+    """``predict_vlm`` over ``samples`` (data.datasets.Sample), decoding ``chunk`` images at a
+    time, never the whole split at once."""
+    from tqdm.auto import tqdm
+
+    from data.datasets import open_image
+
+    chunk = max(batch_size, chunk)
+    parts = []
+    for start in tqdm(range(0, len(samples), chunk), desc=desc, unit="chunk"):
+        images = [open_image(Path(data_root) / sample.path) for sample in samples[start:start + chunk]]
+        parts.append(predict_vlm(model, processor, images, class_names, mode, batch_size, max_new_tokens))
+    if not parts:  # an empty split
+        return predict_vlm(model, processor, [], class_names, mode, batch_size, max_new_tokens)
+    return VLMPredictions(pred=torch.cat([part.pred for part in parts]),
+                          probs=torch.cat([part.probs for part in parts]) if mode == "score" else None,
+                          texts=[text for part in parts for text in part.texts] if mode == "generate" else None)
 
 
 def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: Sequence[str],
@@ -215,20 +282,8 @@ def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: 
                  max_new_tokens: int = 32, title: str = "") -> dict:
     """Predict ``samples`` (data.datasets.Sample), write metrics.json, confusion PNG and
     predictions.jsonl into ``out_dir``; return the metrics."""
-    from tqdm.auto import tqdm
-
-    from data.datasets import open_image
-
-    # Images are decoded a chunk at a time, never the whole split at once.
-    chunk = max(batch_size, 64)
-    parts = []
-    for start in tqdm(range(0, len(samples), chunk), desc=f"eval ({mode})", unit="chunk"):
-        images = [open_image(Path(data_root) / sample.path) for sample in samples[start:start + chunk]]
-        parts.append(predict_vlm(model, processor, images, class_names, mode, batch_size, max_new_tokens))
-    result = VLMPredictions(
-        pred=torch.cat([part.pred for part in parts]),
-        probs=torch.cat([part.probs for part in parts]) if mode == "score" else None,
-        texts=[text for part in parts for text in part.texts] if mode == "generate" else None)
+    result = predict_samples(model, processor, data_root, samples, class_names, mode, batch_size,
+                             max_new_tokens, desc=f"eval ({mode})")
     labels = [sample.label for sample in samples]
     metrics = classification_metrics(labels, result.pred.tolist(), class_names)
     metrics["mode"] = mode

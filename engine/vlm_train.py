@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +12,8 @@ import torch
 from data.annotations import Annotation, to_conversations
 from data.datasets import DatasetSplits, open_image
 from models.chat import encode_conversations
-from utils.errors import UserError
+from utils.dist import distributed_rank
+from utils.errors import UserError, first_line
 from utils.io import write_text
 from utils.metrics import save_curves_png
 
@@ -82,7 +82,7 @@ def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules: Sequenc
     try:
         model = get_peft_model(model, config)
     except ValueError as err:
-        raise UserError(f"--target_modules/--modules_to_save: {str(err).splitlines()[0]}") from None
+        raise UserError(f"--target_modules/--modules_to_save: {first_line(err)}") from None
     model.print_trainable_parameters()
     return model
 
@@ -161,17 +161,11 @@ def training_arguments(args, trainer_dir: str | Path, on_gpu: bool):
     )
 
 
-def distributed_rank() -> tuple[int, int, int]:
-    """``(rank, local_rank, world_size)`` as set by torchrun / accelerate launch."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))
-
-
-def training_device(gpu: int | None) -> torch.device:
-    """This process's device: its local rank's GPU under a launcher, else ``--gpu`` or the CPU."""
-    from utils.cli import resolve_device
-
-    _, local_rank, world_size = distributed_rank()
-    if world_size > 1 and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return resolve_device(gpu)
+def check_placement(training_args, device: torch.device) -> None:
+    """Refuse to train when the Trainer would not run on ``device`` alone: it puts a single
+    process on cuda:0 and spreads it over every visible GPU with DataParallel."""
+    placed = training_args.device
+    if training_args.n_gpu > 1 or placed.type != device.type or (device.type == "cuda" and placed.index != device.index):
+        raise UserError(f"the trainer would run on {placed} over {training_args.n_gpu} GPU(s), "
+                        f"but the model is on {device}; run one process per GPU: set CUDA_VISIBLE_DEVICES=<gpu> or "
+                        "launch `torchrun --nproc_per_node <GPUs> train_vlm.py ...` for data parallel training")

@@ -27,23 +27,21 @@ class ConcatLinearGate(nn.Module):
 
 
 class BilinearGate(nn.Module):
-    """``vlm_signal^T W_k head_logits`` per class, plus a linear term on the concatenation.
+    """Bilinear + linear terms: ``vlm_signal^T W_k head_logits`` per class plus a linear layer on
+    the concatenation, so it contains the paper's gate (registry name ``bilinear``).
 
-    The linear term matters: a purely bilinear map is linear in ``head_logits`` once the VLM's
+    The linear terms are needed: a bare bilinear map is linear in ``head_logits`` once the VLM's
     one-hot picks a slice of W, so it cannot tell a confident head from a hesitant one except
-    through their scale, which the argmax ignores. ``linear_terms=False`` gives the bare layer.
+    through their scale, which the argmax ignores (it fails the "which source to trust" test).
     """
 
-    def __init__(self, num_classes: int, linear_terms: bool = True):
+    def __init__(self, num_classes: int):
         super().__init__()
         self.bilinear = nn.Bilinear(num_classes, num_classes, num_classes)
-        self.linear = nn.Linear(2 * num_classes, num_classes, bias=False) if linear_terms else None
+        self.linear = nn.Linear(2 * num_classes, num_classes, bias=False)
 
     def forward(self, vlm_signal: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
-        logits = self.bilinear(vlm_signal, head_logits)
-        if self.linear is not None:
-            logits = logits + self.linear(torch.cat([vlm_signal, head_logits], dim=-1))
-        return logits
+        return self.bilinear(vlm_signal, head_logits) + self.linear(torch.cat([vlm_signal, head_logits], dim=-1))
 
 
 class MoEGate(nn.Module):
@@ -108,6 +106,14 @@ GATES = {
     "moe": MoEGate,
     "dynamic_weight": DynamicWeightGate,
     "cross_gate": CrossGate,
+}
+# What each registry name is, for logs and tables.
+GATE_LABELS = {
+    "concat_linear": "concat + linear (the paper's gate)",
+    "bilinear": "bilinear + linear terms",
+    "moe": "mixture of 3 linear experts",
+    "dynamic_weight": "dynamic source weights + linear",
+    "cross_gate": "cross sigmoid gating + linear",
 }
 
 

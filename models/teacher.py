@@ -11,15 +11,10 @@ from typing import Sequence
 
 import torch
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 from utils.io import torch_save
 
 DEFAULT_TEACHER = "vit_base_patch16_384.augreg_in21k_ft_in1k"
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else err.__class__.__name__
 
 
 def default_img_size(model_name: str) -> int:
@@ -46,7 +41,7 @@ def build_teacher(model_name: str, num_classes: int, img_size: int | None = None
     except (OSError, RuntimeError) as err:
         if not pretrained:
             raise
-        raise UserError(f"--teacher_model {model_name}: cannot load pretrained weights ({_first_line(err)}); "
+        raise UserError(f"--teacher_model {model_name}: cannot load pretrained weights ({first_line(err)}); "
                         "connect to the Hugging Face hub once, or pass --no_teacher_pretrained") from None
 
 
@@ -84,7 +79,7 @@ def read_teacher_checkpoint(path: str | Path, class_names: Sequence[str] | None 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"teacher checkpoint {path}: cannot read it ({_first_line(err)})") from None
+        raise UserError(f"teacher checkpoint {path}: cannot read it ({first_line(err)})") from None
     missing = [k for k in ("state_dict", "model", "img_size", "class_names", "data_config")
                if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:

@@ -12,9 +12,16 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 QUANT_CHOICES = ("4bit",)
+# The hub processor of Qwen2-VL-7B-Instruct allows 12,845,056 pixels (16,384 visual tokens) per
+# image; without a cap a large photo would need tens of GB. 1280 merged 28x28 patches is the
+# transformers default and Qwen's recommended budget.
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28
+# Left in bf16 by 4-bit loading: the visual encoder (its pooled features must equal stage 2's
+# full-precision feature cache) and the output layer. Prefixes of module names (transformers 5).
+BNB_SKIP_MODULES = ("model.visual", "lm_head")
 
 
 def resolve_quant(choice: str | None, device: torch.device) -> str | None:
@@ -23,11 +30,6 @@ def resolve_quant(choice: str | None, device: torch.device) -> str | None:
         usable = device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
         return "4bit" if usable else None
     return None if choice in (None, "none") else choice
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else err.__class__.__name__
 
 
 def _check_model_id(model_id: str | Path) -> None:
@@ -41,11 +43,15 @@ def _check_model_id(model_id: str | Path) -> None:
 
 def _load_error(model_id: str, err: Exception) -> UserError:
     what = "cannot load this folder" if Path(model_id).exists() else "not a local folder nor a cached hub id"
-    return UserError(f"--vlm_model {model_id}: {what} ({_first_line(err)})")
+    return UserError(f"--vlm_model {model_id}: {what} ({first_line(err)})")
 
 
 def load_processor(model_id: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):
-    """The model's processor, with batched prompts padded on the left (needed for generation)."""
+    """The model's processor, with batched prompts padded on the left (needed for generation).
+
+    The pixel budget per image is ``[min_pixels, max_pixels]``; None keeps the checkpoint's own
+    value, except that its upper bound is capped at ``DEFAULT_MAX_PIXELS``.
+    """
     from transformers import AutoProcessor
     from transformers.image_utils import SizeDict
 
@@ -55,11 +61,13 @@ def load_processor(model_id: str | Path, min_pixels: int | None = None, max_pixe
     except (OSError, ValueError) as err:
         raise _load_error(model_id, err) from None
     processor.tokenizer.padding_side = "left"
-    if min_pixels is not None or max_pixels is not None:
-        # The image processor's size holds the pixel budget (shortest_edge = min, longest_edge = max).
-        size = processor.image_processor.size
-        processor.image_processor.size = SizeDict(shortest_edge=min_pixels or size.shortest_edge,
-                                                  longest_edge=max_pixels or size.longest_edge)
+    # The image processor's size holds the pixel budget (shortest_edge = min, longest_edge = max).
+    size = processor.image_processor.size
+    min_pixels = min_pixels or size.shortest_edge
+    max_pixels = max_pixels or min(size.longest_edge, DEFAULT_MAX_PIXELS)
+    if min_pixels > max_pixels:
+        raise UserError(f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}; lower it or raise --max_pixels")
+    processor.image_processor.size = SizeDict(shortest_edge=min_pixels, longest_edge=max_pixels)
     return processor
 
 
@@ -73,7 +81,7 @@ def _quantization_config(quant: str, device: torch.device):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=list(BNB_SKIP_MODULES))
 
 
 def load_vlm(model_id: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,

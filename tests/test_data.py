@@ -11,7 +11,7 @@ from data.annotations import (Annotation, append_annotation, read_annotations, r
 from data.datasets import ImageDataset, load_dataset
 from data.prompts import (categorical_answer, categorical_question, parse_emotion,
                           split_sections)
-from utils.cli import base_parser, parse_args
+from utils.cli import base_parser, parse_args, require_positive
 from utils.errors import UserError
 from utils.metrics import classification_metrics, write_metrics
 
@@ -198,6 +198,32 @@ def test_config_file_sets_defaults_command_line_wins(tmp_path):
     config.write_text("sead: 7\n")
     with pytest.raises(UserError, match=r"unknown keys \['sead'\]"):
         parse_args(base_parser("t"), ["--dataname", "x", "--config", str(config)])
+
+
+def test_config_values_are_checked_like_flags(tmp_path):
+    parser = base_parser("t", batch_size=4)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--mode", choices=("score", "generate"), default="score")
+    parser.add_argument("--modules", nargs="*", default=[])
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 1e-4\nbatch_size: '8'\nmodules: lm_head\nskip_bad_images: true\n")  # YAML: '1e-4' a str
+    args = parse_args(parser, ["--dataname", "x", "--config", str(config)])
+    assert (args.lr, args.batch_size, args.modules, args.skip_bad_images) == (1e-4, 8, ["lm_head"], True)
+    for text, message in [("mode: bogus\n", r"c.yaml: mode: 'bogus' is not one of score, generate"),
+                          ("batch_size: four\n", r"c.yaml: batch_size: 'four' is not a valid int"),
+                          ("batch_size: 2.5\n", r"batch_size: 2.5 is not a valid int"),
+                          ("lr: [1, 2]\n", r"lr: expected a single value")]:
+        config.write_text(text)
+        with pytest.raises(UserError, match=message):
+            parse_args(parser, ["--dataname", "x", "--config", str(config)])
+
+
+def test_require_positive_names_the_flag():
+    from argparse import Namespace
+
+    require_positive(Namespace(batch_size=1, max_pixels=None), "batch_size", "max_pixels")
+    with pytest.raises(UserError, match="--epochs must be at least 1 \\(got 0\\)"):
+        require_positive(Namespace(batch_size=2, epochs=0), "batch_size", "epochs")
 
 
 def test_metrics_match_hand_counts(tmp_path):

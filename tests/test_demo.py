@@ -152,6 +152,7 @@ def _edit_json(path: Path, **changes) -> None:
     ("gate_classes", "train_gate.py"),
     ("gate_stale_head", "train_gate.py"),
     ("gate_stale_adapter", "train_gate.py"),
+    ("gate_without_max_new_tokens", "train_gate.py"),
 ])
 def test_missing_or_mismatched_parts_name_the_stage(trained_pipeline, tmp_path, damage, command):  # noqa: F811
     from engine.predict import EmoVLMKD
@@ -166,6 +167,10 @@ def test_missing_or_mismatched_parts_name_the_stage(trained_pipeline, tmp_path, 
         _edit_json(stage / "distill" / "meta.json", class_names=["a", "b", "c", "d"])
     elif damage == "distill_backbone":
         _edit_json(stage / "distill" / "meta.json", base_model="Qwen/Qwen2-VL-7B-Instruct")
+    elif damage == "gate_without_max_new_tokens":  # an older gate.pt: its generate budget is unknown
+        checkpoint = torch.load(stage / "gate" / "gate.pt", weights_only=True)
+        del checkpoint["max_new_tokens"]
+        torch.save(checkpoint, stage / "gate" / "gate.pt")
     else:
         checkpoint = torch.load(stage / "gate" / "gate.pt", weights_only=True)
         key, value = {"gate_classes": ("class_names", ["a", "b", "c", "d"]),
@@ -186,3 +191,28 @@ def test_cli_error_is_one_line(trained_pipeline, tmp_path, capsys, monkeypatch):
     code = run_cli(demo.main, ["--dataname", "toy", "--output_dir", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "python train_gate.py --dataname toy" in err, err
+
+
+def test_head_features_ignore_an_adapter_on_the_vision_tower(tiny_vlm_dir, test_images):
+    from peft import LoraConfig, get_peft_model
+
+    from engine.predict import head_features
+    from models.vlm import load_processor, load_vlm, pooled_image_features
+
+    images = [Image.open(path).convert("RGB") for path in test_images[1][:2]]
+    processor = load_processor(str(tiny_vlm_dir))
+    base = pooled_image_features(load_vlm(str(tiny_vlm_dir)), processor, images)
+    torch.manual_seed(0)  # init_lora_weights=False: random, non-zero LoRA weights on the vision attention
+    adapted = get_peft_model(load_vlm(str(tiny_vlm_dir)), LoraConfig(target_modules=["qkv"], init_lora_weights=False))
+    assert not torch.allclose(pooled_image_features(adapted, processor, images), base)
+    torch.testing.assert_close(head_features(adapted, processor, images), base)
+    assert not torch.allclose(pooled_image_features(adapted, processor, images), base)  # adapter back on
+
+
+@pytest.mark.parametrize("flag", ["--max_new_tokens", "--max_image_side", "--max_upload_pixels"])
+def test_counts_below_one_are_one_line_errors(flag, tmp_path, capsys):
+    import demo
+    from utils.errors import run_cli
+
+    assert run_cli(demo.main, ["--dataname", "toy", "--output_dir", str(tmp_path), flag, "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {flag} must be at least 1 (got 0)"]

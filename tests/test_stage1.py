@@ -189,6 +189,109 @@ def test_eval_only_refuses_another_base_model(trained, toy_root):
         train_vlm.main(stage1_argv(toy_root, trained.parents[1], Path("elsewhere"), "--eval_only"))
 
 
+def test_eval_only_loads_the_base_as_trained_and_accepts_a_moved_base(trained, toy_root, tiny_vlm_dir, tmp_path,
+                                                                     monkeypatch):
+    import shutil
+
+    import engine.vlm_eval
+    import train_vlm
+    from engine.vlm_eval import base_model_path, load_trained_vlm, trained_quant
+    from utils.errors import UserError
+
+    calls = []
+
+    def record(vlm_dir, device, vlm_model=None, quant=None):
+        calls.append(quant)
+        raise UserError("stop")
+
+    monkeypatch.setattr(engine.vlm_eval, "load_trained_vlm", record)
+    for flags, expected in (((), None), (("--quant", "none"), "none")):
+        with pytest.raises(UserError, match="stop"):
+            train_vlm.main(stage1_argv(toy_root, trained.parents[1], tiny_vlm_dir, "--eval_only", *flags))
+        assert calls.pop() == expected  # auto -> None: as recorded in meta.json
+    monkeypatch.undo()
+
+    assert trained_quant({"quant": None}, None, "cpu") is None
+    assert trained_quant({"quant": "4bit"}, "4bit", "cpu") == "4bit"  # asked for: load_vlm then refuses on CPU
+    assert trained_quant({"quant": "4bit"}, None, "cpu") is None      # as trained is impossible here: warn
+    assert trained_quant({"quant": "4bit"}, "none", "cpu") is None
+
+    moved = shutil.copytree(tiny_vlm_dir, tmp_path / "moved")
+    meta = json.loads((trained / "meta.json").read_text())
+    assert base_model_path(meta, str(moved), trained) == str(moved)
+    model, _, _ = load_trained_vlm(trained, "cpu", vlm_model=str(moved))
+    assert hasattr(model, "peft_config")
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(UserError, match="must name that same base model"):
+        base_model_path(meta, str(moved), trained)
+    with pytest.raises(UserError, match="base model folder /gone/tiny is gone; .* --vlm_model"):
+        base_model_path({**meta, "base_model": "/gone/tiny"}, None, trained)
+
+
+def test_single_process_sees_only_its_gpu(monkeypatch):
+    from utils.dist import pin_single_gpu
+    from utils.errors import UserError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    env = {}
+    assert pin_single_gpu(2, env) == 0 and env == {"CUDA_VISIBLE_DEVICES": "2"}
+    env = {"CUDA_VISIBLE_DEVICES": "3,5,7,9"}
+    assert pin_single_gpu(1, env) == 0 and env["CUDA_VISIBLE_DEVICES"] == "5"
+    env = {}
+    assert pin_single_gpu(None, env) is None and env["CUDA_VISIBLE_DEVICES"] == "0"
+    with pytest.raises(UserError, match="--gpu 4: only 4 CUDA device"):
+        pin_single_gpu(4, {})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # CPU machine: nothing to do
+    env = {}
+    assert pin_single_gpu(1, env) == 1 and env == {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a launcher places each process itself
+    assert pin_single_gpu(1, env) == 1 and env == {}
+
+
+@pytest.mark.parametrize("gpus", [1, 3])
+def test_trainer_placement_is_checked(gpus, monkeypatch, tmp_path):
+    """The real TrainingArguments on a faked CUDA machine: a single process with 3 visible GPUs
+    would become DataParallel (n_gpu 3, batch x3); one visible GPU is cuda:0 only."""
+    from accelerate.state import AcceleratorState
+
+    import train_vlm
+    from engine.vlm_train import check_placement, training_arguments
+    from utils.cli import parse_args
+    from utils.errors import UserError
+
+    for name, value in (("is_available", True), ("device_count", gpus), ("is_bf16_supported", True),
+                        ("set_device", None)):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, value=value, **kwargs: value)
+    args = parse_args(train_vlm.get_args_parser(), ["--dataname", "toy"])
+    try:
+        training_args = training_arguments(args, tmp_path, on_gpu=True)
+        if gpus == 1:
+            check_placement(training_args, torch.device("cuda", 0))
+            with pytest.raises(UserError, match="model is on cuda:1"):
+                check_placement(training_args, torch.device("cuda", 1))
+        else:
+            with pytest.raises(UserError, match="over 3 GPU"):
+                check_placement(training_args, torch.device("cuda", 0))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_flag_mistakes_stop_before_loading(toy_root, tmp_path, capsys):
+    import train_vlm
+    from utils.errors import run_cli
+
+    argv = stage1_argv(toy_root, tmp_path, tmp_path / "no-model")
+    assert run_cli(train_vlm.main, argv + ["--batch_size", "0"]) == 2
+    assert "error: --batch_size must be at least 1 (got 0)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        train_vlm.main(argv + ["--lr_scheduler", "bogus"])
+    assert exit_info.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
 def test_two_process_cpu_run_saves_one_adapter(tiny_vlm_dir, toy_root, tmp_path):
     write_annotations(toy_root, tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

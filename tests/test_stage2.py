@@ -111,6 +111,8 @@ def test_teacher_and_head_beat_chance_and_the_folders_describe_themselves(stage2
     head = torch.load(distill_dir / "head.pt", weights_only=True)
     assert head["best_val_acc"] == max(row["val_acc"] for row in log_rows)
     assert head["in_dim"] == 64 and head["depth"] == 1 and head["class_names"] == metrics["class_names"]
+    assert head["feature_dtype"] == json.loads((distill_dir / "meta.json").read_text())["feature_dtype"] \
+        == "torch.float32"  # what stage 3 asks the feature cache for, on whatever device it runs
     for name in ("curves.png", "confusion_matrix.png", "run.json"):
         assert (distill_dir / name).is_file() and (teacher_dir / name).is_file()
 
@@ -155,7 +157,7 @@ def test_second_run_reuses_the_caches_and_gives_the_same_metrics(stage2, toy_roo
         monkeypatch.setattr(engine.distill, name,
                             lambda *a, _name=name, _f=original, **k: calls.append(_name) or _f(*a, **k))
     before = read_metrics(stage2)
-    caplog.set_level(logging.INFO, logger="engine.distill")
+    caplog.set_level(logging.INFO, logger="utils.cache")
     main(stage2_argv(toy_root, stage2))
     assert calls == []  # no VLM load, no encoder forward, no teacher forward
     assert sum("cache hit" in record.message for record in caplog.records) == 6
@@ -169,7 +171,7 @@ def test_stale_cache_is_rebuilt_with_a_log_line(stage2, tiny_vlm_dir, toy_root, 
     cache = tmp_path / "cache"
     splits = load_dataset(toy_root, "toy", stage2)
     first = cached_vlm_features(splits, str(tiny_vlm_dir), None, "cpu", 8, cache, names=("val",))["val"]
-    caplog.set_level(logging.INFO, logger="engine.distill")
+    caplog.set_level(logging.INFO, logger="utils.cache")
 
     other_model = tmp_path / "other-vlm"
     shutil.copytree(tiny_vlm_dir, other_model)
@@ -207,7 +209,8 @@ def test_missing_stage1_output_exits_2_naming_train_vlm(toy_root, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "python train_vlm.py --dataname toy" in lines[0]
 
 
-@pytest.mark.parametrize("case", ["teacher_checkpoint_classes", "own_teacher_classes", "another_vlm"])
+@pytest.mark.parametrize("case", ["teacher_checkpoint_classes", "own_teacher_classes", "own_teacher_other_split",
+                                  "another_vlm"])
 def test_bad_inputs_are_one_line_errors(case, stage2, tiny_vlm_dir, toy_root, tmp_path, capsys):
     from models.teacher import build_teacher, save_teacher
     from train_distillation import main
@@ -227,8 +230,27 @@ def test_bad_inputs_are_one_line_errors(case, stage2, tiny_vlm_dir, toy_root, tm
         (folder / "teacher.pt").write_bytes(b"")
         write_meta(folder, "teacher", ["cats", "dogs"], model="vit_tiny_patch16_224", img_size=64)
         expected = "--retrain_teacher"
+    elif case == "own_teacher_other_split":  # the stage's own teacher, as if trained before the split changed
+        shutil.copytree(stage2 / "toy" / "teacher", tmp_path / "toy" / "teacher")
+        shutil.copy(stage2 / "toy" / "split.json", tmp_path / "toy" / "split.json")
+        meta_path = tmp_path / "toy" / "teacher" / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        assert len(meta["train_images"]) == len(meta["val_images"]) == 16
+        meta_path.write_text(json.dumps({**meta, "val_images": "0" * 16}))
+        expected = "trained on other val_images (the data split changed); pass --retrain_teacher"
     else:
         extra, expected = ["--vlm_model", str(tmp_path / "elsewhere")], "--vlm_model"
     assert run_cli(main, stage2_argv(toy_root, tmp_path, *extra)) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--teacher_epochs", "--batch_size", "--feature_batch_size",
+                                  "--teacher_batch_size"])
+def test_counts_below_one_are_one_line_errors(flag, toy_root, tmp_path, capsys):
+    from train_distillation import main
+    from utils.errors import run_cli
+
+    assert run_cli(main, stage2_argv(toy_root, tmp_path, flag, "0")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: {flag} must be at least 1 (got 0)"]

@@ -55,6 +55,11 @@ def test_pipeline_outputs_table_and_accuracy(trained_pipeline):
     assert metrics["dataset"] == "toy" and metrics["split"] == "test" and metrics["n"] == 32
     assert metrics["class_names"] == ["amusement", "anger", "awe", "contentment"]
     assert set(metrics["gates"]) == set(GATE_NAMES) and metrics["teacher"]["n"] == 32
+    # The VLM's and the head's accuracy on every split, so a train/test gap is visible.
+    assert metrics["gate_train_split"] == "train" and list(metrics["splits"]) == ["train", "val", "test"]
+    assert metrics["splits"]["test"]["vlm_accuracy"] == metrics["vlm"]["accuracy"]
+    assert metrics["splits"]["test"]["head_accuracy"] == metrics["head"]["accuracy"]
+    assert sum(row["n"] for row in metrics["splits"].values()) == 128
     for key in ("vlm", "head", "teacher"):
         assert 0 <= metrics[key]["accuracy"] <= 1 and "macro_f1" in metrics[key]
     chosen = metrics["gate"]
@@ -73,6 +78,7 @@ def test_pipeline_outputs_table_and_accuracy(trained_pipeline):
     table = (gate_dir / "table.md").read_text()
     for row in ("VLM", "distill module", "teacher", *[f"EmoVLM-KD ({name})" for name in GATE_NAMES]):
         assert f"| {row} " in table or f"| {row} *" in table, row
+    assert "`bilinear` = bilinear + linear terms" in table
     assert "| toy | EmoVLM-KD" in build_report(trained_pipeline.output_dir)
 
 
@@ -89,6 +95,7 @@ def test_checkpoint_reload_reproduces_the_test_predictions(trained_pipeline):
     assert checkpoint["vlm_adapter_id"] == vlm_meta["adapter_id"] and checkpoint["head_id"] == head_meta["head_id"]
     assert checkpoint["base_model"] == str(trained_pipeline.vlm_model)
     assert (checkpoint["vlm_signal"], checkpoint["vlm_answer"]) == ("onehot", "score")
+    assert (checkpoint["max_new_tokens"], checkpoint["quant"]) == (32, "none")  # stage 1 ran in full precision
 
     test = _gate_data(trained_pipeline)["test"]
     assert test.vlm_signal.sum(1).le(1).all() and set(test.vlm_signal.unique().tolist()) <= {0.0, 1.0}
@@ -123,7 +130,7 @@ def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monke
 
 
 def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
-    import engine.gate
+    import engine.vlm_eval
     from data.datasets import DatasetSplits, Sample
     from engine.gate import cached_vlm_predictions
     from engine.vlm_eval import VLMPredictions
@@ -138,7 +145,7 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
         calls.append(mode)
         return VLMPredictions(pred=torch.tensor([-1] * len(samples)), probs=None, texts=["?"] * len(samples))
 
-    monkeypatch.setattr(engine.gate, "predict_samples", fake_predict)
+    monkeypatch.setattr(engine.vlm_eval, "predict_samples", fake_predict)
     loads = []
     meta = {"base_model": "m", "adapter_id": "a1"}
 
@@ -231,3 +238,64 @@ def test_missing_stage1_output_exits_2_naming_the_command(toy_root, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "run `python train_vlm.py --dataname toy` first" in lines[0]
+
+
+def _copy_outputs(pipeline: Pipeline, output_dir: Path, ignore=()) -> Pipeline:
+    shutil.copytree(pipeline.output_dir / "toy", output_dir / "toy", ignore=shutil.ignore_patterns(*ignore))
+    return Pipeline(pipeline.data_root, output_dir, pipeline.vlm_model)
+
+
+@pytest.mark.parametrize("case", ["missing", "stale"])
+def test_feature_cache_mismatch_asks_for_stage2_and_leaves_it_alone(case, trained_pipeline, tmp_path, capsys,
+                                                                    monkeypatch):
+    import engine.distill
+    import train_gate
+    from utils.errors import run_cli
+
+    pipeline = _copy_outputs(trained_pipeline, tmp_path, ["gate", "cache"] if case == "missing" else ["gate"])
+    cache = pipeline.stage("distill") / "cache"
+    if case == "stale":  # as if stage 2 had encoded in another dtype than stage 3 now asks for
+        _edit_meta(pipeline, "distill", feature_dtype="torch.bfloat16")
+    before = {path.name: path.stat().st_mtime_ns for path in cache.glob("*")}
+    monkeypatch.setattr(engine.distill, "load_vlm", lambda *a, **k: pytest.fail("stage 3 must not encode"))
+    assert run_cli(train_gate.main, pipeline.argv()) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "features do not match" in err[0], err
+    assert "rerun `python train_distillation.py --dataname toy`" in err[0]
+    assert {path.name: path.stat().st_mtime_ns for path in cache.glob("*")} == before
+
+
+def test_gate_trained_on_validation_halves(trained_pipeline, tmp_path):
+    import train_gate
+    from engine.gate import predictions, stratified_halves, subset
+
+    labels = torch.tensor([0] * 5 + [1] * 4 + [2] * 3)
+    first, second = stratified_halves(labels, seed=3)
+    assert sorted(first.tolist() + second.tolist()) == list(range(12))
+    assert labels[first].bincount().tolist() == [3, 2, 2] and labels[second].bincount().tolist() == [2, 2, 1]
+    assert torch.equal(stratified_halves(labels, seed=3)[0], first)
+    assert not torch.equal(stratified_halves(labels, seed=4)[0], first)
+
+    pipeline = _copy_outputs(trained_pipeline, tmp_path)  # caches included: no VLM forward
+    train_gate.main(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--gate_train_split", "val"))
+    metrics = json.loads((pipeline.stage("gate") / "metrics.json").read_text())
+    assert metrics["gate_train_split"] == "val" and list(metrics["gates"]) == ["concat_linear"]
+    assert metrics["gates"]["concat_linear"]["accuracy"] >= 0.5  # chance is 0.25
+    val = _gate_data(pipeline)["val"]
+    fit, select = stratified_halves(val.labels, 42)
+    assert len(fit) + len(select) == len(val.labels) == metrics["splits"]["val"]["n"]
+    # The kept epoch was picked on the held-out half: the saved gate's accuracy there is the one recorded.
+    gate, _ = _rebuild(pipeline.stage("gate") / "gate.pt")
+    held_out = subset(val, select)
+    accuracy = (predictions(gate, held_out) == held_out.labels).float().mean().item()
+    assert metrics["gates"]["concat_linear"]["val_accuracy"] == pytest.approx(accuracy)
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--batch_size", "--vlm_batch_size", "--max_new_tokens"])
+def test_counts_below_one_are_one_line_errors(flag, toy_root, tmp_path, capsys):
+    import train_gate
+    from utils.errors import run_cli
+
+    argv = ["--dataname", "toy", "--data_root", str(toy_root), "--output_dir", str(tmp_path), flag, "0"]
+    assert run_cli(train_gate.main, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {flag} must be at least 1 (got 0)"]

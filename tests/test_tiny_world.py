@@ -118,12 +118,28 @@ def test_pooled_features_batch_equals_one_by_one(tiny_vlm_dir):
 def test_pooled_features_through_a_peft_model(tiny_vlm_dir):
     from peft import LoraConfig, get_peft_model
 
-    model, processor = load_vlm(tiny_vlm_dir), load_processor(tiny_vlm_dir)
+    processor = load_processor(tiny_vlm_dir)
     images = _images_of_different_sizes()[:2]
-    expected = pooled_image_features(model, processor, images)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert vision_hidden_size(peft_model) == expected.shape[1]
-    torch.testing.assert_close(pooled_image_features(peft_model, processor, images), expected)
+    expected = pooled_image_features(load_vlm(tiny_vlm_dir), processor, images)
+    # Nonzero LoRA weights (B is zero by default): on the language model they leave the visual
+    # features alone, on the visual encoder's qkv they change them.
+    language = get_peft_model(load_vlm(tiny_vlm_dir), LoraConfig(
+        r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False))
+    assert vision_hidden_size(language) == expected.shape[1]
+    torch.testing.assert_close(pooled_image_features(language, processor, images), expected)
+    visual = get_peft_model(load_vlm(tiny_vlm_dir), LoraConfig(r=4, target_modules=["qkv"], init_lora_weights=False))
+    assert (pooled_image_features(visual, processor, images) - expected).abs().max() > 1e-4
+
+
+def test_4bit_loading_leaves_the_visual_encoder_and_lm_head_alone(tiny_vlm_dir):
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from models.vlm import BNB_SKIP_MODULES
+
+    linear = [name for name, module in load_vlm(tiny_vlm_dir).named_modules() if isinstance(module, torch.nn.Linear)]
+    kept = {name for name in linear if not should_convert_module(name, list(BNB_SKIP_MODULES))}
+    assert kept == {name for name in linear if name.startswith("model.visual.")} | {"lm_head"}
+    assert any(name.startswith("model.visual.") for name in kept) and len(kept) < len(linear)
 
 
 def test_pixel_budget_override_changes_visual_tokens(tiny_vlm_dir):
@@ -131,6 +147,25 @@ def test_pixel_budget_override_changes_visual_tokens(tiny_vlm_dir):
     default = load_processor(tiny_vlm_dir).image_processor(images=[image])["image_grid_thw"]
     larger = load_processor(tiny_vlm_dir, max_pixels=28 * 28 * 64).image_processor(images=[image])["image_grid_thw"]
     assert int(larger.prod()) > int(default.prod())
+    with pytest.raises(UserError, match="--min_pixels 9000 is above --max_pixels 4000"):
+        load_processor(tiny_vlm_dir, min_pixels=9000, max_pixels=4000)
+
+
+def test_default_pixel_budget_is_capped(tiny_vlm_dir, tmp_path):
+    import json
+    import shutil
+
+    from models.vlm import DEFAULT_MAX_PIXELS
+
+    assert load_processor(tiny_vlm_dir).image_processor.size.longest_edge == 12544  # its own, small budget
+    # Qwen2-VL-7B-Instruct's hub processor allows 12845056 pixels (16384 visual tokens).
+    hub_like = shutil.copytree(tiny_vlm_dir, tmp_path / "hub-like")
+    config = json.loads((hub_like / "processor_config.json").read_text())
+    config["image_processor"]["size"]["longest_edge"] = 12845056
+    (hub_like / "processor_config.json").write_text(json.dumps(config))
+    assert load_processor(hub_like).image_processor.size.longest_edge == DEFAULT_MAX_PIXELS
+    assert load_processor(hub_like, max_pixels=2 * DEFAULT_MAX_PIXELS).image_processor.size.longest_edge \
+        == 2 * DEFAULT_MAX_PIXELS
 
 
 def test_qwen2_5_vl_builds_and_runs(tiny_qwen25_dir):

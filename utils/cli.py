@@ -67,8 +67,45 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"--config {pre.config}: unknown keys {unknown}; valid keys are the flag names")
-        parser.set_defaults(**values)
+        actions = {action.dest: action for action in parser._actions}
+        parser.set_defaults(**{key: _config_value(actions[key], value, f"--config {pre.config}: {key}")
+                               for key, value in values.items()})
     return parser.parse_args(argv)
+
+
+def _config_value(action: argparse.Action, value, where: str):
+    """A config value checked as argparse checks the command line (defaults bypass it): strings
+    converted with the flag's type (YAML reads ``1e-4`` as a string), choices enforced, and a
+    single item for a list flag wrapped in a list."""
+    if action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0):  # not store_true's 0
+        items = value if isinstance(value, list) else [value]
+        return [_config_item(action, item, where) for item in items]
+    if isinstance(value, (list, dict)):
+        raise UserError(f"{where}: expected a single value, got {value!r}")
+    return _config_item(action, value, where)
+
+
+def _config_item(action: argparse.Action, item, where: str):
+    kind = action.type
+    if kind in (int, float) and (isinstance(item, bool) or not isinstance(item, (str, int, float))
+                                 or (kind is int and isinstance(item, float))):
+        raise UserError(f"{where}: {item!r} is not a valid {kind.__name__}")
+    if isinstance(item, str) and callable(kind):
+        try:
+            item = kind(item)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise UserError(f"{where}: {item!r} is not a valid {getattr(kind, '__name__', 'value')}") from None
+    if action.choices is not None and item not in action.choices:
+        raise UserError(f"{where}: {item!r} is not one of {', '.join(map(str, action.choices))}")
+    return item
+
+
+def require_positive(args: argparse.Namespace, *names: str) -> None:
+    """UserError unless every named integer flag (dest name, e.g. ``"batch_size"``) is >= 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1 (got {value})")
 
 
 def resolve_device(gpu: int | None) -> "torch.device":  # noqa: F821

@@ -23,6 +23,13 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     return 0
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first message line (its class name when the message is empty), for a
+    UserError that quotes what a library said."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else err.__class__.__name__
+
+
 def _last_line(message: str) -> str:
     # A UserError raised in a DataLoader worker comes back with the worker's traceback in
     # its message; the user needs only the final line.

@@ -1,0 +1,71 @@
+"""Key-checked caches of frozen-model outputs (visual features, teacher logits, VLM answers).
+
+A cache file holds ``{"key": dict, "values": ...}``. It is reused only when its key equals the
+key of the current run (model, weights, image list, preprocessing, ...); otherwise, or when it
+cannot be read, it is rebuilt. Each decision is logged with the key fields that changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from utils.io import torch_save
+
+log = logging.getLogger(__name__)
+
+
+def digest(obj) -> str:
+    """A short, order-independent hash of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def image_list_id(data_root: str | Path, samples: Sequence) -> str:
+    """Hash of a split's images in order: path, size and modification time of each file."""
+    rows = []
+    for sample in samples:
+        stat = (Path(data_root) / sample.path).stat()
+        rows.append((sample.path, stat.st_size, stat.st_mtime_ns))
+    return digest(rows)
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def load_cached(path: str | Path, key: dict) -> Any | None:
+    """The values cached in ``path`` when it was built for ``key``; otherwise None, logging why."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        log.info("cache miss: %s does not exist", path)
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        stored_key, values = stored["key"], stored["values"]
+    except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+        log.warning("cache unreadable: %s (%s)", path, err.__class__.__name__)
+        return None
+    if stored_key != key:
+        changed = _changed(stored_key if isinstance(stored_key, dict) else {}, key)
+        log.warning("cache stale: %s was built for another %s", path, ", ".join(changed))
+        return None
+    log.info("cache hit: %s", path)
+    return values
+
+
+def store(path: str | Path, key: dict, values: Any) -> None:
+    """Write ``values`` with their key, atomically."""
+    torch_save({"key": key, "values": values}, path)
+
+
+def load_or_build(path: str | Path, key: dict, build: Callable[[], Any]) -> Any:
+    """The cached values for ``key``, or ``build()``'s result, stored for next time."""
+    values = load_cached(path, key)
+    if values is None:
+        values = build()
+        store(path, key, values)
+    return values
