@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The EmoVLM-KD pipeline on a real dataset with the paper's settings (every stage's defaults;
-# configs/paper_*.yaml lists them with their sources). Stages 1-3 want a CUDA GPU.
+# The EmoVLM-KD pipeline on a real dataset with the paper's settings (the stages' defaults, and
+# configs/paper_gate.yaml for stage 3, whose VLM input is the decoded answer as in the paper;
+# configs/paper_*.yaml list every setting with its source). Stages 1-3 want a CUDA GPU.
 #
 #   export OPENAI_API_KEY=...                                  # stage 0 on OpenAI (gpt-4o) ...
 #   bash scripts/reproduce.sh FI                               # = make reproduce DATA=FI
@@ -48,8 +49,8 @@ step "stage 1: QLoRA instruction tuning of the VLM ($NPROC process(es))"
 step "stage 2: ViT teacher and distilled head ($NPROC process(es))"
 "${LAUNCH[@]}" train_distillation.py "${COMMON[@]}"
 
-step "stage 3: every gate variant (--gate all; the best on validation is saved for the demo)"
-"$PY" train_gate.py "${COMMON[@]}" --gate all
+step "stage 3: every gate variant on the VLM's decoded answers (configs/paper_gate.yaml, --gate all)"
+"$PY" train_gate.py "${COMMON[@]}" --config configs/paper_gate.yaml --gate all
 
 step "results (python -m utils.report)"
 "$PY" -m utils.report --output_dir "$OUT" --datasets "$DATA"
