@@ -4,11 +4,12 @@
 images each; the tiny VLM after one epoch of stage 1 and the distilled head after a short stage 2,
 both built first and untimed; how well they are trained does not change their cost), one process
 times:
-(1) one pass of the frozen models over every train/val/test image: the trained VLM loaded once,
-    its class answers (``score``, batch 8), its pooled visual features and the head;
-(2) the whole stage cold: ``train_gate.py`` with the paper's 10 epochs, both caches empty (the VLM
-    answers and stage 2's feature cache deleted), so it makes that pass itself;
-(3) the same stage warm (both caches filled): no model runs, so this is the stage's per-run
+(1) one pass of the frozen models over every train/val/test image, as stage 3 needs it: the
+    trained VLM loaded once and its class answers (``score``, batch 8), and the head on the visual
+    features stage 2 cached (stage 3 reuses them and never re-encodes);
+(2) the whole stage cold: ``train_gate.py`` with the paper's 10 epochs and its VLM-answer cache
+    emptied, so it makes that pass itself;
+(3) the same stage warm (answers cached): no model runs, so this is the stage's per-run
     overhead (reading the caches, 10 gate epochs, metrics, two PNGs, the run record);
 (4) the reference approach: for every training image in every epoch, the VLM generates its answer
     with sampling (temperature 0.8, up to 256 new tokens) and the encoder and head run again, all
@@ -47,21 +48,21 @@ def _best_of(fn, repeats: int = 2) -> float:
 
 
 def _one_pass(pipeline, splits) -> None:
-    """What stage 3 cannot avoid: every image through the trained VLM (answers, features) and the head."""
-    from data.datasets import open_image
-    from engine.distill import head_logits, load_head
-    from engine.gate import predict_samples
-    from engine.vlm_eval import load_trained_vlm
-    from models.vlm import pooled_image_features
+    """What stage 3 cannot avoid: every image through the trained VLM, and the head on stage 2's
+    cached features."""
+    from engine.distill import cached_vlm_features, head_logits, load_head
+    from engine.vlm_eval import load_trained_vlm, predict_samples
 
     model, processor, _ = load_trained_vlm(pipeline.stage("vlm"), "cpu")
-    head, _ = load_head(pipeline.stage("distill"))
+    head, meta = load_head(pipeline.stage("distill"))
+    pixels = {"min_pixels": meta.get("min_pixels"), "max_pixels": meta.get("max_pixels")}
+    features = cached_vlm_features(splits, meta["base_model"], pixels, "cpu", 8,
+                                   pipeline.stage("distill") / "cache", dtype=meta.get("feature_dtype"),
+                                   build=False)
     for split in ("train", "val", "test"):
-        samples = splits.split(split)
-        predict_samples(model, processor, splits.data_root, samples, splits.class_names, "score", 8, 32)
-        for start in range(0, len(samples), 8):
-            images = [open_image(splits.absolute(s)) for s in samples[start:start + 8]]
-            head_logits(head, pooled_image_features(model, processor, images))
+        predict_samples(model, processor, splits.data_root, splits.split(split), splits.class_names,
+                        "score", 8, 32)
+        head_logits(head, features[split])
 
 
 def _stage(pipeline, cold: bool) -> None:
@@ -69,8 +70,6 @@ def _stage(pipeline, cold: bool) -> None:
 
     if cold:
         shutil.rmtree(pipeline.stage("gate") / "cache", ignore_errors=True)
-        for path in (pipeline.stage("distill") / "cache").glob("vlm_features_*.pt"):
-            path.unlink()
     train_gate.main(pipeline.argv("--epoch", str(EPOCHS), "--num_workers", "0"))
 
 
