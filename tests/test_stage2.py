@@ -20,12 +20,10 @@ from tests.conftest import REPO, run_script
 TOY_CONFIG = str(REPO / "configs" / "toy_distill.yaml")
 
 
-def fake_stage1(output_dir: Path, vlm: Path) -> Path:
-    """Stage 1's meta.json, the only stage-1 output stage 2 reads.
-
-    TODO: switch to a real `train_vlm.py` run on the toy data if that stays cheap (tests/pipeline.py's
-    session fixture `trained_pipeline` now runs stages 1-3 once and could serve this module).
-    """
+def stage1_meta(output_dir: Path, vlm: Path) -> Path:
+    """Stage 1's meta.json, the only stage-1 output stage 2 reads, written by the function stage 1
+    uses. Real stage 1 -> 2 runs are covered by tests/pipeline.py and the quickstart test; here
+    the stage-2 tests stay independent of LoRA training."""
     from data.toy import toy_class_names
     from utils.checkpoints import write_meta
 
@@ -48,7 +46,7 @@ def stage2(tmp_path_factory, toy_root, tiny_vlm_dir) -> Path:
     from train_distillation import main
 
     output_dir = tmp_path_factory.mktemp("stage2")
-    fake_stage1(output_dir, tiny_vlm_dir)
+    stage1_meta(output_dir, tiny_vlm_dir)
     main(stage2_argv(toy_root, output_dir))
     return output_dir
 
@@ -217,7 +215,7 @@ def test_bad_inputs_are_one_line_errors(case, stage2, tiny_vlm_dir, toy_root, tm
     from utils.checkpoints import write_meta
     from utils.errors import run_cli
 
-    fake_stage1(tmp_path, tiny_vlm_dir)
+    stage1_meta(tmp_path, tiny_vlm_dir)
     extra = []
     if case == "teacher_checkpoint_classes":
         model = build_teacher("vit_tiny_patch16_224", 2, 64, pretrained=False)
