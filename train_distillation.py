@@ -147,7 +147,7 @@ def main(argv=None) -> None:
     from data.datasets import load_dataset
     from engine.distill import (HEAD_FILE, cached_teacher_logits, cached_vlm_features, feature_dtype,
                                 head_logits, init_distributed, save_head, train_head)
-    from utils.dist import distributed_rank, training_device
+    from utils.dist import distributed_rank, leave_process_group, training_device
     from models.vlm import vision_hidden_size
     from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
     from utils.metrics import classification_metrics, save_curves_png, write_metrics
@@ -178,6 +178,7 @@ def main(argv=None) -> None:
                                    args.num_workers)
     teacher_logits = cached_teacher_logits(splits, teacher_path, device, args.feature_batch_size, cache_dir,
                                            args.num_workers)
+    leave_process_group()  # the rest (head training, metrics) is rank 0's alone
     if rank != 0:
         return
     labels = {split: torch.tensor([s.label for s in splits.split(split)]) for split in features}

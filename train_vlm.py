@@ -166,7 +166,7 @@ def train(args, splits, out_dir: Path) -> None:
     from engine.vlm_train import (ConversationCollator, build_examples, check_placement, epoch_logger,
                                   read_history, training_arguments, wrap_lora)
     from models.vlm import load_processor, load_vlm, resolve_quant
-    from utils.dist import training_device
+    from utils.dist import leave_process_group, training_device
 
     args.vlm_model = args.vlm_model or DEFAULT_VLM
     path = annotations_file(args, splits.class_names)
@@ -199,7 +199,9 @@ def train(args, splits, out_dir: Path) -> None:
     trainer = Trainer(model=model, args=training_args, train_dataset=examples,
                       data_collator=ConversationCollator(processor, args.train_on_prompt), callbacks=[logger])
     trainer.train(resume_from_checkpoint=checkpoint)
-    if not trainer.is_world_process_zero():
+    is_main = trainer.is_world_process_zero()
+    leave_process_group()  # saving and evaluation are rank 0's alone
+    if not is_main:
         return
     save_outputs(args, model, processor, splits.class_names, out_dir, len(examples))
     if not args.skip_eval:

@@ -59,3 +59,17 @@ def pin_single_gpu(gpu: int | None, environ: MutableMapping[str, str] = os.envir
         raise UserError(f"--gpu {gpu}: only {count} CUDA device(s) visible")
     environ[VISIBLE] = single_gpu_visibility(gpu, environ.get(VISIBLE))
     return None if gpu is None else 0
+
+
+def leave_process_group() -> None:
+    """Wait for every process, then tear the launcher's process group down.
+
+    Call on every rank once the collective work is over, before the helper ranks return: a
+    process that exits with its gloo group still alive can abort in the group's destructor
+    ("terminate called without an active exception") while the others are still running.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
