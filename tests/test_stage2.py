@@ -200,6 +200,17 @@ def test_two_processes_shard_the_images_and_match_one(stage2, toy_root, tmp_path
     assert torch.equal(torch.load(output_dir / cache)["values"], torch.load(stage2 / cache)["values"])
 
 
+def test_leaving_the_process_group_tears_it_down_once(tmp_path):
+    import torch.distributed as dist
+
+    from utils.dist import leave_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    leave_process_group()
+    assert not dist.is_initialized()
+    leave_process_group()  # a second call, or a run without a launcher, does nothing
+
+
 def test_missing_stage1_output_exits_2_naming_train_vlm(toy_root, tmp_path):
     result = run_script("train_distillation.py", *stage2_argv(toy_root, tmp_path))
     assert result.returncode == 2
