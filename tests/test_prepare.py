@@ -343,3 +343,21 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     missing_split = run_script("-m", "data.prepare", "folders", "--src", str(tmp_path), "--out", str(tmp_path / "o"))
     assert missing_split.returncode == 2
     assert missing_split.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_folders_with_a_given_split_keep_it(tmp_path):
+    src = tmp_path / "given"
+    make_folders(src / "train", {"a": 5, "b": 4})
+    make_folders(src / "test", {"a": 2, "b": 3}, seed0=300)
+    out = tmp_path / "out"
+    prepare("folders", "--src", src, "--out", out)
+    assert class_counts(out) == {"train": {"a": 5, "b": 4}, "test": {"a": 2, "b": 3}}
+    record = manifest(out)
+    assert record["settings"]["split"] is None and record["settings"]["seed"] is None
+    assert ["test/a/img00.jpg", "test/a/img00.jpg"] in record["files"]
+    # a given split that misses a class cannot load, so it is refused
+    for f in (src / "test" / "b").iterdir():
+        f.unlink()
+    (src / "test" / "b").rmdir()
+    with pytest.raises(UserError, match=r"the source's test split has no images of \['b'\]"):
+        prepare("folders", "--src", src, "--out", tmp_path / "other")
