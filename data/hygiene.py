@@ -185,19 +185,16 @@ def drop_cross_split_duplicates(root: str | Path, report: dict) -> list[str]:
     for group in report["cross_split_duplicates"]:
         first_split = min((path.split("/")[0] for path in group), key=_ORDER.get)
         for path in group:
-            if path.split("/")[0] == first_split:
+            split, class_name = path.split("/")[:2]
+            if split == first_split:
                 continue
-            file = root / path
-            siblings = [p for p in file.parent.rglob("*") if is_image_file(p)]
-            if len(siblings) <= 1:
+            if report["counts"][split][class_name] <= 1:
                 print(f"warning: kept {path}: it is the last image of its class folder")
                 continue
-            file.unlink()
+            (root / path).unlink()
+            report["counts"][split][class_name] -= 1
             dropped.append(path)
     report["dropped"] = dropped
-    for path in dropped:
-        split, class_name = path.split("/")[:2]
-        report["counts"][split][class_name] -= 1
     return dropped
 
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data.datasets import IMAGE_EXTENSIONS, is_image_file, known_classes
 from data.hygiene import (MAX_IMBALANCE, MIN_SIDE, NEAR_DUPLICATE_BITS, SPLITS, check_layout,
                           drop_cross_split_duplicates, format_report)
-from utils.errors import UserError, run_cli
+from utils.errors import UserError, first_line, run_cli
 from utils.io import read_json, write_json
 
 MANIFEST = "manifest.json"
@@ -471,10 +471,10 @@ def prepare(args) -> None:
                         "(or choose another --out)")
     _report_source(args, class_names, dropped, missing, repeated)
     staging = out.parent / f".{out.name}.preparing"
-    if staging.exists():
-        shutil.rmtree(staging)  # left by an interrupted run
-    staging.parent.mkdir(parents=True, exist_ok=True)
     try:
+        if staging.exists():
+            shutil.rmtree(staging)  # left by an interrupted run
+        staging.parent.mkdir(parents=True, exist_ok=True)
         methods = build_layout(plan, source_root, staging, args.copy)
         report = _check(staging, args)
         dropped_files = set(report["dropped"])
@@ -486,6 +486,10 @@ def prepare(args) -> None:
             "plan_sha256": digest, "files": [[f.target, f.source] for f in final], "check": report,
         })
         swap_in(staging, out)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"--out {out}: cannot write the layout ({first_line(err)}); "
+                        "nothing was changed there") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -535,7 +539,10 @@ def check(args) -> None:
         gone = set(report["dropped"])
         manifest["files"] = [entry for entry in manifest["files"] if entry[0] not in gone]
         manifest["counts"] = report["counts"]
-    write_json(manifest_file, manifest)
+    try:
+        write_json(manifest_file, manifest)
+    except OSError as err:
+        raise UserError(f"{manifest_file}: cannot write the report ({first_line(err)})") from None
     print(f"report written to {manifest_file}")
 
 
