@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--src", required=True, help="the dataset as downloaded" if mode != "csv" else "the CSV table")
         sub.add_argument("--out", required=True, help="the layout to write, e.g. images/FI")
         if mode == "csv":
-            sub.add_argument("--root", default=None, help="folder the CSV paths are relative to (default: the CSV's folder)")
+            sub.add_argument("--root", default=None, help="folder the CSV paths are relative to; None means the CSV's own folder")
         if mode == "prefix":
             sub.add_argument("--sep", default="_", help="the class is the file name up to the first --sep")
         if mode != "emoset":
@@ -588,8 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--classes", nargs="+", default=None, metavar="NAME[=NEW]",
                          help="classes to keep (others are dropped and counted), NAME=NEW renames")
         sub.add_argument("--copy", action="store_true", help="copy files instead of linking them")
-        sub.add_argument("--skip_missing", action="store_true",
-                         help="leave out listed images missing on disk (emoset, csv) instead of stopping")
+        if mode in ("emoset", "csv"):
+            sub.add_argument("--skip_missing", action="store_true",
+                             help="leave out listed images missing on disk (counted) instead of stopping")
+        else:
+            sub.set_defaults(skip_missing=False)
         sub.add_argument("--overwrite", action="store_true",
                          help="replace a layout prepared earlier with other arguments")
         _add_check_flags(sub)
