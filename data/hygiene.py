@@ -43,6 +43,13 @@ class ImageRecord:
     error: str = ""
 
 
+def broken_links(root: Path) -> list[str]:
+    """Symbolic links in the layout whose target is gone (the source was moved or deleted):
+    the loader would silently skip them."""
+    return sorted(p.relative_to(root).as_posix() for split in SPLITS if (root / split).is_dir()
+                  for p in (root / split).rglob("*") if p.is_symlink() and not p.exists())
+
+
 def scan_layout(root: Path) -> list[ImageRecord]:
     """Every image of the layout, sorted by path (hidden folders and non-images are skipped,
     as the dataset loader skips them)."""
@@ -164,6 +171,7 @@ def check_layout(root: str | Path, near_bits: int = NEAR_DUPLICATE_BITS, min_sid
         "near_duplicates_across_splits": [[a.path, b.path, d] for a, b, d in near[:MAX_LISTED]],
         "near_duplicate_pairs": len(near),
         "undecodable": [[r.path, r.error] for r in records if r.error],
+        "broken_links": broken_links(root),
         "tiny": [[r.path, r.width, r.height] for r in records
                  if not r.error and min(r.width, r.height) < min_side],
         "imbalance": imbalance,
@@ -216,6 +224,7 @@ def format_report(report: dict) -> str:
         (f"near-duplicates across splits (dHash distance <= {settings['near_duplicate_bits']} of 64)",
          report["near_duplicates_across_splits"], "pairs: review them by eye"),
         ("undecodable images", report["undecodable"], "files: fix or remove them (or --skip_bad_images later)"),
+        ("broken symbolic links", report["broken_links"], "files: their source moved; prepare again"),
         (f"tiny images (shorter side < {settings['min_side']} px)", report["tiny"], "files"),
     ]
     for title, items, unit in findings:

@@ -464,7 +464,8 @@ def prepare(args) -> None:
     _restore_backup(out)
     state = existing_layout_state(out, settings, digest)
     if state == "same":
-        print(f"{out}: already prepared with these arguments ({len(plan)} images); nothing changed")
+        print(f"{out}: already prepared with these arguments ({len(plan)} images); nothing changed "
+              f"(`python -m data.prepare check {out}` checks it again)")
         return
     if state != "absent" and not args.overwrite:
         raise UserError(f"--out {out}: holds a layout, but {state}; pass --overwrite to replace it "

@@ -258,6 +258,16 @@ def test_link_falls_back_to_symlink_then_copy(tmp_path, monkeypatch):
     assert prep.link_file(source, tmp_path / "k.jpg", copy=False) == "copy"
 
 
+def test_check_reports_links_whose_source_is_gone(tmp_path):
+    layout = tmp_path / "l"
+    photo(layout / "train/a/kept.jpg", 0)
+    (layout / "test/a").mkdir(parents=True)
+    os.symlink(photo(tmp_path / "moved.jpg", 1), layout / "test/a/gone.jpg")
+    (tmp_path / "moved.jpg").unlink()
+    report = check_layout(layout, progress=False)
+    assert report["broken_links"] == ["test/a/gone.jpg"] and report["images"] == 1
+
+
 def test_failed_overwrite_keeps_the_old_layout(tmp_path, monkeypatch):
     src = make_folders(tmp_path / "src", {"a": 6, "b": 6})
     out = tmp_path / "out"
