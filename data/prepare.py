@@ -11,7 +11,8 @@ python -m data.prepare check   images/FI [--drop_cross_split_duplicates]
 Sources: ``emoset`` reads EmoSet-118K's ``train.json``/``val.json``/``test.json`` (lists of
 ``[emotion, image_id, image_path, annotation_path]``); ``folders`` one sub-folder per class (or
 ``train/``, ``val/``, ``test/`` each holding class folders: a given split); ``prefix`` class =
-file name up to the first ``--sep``; ``csv`` a table with columns ``path,label[,split]``.
+file name up to the first ``--sep``; ``csv`` a table with columns ``path,label[,split]``, or
+with ``--votes`` a table of vote counts per class (Abstract's).
 Given splits are kept; otherwise ``--split`` ratios, stratified by class and seeded. Files are
 hard-linked (then symlinked, then copied). ``manifest.json`` records how the layout was made
 and the leakage/hygiene check (data/hygiene.py) that ends every prepare.
@@ -149,24 +150,52 @@ def read_emoset(src: Path) -> list[SourceImage]:
     return images
 
 
+def _read_rows(table: Path) -> list[list[str]]:
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as fh:
+            rows = [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError:
+        raise UserError(f"--src {table}: not a UTF-8 text table") from None
+    if len(rows) < 2:
+        raise UserError(f"--src {table}: no rows; expected a header row and one row per image")
+    return rows
+
+
+def read_vote_table(table: Path) -> tuple[list[SourceImage], int]:
+    """A table of votes (Abstract's ``ABSTRACT_groundTruth.csv``): the first column is the image,
+    every other column a class named by its header, holding that class's vote count. The label
+    is the class with most votes; images with a tie for most are left out and counted.
+    Single quotes around names (as Abstract writes them) are removed."""
+    rows = [[cell.strip().strip("'").strip() for cell in row] for row in _read_rows(table)]
+    classes = rows[0][1:]
+    if len(classes) < 2 or not all(classes):
+        raise UserError(f"--src {table}: expected a header row image,<class>,<class>,... for --votes; found {rows[0]}")
+    images, ties = [], 0
+    for line, row in enumerate(rows[1:], start=2):
+        try:
+            votes = [float(cell) for cell in row[1:len(classes) + 1]]
+        except ValueError:
+            raise UserError(f"{table} line {line}: vote counts must be numbers, found {row[1:]}") from None
+        if len(votes) != len(classes) or not row[0]:
+            raise UserError(f"{table} line {line}: expected an image and {len(classes)} vote counts")
+        top = max(votes)
+        if votes.count(top) > 1:
+            ties += 1
+            continue
+        images.append(SourceImage(row[0], classes[votes.index(top)], None))
+    return images, ties
+
+
 def read_csv_source(table: Path) -> list[SourceImage]:
     """Rows of ``path,label[,split]`` (a header row naming the columns; any order, extra columns
     ignored). Paths are relative to ``--root`` (or absolute)."""
-    try:
-        with open(table, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except UnicodeDecodeError:
-        raise UserError(f"--src {table}: not a UTF-8 text table") from None
-    if not rows:
-        raise UserError(f"--src {table}: empty; expected a header row path,label[,split] and one row per image")
+    rows = _read_rows(table)
     header = [name.strip().lower() for name in rows[0]]
     if "path" not in header or "label" not in header:
         raise UserError(f"--src {table}: expected a header row with columns path,label[,split]; found {rows[0]}")
     columns = {name: header.index(name) for name in ("path", "label", "split") if name in header}
     images = []
     for line, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
         if len(row) < len(header):
             raise UserError(f"{table} line {line}: {len(row)} column(s), the header has {len(header)}")
         path, label = row[columns["path"]].strip(), row[columns["label"]].strip()
@@ -179,8 +208,6 @@ def read_csv_source(table: Path) -> list[SourceImage]:
                 raise UserError(f"{table} line {line}: split {given!r} is not one of train, val, test")
             split = SPLIT_ALIASES[given]
         images.append(SourceImage(path, label, split))
-    if not images:
-        raise UserError(f"--src {table}: a header but no rows")
     return images
 
 
@@ -398,7 +425,9 @@ def existing_layout_state(out: Path, settings: dict, digest: str) -> str:
 
 # ---------------------------------------------------------------- commands
 
-def read_source(args) -> tuple[list[SourceImage], Path]:
+def read_source(args) -> tuple[list[SourceImage], Path, int]:
+    """The source's images, the folder their paths are relative to, and the number of images
+    left out for tied votes (``csv --votes``)."""
     src = Path(args.src)
     if args.mode == "csv":
         if not src.is_file():
@@ -406,14 +435,17 @@ def read_source(args) -> tuple[list[SourceImage], Path]:
         root = Path(args.root) if args.root else src.parent
         if not root.is_dir():
             raise UserError(f"--root {root}: no such folder")
-        return read_csv_source(src), root
+        if args.votes:
+            images, ties = read_vote_table(src)
+            return images, root, ties
+        return read_csv_source(src), root, 0
     if not src.is_dir():
         raise UserError(f"--src {src}: no such folder")
     if args.mode == "emoset":
-        return read_emoset(src), src
+        return read_emoset(src), src, 0
     if args.mode == "folders":
-        return read_folders(src), src
-    return read_prefix(src, args.sep), src
+        return read_folders(src), src, 0
+    return read_prefix(src, args.sep), src, 0
 
 
 def resolve_splits(images: list[SourceImage], args) -> tuple[list[SourceImage], list[float] | None]:
@@ -437,7 +469,7 @@ def resolve_splits(images: list[SourceImage], args) -> tuple[list[SourceImage], 
 
 def prepare(args) -> None:
     out = Path(args.out)
-    images, source_root = read_source(args)
+    images, source_root, ties = read_source(args)
     if args.mode in ("folders", "prefix", "emoset") and out.resolve().is_relative_to(source_root.resolve()):
         raise UserError(f"--out {out}: inside --src {source_root}; write the layout elsewhere")
     if args.mode in ("emoset", "csv"):
@@ -458,7 +490,8 @@ def prepare(args) -> None:
     digest = plan_hash(plan)
     settings = {"mode": args.mode, "source": str(Path(args.src).resolve()), "root": str(source_root.resolve()),
                 "split": ratios, "seed": args.seed if ratios else None, "classes": mapping,
-                "sep": args.sep if args.mode == "prefix" else None, "skip_missing": args.skip_missing,
+                "sep": args.sep if args.mode == "prefix" else None,
+                "votes": args.mode == "csv" and args.votes, "skip_missing": args.skip_missing,
                 "copy": args.copy, "drop_cross_split_duplicates": args.drop_cross_split_duplicates}
 
     _restore_backup(out)
@@ -470,7 +503,7 @@ def prepare(args) -> None:
     if state != "absent" and not args.overwrite:
         raise UserError(f"--out {out}: holds a layout, but {state}; pass --overwrite to replace it "
                         "(or choose another --out)")
-    _report_source(args, class_names, dropped, missing, repeated)
+    _report_source(args, class_names, dropped, missing, repeated, ties)
     staging = out.parent / f".{out.name}.preparing"
     try:
         if staging.exists():
@@ -483,7 +516,7 @@ def prepare(args) -> None:
         write_json(staging / MANIFEST, {
             "format": MANIFEST_FORMAT, "tool": "data.prepare", "settings": settings,
             "class_names": class_names, "dropped_classes": dropped, "missing_skipped": missing,
-            "listed_twice": repeated, "links": methods, "counts": counts_of(final),
+            "listed_twice": repeated, "tied_votes": ties, "links": methods, "counts": counts_of(final),
             "plan_sha256": digest, "files": [[f.target, f.source] for f in final], "check": report,
         })
         swap_in(staging, out)
@@ -500,8 +533,10 @@ def prepare(args) -> None:
     print(f"wrote {out}: {_counts_line(counts_of(final))}; files {_methods_line(methods)}")
 
 
-def _report_source(args, class_names, dropped, missing, repeated) -> None:
+def _report_source(args, class_names, dropped, missing, repeated, ties) -> None:
     print(f"{args.mode} source {args.src}: classes {class_names}")
+    if ties:
+        print(f"  left out {ties} image(s) whose votes tie for most")
     for name, count in dropped.items():
         print(f"  dropped class {name}: {count} image(s)")
     if missing:
@@ -578,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", required=True, help="the layout to write, e.g. images/FI")
         if mode == "csv":
             sub.add_argument("--root", default=None, help="folder the CSV paths are relative to; None means the CSV's own folder")
+            sub.add_argument("--votes", action="store_true",
+                             help="the table is image,<class>,<class>,... vote counts (e.g. Abstract's "
+                                  "ABSTRACT_groundTruth.csv): label = most votes, ties left out")
         if mode == "prefix":
             sub.add_argument("--sep", default="_", help="the class is the file name up to the first --sep")
         if mode != "emoset":

@@ -203,6 +203,28 @@ def test_prefix_csv_name_collisions_undecodable_and_cross_class_duplicate(tmp_pa
     assert check["cross_split_duplicates"] == []
 
 
+def test_vote_table_takes_the_majority_and_leaves_ties_out(tmp_path, capsys):
+    """Abstract's shape: testImages_abstract/ABSTRACT_groundTruth.csv, names in single quotes."""
+    folder = tmp_path / "testImages_abstract"
+    votes = {"'abstract_01.jpg'": (5, 1, 0), "'abstract_02.jpg'": (0, 3, 1), "'abstract_03.jpg'": (2, 2, 0),
+             "'abstract_04.jpg'": (1, 0, 4), "'abstract_05.jpg'": (4, 0, 0), "'abstract_06.jpg'": (0, 5, 0),
+             "'abstract_07.jpg'": (0, 0, 2)}
+    for k, name in enumerate(votes):
+        photo(folder / name.strip("'"), 600 + k)
+    lines = ["'ImageName','Amusement','Content','Sad'"] + [f"{n},{a},{b},{c}" for n, (a, b, c) in votes.items()]
+    (folder / "ABSTRACT_groundTruth.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "abstract"
+    prepare("csv", "--votes", "--src", folder / "ABSTRACT_groundTruth.csv", "--out", out,
+            "--split", 0.5, 0.0, 0.5, "--classes", "Amusement=amusement", "Content=contentment", "Sad=sadness")
+    assert "left out 1 image(s) whose votes tie for most" in capsys.readouterr().out
+    record = manifest(out)
+    labels = {Path(source).name: Path(target).parts[1] for target, source in record["files"]}
+    assert labels == {"abstract_01.jpg": "amusement", "abstract_02.jpg": "contentment",
+                      "abstract_04.jpg": "sadness", "abstract_05.jpg": "amusement",
+                      "abstract_06.jpg": "contentment", "abstract_07.jpg": "sadness"}
+    assert record["tied_votes"] == 1
+
+
 def test_tiny_images_imbalance_and_the_check_command(tmp_path, capsys):
     layout = tmp_path / "hand"
     make_folders(layout / "train", {"big": 12, "small": 1})
