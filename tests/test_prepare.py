@@ -1,6 +1,5 @@
 """Dataset preparation (data/prepare.py) and the leakage/hygiene check (data/hygiene.py) on
 synthetic miniatures of each source shape the authors distribute."""
-import io
 import json
 import os
 from pathlib import Path
