@@ -35,7 +35,8 @@ def write_layout(root: Path, images: int, seed: int = 0) -> None:
     # the smooth fields differ per image, and they decide the difference hash
     noise = rng.integers(-12, 13, (SIZE[1], SIZE[0], 3)).astype(np.int16)
     for index in range(images):
-        split = "test" if index % 20 < 3 else "val" if index % 20 == 3 else "train"
+        slot = (index // CLASSES) % 20  # 15/20 train, 1/20 val, 3/20 test within every class
+        split = "test" if slot < 3 else "val" if slot == 3 else "train"
         folder = root / split / f"class{index % CLASSES}"
         folder.mkdir(parents=True, exist_ok=True)
         blocks = (rng.random((6, 8, 3)) * 255).astype(np.uint8)
