@@ -392,3 +392,15 @@ def test_folders_with_a_given_split_keep_it(tmp_path):
     (src / "test" / "b").rmdir()
     with pytest.raises(UserError, match=r"the source's test split has no images of \['b'\]"):
         prepare("folders", "--src", src, "--out", tmp_path / "other")
+
+
+def test_a_run_killed_between_the_two_renames_is_repaired(tmp_path, capsys):
+    src = make_folders(tmp_path / "src", {"a": 4, "b": 4})
+    out = tmp_path / "out"
+    args = ["folders", "--src", src, "--out", out, "--split", 0.5, 0.0, 0.5]
+    prepare(*args)
+    out.rename(tmp_path / ".out.replaced")  # the old layout moved aside, the new one not yet in
+    capsys.readouterr()
+    prepare(*args)
+    assert "nothing changed" in capsys.readouterr().out
+    assert not (tmp_path / ".out.replaced").exists() and len(manifest(out)["files"]) == 8
