@@ -22,6 +22,7 @@ from pathlib import Path
 
 from utils.cli import base_parser, parse_args, require_positive, stage_dir
 from utils.errors import UserError, run_cli
+from utils.outputs import StagedOutput
 
 log = logging.getLogger("train_gate")
 
@@ -199,14 +200,13 @@ def main(argv=None) -> None:
     print(splits.summary())
     check_inputs(args, splits.class_names, vlm_dir, vlm_meta, distill_dir, head_meta)
     out_dir = stage_dir(args, "gate")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)  # until this run finishes, the folder is not trusted
+    staged = StagedOutput(out_dir)  # the old gate stays until the new one is complete
     device = resolve_device(args.gpu)
     args.quant = vlm_quant(args, vlm_meta, device)  # resolved once: recorded in run.json and gate.pt
     data = gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device)
 
-    log_path = out_dir / "log.txt"
-    log_path.unlink(missing_ok=True)
+    new_dir = staged.begin()
+    log_path = new_dir / "log.txt"
 
     def log_epoch(row: dict) -> None:
         with open(log_path, "a", encoding="utf-8") as fh:
@@ -230,7 +230,8 @@ def main(argv=None) -> None:
                   "max_new_tokens": args.max_new_tokens, "quant": args.quant,
                   "vlm_adapter_id": vlm_meta["adapter_id"], "head_id": head_meta["head_id"],
                   "base_model": vlm_meta["base_model"]}
-    table = write_results(args, out_dir, data, results, selected, splits.class_names, provenance)
+    table = write_results(args, new_dir, data, results, selected, splits.class_names, provenance)
+    staged.commit([(f"the {name} gate's validation loss", results[name].history[-1]["val_loss"]) for name in names])
     print(table)
     print(f"saved gate {selected!r} (val acc {results[selected].best_val_acc:.4f} at epoch "
           f"{results[selected].best_epoch}) to {out_dir / 'gate.pt'}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from utils.cli import base_parser, parse_args, require_positive, stage_dir
 from utils.errors import UserError, run_cli
+from utils.outputs import StagedOutput, staging_dir
 
 DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
 log = logging.getLogger("train_vlm")
@@ -120,7 +121,8 @@ def annotations_file(args, class_names) -> Path:
 
 
 def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
-    """Distrust the old result (meta.json goes first); find the checkpoint to resume from."""
+    """Find the checkpoint to resume from; the new results go to a staging folder beside
+    ``out_dir`` (kept when resuming), so the old adapter stays trusted until they replace it."""
     from engine.vlm_train import last_checkpoint
     from utils.dist import distributed_rank
 
@@ -128,20 +130,22 @@ def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
     if args.resume and checkpoint is None:
         raise UserError(f"--resume: no checkpoint in {trainer_dir}; run without --resume")
     if distributed_rank()[0] == 0:
-        (out_dir / "meta.json").unlink(missing_ok=True)
-        if not args.resume:
-            (out_dir / "log.txt").unlink(missing_ok=True)
-            if trainer_dir.exists():
-                print(f"starting afresh: removing old checkpoints in {trainer_dir}")
-                shutil.rmtree(trainer_dir)
+        StagedOutput(out_dir).begin(keep=args.resume)
+        if not args.resume and trainer_dir.exists():
+            print(f"starting afresh: removing old checkpoints in {trainer_dir}")
+            shutil.rmtree(trainer_dir)
     return checkpoint
 
 
 def save_outputs(args, model, processor, class_names, out_dir: Path, num_examples: int) -> None:
-    """Adapter, processor, run record, then meta.json last: only a complete folder has one."""
+    """Adapter, processor, run record, then meta.json last (all staged), then swapped into
+    ``out_dir``: only a complete folder has a meta.json."""
+    from engine.vlm_train import read_history
     from utils.checkpoints import file_id, write_meta
     from utils.run import record_run
 
+    staged = StagedOutput(out_dir)
+    final_dir, out_dir = out_dir, staged.staging
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     size = processor.image_processor.size
@@ -155,7 +159,9 @@ def save_outputs(args, model, processor, class_names, out_dir: Path, num_example
                modules_to_save=list(args.modules_to_save), target_modules=list(args.target_modules),
                lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=args.quant,
                train_on_prompt=args.train_on_prompt, epochs=args.epochs)
-    print(f"saved adapter and processor to {out_dir}")
+    history = read_history(out_dir / "log.txt")
+    staged.commit([("the final training loss", history[-1]["train_loss"])] if history else [], "--lr")
+    print(f"saved adapter and processor to {final_dir}")
 
 
 def train(args, splits, out_dir: Path) -> None:
@@ -194,8 +200,10 @@ def train(args, splits, out_dir: Path) -> None:
           f"{args.batch_size * args.grad_accum * training_args.world_size} "
           f"({training_args.world_size} process(es)); ~{-(-batches // args.grad_accum)} optimizer steps per epoch"
           + (f"; resuming from {checkpoint}" if checkpoint else ""))
-    logger = epoch_logger(out_dir / "log.txt", out_dir / "curves.png",
-                          read_history(out_dir / "log.txt") if checkpoint else None)
+    staging = staging_dir(out_dir)
+    logger = epoch_logger(staging / "log.txt", staging / "curves.png",
+                          (read_history(staging / "log.txt") or read_history(out_dir / "log.txt"))
+                          if checkpoint else None)
     trainer = Trainer(model=model, args=training_args, train_dataset=examples,
                       data_collator=ConversationCollator(processor, args.train_on_prompt), callbacks=[logger])
     trainer.train(resume_from_checkpoint=checkpoint)

@@ -32,6 +32,7 @@ from utils.checkpoints import STAGE_COMMANDS, check_compatible, file_id, read_me
 from utils.dist import distributed_rank
 from utils.errors import UserError
 from utils.io import torch_save, write_text
+from utils.outputs import check_finite
 from utils.metrics import save_curves_png
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,7 @@ def train_teacher(model: torch.nn.Module, splits: DatasetSplits, data_config: di
             optimizer.step()
             total += loss.item() * len(labels)
             count += len(labels)
+        check_finite(total / count, f"the teacher's training loss in epoch {epoch}", "--teacher_lr")
         row = {"epoch": epoch, "train_loss": total / count, "val_acc": _accuracy(model, val_loader, device)}
         history.append(row)
         print("teacher " + json.dumps(row))
@@ -309,6 +311,7 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
         with torch.no_grad():
             val_logits = head(features["val"].to(device)).cpu()
         val_loss = distillation_loss(val_logits, teacher_logits["val"], labels["val"], alpha, temperature)
+        check_finite(total / count + val_loss.item(), f"the head's loss in epoch {epoch}", "--lr (or --temperature)")
         row = {"epoch": epoch, "train_loss": total / count, "val_loss": val_loss.item(),
                "val_acc": (val_logits.argmax(-1) == labels["val"]).float().mean().item()}
         history.append(row)

@@ -21,6 +21,7 @@ from models.gates import build_gate
 from utils.cache import image_list_id, load_or_build
 from utils.errors import UserError
 from utils.io import torch_save
+from utils.outputs import check_finite
 from utils.metrics import NONE
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epoc
             total += loss.item() * len(index)
             seen += len(index)
         val_loss, val_acc = _evaluate(gate, val)
+        check_finite(total / max(seen, 1) + val_loss, f"the {name} gate's loss in epoch {epoch}", "--lr")
         row = {"gate": name, "epoch": epoch, "train_loss": total / max(seen, 1),
                "val_loss": val_loss, "val_acc": val_acc}
         history.append(row)

@@ -1,0 +1,135 @@
+"""A failed, diverged or refused run never costs earlier results (staged outputs, finite losses)."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.pipeline import CONFIGS, Pipeline, trained_pipeline  # noqa: F401
+
+STAGE_FILES = {"vlm": ("meta.json", "adapter_model.safetensors", "log.txt"),
+               "teacher": ("meta.json", "teacher.pt"),
+               "distill": ("meta.json", "head.pt", "log.txt", "metrics.json"),
+               "gate": ("meta.json", "gate.pt", "log.txt", "metrics.json", "table.md")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def finished(trained_pipeline, tmp_path) -> Pipeline:
+    """A private copy of the finished toy pipeline's outputs (the session's stays untouched)."""
+    shutil.copytree(trained_pipeline.output_dir, tmp_path / "outputs")
+    return Pipeline(trained_pipeline.data_root, tmp_path / "outputs", trained_pipeline.vlm_model)
+
+
+def snapshot(pipeline: Pipeline) -> dict:
+    return {(stage, name): (pipeline.stage(stage) / name).read_bytes()
+            for stage, names in STAGE_FILES.items() for name in names}
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err  # progress bars share stderr
+    lines = re.findall(r"error: [^\r\n]*", err)
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- the staging folder
+
+def test_commit_moves_every_file_in_and_meta_last(tmp_path, monkeypatch):
+    import os
+
+    from utils.outputs import StagedOutput
+
+    folder = tmp_path / "gate"
+    folder.mkdir()
+    (folder / "meta.json").write_text("old")
+    (folder / "gate.pt").write_text("old")
+    (folder / "cache").mkdir()
+    (folder / "cache" / "keep.pt").write_text("cache")
+    staged = StagedOutput(folder)
+    new = staged.begin()
+    assert new.parent == tmp_path and new != folder
+    (new / "gate.pt").write_text("new")
+    (new / "sub").mkdir()
+    (new / "sub" / "x.json").write_text("new")
+    (new / "meta.json").write_text("new")
+    assert (folder / "meta.json").read_text() == "old"  # nothing replaced before the commit
+
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (moved.append(Path(b).name), real_replace(a, b)))
+    staged.commit([("loss", 0.5)])
+    assert moved[-1] == "meta.json"
+    assert {p.name: p.read_text() for p in folder.rglob("*") if p.is_file()} == {
+        "meta.json": "new", "gate.pt": "new", "x.json": "new", "keep.pt": "cache"}
+    assert not new.exists()
+
+
+def test_a_killed_commit_is_completed_by_the_next_run(tmp_path):
+    from utils.outputs import COMMIT_MARKER, StagedOutput
+
+    folder = tmp_path / "distill"
+    staged = StagedOutput(folder)
+    new = staged.begin()
+    (new / "head.pt").write_text("new")
+    (new / "meta.json").write_text("new")
+    (new / COMMIT_MARKER).touch()  # killed right after deciding to commit
+    StagedOutput(folder).begin()
+    assert (folder / "meta.json").read_text() == "new" and (folder / "head.pt").read_text() == "new"
+
+
+def test_a_non_finite_number_is_never_committed(tmp_path):
+    from utils.errors import UserError
+    from utils.outputs import StagedOutput
+
+    folder = tmp_path / "gate"
+    folder.mkdir()
+    (folder / "meta.json").write_text("old")
+    staged = StagedOutput(folder)
+    (staged.begin() / "meta.json").write_text("new")
+    with pytest.raises(UserError, match="--lr"):
+        staged.commit([("the loss", float("nan"))], "--lr")
+    assert (folder / "meta.json").read_text() == "old"
+
+
+# ---------------------------------------------------------------- the stages
+
+@pytest.mark.parametrize("stage", ["distill", "gate"])
+def test_a_diverged_run_stops_in_one_line_and_keeps_the_old_results(stage, finished, capsys):
+    import train_distillation
+    import train_gate
+    from utils.errors import run_cli
+
+    before = snapshot(finished)
+    if stage == "distill":
+        argv = finished.argv("--config", str(CONFIGS / "toy_distill.yaml"), "--epochs", "2", "--lr", "1e30")
+        code = run_cli(train_distillation.main, argv)
+    else:
+        code = run_cli(train_gate.main, finished.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--lr", "1e30"))
+    assert code == 2
+    line = one_error_line(capsys)
+    assert "diverged" in line and "--lr" in line
+    assert snapshot(finished) == before
+
+
+def test_a_diverged_vlm_run_keeps_the_old_adapter(finished, capsys):
+    import train_vlm
+    from utils.errors import run_cli
+
+    before = snapshot(finished)
+    argv = finished.argv("--vlm_model", str(finished.vlm_model), "--config", str(CONFIGS / "toy_vlm.yaml"),
+                         "--epoch", "1", "--skip_eval", "--lr", "1e30")
+    assert run_cli(train_vlm.main, argv) == 2
+    line = one_error_line(capsys)
+    assert "diverged" in line and "--lr" in line
+    assert snapshot(finished) == before
