@@ -32,6 +32,11 @@ OUTPUT_FIELDS = ("vlm_answer", "observation", "reasoning", "vlm_probs", "head_pr
                  "final_probs", "gate_weights")
 
 
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"max_new_tokens": "count", "port": "port", "num_examples": "index", "max_image_side": "count",
+              "max_upload_pixels": "count"}
+
+
 def get_args_parser():
     parser = base_parser("Gradio demo of a trained EmoVLM-KD (stages 1-3).")
     model = parser.add_argument_group("model")
@@ -158,7 +163,7 @@ def build_app(predictor, examples: Sequence[str] = (), max_new_tokens: int = 128
 
 
 def main(argv: Sequence[str] | None = None):
-    args = parse_args(get_args_parser(), argv)
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
     require_positive(args, "max_new_tokens", "max_image_side", "max_upload_pixels")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from engine.predict import EmoVLMKD

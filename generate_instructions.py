@@ -28,6 +28,11 @@ from utils.errors import UserError, run_cli
 from utils.run import record_run
 
 
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"workers": "count", "max_retries": "index", "timeout": "positive",
+              "max_new_tokens": "count", "max_side": "count", "max_attempts": "count", "limit": "count"}
+
+
 def get_args_parser():
     parser = base_parser("Stage 0: ask a multimodal LLM for key elements and reasoning per training image.",
                          batch_size=4)
@@ -115,7 +120,7 @@ def make_backend(args, key: str | None):
 def main(argv=None) -> None:
     from tqdm.auto import tqdm
 
-    args = parse_args(get_args_parser(), argv)
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
     check_args(args)
     key = api_key(args)
     if args.api_key:

@@ -23,6 +23,13 @@ from utils.outputs import StagedOutput
 log = logging.getLogger("train_distillation")
 
 
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"feature_batch_size": "count", "teacher_img_size": "count", "teacher_lr": "positive",
+              "teacher_weight_decay": "nonnegative", "teacher_batch_size": "count", "teacher_epochs": "count",
+              "depth": "index", "alpha": "fraction", "temperature": "positive", "lr": "positive",
+              "weight_decay": "nonnegative", "epochs": "count"}
+
+
 def get_args_parser():
     from models.teacher import DEFAULT_TEACHER
 
@@ -142,7 +149,7 @@ def teacher_checkpoint(args, splits, device, rank: int) -> Path:
 
 
 def main(argv=None) -> None:
-    args = parse_args(get_args_parser(), argv)
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
     require_positive(args, "batch_size", "feature_batch_size", "teacher_batch_size", "teacher_epochs", "epochs",
                      "teacher_img_size")
     import torch

@@ -27,6 +27,11 @@ from utils.outputs import StagedOutput
 log = logging.getLogger("train_gate")
 
 
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"vlm_batch_size": "count", "max_new_tokens": "count", "epochs": "count", "lr": "positive",
+              "weight_decay": "nonnegative"}
+
+
 def get_args_parser():
     from engine.gate import ANSWER_MODES, SIGNALS
     from models.gates import GATES
@@ -183,7 +188,7 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
 
 
 def main(argv=None) -> None:
-    args = parse_args(get_args_parser(), argv)
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data.datasets import load_dataset
     from engine.gate import gate_training_data, split_accuracies, train_gate

@@ -24,6 +24,13 @@ DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
 log = logging.getLogger("train_vlm")
 
 
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"min_pixels": "count", "max_pixels": "count", "lora_r": "count", "lora_alpha": "count",
+              "lora_dropout": "fraction_open", "epochs": "count", "lr": "positive", "warmup_ratio": "fraction_open",
+              "max_grad_norm": "nonnegative", "weight_decay": "nonnegative", "grad_accum": "count",
+              "eval_batch_size": "count", "max_new_tokens": "count"}
+
+
 def get_args_parser():
     from transformers import SchedulerType
 
@@ -217,13 +224,11 @@ def train(args, splits, out_dir: Path) -> None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(get_args_parser(), argv)
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
     require_positive(args, "batch_size", "epochs", "grad_accum", "eval_batch_size", "max_new_tokens",
                      "lora_r", "lora_alpha", "min_pixels", "max_pixels")
-    if not 0 <= args.warmup_ratio < 1:
-        raise UserError(f"--warmup_ratio {args.warmup_ratio}: give a fraction of the training steps in [0, 1)")
-    if args.lr <= 0:
-        raise UserError(f"--lr {args.lr}: the learning rate must be positive")
+    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
+        raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data.datasets import load_dataset
     from utils.dist import distributed_rank, pin_single_gpu
