@@ -27,7 +27,7 @@ from data.datasets import DatasetSplits, ImageDataset, Sample
 from models.heads import DistillHead
 from models.teacher import load_teacher, teacher_transforms
 from models.vlm import load_processor, load_vlm, pooled_image_features
-from utils.cache import digest, image_list_id, load_cached, store
+from utils.cache import digest, image_list_id, load_cached, readable, store
 from utils.checkpoints import STAGE_COMMANDS, check_compatible, file_id, read_meta
 from utils.dist import distributed_rank
 from utils.errors import UserError
@@ -191,6 +191,12 @@ def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs:
     missing = [split for split in names if features[split] is None]
     if missing:
         command = STAGE_COMMANDS["distill"].format(dataname=splits.name)
+        files = [cache_dir / f"vlm_features_{split}.pt" for split in missing]
+        absent = [str(f) for f in files if not f.is_file()]
+        damaged = [str(f) for f in files if f.is_file() and not readable(f)]
+        if absent or damaged:
+            what = f"{', '.join(damaged)} cannot be read (damaged)" if damaged else f"{', '.join(absent)} is missing"
+            raise UserError(f"{what}; `{command}` rebuilds the feature cache")
         raise UserError(f"{cache_dir}: the cached {'/'.join(missing)} features do not match these images, the "
                         f"VLM or the pixel budget the head was trained with; rerun `{command}`")
     return features

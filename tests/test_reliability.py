@@ -133,3 +133,17 @@ def test_a_diverged_vlm_run_keeps_the_old_adapter(finished, capsys):
     line = one_error_line(capsys)
     assert "diverged" in line and "--lr" in line
     assert snapshot(finished) == before
+
+
+def test_a_damaged_feature_cache_is_named_with_the_command_that_rebuilds_it(finished, capsys):
+    import train_gate
+    from utils.errors import run_cli
+
+    cache = finished.stage("distill") / "cache" / "vlm_features_test.pt"
+    cache.write_bytes(cache.read_bytes()[:100])  # truncated
+    before = snapshot(finished)
+    assert run_cli(train_gate.main, finished.argv("--config", str(CONFIGS / "toy_gate.yaml"))) == 2
+    line = one_error_line(capsys)
+    assert "vlm_features_test.pt cannot be read (damaged)" in line and "do not match" not in line
+    assert "`python train_distillation.py --dataname toy` rebuilds the feature cache" in line
+    assert snapshot(finished) == before  # gate/meta.json and the old gate kept
