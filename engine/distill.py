@@ -192,11 +192,12 @@ def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs:
     if missing:
         command = STAGE_COMMANDS["distill"].format(dataname=splits.name)
         files = [cache_dir / f"vlm_features_{split}.pt" for split in missing]
-        absent = [str(f) for f in files if not f.is_file()]
-        damaged = [str(f) for f in files if f.is_file() and not readable(f)]
+        absent = [split for split, f in zip(missing, files) if not f.is_file()]
+        damaged = [f.name for f in files if f.is_file() and not readable(f)]
         if absent or damaged:
-            what = f"{', '.join(damaged)} cannot be read (damaged)" if damaged else f"{', '.join(absent)} is missing"
-            raise UserError(f"{what}; `{command}` rebuilds the feature cache")
+            what = (f"{', '.join(damaged)} cannot be read (damaged)" if damaged
+                    else f"the cached {'/'.join(absent)} features are missing")
+            raise UserError(f"{cache_dir}: {what}; rerun `{command}` to rebuild the feature cache")
         raise UserError(f"{cache_dir}: the cached {'/'.join(missing)} features do not match these images, the "
                         f"VLM or the pixel budget the head was trained with; rerun `{command}`")
     return features
