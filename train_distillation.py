@@ -18,7 +18,7 @@ from pathlib import Path
 
 from utils.cli import base_parser, parse_args, require_positive, stage_dir
 from utils.errors import UserError, run_cli
-from utils.outputs import StagedOutput
+from utils.outputs import StagedOutput, lock_folder, releases_locks
 
 log = logging.getLogger("train_distillation")
 
@@ -148,6 +148,7 @@ def teacher_checkpoint(args, splits, device, rank: int) -> Path:
     return folder / "teacher.pt"
 
 
+@releases_locks
 def main(argv=None) -> None:
     args = parse_args(get_args_parser(), argv, FLAG_RULES)
     require_positive(args, "batch_size", "feature_batch_size", "teacher_batch_size", "teacher_epochs", "epochs",
@@ -171,6 +172,8 @@ def main(argv=None) -> None:
     vlm_meta = read_meta(vlm_dir, "vlm", args.dataname)
     splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
     check_compatible(vlm_meta, vlm_dir, class_names=splits.class_names, base_model=args.vlm_model)
+    # One run per folder, until main returns.
+    lock_folder(*([] if args.teacher_checkpoint else [stage_dir(args, "teacher")]), stage_dir(args, "distill"))
     args.vlm_model = args.vlm_model or vlm_meta["base_model"]
     rank, world = init_distributed()
     if rank == 0:

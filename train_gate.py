@@ -22,7 +22,7 @@ from pathlib import Path
 
 from utils.cli import base_parser, parse_args, require_positive, stage_dir
 from utils.errors import UserError, run_cli
-from utils.outputs import StagedOutput
+from utils.outputs import StagedOutput, lock_folder, releases_locks
 
 log = logging.getLogger("train_gate")
 
@@ -187,6 +187,7 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
     return table
 
 
+@releases_locks
 def main(argv=None) -> None:
     args = parse_args(get_args_parser(), argv, FLAG_RULES)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -205,6 +206,7 @@ def main(argv=None) -> None:
     print(splits.summary())
     check_inputs(args, splits.class_names, vlm_dir, vlm_meta, distill_dir, head_meta)
     out_dir = stage_dir(args, "gate")
+    lock_folder(out_dir)  # one run per folder, until main returns
     staged = StagedOutput(out_dir)  # the old gate stays until the new one is complete
     device = resolve_device(args.gpu)
     args.quant = vlm_quant(args, vlm_meta, device)  # resolved once: recorded in run.json and gate.pt

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from utils.cli import base_parser, parse_args, require_positive, stage_dir
 from utils.errors import UserError, run_cli
-from utils.outputs import StagedOutput, staging_dir
+from utils.outputs import StagedOutput, lock_folder, releases_locks, staging_dir
 
 DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
 log = logging.getLogger("train_vlm")
@@ -223,12 +223,14 @@ def train(args, splits, out_dir: Path) -> None:
         evaluate(args, model, processor, splits, out_dir)
 
 
+@releases_locks
 def main(argv=None) -> None:
     args = parse_args(get_args_parser(), argv, FLAG_RULES)
     require_positive(args, "batch_size", "epochs", "grad_accum", "eval_batch_size", "max_new_tokens",
                      "lora_r", "lora_alpha", "min_pixels", "max_pixels")
     if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
         raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
+    lock_folder(stage_dir(args, "vlm"))  # one run per folder, until main returns
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data.datasets import load_dataset
     from utils.dist import distributed_rank, pin_single_gpu

@@ -1,8 +1,12 @@
 """A failed, diverged or refused run never costs earlier results (staged outputs, finite losses)."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,5 +149,54 @@ def test_a_damaged_feature_cache_is_named_with_the_command_that_rebuilds_it(fini
     assert run_cli(train_gate.main, finished.argv("--config", str(CONFIGS / "toy_gate.yaml"))) == 2
     line = one_error_line(capsys)
     assert "vlm_features_test.pt cannot be read (damaged)" in line and "do not match" not in line
-    assert "`python train_distillation.py --dataname toy` rebuilds the feature cache" in line
+    assert "rerun `python train_distillation.py --dataname toy` to rebuild the feature cache" in line
     assert snapshot(finished) == before  # gate/meta.json and the old gate kept
+
+
+# ---------------------------------------------------------------- one run per folder
+
+HOLD_LOCK = ("import sys, time; sys.path.insert(0, sys.argv[2]); from utils.outputs import lock_folder; "
+             "lock_folder(sys.argv[1]); print('locked', flush=True); time.sleep(120)")
+
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    """Another run holding ``folder``: a process that took the lock and sleeps."""
+    from tests.conftest import REPO
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder), str(REPO)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_first(finished, capsys):
+    import train_gate
+    from utils.errors import run_cli
+
+    before = snapshot(finished)
+    holder = hold_lock(finished.stage("gate"))
+    try:
+        assert run_cli(train_gate.main, finished.argv("--config", str(CONFIGS / "toy_gate.yaml"))) == 2
+        line = one_error_line(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"is in use by another run (PID {holder.pid}, started " in line and "gate" in line
+    assert snapshot(finished) == before
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    from utils.io import read_json
+    from utils.outputs import LOCK_INFO, lock_folder, release_locks
+
+    folder = tmp_path / "distill"
+    holder = hold_lock(folder)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert read_json(folder / LOCK_INFO)["pid"] == holder.pid  # what the killed run left
+    try:
+        lock_folder(folder)
+        assert read_json(folder / LOCK_INFO)["pid"] == os.getpid()
+    finally:
+        release_locks()
+    assert not (folder / LOCK_INFO).exists()

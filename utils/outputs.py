@@ -11,13 +11,18 @@ checked on every read and stay in the output folder.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from utils.errors import UserError
+from utils.io import read_json, write_json
+from utils.run import _redact
 
 META_FILE = "meta.json"
 # Written into the staging folder just before the move starts: a commit interrupted half-way is
@@ -89,3 +94,79 @@ def _move_in(staging: Path, folder: Path) -> None:
     if meta.is_file():
         os.replace(meta, folder / META_FILE)
     shutil.rmtree(staging)
+
+
+# ---------------------------------------------------------------- one run per folder
+
+LOCK_FILE = ".lock"
+LOCK_INFO = ".lock.json"
+_held: dict[Path, object] = {}  # folder -> FileLock held by this process
+
+
+def lock_folder(*folders: str | Path) -> None:
+    """Hold an exclusive lock on each stage folder until the stage's ``main`` returns (see
+    :func:`releases_locks`). A folder another live run holds stops this run at once, naming that
+    run's PID and start time; the lock of a killed run dies with it (an OS file lock) and is
+    taken over. Under a launcher only the first process locks."""
+    from filelock import FileLock, Timeout
+
+    from utils.dist import distributed_rank
+
+    if distributed_rank()[0] != 0:
+        return
+    for folder in map(Path, folders):
+        key = folder.resolve()
+        if key in _held:
+            continue
+        folder_writable(folder)
+        lock = FileLock(folder / LOCK_FILE, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UserError(f"{folder} is in use by another run ({_holder(folder)}); wait for it to finish "
+                            "or write elsewhere with --output_dir") from None
+        _held[key] = lock
+        write_json(folder / LOCK_INFO, {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                        "command": " ".join(_redact(sys.argv))})  # no --api_key values
+
+
+def _holder(folder: Path) -> str:
+    try:
+        info = read_json(folder / LOCK_INFO)
+        return f"PID {info['pid']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "PID unknown"
+
+
+def release_locks() -> None:
+    """Release every folder lock this process holds."""
+    while _held:
+        folder, lock = _held.popitem()
+        (folder / LOCK_INFO).unlink(missing_ok=True)
+        lock.release()
+
+
+def releases_locks(main: Callable) -> Callable:
+    """Decorate a stage's ``main``: the folder locks it took are released when it returns or fails."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        finally:
+            release_locks()
+
+    return run
+
+
+def folder_writable(folder: str | Path) -> Path:
+    """Create ``folder`` if needed; a UserError naming it when it cannot be created or written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{folder}: cannot create this output folder ({err.strerror}); choose another "
+                        "--output_dir or fix its permissions") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{folder}: this output folder is not writable; choose another --output_dir or fix "
+                        "its permissions") from None
+    return folder
