@@ -200,3 +200,62 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
     finally:
         release_locks()
     assert not (folder / LOCK_INFO).exists()
+
+
+# ---------------------------------------------------------------- folders and files
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_respect_the_umask(umask, mode, tmp_path):
+    from utils.io import torch_save, write_json
+
+    old = os.umask(umask)
+    try:
+        paths = [write_json(tmp_path / "a.json", {}), torch_save({}, tmp_path / "b.pt")]
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in paths] == [mode, mode]
+
+
+@pytest.fixture
+def unwritable(tmp_path) -> Path:
+    """A folder this process cannot create anything in (root ignores file modes: /sys then)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "locked"
+        folder.mkdir(mode=0o500)
+        return folder / "outputs"
+    try:
+        (Path("/sys") / "emovlm-kd-probe").mkdir()
+    except OSError:
+        return Path("/sys") / "outputs"
+    pytest.skip("no unwritable folder available")
+
+
+@pytest.mark.parametrize("stage", ["data.__main__", "generate_instructions", "train_vlm"])
+def test_an_unwritable_output_dir_is_one_line(stage, unwritable, toy_root, tiny_vlm_dir, capsys):
+    import importlib
+
+    from utils.errors import run_cli
+
+    argv = ["--dataname", "toy", "--data_root", str(toy_root), "--output_dir", str(unwritable)]
+    argv += {"generate_instructions": ["--base_url", "http://127.0.0.1:9/v1", "--api_key", "x"],
+             "train_vlm": ["--vlm_model", str(tiny_vlm_dir)]}.get(stage, [])
+    assert run_cli(importlib.import_module(stage).main, argv) == 2
+    line = one_error_line(capsys)
+    assert str(unwritable) in line and "--output_dir" in line
+
+
+@pytest.mark.parametrize("stage", ["teacher", "gate"])
+def test_an_output_folder_that_cannot_be_created_is_one_line(stage, finished, capsys):
+    """Stages 2 and 3 (they need earlier outputs; as root, no folder mode stops a write)."""
+    import train_distillation
+    import train_gate
+    from utils.errors import run_cli
+
+    folder = finished.stage(stage)
+    shutil.rmtree(folder)
+    folder.write_text("a file where a folder belongs")
+    main, config = ((train_gate.main, "toy_gate.yaml") if stage == "gate"
+                    else (train_distillation.main, "toy_distill.yaml"))
+    assert run_cli(main, finished.argv("--config", str(CONFIGS / config))) == 2
+    line = one_error_line(capsys)
+    assert str(folder) in line and "--output_dir" in line
