@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -78,19 +79,32 @@ def _class_folders(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan_split(data_root: Path, split_dir: Path, class_names: Sequence[str]) -> list[Sample]:
+def _scan_split(data_root: Path, split_dir: Path, class_names: Sequence[str],
+                folders: dict[str, str] | None = None) -> list[Sample]:
+    """The split's images per class; ``folders`` maps a class name to its folder's name in this
+    split when the two are spelled in different Unicode normal forms."""
     samples = []
     for label, name in enumerate(class_names):
-        files = sorted(p for p in (split_dir / name).rglob("*") if is_image_file(p))
+        folder = split_dir / (folders or {}).get(name, name)
+        files = sorted(p for p in folder.rglob("*") if is_image_file(p))
         if not files:
-            raise UserError(f"{split_dir / name}: class folder holds no images "
+            raise UserError(f"{folder}: class folder holds no images "
                             f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder")
         samples += [Sample(p.relative_to(data_root).as_posix(), label) for p in files]
     return samples
 
 
-def _check_same_classes(split_dir: Path, class_names: Sequence[str], train_dir: Path) -> None:
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def _check_same_classes(split_dir: Path, class_names: Sequence[str], train_dir: Path) -> dict[str, str]:
+    """``{class name: folder name in split_dir}``. Names equal after Unicode NFC normalisation
+    match (macOS writes NFD, most tools NFC: the same word, other bytes)."""
     found = _class_folders(split_dir)
+    by_nfc = {_nfc(name): name for name in found}
+    if len(by_nfc) == len(found) and sorted(by_nfc) == sorted(map(_nfc, class_names)):
+        return {name: by_nfc[_nfc(name)] for name in class_names}
     if found != list(class_names):
         only_train = sorted(set(class_names) - set(found))
         only_here = sorted(set(found) - set(class_names))
@@ -119,7 +133,7 @@ def _persisted_split(split_file: Path, train_all: list[Sample], class_names: lis
     """Load the split saved by an earlier stage, or make it and save it."""
     by_path = {s.path: s for s in train_all}
     if split_file.exists():
-        saved = read_json(split_file)
+        saved = _read_split_file(split_file)
         saved_paths = set(saved["train"]) | set(saved["val"])
         added = sorted(set(by_path) - saved_paths)
         removed = sorted(saved_paths - set(by_path))
@@ -133,6 +147,10 @@ def _persisted_split(split_file: Path, train_all: list[Sample], class_names: lis
                             "(and retrain every stage, which used the old split)")
         return [by_path[p] for p in saved["train"]], [by_path[p] for p in saved["val"]]
     train, val = _stratified_split(train_all, len(class_names))
+    without_val = [name for label, name in enumerate(class_names) if not any(s.label == label for s in val)]
+    if without_val:
+        log.warning("classes %s have too few training images to spare one for validation: no validation "
+                    "image; add images to them or lay out a val/ folder", without_val)
     write_json(split_file, {
         "note": f"validation split: {VAL_FRACTION:.0%} of train/ per class, seed {SPLIT_SEED}",
         "class_names": class_names,
@@ -142,6 +160,27 @@ def _persisted_split(split_file: Path, train_all: list[Sample], class_names: lis
     log.info("split %d train images into %d train / %d val, saved to %s",
              len(train_all), len(train), len(val), split_file)
     return train, val
+
+
+def _read_split_file(split_file: Path) -> dict:
+    """The saved split, checked: readable, train and val lists of paths, disjoint, each image once."""
+    advice = "delete it to re-split (and retrain every stage, which used the old split)"
+    try:
+        saved = read_json(split_file)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{split_file}: cannot be read ({err.__class__.__name__}); {advice}") from None
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(key), list) and
+                                              all(isinstance(p, str) for p in saved[key]) for key in ("train", "val")):
+        raise UserError(f"{split_file}: damaged (needs 'train' and 'val' lists of image paths); {advice}")
+    both = sorted(set(saved["train"]) & set(saved["val"]))
+    if both:
+        raise UserError(f"{split_file}: {len(both)} image(s) listed in both train and val (e.g. {both[0]}): "
+                        f"validation would leak into training; {advice}")
+    for key in ("train", "val"):
+        if len(set(saved[key])) != len(saved[key]):
+            twice = next(p for p in saved[key] if saved[key].count(p) > 1)
+            raise UserError(f"{split_file}: {twice} is listed twice in {key}; {advice}")
+    return saved
 
 
 def find_bad_images(data_root: Path, samples: Sequence[Sample]) -> list[str]:
@@ -180,12 +219,15 @@ def load_dataset(data_root: str | Path, dataname: str, output_dir: str | Path = 
     if expected is not None and sorted(expected) != class_names:
         log.warning("%s: class folders %s differ from the known %s classes %s",
                     train_dir, class_names, dataname, sorted(expected))
-    _check_same_classes(test_dir, class_names, train_dir)
+    if len(set(map(_nfc, class_names))) < len(class_names):
+        raise UserError(f"{train_dir}: class folders {class_names} include two spellings of one name (Unicode NFC "
+                        "vs NFD normalisation); merge them into one folder")
+    test_folders = _check_same_classes(test_dir, class_names, train_dir)
     train_all = _scan_split(data_root, train_dir, class_names)
-    test = _scan_split(data_root, test_dir, class_names)
+    test = _scan_split(data_root, test_dir, class_names, test_folders)
     if val_dir.is_dir():
-        _check_same_classes(val_dir, class_names, train_dir)
-        train, val = train_all, _scan_split(data_root, val_dir, class_names)
+        val_folders = _check_same_classes(val_dir, class_names, train_dir)
+        train, val = train_all, _scan_split(data_root, val_dir, class_names, val_folders)
     else:
         split_file = Path(output_dir) / dataname / "split.json"
         train, val = _persisted_split(split_file, train_all, class_names, train_dir)

@@ -146,7 +146,12 @@ def gate_training_data(data: dict, split: str, seed: int) -> tuple[GateData, Gat
     and ``val`` (the paper), or for ``split="val"`` two stratified, seed-fixed halves of ``val``."""
     if split == "train":
         return data["train"], data["val"]
-    fit, select = stratified_halves(data["val"].labels, seed)
+    labels = data["val"].labels
+    fit, select = stratified_halves(labels, seed) if len(labels) else (labels, labels)
+    if not len(fit) or not len(select):
+        raise UserError(f"--gate_train_split val: the {len(labels)} validation image(s) cannot fill two halves (one "
+                        "to fit the gate, one to pick its epoch; a class needs 2 images to reach both); add "
+                        "validation images or use --gate_train_split train")
     return subset(data["val"], fit), subset(data["val"], select)
 
 
