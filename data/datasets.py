@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.errors import UserError
 from utils.io import read_json, write_json
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 VAL_FRACTION = 0.1
+ORIENTATION_TAG = 0x0112  # EXIF orientation
 SPLIT_SEED = 42
 
 MIKELS = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")
@@ -244,11 +246,28 @@ def load_dataset(data_root: str | Path, dataname: str, output_dir: str | Path = 
     return splits
 
 
+def needs_normalising(img: Image.Image) -> bool:
+    """Whether :func:`to_rgb` changes more than the mode: an EXIF rotation or flip, or 16-bit values."""
+    return img.getexif().get(ORIENTATION_TAG, 1) != 1 or img.mode.startswith("I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The pixels every stage, the demo and batch prediction see for a decoded image: the EXIF
+    orientation applied (as photo viewers show it), 16-bit values scaled to 8 bits (not clipped
+    to white), then RGB."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I"):  # I;16, I;16B, I: 16-bit greyscale PNG/TIFF
+        values = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(np.rint(values / scale), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def open_image(path: str | Path) -> Image.Image:
-    """Decode one image as RGB; an undecodable file is a UserError naming it."""
+    """Decode one image as RGB (see :func:`to_rgb`); an undecodable file is a UserError naming it."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except FileNotFoundError:
         raise UserError(f"{path}: image not found") from None
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
