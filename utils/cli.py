@@ -129,6 +129,7 @@ RULES = {
     "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
     "port": (lambda v: 1 <= v <= 65535, "a TCP port in [1, 65535]"),
 }
+RULES["finite"] = (lambda v: True, "a finite number")
 # Flags every stage shares (base_parser).
 COMMON_RULES = {"seed": "seed", "gpu": "index", "num_workers": "index", "batch_size": "count"}
 
@@ -136,23 +137,28 @@ COMMON_RULES = {"seed": "seed", "gpu": "index", "num_workers": "index", "batch_s
 def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, rules: dict[str, str]) -> None:
     """One ``UserError`` line for the first numeric flag outside its range (``rules``: dest name ->
     a key of :data:`RULES`; the shared flags are added), a non-finite float, or an empty name in
-    a list flag. Every int/float flag of ``parser`` must have a rule: a new flag without one is a
-    programming error, caught by the test that walks every stage's flags."""
+    a list flag. Every int/float flag should have a rule (:func:`flags_without_rules`, which a
+    test checks for every stage); one without is only required to be finite."""
     rules = {**COMMON_RULES, **rules}
     for action in parser._actions:
         value = getattr(args, action.dest, None)
         flag = action.option_strings[0] if action.option_strings else action.dest
         if action.type in (int, float):
-            if action.dest not in rules:
-                raise AssertionError(f"{flag} has no validation rule")
             if value is None:
                 continue
-            check, requirement = RULES[rules[action.dest]]
+            check, requirement = RULES[rules.get(action.dest, "finite")]
             if not math.isfinite(value) or not check(value):
                 raise UserError(f"{flag} must be {requirement} (got {value})")
         elif isinstance(value, list) and action.type is None:
             if any(not isinstance(item, str) or not item.strip() for item in value):
                 raise UserError(f"{flag} must be a list of non-empty names (got {value})")
+
+
+def flags_without_rules(parser: argparse.ArgumentParser, rules: dict[str, str]) -> list[str]:
+    """The int/float flags of ``parser`` that ``rules`` (plus the shared ones) leave unchecked."""
+    rules = {**COMMON_RULES, **rules}
+    return [action.option_strings[0] for action in parser._actions
+            if action.type in (int, float) and action.dest not in rules]
 
 
 def require_positive(args: argparse.Namespace, *names: str) -> None:
