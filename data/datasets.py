@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 VAL_FRACTION = 0.1
 ORIENTATION_TAG = 0x0112  # EXIF orientation
+# How to_rgb decodes pixels; part of every cache key, so caches from another decoding are rebuilt.
+PIXELS = "rgb8: exif orientation applied, 16-bit scaled"
 SPLIT_SEED = 42
 
 MIKELS = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from data.datasets import DatasetSplits, ImageDataset, Sample
+from data.datasets import PIXELS, DatasetSplits, ImageDataset, Sample
 from models.heads import DistillHead
 from models.teacher import load_teacher, teacher_transforms
 from models.vlm import load_processor, load_vlm, pooled_image_features
@@ -147,7 +147,7 @@ def vlm_feature_key(vlm_model: str, processor, config, dtype: torch.dtype) -> di
     size = processor.image_processor.size
     return {"vlm_model": str(vlm_model), "config": digest(config.to_dict()),
             "weights": _weights_fingerprint(str(vlm_model)), "dtype": str(dtype),
-            "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge}
+            "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge, "pixels": PIXELS}
 
 
 def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs: dict | None,
@@ -211,8 +211,8 @@ def cached_teacher_logits(splits: DatasetSplits, teacher_path: str | Path, devic
                           names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
     """The teacher's logits (eval transform) per split, cached by teacher file and image list."""
     teacher_id = file_id(teacher_path)
-    keys = {split: {"teacher_id": teacher_id, "images": image_list_id(splits.data_root, splits.split(split))}
-            for split in names}
+    keys = {split: {"teacher_id": teacher_id, "images": image_list_id(splits.data_root, splits.split(split)),
+                    "pixels": PIXELS} for split in names}
 
     def build(missing: list[str]) -> dict[str, torch.Tensor]:
         model, checkpoint = load_teacher(teacher_path, splits.class_names, device)

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.datasets import PIXELS
 from models.gates import build_gate
 from utils.cache import image_list_id, load_or_build
 from utils.errors import UserError
 from utils.io import torch_save
-from utils.outputs import check_finite
 from utils.metrics import NONE
+from utils.outputs import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def vlm_cache_key(vlm_meta: dict, mode: str, max_new_tokens: int, quant: str | N
         "base_model": vlm_meta["base_model"], "adapter_id": vlm_meta["adapter_id"],
         "min_pixels": vlm_meta.get("min_pixels"), "max_pixels": vlm_meta.get("max_pixels"),
         "mode": mode, "max_new_tokens": max_new_tokens if mode == "generate" else None, "quant": quant,
-        "class_names": list(class_names), "images": image_list_id(data_root, samples),
+        "class_names": list(class_names), "images": image_list_id(data_root, samples), "pixels": PIXELS,
     }
 
 
