@@ -32,6 +32,11 @@ OUTPUT_FIELDS = ("vlm_answer", "observation", "reasoning", "vlm_probs", "head_pr
                  "final_probs", "gate_weights")
 
 
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"max_new_tokens": "count", "port": "port", "num_examples": "index", "max_image_side": "count",
+              "max_upload_pixels": "count"}
+
+
 def get_args_parser():
     parser = base_parser("Gradio demo of a trained EmoVLM-KD (stages 1-3).")
     model = parser.add_argument_group("model")
@@ -74,17 +79,27 @@ def example_images(data_root: str | Path, dataname: str, output_dir: str | Path,
     return [str(splits.absolute(sample)) for sample in picked]
 
 
-def readable_upload_errors(image: gr.Image) -> gr.Image:
-    """Turn an undecodable upload into a message in the page instead of a server error.
+def readable_upload_errors(image: gr.Image, max_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS) -> gr.Image:
+    """Turn an undecodable or oversized upload into a message in the page instead of a server error.
 
     Gradio opens uploads with PIL before the event function runs, so the check has to wrap the
     component's own preprocessing (a subclass would make Gradio write a .pyi stub beside this file).
+    The size is read from the file's header, before anything decodes the pixels.
     """
     preprocess = image.preprocess
 
     def checked(payload):
         try:
+            path = getattr(payload, "path", None)
+            if path:
+                with Image.open(path) as img:  # the header only
+                    width, height = img.size
+                if width * height > max_pixels:
+                    raise gr.Error(f"the image is {width}x{height} pixels ({width * height / 1e6:.0f} MP); the "
+                                   f"limit is {max_pixels / 1e6:.0f} MP: upload a smaller image")
             return preprocess(payload)
+        except gr.Error:
+            raise
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             name = getattr(payload, "orig_name", None) or "the upload"
             reason = "is too large to decode safely" if isinstance(err, Image.DecompressionBombError) \
@@ -131,8 +146,11 @@ def build_app(predictor, examples: Sequence[str] = (), max_new_tokens: int = 128
                     f"Classes: {', '.join(class_names)}.")
         with gr.Row():
             with gr.Column(scale=1):
+                # image_mode None: Gradio passes the file on untouched; open_upload decodes it as
+                # the datasets' images are (EXIF orientation, 16-bit), whatever its mode.
                 image = readable_upload_errors(gr.Image(type="filepath", label="Image", height=320,
-                                                        sources=["upload", "clipboard"], elem_id="image"))
+                                                        sources=["upload", "clipboard"], elem_id="image",
+                                                        image_mode=None), max_upload_pixels)
                 run = gr.Button("Analyse", variant="primary", elem_id="analyse")
                 if examples:
                     gr.Examples(examples=[[path] for path in examples], inputs=image,
@@ -158,7 +176,7 @@ def build_app(predictor, examples: Sequence[str] = (), max_new_tokens: int = 128
 
 
 def main(argv: Sequence[str] | None = None):
-    args = parse_args(get_args_parser(), argv)
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
     require_positive(args, "max_new_tokens", "max_image_side", "max_upload_pixels")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from engine.predict import EmoVLMKD

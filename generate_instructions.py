@@ -25,7 +25,13 @@ from engine.instructions import (OpenAIBackend, LocalBackend, annotated_images, 
 from utils.checkpoints import check_compatible, read_meta, write_meta
 from utils.cli import base_parser, parse_args, resolve_device, stage_dir
 from utils.errors import UserError, run_cli
+from utils.outputs import lock_folder, releases_locks
 from utils.run import record_run
+
+
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"workers": "count", "max_retries": "index", "timeout": "positive",
+              "max_new_tokens": "count", "max_side": "count", "max_attempts": "count", "limit": "count"}
 
 
 def get_args_parser():
@@ -112,12 +118,15 @@ def make_backend(args, key: str | None):
                          args.accept_unstructured)
 
 
+@releases_locks
 def main(argv=None) -> None:
     from tqdm.auto import tqdm
 
-    args = parse_args(get_args_parser(), argv)
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
     check_args(args)
     key = api_key(args)
+    if not args.dry_run:
+        lock_folder(stage_dir(args, "instructions"))  # one run per folder, until main returns
     if args.api_key:
         print("note: a key given with --api_key shows in shell history and process lists; "
               "prefer export OPENAI_API_KEY", file=sys.stderr)

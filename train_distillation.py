@@ -18,8 +18,16 @@ from pathlib import Path
 
 from utils.cli import base_parser, parse_args, require_positive, stage_dir
 from utils.errors import UserError, run_cli
+from utils.outputs import StagedOutput, lock_folder, releases_locks
 
 log = logging.getLogger("train_distillation")
+
+
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"feature_batch_size": "count", "teacher_img_size": "count", "teacher_lr": "positive",
+              "teacher_weight_decay": "nonnegative", "teacher_batch_size": "count", "teacher_epochs": "count",
+              "depth": "index", "alpha": "fraction", "temperature": "positive", "lr": "positive",
+              "weight_decay": "nonnegative", "epochs": "count"}
 
 
 def get_args_parser():
@@ -98,8 +106,8 @@ def train_teacher(args, splits, folder: Path, device) -> Path:
     from utils.checkpoints import file_id, write_meta
     from utils.run import record_run
 
-    (folder / "meta.json").unlink(missing_ok=True)  # an interrupted run leaves no trusted teacher
-    folder.mkdir(parents=True, exist_ok=True)
+    staged = StagedOutput(folder)  # the old teacher stays until the new one is complete
+    new_dir = staged.begin()
     pretrained = not args.no_teacher_pretrained
     model = build_teacher(args.teacher_model, len(splits.class_names), args.teacher_img_size, pretrained)
     config = data_config(model, args.teacher_img_size)
@@ -107,13 +115,15 @@ def train_teacher(args, splits, folder: Path, device) -> Path:
     print(f"training teacher {args.teacher_model} ({'pretrained' if pretrained else 'from scratch'}, {size} px, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) for {args.teacher_epochs} epochs")
     result = fit(model, splits, config, device, args.teacher_epochs, args.teacher_lr, args.teacher_weight_decay,
-                 args.teacher_batch_size, args.num_workers, args.seed, folder)
-    path = save_teacher(folder / "teacher.pt", model, args.teacher_model, size, splits.class_names, config,
+                 args.teacher_batch_size, args.num_workers, args.seed, new_dir)
+    path = save_teacher(new_dir / "teacher.pt", model, args.teacher_model, size, splits.class_names, config,
                         pretrained, result["best_val_acc"], result["epoch"])
-    record_run(folder, args)
-    write_meta(folder, "teacher", splits.class_names, model=args.teacher_model, img_size=size,
+    record_run(new_dir, args)
+    write_meta(new_dir, "teacher", splits.class_names, model=args.teacher_model, img_size=size,
                pretrained=pretrained, teacher_id=file_id(path), best_val_acc=result["best_val_acc"],
                epoch=result["epoch"], **split_ids(splits))
+    staged.commit([("the teacher's final training loss", result["history"][-1]["train_loss"])], "--teacher_lr")
+    path = folder / "teacher.pt"
     print(f"teacher: best val acc {result['best_val_acc']:.4f} at epoch {result['epoch']} -> {path}")
     return path
 
@@ -138,8 +148,9 @@ def teacher_checkpoint(args, splits, device, rank: int) -> Path:
     return folder / "teacher.pt"
 
 
+@releases_locks
 def main(argv=None) -> None:
-    args = parse_args(get_args_parser(), argv)
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
     require_positive(args, "batch_size", "feature_batch_size", "teacher_batch_size", "teacher_epochs", "epochs",
                      "teacher_img_size")
     import torch
@@ -161,6 +172,8 @@ def main(argv=None) -> None:
     vlm_meta = read_meta(vlm_dir, "vlm", args.dataname)
     splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
     check_compatible(vlm_meta, vlm_dir, class_names=splits.class_names, base_model=args.vlm_model)
+    # One run per folder, until main returns.
+    lock_folder(*([] if args.teacher_checkpoint else [stage_dir(args, "teacher")]), stage_dir(args, "distill"))
     args.vlm_model = args.vlm_model or vlm_meta["base_model"]
     rank, world = init_distributed()
     if rank == 0:
@@ -191,28 +204,30 @@ def main(argv=None) -> None:
     from transformers import AutoConfig
 
     in_dim = vision_hidden_size(AutoConfig.from_pretrained(args.vlm_model))
-    (out_dir / "meta.json").unlink(missing_ok=True)  # an interrupted run leaves no trusted head
+    staged = StagedOutput(out_dir)  # the old head stays until the new one is complete
+    new_dir = staged.begin()
     head, result = train_head(features, teacher_logits, labels, in_dim, len(splits.class_names), depth=args.depth,
                               epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                               batch_size=args.batch_size, alpha=args.alpha, temperature=args.temperature,
                               standardize=args.standardize_features, seed=args.seed, device=device,
-                              log_path=out_dir / "log.txt")
-    save_curves_png(result["history"], out_dir / "curves.png", "stage 2: distillation head")
+                              log_path=new_dir / "log.txt")
+    save_curves_png(result["history"], new_dir / "curves.png", "stage 2: distillation head")
     teacher_id = file_id(teacher_path)
-    head_path = save_head(out_dir / HEAD_FILE, head, splits.class_names, vlm_model=args.vlm_model,
+    head_path = save_head(new_dir / HEAD_FILE, head, splits.class_names, vlm_model=args.vlm_model,
                           teacher_id=teacher_id, best_val_acc=result["best_val_acc"], epoch=result["epoch"],
                           standardized=args.standardize_features, **encoding)
 
     head_pred = head_logits(head, features["test"]).argmax(-1)
     head_test = classification_metrics(labels["test"], head_pred, splits.class_names)
     agreement = (head_pred == teacher_logits["test"].argmax(-1)).float().mean().item()
-    write_metrics(out_dir, {"dataset": args.dataname, "split": "test", **head_test,
+    write_metrics(new_dir, {"dataset": args.dataname, "split": "test", **head_test,
                             "teacher_accuracy": teacher_test["accuracy"], "agreement": agreement,
                             "teacher": teacher_test}, f"{args.dataname}: distilled head")
-    record_run(out_dir, args, in_dim=in_dim, processes=world)
-    write_meta(out_dir, "distill", splits.class_names, base_model=args.vlm_model, head_id=file_id(head_path),
+    record_run(new_dir, args, in_dim=in_dim, processes=world)
+    write_meta(new_dir, "distill", splits.class_names, base_model=args.vlm_model, head_id=file_id(head_path),
                teacher_id=teacher_id, teacher_checkpoint=str(teacher_path), vlm_adapter_id=vlm_meta.get("adapter_id"),
                depth=args.depth, in_dim=in_dim, **encoding)
+    staged.commit([("the head's final training loss", result["history"][-1]["train_loss"])], "--lr")
     print(f"head ({args.depth} hidden layer(s), {in_dim}-d input): best val acc {result['best_val_acc']:.4f} at "
           f"epoch {result['epoch']}; test accuracy {head_test['accuracy']:.4f}, teacher "
           f"{teacher_test['accuracy']:.4f}, agreement {agreement:.4f} -> {out_dir}")

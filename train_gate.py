@@ -22,8 +22,14 @@ from pathlib import Path
 
 from utils.cli import base_parser, parse_args, require_positive, stage_dir
 from utils.errors import UserError, run_cli
+from utils.outputs import StagedOutput, lock_folder, releases_locks
 
 log = logging.getLogger("train_gate")
+
+
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"vlm_batch_size": "count", "max_new_tokens": "count", "epochs": "count", "lr": "positive",
+              "weight_decay": "nonnegative"}
 
 
 def get_args_parser():
@@ -181,8 +187,9 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
     return table
 
 
+@releases_locks
 def main(argv=None) -> None:
-    args = parse_args(get_args_parser(), argv)
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data.datasets import load_dataset
     from engine.gate import gate_training_data, split_accuracies, train_gate
@@ -199,14 +206,14 @@ def main(argv=None) -> None:
     print(splits.summary())
     check_inputs(args, splits.class_names, vlm_dir, vlm_meta, distill_dir, head_meta)
     out_dir = stage_dir(args, "gate")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)  # until this run finishes, the folder is not trusted
+    lock_folder(out_dir)  # one run per folder, until main returns
+    staged = StagedOutput(out_dir)  # the old gate stays until the new one is complete
     device = resolve_device(args.gpu)
     args.quant = vlm_quant(args, vlm_meta, device)  # resolved once: recorded in run.json and gate.pt
     data = gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device)
 
-    log_path = out_dir / "log.txt"
-    log_path.unlink(missing_ok=True)
+    new_dir = staged.begin()
+    log_path = new_dir / "log.txt"
 
     def log_epoch(row: dict) -> None:
         with open(log_path, "a", encoding="utf-8") as fh:
@@ -230,7 +237,8 @@ def main(argv=None) -> None:
                   "max_new_tokens": args.max_new_tokens, "quant": args.quant,
                   "vlm_adapter_id": vlm_meta["adapter_id"], "head_id": head_meta["head_id"],
                   "base_model": vlm_meta["base_model"]}
-    table = write_results(args, out_dir, data, results, selected, splits.class_names, provenance)
+    table = write_results(args, new_dir, data, results, selected, splits.class_names, provenance)
+    staged.commit([(f"the {name} gate's validation loss", results[name].history[-1]["val_loss"]) for name in names])
     print(table)
     print(f"saved gate {selected!r} (val acc {results[selected].best_val_acc:.4f} at epoch "
           f"{results[selected].best_epoch}) to {out_dir / 'gate.pt'}")

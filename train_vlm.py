@@ -18,9 +18,17 @@ from pathlib import Path
 
 from utils.cli import base_parser, parse_args, require_positive, stage_dir
 from utils.errors import UserError, run_cli
+from utils.outputs import StagedOutput, lock_folder, releases_locks, staging_dir
 
 DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
 log = logging.getLogger("train_vlm")
+
+
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"min_pixels": "count", "max_pixels": "count", "lora_r": "count", "lora_alpha": "count",
+              "lora_dropout": "fraction_open", "epochs": "count", "lr": "positive", "warmup_ratio": "fraction_open",
+              "max_grad_norm": "nonnegative", "weight_decay": "nonnegative", "grad_accum": "count",
+              "eval_batch_size": "count", "max_new_tokens": "count"}
 
 
 def get_args_parser():
@@ -120,7 +128,8 @@ def annotations_file(args, class_names) -> Path:
 
 
 def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
-    """Distrust the old result (meta.json goes first); find the checkpoint to resume from."""
+    """Find the checkpoint to resume from; the new results go to a staging folder beside
+    ``out_dir`` (kept when resuming), so the old adapter stays trusted until they replace it."""
     from engine.vlm_train import last_checkpoint
     from utils.dist import distributed_rank
 
@@ -128,20 +137,22 @@ def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
     if args.resume and checkpoint is None:
         raise UserError(f"--resume: no checkpoint in {trainer_dir}; run without --resume")
     if distributed_rank()[0] == 0:
-        (out_dir / "meta.json").unlink(missing_ok=True)
-        if not args.resume:
-            (out_dir / "log.txt").unlink(missing_ok=True)
-            if trainer_dir.exists():
-                print(f"starting afresh: removing old checkpoints in {trainer_dir}")
-                shutil.rmtree(trainer_dir)
+        StagedOutput(out_dir).begin(keep=args.resume)
+        if not args.resume and trainer_dir.exists():
+            print(f"starting afresh: removing old checkpoints in {trainer_dir}")
+            shutil.rmtree(trainer_dir)
     return checkpoint
 
 
 def save_outputs(args, model, processor, class_names, out_dir: Path, num_examples: int) -> None:
-    """Adapter, processor, run record, then meta.json last: only a complete folder has one."""
+    """Adapter, processor, run record, then meta.json last (all staged), then swapped into
+    ``out_dir``: only a complete folder has a meta.json."""
+    from engine.vlm_train import read_history
     from utils.checkpoints import file_id, write_meta
     from utils.run import record_run
 
+    staged = StagedOutput(out_dir)
+    final_dir, out_dir = out_dir, staged.staging
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     size = processor.image_processor.size
@@ -155,7 +166,9 @@ def save_outputs(args, model, processor, class_names, out_dir: Path, num_example
                modules_to_save=list(args.modules_to_save), target_modules=list(args.target_modules),
                lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=args.quant,
                train_on_prompt=args.train_on_prompt, epochs=args.epochs)
-    print(f"saved adapter and processor to {out_dir}")
+    history = read_history(out_dir / "log.txt")
+    staged.commit([("the final training loss", history[-1]["train_loss"])] if history else [], "--lr")
+    print(f"saved adapter and processor to {final_dir}")
 
 
 def train(args, splits, out_dir: Path) -> None:
@@ -194,8 +207,10 @@ def train(args, splits, out_dir: Path) -> None:
           f"{args.batch_size * args.grad_accum * training_args.world_size} "
           f"({training_args.world_size} process(es)); ~{-(-batches // args.grad_accum)} optimizer steps per epoch"
           + (f"; resuming from {checkpoint}" if checkpoint else ""))
-    logger = epoch_logger(out_dir / "log.txt", out_dir / "curves.png",
-                          read_history(out_dir / "log.txt") if checkpoint else None)
+    staging = staging_dir(out_dir)
+    logger = epoch_logger(staging / "log.txt", staging / "curves.png",
+                          (read_history(staging / "log.txt") or read_history(out_dir / "log.txt"))
+                          if checkpoint else None)
     trainer = Trainer(model=model, args=training_args, train_dataset=examples,
                       data_collator=ConversationCollator(processor, args.train_on_prompt), callbacks=[logger])
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -208,14 +223,14 @@ def train(args, splits, out_dir: Path) -> None:
         evaluate(args, model, processor, splits, out_dir)
 
 
+@releases_locks
 def main(argv=None) -> None:
-    args = parse_args(get_args_parser(), argv)
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
     require_positive(args, "batch_size", "epochs", "grad_accum", "eval_batch_size", "max_new_tokens",
                      "lora_r", "lora_alpha", "min_pixels", "max_pixels")
-    if not 0 <= args.warmup_ratio < 1:
-        raise UserError(f"--warmup_ratio {args.warmup_ratio}: give a fraction of the training steps in [0, 1)")
-    if args.lr <= 0:
-        raise UserError(f"--lr {args.lr}: the learning rate must be positive")
+    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
+        raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
+    lock_folder(stage_dir(args, "vlm"))  # one run per folder, until main returns
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data.datasets import load_dataset
     from utils.dist import distributed_rank, pin_single_gpu

@@ -15,10 +15,14 @@ from utils.cli import base_parser, parse_args
 from utils.errors import run_cli
 
 
-def main(argv=None) -> None:
+def get_args_parser():
     parser = base_parser("Check a folder-per-class dataset and persist its validation split.")
     parser.add_argument("--no_decode", action="store_true", help="skip decoding every image")
-    args = parse_args(parser, argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = parse_args(get_args_parser(), argv, rules={})
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
     print(splits.summary())

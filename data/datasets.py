@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import random
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.errors import UserError
 from utils.io import read_json, write_json
@@ -21,6 +23,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 VAL_FRACTION = 0.1
+ORIENTATION_TAG = 0x0112  # EXIF orientation
+# How to_rgb decodes pixels; part of every cache key, so caches from another decoding are rebuilt.
+PIXELS = "rgb8: exif orientation applied, 16-bit scaled"
 SPLIT_SEED = 42
 
 MIKELS = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")
@@ -78,19 +83,32 @@ def _class_folders(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan_split(data_root: Path, split_dir: Path, class_names: Sequence[str]) -> list[Sample]:
+def _scan_split(data_root: Path, split_dir: Path, class_names: Sequence[str],
+                folders: dict[str, str] | None = None) -> list[Sample]:
+    """The split's images per class; ``folders`` maps a class name to its folder's name in this
+    split when the two are spelled in different Unicode normal forms."""
     samples = []
     for label, name in enumerate(class_names):
-        files = sorted(p for p in (split_dir / name).rglob("*") if is_image_file(p))
+        folder = split_dir / (folders or {}).get(name, name)
+        files = sorted(p for p in folder.rglob("*") if is_image_file(p))
         if not files:
-            raise UserError(f"{split_dir / name}: class folder holds no images "
+            raise UserError(f"{folder}: class folder holds no images "
                             f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder")
         samples += [Sample(p.relative_to(data_root).as_posix(), label) for p in files]
     return samples
 
 
-def _check_same_classes(split_dir: Path, class_names: Sequence[str], train_dir: Path) -> None:
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def _check_same_classes(split_dir: Path, class_names: Sequence[str], train_dir: Path) -> dict[str, str]:
+    """``{class name: folder name in split_dir}``. Names equal after Unicode NFC normalisation
+    match (macOS writes NFD, most tools NFC: the same word, other bytes)."""
     found = _class_folders(split_dir)
+    by_nfc = {_nfc(name): name for name in found}
+    if len(by_nfc) == len(found) and sorted(by_nfc) == sorted(map(_nfc, class_names)):
+        return {name: by_nfc[_nfc(name)] for name in class_names}
     if found != list(class_names):
         only_train = sorted(set(class_names) - set(found))
         only_here = sorted(set(found) - set(class_names))
@@ -119,7 +137,7 @@ def _persisted_split(split_file: Path, train_all: list[Sample], class_names: lis
     """Load the split saved by an earlier stage, or make it and save it."""
     by_path = {s.path: s for s in train_all}
     if split_file.exists():
-        saved = read_json(split_file)
+        saved = _read_split_file(split_file)
         saved_paths = set(saved["train"]) | set(saved["val"])
         added = sorted(set(by_path) - saved_paths)
         removed = sorted(saved_paths - set(by_path))
@@ -133,6 +151,10 @@ def _persisted_split(split_file: Path, train_all: list[Sample], class_names: lis
                             "(and retrain every stage, which used the old split)")
         return [by_path[p] for p in saved["train"]], [by_path[p] for p in saved["val"]]
     train, val = _stratified_split(train_all, len(class_names))
+    without_val = [name for label, name in enumerate(class_names) if not any(s.label == label for s in val)]
+    if without_val:
+        log.warning("classes %s have too few training images to spare one for validation: no validation "
+                    "image; add images to them or lay out a val/ folder", without_val)
     write_json(split_file, {
         "note": f"validation split: {VAL_FRACTION:.0%} of train/ per class, seed {SPLIT_SEED}",
         "class_names": class_names,
@@ -142,6 +164,27 @@ def _persisted_split(split_file: Path, train_all: list[Sample], class_names: lis
     log.info("split %d train images into %d train / %d val, saved to %s",
              len(train_all), len(train), len(val), split_file)
     return train, val
+
+
+def _read_split_file(split_file: Path) -> dict:
+    """The saved split, checked: readable, train and val lists of paths, disjoint, each image once."""
+    advice = "delete it to re-split (and retrain every stage, which used the old split)"
+    try:
+        saved = read_json(split_file)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{split_file}: cannot be read ({err.__class__.__name__}); {advice}") from None
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(key), list) and
+                                              all(isinstance(p, str) for p in saved[key]) for key in ("train", "val")):
+        raise UserError(f"{split_file}: damaged (needs 'train' and 'val' lists of image paths); {advice}")
+    both = sorted(set(saved["train"]) & set(saved["val"]))
+    if both:
+        raise UserError(f"{split_file}: {len(both)} image(s) listed in both train and val (e.g. {both[0]}): "
+                        f"validation would leak into training; {advice}")
+    for key in ("train", "val"):
+        if len(set(saved[key])) != len(saved[key]):
+            twice = next(p for p in saved[key] if saved[key].count(p) > 1)
+            raise UserError(f"{split_file}: {twice} is listed twice in {key}; {advice}")
+    return saved
 
 
 def find_bad_images(data_root: Path, samples: Sequence[Sample]) -> list[str]:
@@ -180,12 +223,15 @@ def load_dataset(data_root: str | Path, dataname: str, output_dir: str | Path = 
     if expected is not None and sorted(expected) != class_names:
         log.warning("%s: class folders %s differ from the known %s classes %s",
                     train_dir, class_names, dataname, sorted(expected))
-    _check_same_classes(test_dir, class_names, train_dir)
+    if len(set(map(_nfc, class_names))) < len(class_names):
+        raise UserError(f"{train_dir}: class folders {class_names} include two spellings of one name (Unicode NFC "
+                        "vs NFD normalisation); merge them into one folder")
+    test_folders = _check_same_classes(test_dir, class_names, train_dir)
     train_all = _scan_split(data_root, train_dir, class_names)
-    test = _scan_split(data_root, test_dir, class_names)
+    test = _scan_split(data_root, test_dir, class_names, test_folders)
     if val_dir.is_dir():
-        _check_same_classes(val_dir, class_names, train_dir)
-        train, val = train_all, _scan_split(data_root, val_dir, class_names)
+        val_folders = _check_same_classes(val_dir, class_names, train_dir)
+        train, val = train_all, _scan_split(data_root, val_dir, class_names, val_folders)
     else:
         split_file = Path(output_dir) / dataname / "split.json"
         train, val = _persisted_split(split_file, train_all, class_names, train_dir)
@@ -202,11 +248,28 @@ def load_dataset(data_root: str | Path, dataname: str, output_dir: str | Path = 
     return splits
 
 
+def needs_normalising(img: Image.Image) -> bool:
+    """Whether :func:`to_rgb` changes more than the mode: an EXIF rotation or flip, or 16-bit values."""
+    return img.getexif().get(ORIENTATION_TAG, 1) != 1 or img.mode.startswith("I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The pixels every stage, the demo and batch prediction see for a decoded image: the EXIF
+    orientation applied (as photo viewers show it), 16-bit values scaled to 8 bits (not clipped
+    to white), then RGB."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I"):  # I;16, I;16B, I: 16-bit greyscale PNG/TIFF
+        values = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(np.rint(values / scale), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def open_image(path: str | Path) -> Image.Image:
-    """Decode one image as RGB; an undecodable file is a UserError naming it."""
+    """Decode one image as RGB (see :func:`to_rgb`); an undecodable file is a UserError naming it."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except FileNotFoundError:
         raise UserError(f"{path}: image not found") from None
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:

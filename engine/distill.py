@@ -23,15 +23,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from data.datasets import DatasetSplits, ImageDataset, Sample
+from data.datasets import PIXELS, DatasetSplits, ImageDataset, Sample
 from models.heads import DistillHead
 from models.teacher import load_teacher, teacher_transforms
 from models.vlm import load_processor, load_vlm, pooled_image_features
-from utils.cache import digest, image_list_id, load_cached, store
+from utils.cache import digest, image_list_id, load_cached, readable, store
 from utils.checkpoints import STAGE_COMMANDS, check_compatible, file_id, read_meta
 from utils.dist import distributed_rank
 from utils.errors import UserError
 from utils.io import torch_save, write_text
+from utils.outputs import check_finite
 from utils.metrics import save_curves_png
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def vlm_feature_key(vlm_model: str, processor, config, dtype: torch.dtype) -> di
     size = processor.image_processor.size
     return {"vlm_model": str(vlm_model), "config": digest(config.to_dict()),
             "weights": _weights_fingerprint(str(vlm_model)), "dtype": str(dtype),
-            "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge}
+            "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge, "pixels": PIXELS}
 
 
 def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs: dict | None,
@@ -190,6 +191,13 @@ def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs:
     missing = [split for split in names if features[split] is None]
     if missing:
         command = STAGE_COMMANDS["distill"].format(dataname=splits.name)
+        files = [cache_dir / f"vlm_features_{split}.pt" for split in missing]
+        absent = [split for split, f in zip(missing, files) if not f.is_file()]
+        damaged = [f.name for f in files if f.is_file() and not readable(f)]
+        if absent or damaged:
+            what = (f"{', '.join(damaged)} cannot be read (damaged)" if damaged
+                    else f"the cached {'/'.join(absent)} features are missing")
+            raise UserError(f"{cache_dir}: {what}; rerun `{command}` to rebuild the feature cache")
         raise UserError(f"{cache_dir}: the cached {'/'.join(missing)} features do not match these images, the "
                         f"VLM or the pixel budget the head was trained with; rerun `{command}`")
     return features
@@ -203,8 +211,8 @@ def cached_teacher_logits(splits: DatasetSplits, teacher_path: str | Path, devic
                           names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
     """The teacher's logits (eval transform) per split, cached by teacher file and image list."""
     teacher_id = file_id(teacher_path)
-    keys = {split: {"teacher_id": teacher_id, "images": image_list_id(splits.data_root, splits.split(split))}
-            for split in names}
+    keys = {split: {"teacher_id": teacher_id, "images": image_list_id(splits.data_root, splits.split(split)),
+                    "pixels": PIXELS} for split in names}
 
     def build(missing: list[str]) -> dict[str, torch.Tensor]:
         model, checkpoint = load_teacher(teacher_path, splits.class_names, device)
@@ -261,6 +269,7 @@ def train_teacher(model: torch.nn.Module, splits: DatasetSplits, data_config: di
             optimizer.step()
             total += loss.item() * len(labels)
             count += len(labels)
+        check_finite(total / count, f"the teacher's training loss in epoch {epoch}", "--teacher_lr")
         row = {"epoch": epoch, "train_loss": total / count, "val_acc": _accuracy(model, val_loader, device)}
         history.append(row)
         print("teacher " + json.dumps(row))
@@ -309,6 +318,7 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
         with torch.no_grad():
             val_logits = head(features["val"].to(device)).cpu()
         val_loss = distillation_loss(val_logits, teacher_logits["val"], labels["val"], alpha, temperature)
+        check_finite(total / count + val_loss.item(), f"the head's loss in epoch {epoch}", "--lr (or --temperature)")
         row = {"epoch": epoch, "train_loss": total / count, "val_loss": val_loss.item(),
                "val_acc": (val_logits.argmax(-1) == labels["val"]).float().mean().item()}
         history.append(row)

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.datasets import PIXELS
 from models.gates import build_gate
 from utils.cache import image_list_id, load_or_build
 from utils.errors import UserError
 from utils.io import torch_save
 from utils.metrics import NONE
+from utils.outputs import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def vlm_cache_key(vlm_meta: dict, mode: str, max_new_tokens: int, quant: str | N
         "base_model": vlm_meta["base_model"], "adapter_id": vlm_meta["adapter_id"],
         "min_pixels": vlm_meta.get("min_pixels"), "max_pixels": vlm_meta.get("max_pixels"),
         "mode": mode, "max_new_tokens": max_new_tokens if mode == "generate" else None, "quant": quant,
-        "class_names": list(class_names), "images": image_list_id(data_root, samples),
+        "class_names": list(class_names), "images": image_list_id(data_root, samples), "pixels": PIXELS,
     }
 
 
@@ -145,7 +147,12 @@ def gate_training_data(data: dict, split: str, seed: int) -> tuple[GateData, Gat
     and ``val`` (the paper), or for ``split="val"`` two stratified, seed-fixed halves of ``val``."""
     if split == "train":
         return data["train"], data["val"]
-    fit, select = stratified_halves(data["val"].labels, seed)
+    labels = data["val"].labels
+    fit, select = stratified_halves(labels, seed) if len(labels) else (labels, labels)
+    if not len(fit) or not len(select):
+        raise UserError(f"--gate_train_split val: the {len(labels)} validation image(s) cannot fill two halves (one "
+                        "to fit the gate, one to pick its epoch; a class needs 2 images to reach both); add "
+                        "validation images or use --gate_train_split train")
     return subset(data["val"], fit), subset(data["val"], select)
 
 
@@ -190,6 +197,7 @@ def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epoc
             total += loss.item() * len(index)
             seen += len(index)
         val_loss, val_acc = _evaluate(gate, val)
+        check_finite(total / max(seen, 1) + val_loss, f"the {name} gate's loss in epoch {epoch}", "--lr")
         row = {"gate": name, "epoch": epoch, "train_loss": total / max(seen, 1),
                "val_loss": val_loss, "val_acc": val_acc}
         history.append(row)

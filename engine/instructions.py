@@ -21,7 +21,7 @@ from PIL import Image
 
 from data.annotations import (ANNOTATIONS_FILE, Annotation, append_annotation, append_record,
                               read_annotations, repair_tail)
-from data.datasets import DatasetSplits, Sample, open_image
+from data.datasets import DatasetSplits, Sample, needs_normalising, open_image
 from data.prompts import generation_prompt, mentions_word, split_sections
 from utils.errors import UserError
 from utils.io import write_text
@@ -82,10 +82,12 @@ def image_data_url(path: str | Path, max_side: int) -> tuple[str, tuple[int, int
     try:
         with Image.open(io.BytesIO(raw)) as img:
             kind, size, animated = img.format, img.size, getattr(img, "is_animated", False)
+            # Rotated (EXIF) or 16-bit images go as the pixels every stage sees, re-encoded.
+            normalise = needs_normalising(img)
     except (OSError, ValueError, Image.DecompressionBombError):
         open_image(path)  # raises the dataset layer's UserError naming the file
         raise
-    if max(size) <= max_side and kind in MIME_TYPES and not animated:
+    if max(size) <= max_side and kind in MIME_TYPES and not animated and not normalise:
         mime = MIME_TYPES[kind]
     else:
         image = prompt_image(path, max_side)

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from data.datasets import to_rgb
 from utils.checkpoints import STAGE_COMMANDS, read_meta
 from utils.errors import UserError
 
@@ -42,7 +43,7 @@ def open_upload(path: str | Path, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
             if max(width, height) > max_image_side:
                 img.draft("RGB", (max_image_side, max_image_side))  # JPEG: decode at reduced scale
                 img.thumbnail((max_image_side, max_image_side))
-            return img.convert("RGB")
+            return to_rgb(img)  # the same pixels as the datasets' images
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
         reason = "too large to decode safely" if isinstance(err, Image.DecompressionBombError) \
             else "not an image that can be decoded"
@@ -188,7 +189,7 @@ class EmoVLMKD:
         from engine.vlm_eval import predict_vlm
         from models.gates import gate_weights
 
-        images = [image.convert("RGB") for image in images]
+        images = [to_rgb(image) for image in images]
         num_classes = len(self.class_names)
         scored = predict_vlm(self.model, self.processor, images, self.class_names, mode="score")
         # The gate's VLM input, obtained as train_gate.py obtained it (settings saved in gate.pt).

@@ -16,6 +16,7 @@ from utils.dist import distributed_rank
 from utils.errors import UserError, first_line
 from utils.io import write_text
 from utils.metrics import save_curves_png
+from utils.outputs import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def epoch_logger(log_path: str | Path, curves_path: str | Path, history: list[di
             # Logging is per epoch; the epoch's loss arrives here, after on_epoch_end.
             if not state.is_world_process_zero or not logs or "loss" not in logs:
                 return
+            check_finite(logs["loss"], f"the training loss in epoch {round(float(state.epoch))}", "--lr")
             row = {"epoch": round(float(state.epoch)), "train_loss": float(logs["loss"]),
                    "lr": float(logs.get("learning_rate", 0.0)), "step": state.global_step}
             if "grad_norm" in logs:
@@ -147,6 +149,7 @@ def training_arguments(args, trainer_dir: str | Path, on_gpu: bool):
         activation_checkpointing=on_gpu,
         activation_checkpointing_kwargs={"use_reentrant": False} if on_gpu else None,
         logging_strategy="epoch",
+        logging_nan_inf_filter=False,  # a diverged loss must show, not be averaged away
         save_strategy="epoch",
         save_total_limit=1,
         remove_unused_columns=False,

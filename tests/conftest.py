@@ -41,3 +41,7 @@ def tiny_vlm_dir(tmp_path_factory) -> Path:
     from models.tiny import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("checkpoints") / "tiny-qwen2-vl", seed=0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test of a minute or so (deselect with -m 'not slow')")

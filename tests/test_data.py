@@ -1,5 +1,6 @@
 """The dataset layer, prompts, answer parser, annotation format and shared utilities."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,64 @@ def test_metrics_match_hand_counts(tmp_path):
     write_metrics(tmp_path, metrics, "test")
     assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 5
     assert (tmp_path / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda saved: {**saved, "val": saved["val"] + saved["train"][:1]}, "listed in both train and val"),
+    (lambda saved: {k: v for k, v in saved.items() if k != "val"}, "damaged (needs 'train' and 'val' lists"),
+    (lambda saved: {**saved, "train": saved["train"] + saved["train"][:1]}, "is listed twice in train"),
+    (None, "cannot be read (JSONDecodeError)"),
+])
+def test_a_persisted_split_is_validated_on_load(damage, message, tmp_path):
+    root = make_tree(tmp_path, per_class=20)
+    out = tmp_path / "out"
+    load_dataset(root, "ds", out)
+    split_file = out / "ds" / "split.json"
+    if damage is None:
+        split_file.write_text('{"train": [')
+    else:
+        split_file.write_text(json.dumps(damage(json.loads(split_file.read_text()))))
+    with pytest.raises(UserError, match=re.escape(message)) as info:
+        load_dataset(root, "ds", out)
+    assert "delete it to re-split" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_class_left_without_validation_images_is_warned_about(tmp_path, caplog):
+    root = make_tree(tmp_path, per_class=10)
+    for path in sorted((root / "ds/train/awe").iterdir())[1:]:
+        path.unlink()  # awe keeps one training image: none to spare
+    splits = load_dataset(root, "ds", tmp_path / "out")
+    assert not any(s.label == 1 for s in splits.val)
+    assert "classes ['awe'] have too few training images" in caplog.text
+
+
+def test_class_folders_in_other_unicode_forms_are_matched(tmp_path):
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+    assert nfc != nfd
+    for split, name in (("train", nfc), ("test", nfd)):
+        for other in (name, "awe"):
+            for i in range(3):
+                draw(tmp_path / "ds" / split / other / f"{i}.png")
+    splits = load_dataset(tmp_path, "ds", tmp_path / "out")
+    assert splits.class_names == ["awe", nfc]
+    assert sum(s.label == 1 for s in splits.test) == 3  # the NFD test folder is the same class
+    for i in range(3):
+        draw(tmp_path / "ds" / "train" / nfd / f"{i}.png")  # both spellings inside train/
+    with pytest.raises(UserError, match="two spellings of one name"):
+        load_dataset(tmp_path, "ds", tmp_path / "out2")
+
+
+@pytest.mark.parametrize("labels", [[], [0], [0, 1, 2]])
+def test_gate_on_too_few_validation_images_is_one_line(labels):
+    import torch
+
+    from engine.gate import GateData, gate_training_data
+
+    def data(n):
+        return GateData(vlm_pred=torch.zeros(n, dtype=torch.long), vlm_signal=torch.zeros(n, 3),
+                        head_logits=torch.zeros(n, 3), labels=torch.tensor(labels[:n] if n else [], dtype=torch.long))
+
+    with pytest.raises(UserError, match="--gate_train_split val: the .* cannot fill two halves"):
+        gate_training_data({"train": data(0), "val": data(len(labels))}, "val", seed=0)

@@ -272,3 +272,19 @@ def test_local_backend_on_tiny_vlm(tiny_vlm_dir, tmp_path):
     assert all(a.generator == str(tiny_vlm_dir) and a.key_elements == a.reasoning for a in records)
     meta = json.loads((folder(out) / "meta.json").read_text())
     assert meta["generator"] == str(tiny_vlm_dir) and meta["complete"] is True
+
+
+def test_sigkill_between_records_then_rerun_loses_and_duplicates_nothing(toy_root, tmp_path):
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    with FakeOpenAIServer() as server:
+        result = run_script("tests/kill_at.py", "engine.instructions:append_annotation", "6", "generate_instructions.py",
+                            *argv(toy_root, out, server, "--api_key", KEY, "--workers", 1), timeout=120)
+        assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+        first = annotations(out)
+        assert len(first) == 5 and not (folder(out) / "meta.json").exists()
+        main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 2))
+        main(argv(toy_root, whole, server, "--api_key", KEY, "--workers", 2))
+    resumed = annotations(out)
+    assert resumed[:5] == first  # kept as written
+    key = lambda a: (a.image, a.label, a.key_elements, a.reasoning)  # noqa: E731
+    assert sorted(map(key, resumed)) == sorted(map(key, annotations(whole)))  # each image once, as uninterrupted

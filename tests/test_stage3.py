@@ -260,7 +260,8 @@ def test_feature_cache_mismatch_asks_for_stage2_and_leaves_it_alone(case, traine
     monkeypatch.setattr(engine.distill, "load_vlm", lambda *a, **k: pytest.fail("stage 3 must not encode"))
     assert run_cli(train_gate.main, pipeline.argv()) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "features do not match" in err[0], err
+    expected = "features are missing" if case == "missing" else "features do not match"
+    assert len(err) == 1 and expected in err[0], err
     assert "rerun `python train_distillation.py --dataname toy`" in err[0]
     assert {path.name: path.stat().st_mtime_ns for path in cache.glob("*")} == before
 

@@ -57,6 +57,17 @@ def load_cached(path: str | Path, key: dict) -> Any | None:
     return values
 
 
+def readable(path: str | Path) -> bool:
+    """Whether ``path`` is a cache file that loads (a truncated or overwritten file does not)."""
+    import torch
+
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        return isinstance(stored, dict) and "key" in stored and "values" in stored
+    except Exception:  # noqa: BLE001 - any failure means damaged
+        return False
+
+
 def store(path: str | Path, key: dict, values: Any) -> None:
     """Write ``values`` with their key, atomically."""
     torch_save({"key": key, "values": values}, path)

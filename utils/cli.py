@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -46,7 +47,9 @@ def load_config(path: str) -> dict:
 
             values = yaml.safe_load(text)
     except Exception as err:  # noqa: BLE001 - any parse error is the user's file
-        raise UserError(f"--config {path}: cannot parse ({err.__class__.__name__}: {err})") from None
+        # YAML's messages span several lines (the problem, then where); one line is enough.
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip() and "^" not in line)
+        raise UserError(f"--config {path}: cannot parse ({err.__class__.__name__}: {message})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -58,8 +61,17 @@ class _ArgumentParserError(Exception):
     pass
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv``; values from ``--config`` become defaults that the command line overrides."""
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+               rules: dict[str, str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; values from ``--config`` become defaults that the command line overrides.
+    With ``rules`` (see :func:`check_flags`) every numeric flag is checked before anything runs."""
+    args = _parse(parser, argv)
+    if rules is not None:
+        check_flags(parser, args, rules)
+    return args
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     pre, _ = parser.parse_known_args(argv)
     if getattr(pre, "config", None):
         values = load_config(pre.config)
@@ -87,6 +99,12 @@ def _config_value(action: argparse.Action, value, where: str):
 
 def _config_item(action: argparse.Action, item, where: str):
     kind = action.type
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(item, bool):
+            raise UserError(f"{where}: {item!r} is not true or false")
+        return item
+    if kind is None and not isinstance(item, str):  # a text flag (module names, paths, ...)
+        raise UserError(f"{where}: {item!r} is not text; write it as a name (or a list of names)")
     if kind in (int, float) and (isinstance(item, bool) or not isinstance(item, (str, int, float))
                                  or (kind is int and isinstance(item, float))):
         raise UserError(f"{where}: {item!r} is not a valid {kind.__name__}")
@@ -98,6 +116,49 @@ def _config_item(action: argparse.Action, item, where: str):
     if action.choices is not None and item not in action.choices:
         raise UserError(f"{where}: {item!r} is not one of {', '.join(map(str, action.choices))}")
     return item
+
+
+# The rules of check_flags: what a numeric flag's value must be, and how the error says it.
+RULES = {
+    "count": (lambda v: v >= 1, "at least 1"),
+    "index": (lambda v: v >= 0, "0 or more"),
+    "positive": (lambda v: v > 0, "a finite number greater than 0"),
+    "nonnegative": (lambda v: v >= 0, "a finite number, 0 or more"),
+    "fraction": (lambda v: 0 <= v <= 1, "a finite number in [0, 1]"),
+    "fraction_open": (lambda v: 0 <= v < 1, "a finite number in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    "port": (lambda v: 1 <= v <= 65535, "a TCP port in [1, 65535]"),
+}
+RULES["finite"] = (lambda v: True, "a finite number")
+# Flags every stage shares (base_parser).
+COMMON_RULES = {"seed": "seed", "gpu": "index", "num_workers": "index", "batch_size": "count"}
+
+
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, rules: dict[str, str]) -> None:
+    """One ``UserError`` line for the first numeric flag outside its range (``rules``: dest name ->
+    a key of :data:`RULES`; the shared flags are added), a non-finite float, or an empty name in
+    a list flag. Every int/float flag should have a rule (:func:`flags_without_rules`, which a
+    test checks for every stage); one without is only required to be finite."""
+    rules = {**COMMON_RULES, **rules}
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        flag = action.option_strings[0] if action.option_strings else action.dest
+        if action.type in (int, float):
+            if value is None:
+                continue
+            check, requirement = RULES[rules.get(action.dest, "finite")]
+            if not math.isfinite(value) or not check(value):
+                raise UserError(f"{flag} must be {requirement} (got {value})")
+        elif isinstance(value, list) and action.type is None:
+            if any(not isinstance(item, str) or not item.strip() for item in value):
+                raise UserError(f"{flag} must be a list of non-empty names (got {value})")
+
+
+def flags_without_rules(parser: argparse.ArgumentParser, rules: dict[str, str]) -> list[str]:
+    """The int/float flags of ``parser`` that ``rules`` (plus the shared ones) leave unchecked."""
+    rules = {**COMMON_RULES, **rules}
+    return [action.option_strings[0] for action in parser._actions
+            if action.type in (int, float) and action.dest not in rules]
 
 
 def require_positive(args: argparse.Namespace, *names: str) -> None:

@@ -1,8 +1,13 @@
 """User-facing errors: one clear line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable, Sequence
+
+
+# Errors of the file system that the user fixes (rights, read-only mounts, a full disk or quota).
+_FOLDER_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 class UserError(Exception):
@@ -15,6 +20,12 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         main(argv)
     except UserError as err:
         print(f"error: {_last_line(str(err))}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in _FOLDER_ERRORS:
+            raise
+        print(f"error: {err.filename or 'an output file'}: {err.strerror}; fix its permissions or free space, "
+              "or write elsewhere with --output_dir", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: everything written so far is kept; rerun the same command to resume",

@@ -1,0 +1,105 @@
+"""Kill a stage with SIGKILL part-way, rerun it: the rerun resumes or starts clean, never trusts a
+half-written file, keeps the earlier results until then, and ends with the outputs of an
+uninterrupted run (same seed). ``tests/kill_at.py`` kills at a chosen call of a function."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+
+import pytest
+import torch
+
+from tests.conftest import run_script
+from tests.pipeline import CONFIGS, Pipeline, trained_pipeline, write_annotations  # noqa: F401
+
+STAGE2 = ("--config", str(CONFIGS / "toy_distill.yaml"), "--teacher_epochs", "2", "--epochs", "10",
+          "--num_workers", "0")
+STAGE3 = ("--config", str(CONFIGS / "toy_gate.yaml"), "--gate", "all", "--num_workers", "0")
+
+
+@pytest.fixture
+def finished(trained_pipeline, tmp_path) -> Pipeline:
+    shutil.copytree(trained_pipeline.output_dir, tmp_path / "outputs")
+    return Pipeline(trained_pipeline.data_root, tmp_path / "outputs", trained_pipeline.vlm_model)
+
+
+def kill_during(target: str, call: int, script: str, *argv: str) -> None:
+    result = run_script("tests/kill_at.py", target, str(call), script, *argv, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+
+
+def files(folder, *names) -> dict:
+    return {name: (folder / name).read_bytes() for name in names}
+
+
+def weights(path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def same_weights(a, b) -> bool:
+    a, b = weights(a), weights(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("target, call", [("engine.distill:store", 2),                # frozen pass: 1 split cached
+                                          ("engine.distill:distillation_loss", 40)])  # head training
+def test_stage2_killed_then_rerun_ends_as_an_uninterrupted_run(target, call, finished, trained_pipeline):
+    import train_distillation
+
+    distill = finished.stage("distill")
+    if target.endswith("store"):
+        shutil.rmtree(distill / "cache")
+    kept = files(distill, "meta.json", "head.pt", "metrics.json")
+    kill_during(target, call, "train_distillation.py", *finished.argv(*STAGE2))
+    assert files(distill, "meta.json", "head.pt", "metrics.json") == kept  # the old head is still the trusted one
+
+    train_distillation.main(finished.argv(*STAGE2))
+    assert same_weights(distill / "head.pt", trained_pipeline.stage("distill") / "head.pt")
+    metrics = [json.loads((p / "metrics.json").read_text()) for p in (distill, trained_pipeline.stage("distill"))]
+    assert metrics[0]["accuracy"] == metrics[1]["accuracy"] and metrics[0]["agreement"] == metrics[1]["agreement"]
+    assert not (distill.parent / ".distill.new").exists()
+
+
+@pytest.mark.parametrize("target, call", [("utils.cache:store", 2),     # VLM answers: 1 split cached
+                                          ("engine.gate:_evaluate", 3)])  # gate training, epoch 3
+def test_stage3_killed_then_rerun_ends_as_an_uninterrupted_run(target, call, finished, trained_pipeline):
+    import train_gate
+
+    gate = finished.stage("gate")
+    if target.startswith("utils.cache"):
+        shutil.rmtree(gate / "cache")
+    kept = files(gate, "meta.json", "gate.pt", "table.md")
+    kill_during(target, call, "train_gate.py", *finished.argv(*STAGE3))
+    assert files(gate, "meta.json", "gate.pt", "table.md") == kept
+
+    train_gate.main(finished.argv(*STAGE3))
+    reference = trained_pipeline.stage("gate")
+    assert (gate / "table.md").read_text() == (reference / "table.md").read_text()
+    for name in ["gate.pt", *(p.name for p in reference.glob("gate_*.pt"))]:
+        assert same_weights(gate / name, reference / name), name
+
+
+@pytest.mark.slow
+def test_stage1_killed_between_checkpoints_resumes_to_the_uninterrupted_adapter(trained_pipeline, tmp_path):
+    """Two 2-epoch runs of the tiny VLM (~40 s): one uninterrupted, one killed in epoch 2 and resumed."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name in ("whole", "killed"):
+        pipeline = Pipeline(trained_pipeline.data_root, tmp_path / name, trained_pipeline.vlm_model)
+        write_annotations(pipeline)
+        argv = pipeline.argv("--vlm_model", str(pipeline.vlm_model), "--config", str(CONFIGS / "toy_vlm.yaml"),
+                             "--epoch", "2", "--skip_eval", "--num_workers", "0")
+        if name == "killed":  # 66 batches per epoch: call 70 is in epoch 2, after checkpoint 1
+            kill_during("engine.vlm_train:ConversationCollator.__call__", 70, "train_vlm.py", *argv)
+            assert not (pipeline.stage("vlm") / "meta.json").exists()  # nothing finished, nothing trusted
+            argv += ["--resume"]
+        result = run_script("train_vlm.py", *argv, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[name] = pipeline.stage("vlm")
+    assert "resuming from" in result.stdout
+    whole, resumed = (load_file(runs[name] / "adapter_model.safetensors") for name in ("whole", "killed"))
+    assert whole.keys() == resumed.keys() and all(torch.allclose(whole[k], resumed[k], atol=1e-6) for k in whole)
+    history = [json.loads(line) for line in (runs["killed"] / "log.txt").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2]
