@@ -156,7 +156,7 @@ def main(argv=None) -> None:
 
     try:
         if requests:
-            tally = concat_parts([tally, *run_sharded(len(requests), ask)])
+            tally = concat_parts([tally, *run_sharded(len(requests), ask, unit=args.batch_size)])
     finally:  # also after a fatal error or Ctrl-C: rejected.jsonl keeps one line per open image
         leave_process_group()
         if rank == 0:

@@ -176,7 +176,7 @@ def predict_folder(predictor, folder: str | Path, out: str | Path, fmt: str = "j
     try:
         counts = [{"done": 0, "bad": 0}]
         if todo:
-            counts = [part for part in run_sharded(len(todo), predict_share) if part is not None]
+            counts = [part for part in run_sharded(len(todo), predict_share, unit=batch_size) if part is not None]
     finally:  # also after a failed rank: what the others wrote is kept
         if world > 1 and is_main_process():
             merge_part_files(out)

@@ -138,7 +138,7 @@ def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs:
                     splits, [samples[i] for i in indices], batch_size, num_workers, desc=f"VLM features {split}")]
                 return torch.cat(chunks)
 
-            out[split] = shard_map(len(samples), encode)
+            out[split] = shard_map(len(samples), encode, unit=batch_size)
             log.info("encoded %d %s images with the frozen visual encoder -> %s", len(samples), split,
                      tuple(out[split].shape))
         return out
@@ -176,7 +176,7 @@ def cached_teacher_logits(splits: DatasetSplits, teacher_path: str | Path, devic
                                          eval_transform, desc=f"teacher logits {split}")
                 return torch.cat([model(images.to(device)).float().cpu() for images, _ in batches])
 
-            out[split] = shard_map(len(samples), run)
+            out[split] = shard_map(len(samples), run, unit=batch_size)
         return out
 
     return _load_or_build(Path(cache_dir), "teacher_logits", keys, build)

@@ -111,7 +111,7 @@ def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_m
             log.info("predicting %d %s images with the VLM (%s)", len(samples), split, mode)
             # Under torchrun each rank answers its block; the cache is written once, complete.
             values = shard_map(len(samples), lambda block: predict(samples[block.start:block.stop],
-                                                                   f"VLM {mode} ({split})"))
+                                                                   f"VLM {mode} ({split})"), unit=batch_size)
             if is_main_process():
                 store(path, key, values)
         result[split] = VLMPredictions(**values)

@@ -266,7 +266,7 @@ def predict_samples(model, processor, data_root: str | Path, samples: Sequence, 
     from data.datasets import open_image
     from utils.dist import is_main_process
 
-    chunk = max(batch_size, chunk)
+    chunk = max(batch_size, chunk // batch_size * batch_size)  # whole batches: see utils.dist.run_sharded
     parts = []
     for start in tqdm(range(0, len(samples), chunk), desc=desc, unit="chunk", disable=not is_main_process()):
         images = [open_image(Path(data_root) / sample.path) for sample in samples[start:start + chunk]]
@@ -289,7 +289,7 @@ def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: 
     # Under torchrun every rank predicts its block of the images; rank 0 writes the files.
     result = shard_map(len(samples), lambda block: predict_samples(
         model, processor, data_root, samples[block.start:block.stop], class_names, mode, batch_size,
-        max_new_tokens, desc=f"eval ({mode})"))
+        max_new_tokens, desc=f"eval ({mode})"), unit=batch_size)
     labels = [sample.label for sample in samples]
     metrics = classification_metrics(labels, result.pred.tolist(), class_names)
     metrics["mode"] = mode

@@ -53,9 +53,12 @@ class Answers:
 def test_blocks_cover_every_item_once_and_join_in_order(tmp_path):
     from utils.dist import concat_parts, merge_part_files, part_file, run_sharded, shard_range
 
-    for count in (0, 1, 7, 8):
-        blocks = [shard_range(count, rank, 3) for rank in range(3)]
-        assert [i for block in blocks for i in block] == list(range(count))
+    for count in (0, 1, 7, 8, 23):
+        for unit in (1, 4):
+            blocks = [shard_range(count, rank, 3, unit) for rank in range(3)]
+            assert [i for block in blocks for i in block] == list(range(count))
+            assert all(block.start % unit == 0 for block in blocks if block)  # whole batches
+    assert [len(shard_range(23, rank, 3, 4)) for rank in range(3)] == [8, 8, 7]
     parts = [Answers(torch.tensor([0, 1]), None), None, Answers(torch.tensor([2]), None)]  # None: a rank without items
     joined = concat_parts(parts)
     assert joined.pred.tolist() == [0, 1, 2] and joined.texts is None
@@ -81,7 +84,7 @@ def test_stage1_eval_two_processes_equal_one(trained_pipeline, tmp_path):  # noq
     result = torchrun("train_vlm.py", *flags, "--output_dir", str(two))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("test accuracy") == 1  # printed by rank 0 only
-    assert "32 items sharded over 2 processes (16-16 each)" in result.stderr
+    assert "32 items sharded over 2 processes (14-18 each)" in result.stderr
     for name in ("predictions.jsonl", "metrics.json"):
         assert (two / "toy/vlm/eval_score" / name).read_text() == (one / "toy/vlm/eval_score" / name).read_text()
 
@@ -185,20 +188,20 @@ def test_predict_folder_sharded_failing_rank_rerun_and_agreement_with_stage3(tra
 
     # An undecodable image first in rank 1's block: one error line naming it, rank 0's records kept.
     names = list_images(images)
-    bad = images / (str(Path(names[16]).with_suffix("")) + "_bad.png")  # sorts right after image 16
+    bad = images / (str(Path(names[19]).with_suffix("")) + "_bad.png")  # sorts right after image 19
     bad.write_bytes(b"not an image")
-    assert list_images(images).index(bad.relative_to(images).as_posix()) == 17  # 33 images: 17 + 16
+    assert list_images(images).index(bad.relative_to(images).as_posix()) == 20  # 33 images: 5 batches + 4
     out = tmp_path / "two.jsonl"
     failed = torchrun(*flags, "--out", str(out))
     assert failed.returncode != 0
     assert len(error_lines(failed.stderr)) == 1 and "rank 1 of 2" in error_lines(failed.stderr)[0] \
         and bad.name in error_lines(failed.stderr)[0], failed.stderr[-3000:]
-    assert out.read_text() == "".join(one.splitlines(keepends=True)[:17])
+    assert out.read_text() == "".join(one.splitlines(keepends=True)[:20])
 
     bad.unlink()
     rerun = torchrun(*flags, "--out", str(out))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "17 were already in" in rerun.stdout
+    assert "20 were already in" in rerun.stdout
     assert out.read_text() == one and not list(tmp_path.glob("*.part*"))
 
 

@@ -118,15 +118,21 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shard_range(count: int, rank: int, world: int) -> range:
-    """Rank ``rank``'s contiguous block of ``range(count)``; the first ``count % world`` get one more."""
-    base, extra = divmod(count, world)
+def shard_range(count: int, rank: int, world: int, unit: int = 1) -> range:
+    """Rank ``rank``'s contiguous block of ``range(count)``, made of whole ``unit``s (batches):
+    the units are dealt out evenly, the first ranks getting one more where they do not divide."""
+    units = -(-count // unit)
+    base, extra = divmod(units, world)
     start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
+    return range(min(start * unit, count), min((start + base + (rank < extra)) * unit, count))
 
 
-def run_sharded(count: int, compute: Callable[[range], T]) -> list[T]:
+def run_sharded(count: int, compute: Callable[[range], T], unit: int = 1) -> list[T]:
     """``compute(block)`` on this rank's block of ``range(count)``; every rank's result, in rank order.
+
+    Blocks are whole multiples of ``unit``: pass the batch size, so that every rank runs exactly
+    the batches one process would run (a batched forward pass is not bit-identical across batch
+    sizes, so other blocks could change the last digits).
 
     Without a launcher this is ``[compute(range(count))]``. Under one, a rank that fails (a
     UserError, or any exception: its traceback is printed there) does not leave the others
@@ -135,14 +141,14 @@ def run_sharded(count: int, compute: Callable[[range], T]) -> list[T]:
     code 2 without a word, so the run ends with one ``error:`` line and nothing half-built saved.
     """
     rank, world = init_distributed()
-    block = shard_range(count, rank, world)
+    block = shard_range(count, rank, world, unit)
     if world == 1:
         return [compute(block)]
     import torch.distributed as dist
 
     if rank == 0:
         log.info("%d items sharded over %d processes (%d-%d each)", count, world,
-                 len(shard_range(count, world - 1, world)), len(block))
+                 len(shard_range(count, world - 1, world, unit)), len(block))
 
     part, failure = None, None
     try:
@@ -187,9 +193,9 @@ def concat_parts(parts: Sequence):
     raise TypeError(f"cannot join results of type {type(first).__name__}")
 
 
-def shard_map(count: int, compute: Callable[[range], T]) -> T:
+def shard_map(count: int, compute: Callable[[range], T], unit: int = 1) -> T:
     """:func:`run_sharded`, joined with :func:`concat_parts`: the one-process result on every rank."""
-    return concat_parts(run_sharded(count, compute))
+    return concat_parts(run_sharded(count, compute, unit))
 
 
 # ---------------------------------------------------------------- per-rank part files
