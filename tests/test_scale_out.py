@@ -103,6 +103,7 @@ def test_stage3_killed_rank_keeps_caches_valid_and_sharded_rerun_equals_one(trai
 
     rerun = torchrun(*argv)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stderr.count("items sharded over 2 processes") == 3  # train, val, test
     for split in ("train", "val", "test"):
         built = torch.load(cache / f"vlm_score_{split}.pt", weights_only=True)
         expected = torch.load(reference / f"vlm_score_{split}.pt", weights_only=True)
@@ -228,3 +229,32 @@ def test_predict_csv_resumes_and_explains(trained_pipeline, tmp_path):  # noqa: 
     assert out.read_text().startswith(first) and len(rows) == 4 and rows[-1]["image"] == "more/new.png"
     assert {"final_label", "final_probs.anger", "head_probs.awe", "key_elements", "reasoning"} <= set(rows[0])
     assert all(row["key_elements"] for row in rows)
+
+
+@pytest.mark.parametrize("case", ["no_folder", "no_images", "out_is_folder", "csv_of_another_run"])
+def test_predict_bad_inputs_are_one_line_errors(case, trained_pipeline, tmp_path, capsys):  # noqa: F811
+    import predict
+    from utils.errors import run_cli
+
+    images, out = tmp_path / "photos", tmp_path / "p.csv"
+    images.mkdir()
+    shutil.copy(next((trained_pipeline.data_root / "toy" / "test").rglob("*.png")), images / "a.png")
+    expected = {"no_folder": "no such folder", "no_images": "no images", "out_is_folder": "is a folder",
+                "csv_of_another_run": "its columns are not this run's"}[case]
+    if case == "no_folder":
+        images = tmp_path / "missing"
+    elif case == "no_images":
+        (images / "a.png").rename(images / "a.txt")
+    elif case == "out_is_folder":
+        out = tmp_path
+    else:
+        out.write_text("image,label\na.png,awe\n")
+    before = out.read_bytes() if out.is_file() else None
+    argv = ["--dataname", "toy", "--output_dir", str(trained_pipeline.output_dir), "--images", str(images),
+            "--out", str(out)]
+    assert run_cli(predict.main, argv) == 2
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, err[-2000:]
+    if before is not None:
+        assert out.read_bytes() == before  # nothing already written is lost
