@@ -137,8 +137,8 @@ def run_sharded(count: int, compute: Callable[[range], T], unit: int = 1) -> lis
     Without a launcher this is ``[compute(range(count))]``. Under one, a rank that fails (a
     UserError, or any exception: its traceback is printed there) does not leave the others
     waiting: the failure is gathered like a result, every rank leaves the process group, rank 0
-    raises one UserError naming the failed rank and its message, and the other ranks exit with
-    code 2 without a word, so the run ends with one ``error:`` line and nothing half-built saved.
+    raises one UserError naming the failed rank and its message (exit code 2), and the other
+    ranks exit without a word, so the run ends with one ``error:`` line and nothing half-built saved.
     """
     rank, world = init_distributed()
     block = shard_range(count, rank, world, unit)
@@ -163,8 +163,8 @@ def run_sharded(count: int, compute: Callable[[range], T], unit: int = 1) -> lis
     failed = [(r, message) for r, (message, _) in enumerate(gathered) if message is not None]
     if failed:
         leave_process_group()
-        if rank != 0:
-            raise SystemExit(2)
+        if rank != 0:  # exit quietly and successfully: the launcher stops everyone at a failed exit,
+            raise SystemExit(0)  # and rank 0 has yet to report, save what is complete and exit with 2
         first_rank, message = failed[0]
         raise UserError(f"rank {first_rank} of {world} failed on its share of {count}: {message}")
     return [result for _, result in gathered]
