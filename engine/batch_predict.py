@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from data.datasets import is_image_file, open_image
-from utils.dist import barrier, is_main_process, merge_part_files, part_file, run_sharded
+from utils.dist import barrier, distributed_rank, is_main_process, merge_part_files, part_file, run_sharded
 from utils.errors import UserError
 
 FORMATS = ("jsonl", "csv")
@@ -134,12 +134,11 @@ def predict_folder(predictor, folder: str | Path, out: str | Path, fmt: str = "j
     """
     from tqdm.auto import tqdm
 
-    from utils.dist import distributed_rank
-
     folder, out = Path(folder), Path(out)
     rank, _, world = distributed_rank()
     images = list_images(folder)
-    weight_names = getattr(predictor.gate, "weight_names", ()) if hasattr(predictor.gate, "forward_with_weights") else ()
+    exposes_weights = hasattr(predictor.gate, "forward_with_weights")  # as models.gates.gate_weights decides
+    weight_names = predictor.gate.weight_names if exposes_weights else ()
     columns = csv_columns(predictor.class_names, weight_names, explain)
     done = prepare_output(out, fmt, columns)
     todo = [image for image in images if image not in done]
