@@ -6,6 +6,8 @@
         --model Qwen/Qwen2-VL-72B-Instruct            # any OpenAI-compatible server (vLLM, Ollama, ...)
     python generate_instructions.py --dataname toy --backend local \\
         --vlm_model checkpoints/tiny-qwen2-vl --accept_unstructured   # a local Hugging Face VLM
+    torchrun --nproc_per_node 8 generate_instructions.py --dataname emoset --backend local \\
+        --vlm_model Qwen/Qwen2-VL-72B-Instruct        # images sharded across 8 GPUs
 
 Only training images are sent (the validation images split off train/ never are). Writes
 <output_dir>/<dataname>/instructions/: annotations_train.jsonl (read by train_vlm.py),
@@ -20,10 +22,11 @@ import sys
 from pathlib import Path
 
 from data.datasets import load_dataset
-from engine.instructions import (OpenAIBackend, LocalBackend, annotated_images, approx_image_tokens,
-                                 compact_rejected, image_data_url, plan_requests, write_outcomes)
+from engine.instructions import (OpenAIBackend, LocalBackend, Tally, annotated_images, approx_image_tokens,
+                                 compact_rejected, image_data_url, merge_parts, plan_requests, write_outcomes)
 from utils.checkpoints import check_compatible, read_meta, write_meta
-from utils.cli import base_parser, parse_args, resolve_device, stage_dir
+from utils.cli import base_parser, parse_args, stage_dir
+from utils.dist import barrier, concat_parts, init_distributed, leave_process_group, run_sharded, training_device
 from utils.errors import UserError, run_cli
 from utils.outputs import lock_folder, releases_locks
 from utils.run import record_run
@@ -111,7 +114,7 @@ def dry_run(requests, args) -> None:
 
 def make_backend(args, key: str | None):
     if args.backend == "local":
-        return LocalBackend(args.vlm_model, resolve_device(args.gpu), args.batch_size,
+        return LocalBackend(args.vlm_model, training_device(args.gpu), args.batch_size,
                             args.max_new_tokens, args.max_side, args.accept_unstructured)
     return OpenAIBackend(args.model, key, args.base_url, args.max_retries, args.timeout,
                          args.max_new_tokens, args.max_side, args.max_attempts, args.workers,
@@ -134,24 +137,43 @@ def main(argv=None) -> None:
     folder = stage_dir(args, "instructions")
     if (folder / "meta.json").is_file():
         check_compatible(read_meta(folder, "instructions", args.dataname), folder, splits.class_names)
+    # Under torchrun the requests are sharded: each rank appends to its own part files, which
+    # rank 0 merges in rank order (and, first, what a killed multi-process run left behind).
+    rank, world = (0, 1) if args.dry_run else init_distributed()
+    if rank == 0 and folder.is_dir():
+        merge_parts(folder)
+    barrier()
     requests, tally = plan_requests(splits, folder, args.skip_rejected, args.limit)
-    print(splits.summary())
-    print(f"training images: {len(splits.train)}; already annotated or skipped: {tally.skipped}; "
-          f"to ask now: {len(requests)} (the {len(splits.val)} validation images are never sent)")
+    if rank == 0:
+        print(splits.summary())
+        print(f"training images: {len(splits.train)}; already annotated or skipped: {tally.skipped}; "
+              f"to ask now: {len(requests)} (the {len(splits.val)} validation images are never sent)")
     if args.dry_run:
         dry_run(requests, args)
         return
 
     generator = args.vlm_model if args.backend == "local" else args.model
+
+    def ask(block: range) -> Tally:
+        share, counts = requests[block.start:block.stop], Tally()
+        backend = make_backend(args, key)
+        with tqdm(total=len(share), desc="instructions", unit="img", disable=rank != 0) as progress:
+            progress.set_postfix(counts.counts())
+            write_outcomes(backend.outcomes(share), folder, generator, counts, progress,
+                           part=rank if world > 1 else None)
+        return counts
+
     try:
         if requests:
-            backend = make_backend(args, key)
-            with tqdm(total=len(requests), desc="instructions", unit="img") as progress:
-                progress.set_postfix(tally.counts())
-                write_outcomes(backend.outcomes(requests), folder, generator, tally, progress)
+            tally = concat_parts([tally, *run_sharded(len(requests), ask, unit=args.batch_size)])
     finally:  # also after a fatal error or Ctrl-C: rejected.jsonl keeps one line per open image
-        annotated = annotated_images(folder, splits.class_names) & {s.path for s in splits.train}
-        num_rejected = compact_rejected(folder, annotated)
+        leave_process_group()
+        if rank == 0:
+            merge_parts(folder)
+            annotated = annotated_images(folder, splits.class_names) & {s.path for s in splits.train}
+            num_rejected = compact_rejected(folder, annotated)
+    if rank != 0:
+        return
     print(f"this run: {tally.done} annotated, {tally.rejected} rejected, {tally.failed} failed "
           f"(rerun to retry); {len(annotated)}/{len(splits.train)} training images annotated in "
           f"{folder}; {num_rejected} in rejected.jsonl")

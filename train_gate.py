@@ -9,6 +9,7 @@ pictures to ``<output_dir>/<dataname>/gate/``.
     python train_gate.py --dataname emoset --gate all              # the ablation: every variant, one table
     python train_gate.py --dataname emoset --gate_train_split val  # fit on validation: the VLM saw the train images
     python train_gate.py --dataname toy --vlm_model checkpoints/tiny-qwen2-vl --config configs/toy_gate.yaml
+    torchrun --nproc_per_node 8 train_gate.py --dataname emoset    # VLM answers sharded; the gate trains on rank 0
 
 With ``--gate all`` every variant is saved as ``gate_<name>.pt`` and the one best on validation
 (ties: the earlier in the table, concat_linear first) also as ``gate.pt``, which the demo loads.
@@ -194,7 +195,7 @@ def main(argv=None) -> None:
     from data.datasets import load_dataset
     from engine.gate import gate_training_data, split_accuracies, train_gate
     from models.gates import GATE_LABELS, GATES
-    from utils.cli import resolve_device
+    from utils.dist import init_distributed, leave_process_group, training_device
     from utils.run import seed_everything
 
     if args.vlm_signal == "probs" and args.vlm_answer != "score":
@@ -206,11 +207,15 @@ def main(argv=None) -> None:
     print(splits.summary())
     check_inputs(args, splits.class_names, vlm_dir, vlm_meta, distill_dir, head_meta)
     out_dir = stage_dir(args, "gate")
-    lock_folder(out_dir)  # one run per folder, until main returns
+    lock_folder(out_dir)  # one run per folder, until main returns (rank 0 only)
     staged = StagedOutput(out_dir)  # the old gate stays until the new one is complete
-    device = resolve_device(args.gpu)
+    rank, _ = init_distributed()  # under torchrun the VLM-answer pass is sharded across the ranks
+    device = training_device(args.gpu)
     args.quant = vlm_quant(args, vlm_meta, device)  # resolved once: recorded in run.json and gate.pt
     data = gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device)
+    leave_process_group()  # the frozen passes are over: the gate trains on rank 0 alone
+    if rank != 0:
+        return
 
     new_dir = staged.begin()
     log_path = new_dir / "log.txt"

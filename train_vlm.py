@@ -83,29 +83,34 @@ def get_args_parser():
 
 
 def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
+    """The test evaluation; under torchrun every rank runs it on its share of the images."""
     from engine.vlm_eval import evaluate_vlm
+    from utils.dist import is_main_process
 
     model.eval()
     eval_dir = out_dir / f"eval_{args.eval_mode}"
     metrics = evaluate_vlm(model, processor, splits.data_root, splits.test, splits.class_names, eval_dir,
                            args.eval_mode, args.eval_batch_size, args.max_new_tokens,
                            title=f"{args.dataname}: VLM ({args.eval_mode})")
-    print(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-          f"unparseable {metrics['unparseable']} of {metrics['n']} -> {eval_dir}")
+    if is_main_process():
+        print(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+              f"unparseable {metrics['unparseable']} of {metrics['n']} -> {eval_dir}")
     return metrics
 
 
 def eval_only(args, splits, out_dir: Path) -> dict:
     from engine.vlm_eval import load_trained_vlm
     from utils.checkpoints import check_compatible
-    from utils.cli import resolve_device
+    from utils.dist import leave_process_group, training_device
 
-    device = resolve_device(args.gpu)
+    device = training_device(args.gpu)  # under torchrun: this rank's GPU
     # auto: the way stage 1 trained it (recorded in meta.json).
     quant = None if args.quant == "auto" else args.quant
     model, processor, meta = load_trained_vlm(out_dir, device, args.vlm_model, quant)
     check_compatible(meta, out_dir, class_names=splits.class_names)
-    return evaluate(args, model, processor, splits, out_dir)
+    metrics = evaluate(args, model, processor, splits, out_dir)
+    leave_process_group()
+    return metrics
 
 
 def annotations_file(args, class_names) -> Path:
@@ -214,13 +219,11 @@ def train(args, splits, out_dir: Path) -> None:
     trainer = Trainer(model=model, args=training_args, train_dataset=examples,
                       data_collator=ConversationCollator(processor, args.train_on_prompt), callbacks=[logger])
     trainer.train(resume_from_checkpoint=checkpoint)
-    is_main = trainer.is_world_process_zero()
-    leave_process_group()  # saving and evaluation are rank 0's alone
-    if not is_main:
-        return
-    save_outputs(args, model, processor, splits.class_names, out_dir, len(examples))
+    if trainer.is_world_process_zero():  # saving is rank 0's alone
+        save_outputs(args, model, processor, splits.class_names, out_dir, len(examples))
     if not args.skip_eval:
-        evaluate(args, model, processor, splits, out_dir)
+        evaluate(args, model, processor, splits, out_dir)  # sharded across the ranks
+    leave_process_group()
 
 
 @releases_locks

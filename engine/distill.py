@@ -7,14 +7,13 @@ from tensors. A cache file stores the key it was built for (model, config, weigh
 preprocessing) and is rebuilt, with a log line, when the key differs (utils/cache.py); stage 3
 reads the features without ever rebuilding them, since the head must see the ones it was trained
 on. Under ``torchrun`` / ``accelerate launch`` the images are sharded across processes and the
-results gathered.
+results gathered in order (utils.dist.shard_map).
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,7 +28,7 @@ from models.teacher import load_teacher, teacher_transforms
 from models.vlm import load_processor, load_vlm, pooled_image_features
 from utils.cache import digest, image_list_id, load_cached, readable, store
 from utils.checkpoints import STAGE_COMMANDS, check_compatible, file_id, read_meta
-from utils.dist import distributed_rank
+from utils.dist import barrier, distributed_rank, init_distributed, shard_map  # noqa: F401 (re-exported)
 from utils.errors import UserError
 from utils.io import torch_save, write_text
 from utils.outputs import check_finite
@@ -39,8 +38,6 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 HEAD_FILE = "head.pt"
-# Ranks other than 0 wait while rank 0 fine-tunes the teacher, which can take hours.
-PROCESS_GROUP_TIMEOUT = timedelta(hours=12)
 
 
 # ---------------------------------------------------------------- loss
@@ -55,45 +52,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                   F.log_softmax(teacher_logits / temperature, dim=-1), reduction="batchmean", log_target=True)
     ce = F.cross_entropy(student_logits, targets)
     return alpha * temperature ** 2 * kd + (1 - alpha) * ce
-
-
-# ---------------------------------------------------------------- processes
-
-def init_distributed() -> tuple[int, int]:
-    """``(rank, world_size)``; joins the launcher's process group (gloo: only CPU objects are gathered)."""
-    rank, _, world = distributed_rank()
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
-    return rank, world
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _sharded(count: int, compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
-    """``compute`` over this process's share of ``range(count)``, gathered back in order on every rank."""
-    rank, world = init_distributed()
-    indices = list(range(rank, count, world))
-    part = compute(indices) if indices else None
-    if world == 1:
-        return part
-    import torch.distributed as dist
-
-    parts = [None] * world
-    dist.all_gather_object(parts, (indices, part))
-    width = next(p.shape[1] for _, p in parts if p is not None)
-    out = torch.empty(count, width)
-    for idx, values in parts:
-        if idx:
-            out[idx] = values
-    return out
 
 
 # ---------------------------------------------------------------- cache files
@@ -176,12 +134,12 @@ def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs:
         for split in missing:
             samples = splits.split(split)
 
-            def encode(indices: list[int]) -> torch.Tensor:
+            def encode(indices: range) -> torch.Tensor:
                 chunks = [pooled_image_features(model, processor, images) for images in _image_batches(
                     splits, [samples[i] for i in indices], batch_size, num_workers, desc=f"VLM features {split}")]
                 return torch.cat(chunks)
 
-            out[split] = _sharded(len(samples), encode)
+            out[split] = shard_map(len(samples), encode, unit=batch_size)
             log.info("encoded %d %s images with the frozen visual encoder -> %s", len(samples), split,
                      tuple(out[split].shape))
         return out
@@ -221,12 +179,12 @@ def cached_teacher_logits(splits: DatasetSplits, teacher_path: str | Path, devic
         for split in missing:
             samples = splits.split(split)
 
-            def run(indices: list[int]) -> torch.Tensor:
+            def run(indices: range) -> torch.Tensor:
                 batches = _image_batches(splits, [samples[i] for i in indices], batch_size, num_workers,
                                          eval_transform, desc=f"teacher logits {split}")
                 return torch.cat([model(images.to(device)).float().cpu() for images, _ in batches])
 
-            out[split] = _sharded(len(samples), run)
+            out[split] = shard_map(len(samples), run, unit=batch_size)
         return out
 
     return _load_or_build(Path(cache_dir), "teacher_logits", keys, build)

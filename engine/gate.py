@@ -19,7 +19,8 @@ from torch import nn
 
 from data.datasets import PIXELS
 from models.gates import build_gate
-from utils.cache import image_list_id, load_or_build
+from utils.cache import image_list_id, load_cached, store
+from utils.dist import barrier, is_main_process, shard_map
 from utils.errors import UserError
 from utils.io import torch_save
 from utils.metrics import NONE
@@ -86,18 +87,18 @@ def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_m
     stored there.
 
     ``load_model()`` returns ``(model, processor)``; it is called only on a cache miss, so a
-    rerun never loads the VLM.
+    rerun never loads the VLM. Under torchrun every rank must call this: the images of a missing
+    split are sharded across the ranks and the answers gathered on each, in order.
     """
     from engine.vlm_eval import VLMPredictions, predict_samples
 
     loaded = []  # (model, processor) once a split misses
 
-    def predict(split: str, samples: Sequence) -> dict:
-        log.info("predicting %d %s images with the VLM (%s)", len(samples), split, mode)
+    def predict(samples: Sequence, desc: str) -> dict:
         if not loaded:
             loaded.extend(load_model())
         answers = predict_samples(*loaded, splits.data_root, samples, splits.class_names,
-                                  mode, batch_size, max_new_tokens, desc=f"VLM {mode} ({split})")
+                                  mode, batch_size, max_new_tokens, desc=desc)
         return {"pred": answers.pred, "probs": answers.probs, "texts": answers.texts}
 
     result = {}
@@ -105,7 +106,16 @@ def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_m
         samples = splits.split(split)
         key = vlm_cache_key(vlm_meta, mode, max_new_tokens, quant, splits.class_names, splits.data_root, samples)
         log.info("VLM answers (%s) for %s", mode, split)
-        values = load_or_build(Path(cache_dir) / f"vlm_{mode}_{split}.pt", key, lambda: predict(split, samples))
+        path = Path(cache_dir) / f"vlm_{mode}_{split}.pt"
+        values = load_cached(path, key)
+        barrier()  # every rank has read the file before rank 0 replaces it
+        if values is None:
+            log.info("predicting %d %s images with the VLM (%s)", len(samples), split, mode)
+            # Under torchrun each rank answers its block; the cache is written once, complete.
+            values = shard_map(len(samples), lambda block: predict(samples[block.start:block.stop],
+                                                                   f"VLM {mode} ({split})"), unit=batch_size)
+            if is_main_process():
+                store(path, key, values)
         result[split] = VLMPredictions(**values)
     if loaded:  # free the VLM now: a 7B model should not sit in memory while the gate trains
         loaded.clear()

@@ -23,6 +23,7 @@ from data.annotations import (ANNOTATIONS_FILE, Annotation, append_annotation, a
                               read_annotations, repair_tail)
 from data.datasets import DatasetSplits, Sample, needs_normalising, open_image
 from data.prompts import generation_prompt, mentions_word, split_sections
+from utils.dist import merge_part_files, part_file
 from utils.errors import UserError
 from utils.io import write_text
 
@@ -194,17 +195,30 @@ def plan_requests(splits: DatasetSplits, folder: Path, skip_rejected: bool = Fal
 
 # ---------------------------------------------------------------------------- writing
 
+def output_files(folder: Path, part: int | None = None) -> tuple[Path, Path]:
+    """``(annotations, rejected)`` files a process appends to: the folder's own, or under a
+    launcher rank ``part``'s part files, merged into them in rank order by :func:`merge_parts`."""
+    files = folder / ANNOTATIONS_FILE, folder / REJECTED_FILE
+    return files if part is None else tuple(part_file(path, part) for path in files)
+
+
+def merge_parts(folder: Path) -> int:
+    """Move the ranks' part files (of this run, or left by a killed one) into the folder's files."""
+    return sum(merge_part_files(path) for path in output_files(folder))
+
+
 def write_outcomes(outcomes: Iterable[Outcome], folder: Path, generator: str, tally: Tally,
-                   progress=None) -> Tally:
+                   progress=None, part: int | None = None) -> Tally:
     """Append each outcome as it arrives: annotations to ``annotations_train.jsonl``, rejections
-    (with the reason and the last answer) to ``rejected.jsonl``; failures are only counted and
-    shown, so the next run asks again."""
+    (with the reason and the last answer) to ``rejected.jsonl`` (or, with ``part``, to that
+    rank's part files); failures are only counted and shown, so the next run asks again."""
     folder.mkdir(parents=True, exist_ok=True)
-    repair_tail(folder / ANNOTATIONS_FILE)
-    repair_tail(folder / REJECTED_FILE)
+    annotations_path, rejected_path = output_files(folder, part)
+    repair_tail(annotations_path)
+    repair_tail(rejected_path)
     failures_in_a_row = 0
-    with open(folder / ANNOTATIONS_FILE, "a", encoding="utf-8") as annotations, \
-            open(folder / REJECTED_FILE, "a", encoding="utf-8") as rejected:
+    with open(annotations_path, "a", encoding="utf-8") as annotations, \
+            open(rejected_path, "a", encoding="utf-8") as rejected:
         for outcome in outcomes:
             request = outcome.request
             tally.prompt_tokens += outcome.prompt_tokens

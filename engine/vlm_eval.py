@@ -264,10 +264,11 @@ def predict_samples(model, processor, data_root: str | Path, samples: Sequence, 
     from tqdm.auto import tqdm
 
     from data.datasets import open_image
+    from utils.dist import is_main_process
 
-    chunk = max(batch_size, chunk)
+    chunk = max(batch_size, chunk // batch_size * batch_size)  # whole batches: see utils.dist.run_sharded
     parts = []
-    for start in tqdm(range(0, len(samples), chunk), desc=desc, unit="chunk"):
+    for start in tqdm(range(0, len(samples), chunk), desc=desc, unit="chunk", disable=not is_main_process()):
         images = [open_image(Path(data_root) / sample.path) for sample in samples[start:start + chunk]]
         parts.append(predict_vlm(model, processor, images, class_names, mode, batch_size, max_new_tokens))
     if not parts:  # an empty split
@@ -281,9 +282,14 @@ def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: 
                  out_dir: str | Path, mode: str = "score", batch_size: int = 8,
                  max_new_tokens: int = 32, title: str = "") -> dict:
     """Predict ``samples`` (data.datasets.Sample), write metrics.json, confusion PNG and
-    predictions.jsonl into ``out_dir``; return the metrics."""
-    result = predict_samples(model, processor, data_root, samples, class_names, mode, batch_size,
-                             max_new_tokens, desc=f"eval ({mode})")
+    predictions.jsonl into ``out_dir``; return the metrics. Under torchrun the images are sharded
+    across the ranks (each must call this) and only rank 0 writes."""
+    from utils.dist import is_main_process, shard_map
+
+    # Under torchrun every rank predicts its block of the images; rank 0 writes the files.
+    result = shard_map(len(samples), lambda block: predict_samples(
+        model, processor, data_root, samples[block.start:block.stop], class_names, mode, batch_size,
+        max_new_tokens, desc=f"eval ({mode})"), unit=batch_size)
     labels = [sample.label for sample in samples]
     metrics = classification_metrics(labels, result.pred.tolist(), class_names)
     metrics["mode"] = mode
@@ -298,6 +304,7 @@ def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: 
             row["text"] = result.texts[i]
         rows.append(json.dumps(row, ensure_ascii=False))
     out_dir = Path(out_dir)
-    write_text(out_dir / "predictions.jsonl", "\n".join(rows) + "\n")
-    write_metrics(out_dir, metrics, title or f"VLM ({mode})")
+    if is_main_process():
+        write_text(out_dir / "predictions.jsonl", "\n".join(rows) + "\n")
+        write_metrics(out_dir, metrics, title or f"VLM ({mode})")
     return metrics

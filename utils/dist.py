@@ -1,10 +1,20 @@
-"""Process placement: ranks under a launcher (torchrun / accelerate launch) and GPU choice."""
+"""Process placement under a launcher (torchrun / accelerate launch), GPU choice, and the one
+sharding helper every frozen-model pass uses."""
 from __future__ import annotations
 
+import dataclasses
+import glob
+import logging
 import os
-from typing import MutableMapping
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, MutableMapping, Sequence, TypeVar
 
-from utils.errors import UserError
+from utils.errors import UserError, _last_line, first_line
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 VISIBLE = "CUDA_VISIBLE_DEVICES"
 
@@ -73,3 +83,158 @@ def leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- sharded frozen passes
+# Every pass of a frozen model (stage 1's evaluation, stage 2's features and teacher logits,
+# stage 3's VLM answers, stage 0's local VLM, predict.py) runs the same way under a launcher:
+# each rank takes one contiguous block of the items, the blocks are gathered in rank order, so
+# the result is the one-process result in the one-process order.
+
+# Ranks other than 0 may wait for hours (rank 0 fine-tuning stage 2's teacher).
+PROCESS_GROUP_TIMEOUT = timedelta(hours=12)
+
+
+def init_distributed() -> tuple[int, int]:
+    """``(rank, world_size)``; joins the launcher's process group (gloo, unless one exists already:
+    only small CPU objects are gathered)."""
+    rank, _, world = distributed_rank()
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    return rank, world
+
+
+def is_main_process() -> bool:
+    return distributed_rank()[0] == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shard_range(count: int, rank: int, world: int, unit: int = 1) -> range:
+    """Rank ``rank``'s contiguous block of ``range(count)``, made of whole ``unit``s (batches):
+    the units are dealt out evenly, the first ranks getting one more where they do not divide."""
+    units = -(-count // unit)
+    base, extra = divmod(units, world)
+    start = rank * base + min(rank, extra)
+    return range(min(start * unit, count), min((start + base + (rank < extra)) * unit, count))
+
+
+def run_sharded(count: int, compute: Callable[[range], T], unit: int = 1) -> list[T]:
+    """``compute(block)`` on this rank's block of ``range(count)``; every rank's result, in rank order.
+
+    Blocks are whole multiples of ``unit``: pass the batch size, so that every rank runs exactly
+    the batches one process would run (a batched forward pass is not bit-identical across batch
+    sizes, so other blocks could change the last digits).
+
+    Without a launcher this is ``[compute(range(count))]``. Under one, a rank that fails (a
+    UserError, or any exception: its traceback is printed there) does not leave the others
+    waiting: the failure is gathered like a result, every rank leaves the process group, rank 0
+    raises one UserError naming the failed rank and its message (exit code 2), and the other
+    ranks exit without a word, so the run ends with one ``error:`` line and nothing half-built saved.
+    """
+    rank, world = init_distributed()
+    block = shard_range(count, rank, world, unit)
+    if world == 1:
+        return [compute(block)]
+    import torch.distributed as dist
+
+    if rank == 0:
+        log.info("%d items sharded over %d processes (%d-%d each)", count, world,
+                 len(shard_range(count, world - 1, world, unit)), len(block))
+
+    part, failure = None, None
+    try:
+        part = compute(block) if len(block) else None  # more ranks than items
+    except UserError as err:
+        failure = _last_line(str(err))
+    except Exception as err:  # noqa: BLE001 - reported by rank 0; the traceback stays on this rank's stderr
+        traceback.print_exc()
+        failure = f"{err.__class__.__name__}: {first_line(err)}"
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (failure, part))
+    failed = [(r, message) for r, (message, _) in enumerate(gathered) if message is not None]
+    if failed:
+        leave_process_group()
+        if rank != 0:  # exit quietly and successfully: the launcher stops everyone at a failed exit,
+            raise SystemExit(0)  # and rank 0 has yet to report, save what is complete and exit with 2
+        first_rank, message = failed[0]
+        raise UserError(f"rank {first_rank} of {world} failed on its share of {count}: {message}")
+    return [result for _, result in gathered]
+
+
+def concat_parts(parts: Sequence):
+    """Per-rank results joined in order: tensors along dim 0, lists, dicts and dataclasses of
+    those field by field; ints are summed. None parts (ranks without items) are left out."""
+    import torch
+
+    parts = [part for part in parts if part is not None]  # None: a rank without items
+    if not parts:
+        return None
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(parts))
+    if isinstance(first, list):
+        return [item for part in parts for item in part]
+    if isinstance(first, int):
+        return sum(parts)
+    if isinstance(first, dict):
+        return {key: concat_parts([part[key] for part in parts]) for key in first}
+    if dataclasses.is_dataclass(first):
+        return type(first)(**{f.name: concat_parts([getattr(part, f.name) for part in parts])
+                              for f in dataclasses.fields(first)})
+    raise TypeError(f"cannot join results of type {type(first).__name__}")
+
+
+def shard_map(count: int, compute: Callable[[range], T], unit: int = 1) -> T:
+    """:func:`run_sharded`, joined with :func:`concat_parts`: the one-process result on every rank."""
+    return concat_parts(run_sharded(count, compute, unit))
+
+
+# ---------------------------------------------------------------- per-rank part files
+
+def part_file(path: str | Path, rank: int) -> Path:
+    """Where rank ``rank`` appends the lines it produces for ``path``: ``<path>.part<rank>``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.part{rank}")
+
+
+def merge_part_files(path: str | Path) -> int:
+    """Append the complete lines of ``path``'s part files to ``path`` in rank order, then delete
+    them; an unfinished last line (a killed rank) is dropped. Returns the number of lines moved.
+
+    Called by rank 0 at the end of a sharded run and at the start of the next one (which picks
+    up what a killed run left in its part files), so resuming works as after a single process.
+    """
+    path = Path(path)
+    found = {int(p.name.rsplit(".part", 1)[1]): p for p in path.parent.glob(f"{glob.escape(path.name)}.part*")
+             if p.name.rsplit(".part", 1)[1].isdigit()}
+    parts = [found[rank] for rank in sorted(found)]
+    moved = 0
+    for part in parts:
+        data = part.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if complete:
+            _cut_unfinished_tail(path)
+            with open(path, "ab") as fh:
+                fh.write(complete)
+                fh.flush()
+                os.fsync(fh.fileno())
+            moved += complete.count(b"\n")
+        part.unlink()
+    return moved
+
+
+def _cut_unfinished_tail(path: Path) -> None:
+    if path.is_file() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
