@@ -85,19 +85,16 @@ def _pipeline_gate_data(pipeline: Pipeline) -> dict:
 
 @pytest.mark.parametrize("gate_file", ["gate.pt", "gate_concat_linear.pt"])
 def test_gate_uses_both_inputs_and_is_as_good_as_the_better_one(trained_pipeline, gate_file):
+    """gate.pt is the variant best on validation (the one the demo loads); concat_linear the paper's."""
     from dataclasses import replace
 
     from engine.gate import predictions
-    from engine.predict import load_gate
+    from models.gates import build_gate
 
-    gate, _ = load_gate(trained_pipeline.stage("gate")) if gate_file == "gate.pt" else (None, None)
-    if gate is None:
-        from models.gates import build_gate
-
-        checkpoint = torch.load(trained_pipeline.stage("gate") / gate_file, weights_only=True)
-        gate = build_gate(checkpoint["gate"], checkpoint["num_classes"])
-        gate.load_state_dict(checkpoint["state_dict"])
-        gate.eval()
+    checkpoint = torch.load(trained_pipeline.stage("gate") / gate_file, weights_only=True)
+    gate = build_gate(checkpoint["gate"], checkpoint["num_classes"])
+    gate.load_state_dict(checkpoint["state_dict"])
+    gate.eval()
     test = _pipeline_gate_data(trained_pipeline)["test"]
     fused = predictions(gate, test)
     without_vlm = predictions(gate, replace(test, vlm_signal=torch.zeros_like(test.vlm_signal)))
