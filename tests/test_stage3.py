@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import run_script
-from tests.pipeline import CONFIGS, PIPELINE_GATE_EPOCHS, Pipeline, run_pipeline, trained_pipeline  # noqa: F401
+from tests.pipeline import (CONFIGS, PIPELINE_GATE_ARGS, PIPELINE_GATE_EPOCHS, Pipeline, run_pipeline,  # noqa: F401
+                            trained_pipeline)
 
 GATE_NAMES = ("concat_linear", "bilinear", "moe", "dynamic_weight", "cross_gate")
 # Test accuracy measured on the session pipeline (tests/pipeline.py), asserted minus MARGIN
@@ -129,7 +130,7 @@ def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monke
     before = json.loads((gate_dir / "metrics.json").read_text())
     weights = torch.load(gate_dir / "gate.pt", weights_only=True)["state_dict"]
     caplog.set_level("INFO")
-    train_gate.main(trained_pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--gate", "all"))
+    train_gate.main(trained_pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), *PIPELINE_GATE_ARGS))
     assert caplog.text.count("VLM answers (score) for") == 3 and caplog.text.count("cache hit") == 6
     assert json.loads((gate_dir / "metrics.json").read_text()) == before
     again = torch.load(gate_dir / "gate.pt", weights_only=True)["state_dict"]
