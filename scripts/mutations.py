@@ -70,7 +70,7 @@ MUTANTS = (
            "    kd = F.kl_div(F.log_softmax(teacher_logits / temperature, dim=-1),\n"
            "                  F.log_softmax(student_logits / temperature, dim=-1),",
            ("tests/test_stage2.py::test_loss_matches_the_formula",),
-           "KL(student || teacher) instead of KL(teacher || student)"),
+           "KL of the student from the teacher swapped: KL(student, teacher) instead of KL(teacher, student)"),
     Mutant("t_squared", "engine/distill.py",
            "return alpha * temperature ** 2 * kd + (1 - alpha) * ce",
            "return alpha * kd + (1 - alpha) * ce",
