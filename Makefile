@@ -1,5 +1,6 @@
 # EmoVLM-KD: `make quickstart` runs the whole pipeline on the built-in toy world (CPU, offline);
-# `make test` runs the test suite. Both create .venv on first use.
+# `make test` runs the test suite; `make mutations` checks that it notices the method's parts
+# switched off. All create .venv on first use.
 # `make reproduce DATA=FI` runs the pipeline on a real dataset with the paper's settings
 # (scripts/reproduce.sh; env NPROC, BASE_URL, MODEL, DATA_ROOT, OUT pass through).
 PYTHON ?= python3
@@ -10,7 +11,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv quickstart test bench reproduce browser-test clean-toy
+.PHONY: venv quickstart test bench mutations reproduce browser-test clean-toy
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,11 @@ test: venv
 
 bench: venv
 	$(PY) -m bench
+
+# Switches off each defining part of the method in a temporary copy and checks a test fails
+# (5-25 minutes on 2 cores; not part of `make test`). ARGS="--only NAME" or ARGS=--list.
+mutations: venv
+	$(PY) scripts/mutations.py $(ARGS)
 
 reproduce: venv
 	@if [ -z "$(DATA)" ]; then echo "usage: make reproduce DATA=<dataname>  (e.g. DATA=FI)"; exit 2; fi

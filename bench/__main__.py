@@ -15,6 +15,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from bench import TARGETS_KEY, format_targets  # noqa: E402
 from utils.io import write_json  # noqa: E402
 
 BENCHMARKS = ("vlm_predict", "distill_cost", "gate_cost", "memory", "prepare_check")
@@ -32,12 +33,19 @@ def main(argv=None) -> None:
         results[name] = importlib.import_module(f"bench.{name}").run()
         results[name]["wall_seconds"] = round(time.perf_counter() - start, 1)
     rows = [(bench, key, value) for bench, values in results.items()
-            for key, value in values.items() if key != "wall_seconds"]
+            for key, value in values.items() if key not in ("wall_seconds", TARGETS_KEY)]
     width = max(len(f"{b}.{k}") for b, k, _ in rows) if rows else 10
     print("\n" + "benchmark".ljust(width) + "  value")
     for bench, key, value in rows:
         shown = f"{value:.3g}" if isinstance(value, float) else str(value)
         print(f"{bench}.{key}".ljust(width) + "  " + shown)
+    targets = [{**row, "what": f"{bench}: {row['what']}"} for bench, values in results.items()
+               for row in values.get(TARGETS_KEY, [])]
+    print("\nTargets (each written before measuring; a miss is reported, not tuned away):\n")
+    print(format_targets(targets))
+    missed = [row["what"] for row in targets if not row["met"]]
+    print(f"\n{len(targets) - len(missed)} of {len(targets)} targets met"
+          + (f"; missed: {'; '.join(missed)}" if missed else ""))
     write_json(args.out, {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results})
     print(f"\nwritten to {args.out}")

@@ -21,6 +21,10 @@ CLASSES, PER_CLASS, TEST_PER_CLASS = 4, 24, 8  # the suite's toy size; quickstar
 STAGES = ("instructions", "vlm", "teacher", "distill", "gate")
 # Final-table row label -> key in gate/metrics.json (the gate row is "EmoVLM-KD (<gate>)").
 ROWS = {"VLM": "vlm", "distill module": "head", "teacher": "teacher", "EmoVLM-KD": "gate"}
+# Test accuracy (%) the quickstart measured at the suite's toy size (32 test images, chance 25%),
+# asserted minus MARGIN points (10: 3 of 32 images, room for library and numeric changes).
+MEASURED = {"VLM": 75.00, "distill module": 90.62, "teacher": 93.75, "EmoVLM-KD": 90.62}
+MARGIN = 10.0
 
 
 def table_rows(text: str, dataset: str) -> dict[str, tuple[float, float]]:
@@ -34,7 +38,7 @@ def table_rows(text: str, dataset: str) -> dict[str, tuple[float, float]]:
     return rows
 
 
-def test_quickstart_runs_every_stage_and_beats_chance(tmp_path):
+def test_quickstart_runs_every_stage_and_reaches_its_measured_accuracy(tmp_path):
     env = {**os.environ, "PY": sys.executable, "DATA_ROOT": str(tmp_path / "images"),
            "OUT": str(tmp_path / "outputs"), "VLM": str(tmp_path / "tiny-qwen2-vl"),
            "CLASSES": str(CLASSES), "PER_CLASS": str(PER_CLASS), "TEST_PER_CLASS": str(TEST_PER_CLASS)}
@@ -46,15 +50,14 @@ def test_quickstart_runs_every_stage_and_beats_chance(tmp_path):
 
     rows = table_rows(done.stdout.split("python -m utils.report")[-1], "toy")
     assert set(rows) == set(ROWS), log
-    chance = 100 / CLASSES
-    assert all(accuracy > chance for accuracy, _ in rows.values()), rows
+    for model, measured in MEASURED.items():
+        assert rows[model][0] >= measured - MARGIN, (model, rows[model], measured)
 
     out = tmp_path / "outputs" / "toy"
     metrics = read_json(out / "gate" / "metrics.json")
     assert metrics["n"] == CLASSES * TEST_PER_CLASS and len(metrics["class_names"]) == CLASSES
     for model, key in ROWS.items():
         result = metrics["gates"][metrics["gate"]] if key == "gate" else metrics[key]
-        assert result["accuracy"] > 1 / CLASSES, (model, result)
         assert rows[model][0] == pytest.approx(100 * result["accuracy"], abs=0.006), model  # table = file
     missing = [stage for stage in STAGES if not (out / stage / "meta.json").is_file()]
     assert not missing, f"stages without meta.json: {missing}"

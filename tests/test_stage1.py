@@ -120,7 +120,8 @@ def test_training_lowers_loss_and_learns_the_toy_classes(trained, tiny_vlm_dir):
     assert meta["base_model"] == str(tiny_vlm_dir) and meta["modules_to_save"] == ["lm_head"]
     metrics = json.loads((trained / "eval_score" / "metrics.json").read_text())
     assert metrics["n"] == 32 and metrics["unparseable"] == 0
-    assert metrics["accuracy"] >= 0.5  # chance is 0.25; measured 0.75-0.91 over seeds
+    # Measured 0.75 (24 of 32; 0.75-0.91 over seeds), chance 0.25: asserted minus 10 points.
+    assert metrics["accuracy"] >= 0.65
 
 
 def _test_images(toy_root: Path, count: int = 6) -> tuple[list[Image.Image], list[str]]:
@@ -168,7 +169,8 @@ def test_generate_mode_and_unparseable_answers(trained, tiny_vlm_dir, toy_root, 
     metrics = json.loads((trained / "eval_generate" / "metrics.json").read_text())
     rows = [json.loads(line) for line in (trained / "eval_generate" / "predictions.jsonl").read_text().splitlines()]
     assert metrics["mode"] == "generate" and len(rows) == metrics["n"] == 32
-    assert metrics["unparseable"] <= 4 and metrics["accuracy"] >= 0.5
+    # Measured: accuracy 0.75, nothing unparseable (chance 0.25): asserted minus 10 points.
+    assert metrics["unparseable"] <= 4 and metrics["accuracy"] >= 0.65
     assert all(row["text"].startswith("{'emotion'") for row in rows if row["pred"] is not None)
 
     # The untrained model babbles: every answer is unparseable, counted, and scored as wrong.

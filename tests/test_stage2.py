@@ -98,8 +98,9 @@ def test_pooled_features_batched_equal_one_at_a_time(tiny_vlm_dir, toy_root):
 def test_teacher_and_head_beat_chance_and_the_folders_describe_themselves(stage2):
     metrics = read_metrics(stage2)
     assert metrics["n"] == 32 and metrics["split"] == "test"
-    assert metrics["accuracy"] >= 0.6 and metrics["teacher_accuracy"] >= 0.6  # chance is 0.25
-    assert metrics["agreement"] >= 0.5 and set(metrics["per_class"]) == set(metrics["class_names"])
+    # Measured: head 0.906, teacher 0.938, agreement 0.938 (chance 0.25); asserted minus 10 points.
+    assert metrics["accuracy"] >= 0.80 and metrics["teacher_accuracy"] >= 0.83
+    assert metrics["agreement"] >= 0.83 and set(metrics["per_class"]) == set(metrics["class_names"])
     teacher_dir, distill_dir = stage2 / "toy" / "teacher", stage2 / "toy" / "distill"
     assert json.loads((teacher_dir / "metrics.json").read_text())["accuracy"] == metrics["teacher_accuracy"]
     checkpoint = torch.load(teacher_dir / "teacher.pt", weights_only=True)

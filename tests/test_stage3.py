@@ -11,9 +11,15 @@ import pytest
 import torch
 
 from tests.conftest import run_script
-from tests.pipeline import CONFIGS, Pipeline, run_pipeline, trained_pipeline  # noqa: F401
+from tests.pipeline import (CONFIGS, PIPELINE_GATE_ARGS, PIPELINE_GATE_EPOCHS, Pipeline, run_pipeline,  # noqa: F401
+                            trained_pipeline)
 
 GATE_NAMES = ("concat_linear", "bilinear", "moe", "dynamic_weight", "cross_gate")
+# Test accuracy measured on the session pipeline (tests/pipeline.py), asserted minus MARGIN
+# (10 points: 3 of 32 images, room for library and numeric changes, far above chance, 0.25).
+PIPELINE_ACCURACY = {"vlm": 0.844, "head": 0.875, "teacher": 0.938, "concat_linear": 0.906, "bilinear": 0.938,
+                     "moe": 0.875, "dynamic_weight": 0.875, "cross_gate": 0.875}
+MARGIN = 0.10
 
 
 def _gate_data(pipeline: Pipeline, *extra: str) -> dict:
@@ -64,12 +70,14 @@ def test_pipeline_outputs_table_and_accuracy(trained_pipeline):
         assert 0 <= metrics[key]["accuracy"] <= 1 and "macro_f1" in metrics[key]
     chosen = metrics["gate"]
     assert metrics["gates"][chosen]["val_accuracy"] == max(g["val_accuracy"] for g in metrics["gates"].values())
-    assert metrics["gates"]["concat_linear"]["accuracy"] >= 0.5  # chance is 0.25
-    assert metrics["gates"][chosen]["accuracy"] >= 0.5
+    # Test accuracy measured on this pipeline (32 images, chance 0.25), asserted minus MARGIN.
+    for key, value in PIPELINE_ACCURACY.items():
+        accuracy = metrics["gates"][key]["accuracy"] if key in GATE_NAMES else metrics[key]["accuracy"]
+        assert accuracy >= value - MARGIN, (key, accuracy, value)
 
     # log.txt: one JSON line per gate and epoch; the kept epoch is the best on validation.
     rows = [json.loads(line) for line in (gate_dir / "log.txt").read_text().splitlines()]
-    assert len(rows) == 10 * len(GATE_NAMES)
+    assert len(rows) == PIPELINE_GATE_EPOCHS * len(GATE_NAMES)
     for name in GATE_NAMES:
         mine = [row for row in rows if row["gate"] == name]
         best = max(mine, key=lambda row: (row["val_acc"], -row["val_loss"]))
@@ -122,7 +130,7 @@ def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monke
     before = json.loads((gate_dir / "metrics.json").read_text())
     weights = torch.load(gate_dir / "gate.pt", weights_only=True)["state_dict"]
     caplog.set_level("INFO")
-    train_gate.main(trained_pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--gate", "all"))
+    train_gate.main(trained_pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), *PIPELINE_GATE_ARGS))
     assert caplog.text.count("VLM answers (score) for") == 3 and caplog.text.count("cache hit") == 6
     assert json.loads((gate_dir / "metrics.json").read_text()) == before
     again = torch.load(gate_dir / "gate.pt", weights_only=True)["state_dict"]
@@ -190,7 +198,8 @@ def test_binary_dataset_trains_with_both_classes_as_targets(tmp_path_factory, ti
     metrics = json.loads((pipeline.stage("gate") / "metrics.json").read_text())
     assert metrics["class_names"] == ["negative", "positive"]
     result = metrics["gates"]["concat_linear"]
-    assert len(result["confusion_matrix"]) == 2 and result["accuracy"] > 0.5
+    # Measured 1.0 (head 1.0; the VLM, after one epoch, 0.5 = chance); asserted minus 10 points.
+    assert len(result["confusion_matrix"]) == 2 and result["accuracy"] >= 0.9
     assert all(sum(column) > 0 for column in zip(*result["confusion_matrix"]))  # both classes predicted
 
 
@@ -281,7 +290,8 @@ def test_gate_trained_on_validation_halves(trained_pipeline, tmp_path):
     train_gate.main(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--gate_train_split", "val"))
     metrics = json.loads((pipeline.stage("gate") / "metrics.json").read_text())
     assert metrics["gate_train_split"] == "val" and list(metrics["gates"]) == ["concat_linear"]
-    assert metrics["gates"]["concat_linear"]["accuracy"] >= 0.5  # chance is 0.25
+    # Measured 0.656 (fitted on 4 validation images; chance 0.25): asserted minus 10 points.
+    assert metrics["gates"]["concat_linear"]["accuracy"] >= 0.55
     val = _gate_data(pipeline)["val"]
     fit, select = stratified_halves(val.labels, 42)
     assert len(fit) + len(select) == len(val.labels) == metrics["splits"]["val"]["n"]

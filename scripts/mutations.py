@@ -1,0 +1,247 @@
+"""Mutation check: switch off one defining part of the method at a time and make sure a test fails.
+
+    make mutations                          # = python scripts/mutations.py: every mutant
+    python scripts/mutations.py --list      # the mutants, what each breaks, the tests that should notice
+    python scripts/mutations.py --only kl_direction --only t_squared
+
+Each mutant is one exact text replacement (file, old text, new text). The tracked and new
+(non-ignored) files of the repository are copied to a temporary folder (``.venv`` is linked, not
+copied); each mutant is applied there in turn and only its relevant tests run (``pytest -x``), then
+the file is restored. A mutant is *killed* when a test fails. First, before any mutant, the same
+tests run on the unchanged copy and must pass, so a failure really is the mutant's doing.
+
+Exit status: 0 when every mutant is killed; 1 when one survives (or the unchanged tests fail);
+2 when a mutant's old text is not found exactly once in its file (the source changed: re-anchor
+the mutant to the new text). Takes 5 minutes on 2 CPU cores (23 on a busy machine); not part of ``make test``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 1200  # seconds per pytest run; a mutant that hangs the tests counts as killed
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    breaks: str
+
+
+METHOD = "tests/test_method.py::"
+MUTANTS = (
+    Mutant("collator_whole_sequence", "train_vlm.py",
+           "data_collator=ConversationCollator(processor, args.train_on_prompt)",
+           "data_collator=ConversationCollator(processor, True)",
+           (METHOD + "test_trainer_batches_label_only_the_answers",),
+           "stage 1's Trainer collator puts labels on the whole sequence"),
+    Mutant("answer_mask_in_encoding", "models/chat.py",
+           "    if train_on_prompt:",
+           "    if True:",
+           ("tests/test_stage1.py::test_masking_labels_only_answers",
+            METHOD + "test_trainer_batches_label_only_the_answers"),
+           "encode_conversations labels every text token"),
+    Mutant("stage1_tunes_on_val_images", "engine/vlm_train.py",
+           "        if annotation.image not in train_paths:",
+           "        if False:",
+           ("tests/test_stage1.py::test_examples_skip_val_images_and_refuse_missing_ones",),
+           "stage 1 instruction-tunes on annotations of validation images"),
+    Mutant("stage0_annotates_val_images", "engine/instructions.py",
+           "todo = [sample for sample in splits.train if sample.path not in skip]",
+           "todo = [sample for sample in splits.train + splits.val if sample.path not in skip]",
+           ("tests/test_stage0.py::test_normal_run_covers_training_images_only",),
+           "stage 0 annotates the validation split too (it leaks into instruction tuning)"),
+    Mutant("kl_direction", "engine/distill.py",
+           "    kd = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),\n"
+           "                  F.log_softmax(teacher_logits / temperature, dim=-1),",
+           "    kd = F.kl_div(F.log_softmax(teacher_logits / temperature, dim=-1),\n"
+           "                  F.log_softmax(student_logits / temperature, dim=-1),",
+           ("tests/test_stage2.py::test_loss_matches_the_formula",),
+           "KL of the student from the teacher swapped: KL(student, teacher) instead of KL(teacher, student)"),
+    Mutant("t_squared", "engine/distill.py",
+           "return alpha * temperature ** 2 * kd + (1 - alpha) * ce",
+           "return alpha * kd + (1 - alpha) * ce",
+           ("tests/test_stage2.py::test_loss_matches_the_formula",),
+           "the T^2 factor on the soft-target term is dropped"),
+    Mutant("ce_weight", "engine/distill.py",
+           "return alpha * temperature ** 2 * kd + (1 - alpha) * ce",
+           "return alpha * temperature ** 2 * kd + alpha * ce",
+           ("tests/test_stage2.py::test_loss_matches_the_formula",),
+           "CE weighted alpha instead of (1 - alpha) (the same at the default 0.5)"),
+    Mutant("teacher_logits_train_augmentation", "engine/distill.py",
+           '        _, eval_transform = teacher_transforms(checkpoint["data_config"])',
+           '        eval_transform, _ = teacher_transforms(checkpoint["data_config"])',
+           (METHOD + "test_teacher_cache_equals_a_direct_pass_with_the_evaluation_transform",),
+           "the teacher's logits are cached through the training augmentation"),
+    Mutant("teacher_epoch_on_train", "engine/distill.py",
+           '"val_acc": _accuracy(model, val_loader, device)}',
+           '"val_acc": _accuracy(model, train_loader, device)}',
+           (METHOD + "test_teacher_keeps_the_epoch_best_on_validation_not_on_training",),
+           "the teacher's epoch is picked on the training split"),
+    Mutant("head_last_epoch", "engine/distill.py",
+           '    head.load_state_dict(best["state_dict"])\n    return head.cpu().eval()',
+           "    return head.cpu().eval()",
+           (METHOD + "test_head_keeps_the_epoch_best_on_validation_not_on_training",),
+           "the head keeps its last epoch, not the best on validation"),
+    Mutant("gate_epoch_on_train", "engine/gate.py",
+           "        val_loss, val_acc = _evaluate(gate, val)",
+           "        val_loss, val_acc = _evaluate(gate, train)",
+           (METHOD + "test_gate_keeps_the_epoch_best_on_validation_not_on_training",),
+           "the gate's epoch is picked on the training split"),
+    Mutant("gate_last_epoch", "engine/gate.py",
+           "    gate.load_state_dict(best[2])\n",
+           "",
+           (METHOD + "test_gate_keeps_the_epoch_best_on_validation_not_on_training",),
+           "the gate keeps its last epoch, not the best on validation"),
+    Mutant("onehot_off_by_one", "engine/gate.py",
+           "        signal[known, predictions.pred[known]] = 1.0",
+           "        signal[known, (predictions.pred[known] + 1) % num_classes] = 1.0",
+           ("tests/test_stage3.py::test_vlm_gate_inputs_onehot_zero_when_unparseable_and_probs",),
+           "the VLM's one-hot marks the next class"),
+    Mutant("stage3_zero_vlm_signal", "train_gate.py",
+           "vlm_signal=vlm_gate_inputs(answers[split], num_classes, args.vlm_signal),",
+           "vlm_signal=torch.zeros(len(answers[split].pred), num_classes),",
+           (METHOD + "test_gate_uses_both_inputs_and_is_as_good_as_the_better_one",),
+           "stage 3 feeds the gate a zero VLM signal: the fused model never sees the VLM"),
+    Mutant("class_order_between_stages", "train_gate.py",
+           "head_logits=head_logits(head, features[split]),",
+           "head_logits=head_logits(head, features[split]).flip(1),",
+           ("tests/test_stage3.py::test_pipeline_outputs_table_and_accuracy",
+            METHOD + "test_gate_uses_both_inputs_and_is_as_good_as_the_better_one",
+            "tests/test_demo.py::test_predictions_match_stage3_evaluation"),
+           "stage 3 reads the head's logits in reversed class order"),
+    Mutant("demo_zero_vlm_signal", "engine/predict.py",
+           "        signal = vlm_gate_inputs(answered, num_classes, self.vlm_signal)",
+           "        signal = torch.zeros(len(images), num_classes)",
+           ("tests/test_demo.py::test_predictions_match_stage3_evaluation",),
+           "the demo's gate never sees the VLM's answer"),
+    Mutant("head_features_with_adapter", "engine/predict.py",
+           '    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():',
+           "    with nullcontext():",
+           ("tests/test_demo.py::test_head_features_ignore_an_adapter_on_the_vision_tower",),
+           "the demo's head features come from the adapted encoder, not the base one"),
+)
+
+
+class AnchorError(Exception):
+    """A mutant's old text is not found exactly once: the source changed under it."""
+
+
+def check_anchors(root: Path, mutants) -> None:
+    problems = []
+    for mutant in mutants:
+        path = root / mutant.file
+        count = path.read_text(encoding="utf-8").count(mutant.old) if path.is_file() else 0
+        if count != 1:
+            where = "missing file" if not path.is_file() else f"found {count} times"
+            problems.append(f"  {mutant.name}: old text in {mutant.file} {where}, need exactly once:\n"
+                            f"    {mutant.old!r}")
+    if problems:
+        raise AnchorError("\n".join(problems))
+
+
+def copy_repo(dest: Path) -> None:
+    """Tracked and new non-ignored files (the working tree as it is), with .venv linked."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file() and not source.is_symlink():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    if (REPO / ".venv").exists():
+        (dest / ".venv").symlink_to((REPO / ".venv").resolve())
+
+
+def run_tests(root: Path, tests) -> tuple[str, str]:
+    """``(status, detail)``: status passed, failed or timeout; detail names the failing test."""
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
+    try:
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return "timeout", f"no result within {TIMEOUT} s"
+    if done.returncode == 0:
+        return "passed", ""
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", done.stdout, flags=re.M)
+    if done.returncode == 1 and failed:
+        return "failed", failed[0]
+    return "failed", f"pytest exit {done.returncode}: " + (done.stdout + done.stderr).strip()[-300:].replace("\n", " ")
+
+
+def print_table(rows) -> None:
+    print("\n| mutant | breaks | killed by | status |\n|---|---|---|---|")
+    for mutant, status, detail in rows:
+        print(f"| {mutant.name} | {mutant.breaks} | {detail or '-'} | {status} |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", metavar="NAME", help="run this mutant (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args(argv)
+    names = [m.name for m in MUTANTS]
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        print(f"error: --only {', '.join(unknown)}: no such mutant; see --list", file=sys.stderr)
+        return 2
+    mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name}: {m.breaks}\n    {m.file}; tests: {' '.join(m.tests)}")
+        return 0
+    try:
+        check_anchors(REPO, MUTANTS)
+    except AnchorError as err:
+        print(f"error: mutants no longer match the source (re-anchor them in {Path(__file__).name}):\n{err}",
+              file=sys.stderr)
+        return 2
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mutations-") as tmp:
+        root = Path(tmp)
+        copy_repo(root)
+        tests = list(dict.fromkeys(test for m in mutants for test in m.tests))
+        print(f"unchanged copy: {len(tests)} test(s) must pass first ...", flush=True)
+        status, detail = run_tests(root, tests)
+        if status != "passed":
+            print(f"error: the tests fail without any mutant ({detail}); fix them first", file=sys.stderr)
+            return 1
+        rows = []
+        for mutant in mutants:
+            path = root / mutant.file
+            original = path.read_text(encoding="utf-8")
+            path.write_text(original.replace(mutant.old, mutant.new, 1), encoding="utf-8")
+            try:
+                status, detail = run_tests(root, mutant.tests)
+            finally:
+                path.write_text(original, encoding="utf-8")
+            verdict = {"failed": "killed", "timeout": "killed (timeout)", "passed": "SURVIVED"}[status]
+            rows.append((mutant, verdict, detail))
+            print(f"{mutant.name}: {verdict} {detail}", flush=True)
+    print_table(rows)
+    survivors = [m.name for m, verdict, _ in rows if verdict == "SURVIVED"]
+    print(f"\n{len(rows) - len(survivors)} of {len(rows)} mutants killed in {time.perf_counter() - start:.0f} s")
+    if survivors:
+        print(f"error: surviving mutants: {', '.join(survivors)}: no test notices these parts switched off",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
