@@ -31,7 +31,7 @@ def get_args_parser():
     from models.gates import GATES
 
     parser = base_parser("Stage 3: train the gate fusing the VLM's answer and the distilled head.",
-                         batch_size=32)
+                         batch_size=1)
     inputs = parser.add_argument_group("gate inputs")
     inputs.add_argument("--vlm_model", default=None,
                         help="base VLM (default: the one stage 1 was trained on; must match it)")
@@ -45,7 +45,7 @@ def get_args_parser():
     inputs.add_argument("--quant", choices=("4bit", "none"), default=None,
                         help="how the VLM answering is loaded: 4bit (CUDA) or none (full precision); "
                              "default: as stage 1 trained it")
-    gate = parser.add_argument_group("gate")
+    gate = parser.add_argument_group("gate (--batch_size: images per optimiser step; 1, as the reference code)")
     gate.add_argument("--gate", choices=[*GATES, "all"], default="concat_linear",
                       help="gate variant; all: train every variant and tabulate them")
     gate.add_argument("--gate_train_split", choices=("train", "val"), default="train",
