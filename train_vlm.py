@@ -56,9 +56,12 @@ def get_args_parser():
                        help="stage 0 output (default <output_dir>/<dataname>/instructions/annotations_train.jsonl)")
     train.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=5)
     train.add_argument("--lr", type=float, default=1e-4)
-    train.add_argument("--lr_scheduler", default="constant_with_warmup", choices=[s.value for s in SchedulerType],
-                       metavar="NAME", help="transformers scheduler name, e.g. constant_with_warmup, linear, cosine")
-    train.add_argument("--warmup_ratio", type=float, default=0.03)
+    train.add_argument("--lr_scheduler", default="constant", choices=[s.value for s in SchedulerType],
+                       metavar="NAME", help="transformers scheduler name, e.g. constant, linear, cosine; constant "
+                                            "with --warmup_ratio > 0 becomes constant_with_warmup")
+    train.add_argument("--warmup_ratio", type=float, default=0.0,
+                       help="fraction of the steps spent warming up (the reference asked for 0.03 with a constant "
+                            "schedule, which transformers ignores: its run had no warm-up)")
     train.add_argument("--max_grad_norm", type=float, default=0.3)
     train.add_argument("--weight_decay", type=float, default=0.0)
     train.add_argument("--grad_accum", type=int, default=1, help="gradient accumulation steps")

@@ -126,6 +126,15 @@ def read_history(log_path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def scheduler_name(lr_scheduler: str, warmup_ratio: float) -> str:
+    """The transformers schedule to run. The reference asks for ``constant`` with a 3% warm-up,
+    but transformers' ``constant`` ignores warm-up, so its run had none: ``constant`` without
+    warm-up is the default, and a ``--warmup_ratio`` above 0 turns it into ``constant_with_warmup``."""
+    if lr_scheduler == "constant" and warmup_ratio > 0:
+        return "constant_with_warmup"
+    return lr_scheduler
+
+
 def training_arguments(args, trainer_dir: str | Path, on_gpu: bool):
     """The Trainer's settings from the stage-1 flags (paper defaults; bf16 and gradient
     checkpointing only on a GPU)."""
@@ -137,7 +146,7 @@ def training_arguments(args, trainer_dir: str | Path, on_gpu: bool):
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,
-        lr_scheduler_type=args.lr_scheduler,
+        lr_scheduler_type=scheduler_name(args.lr_scheduler, args.warmup_ratio),
         # transformers 5 reads a float below 1 as a fraction of the training steps.
         warmup_steps=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm,

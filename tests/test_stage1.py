@@ -350,3 +350,23 @@ def test_bad_inputs_are_one_line_errors(case, tiny_vlm_dir, toy_root, tmp_path, 
                 "unknown_model": "no-such-model"}[case]
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert not (tmp_path / "toy" / "vlm" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("extra, first_lr_fraction, scheduler", [
+    ([], 1.0, "constant"),                                  # the reference run: constant, no warm-up
+    (["--warmup_ratio", "0.1"], 0.0, "constant_with_warmup"),  # warm-up asked for: it happens
+])
+def test_stage1_schedule_is_constant_without_warmup_unless_asked(tmp_path, extra, first_lr_fraction, scheduler):
+    """The first optimiser step runs at the full lr by default; ``--warmup_ratio`` > 0 ramps it up."""
+    from transformers import get_scheduler
+
+    import train_vlm
+    from engine.vlm_train import training_arguments
+
+    args = train_vlm.get_args_parser().parse_args(["--dataname", "x", *extra])
+    training_args = training_arguments(args, tmp_path, on_gpu=False)
+    assert training_args.lr_scheduler_type == scheduler
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    schedule = get_scheduler(training_args.lr_scheduler_type, optimizer,
+                             num_warmup_steps=training_args.get_warmup_steps(100), num_training_steps=100)
+    assert schedule.get_last_lr()[0] == pytest.approx(first_lr_fraction * args.lr)
