@@ -27,6 +27,7 @@ log = logging.getLogger("train_gate")
 
 
 def get_args_parser():
+    from data.prompts import PARSERS
     from engine.gate import ANSWER_MODES, SIGNALS
     from models.gates import GATES
 
@@ -40,6 +41,9 @@ def get_args_parser():
                              "probs: its class distribution (needs --vlm_answer score)")
     inputs.add_argument("--vlm_answer", choices=ANSWER_MODES, default="score",
                         help="score: most likely class answer; generate: greedy decoding, parsed")
+    inputs.add_argument("--parser", choices=PARSERS, default="lenient",
+                        help="--vlm_answer generate: how the decoded answer is read; strict: only the form "
+                             "{'emotion': '<class>'} (the reference code's reading), lenient: also a lone class word")
     inputs.add_argument("--vlm_batch_size", type=int, default=8, help="images per VLM forward")
     inputs.add_argument("--max_new_tokens", type=int, default=32, help="--vlm_answer generate")
     inputs.add_argument("--quant", choices=("4bit", "none"), default=None,
@@ -110,7 +114,8 @@ def gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device)
         return model, processor
 
     answers = cached_vlm_predictions(splits, vlm_meta, stage_dir(args, "gate") / "cache", load_model,
-                                     args.vlm_answer, args.vlm_batch_size, args.max_new_tokens, quant)
+                                     args.vlm_answer, args.vlm_batch_size, args.max_new_tokens, quant,
+                                     parser=args.parser)
     num_classes = len(splits.class_names)
     return {split: GateData(vlm_pred=answers[split].pred,
                             vlm_signal=vlm_gate_inputs(answers[split], num_classes, args.vlm_signal),
@@ -167,6 +172,8 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
                          "best_epoch": result.best_epoch, "val_accuracy": result.best_val_acc}
                   for name, result in results.items()},
         "gate": selected, "gate_train_split": args.gate_train_split, "splits": split_accuracies(data),
+        # Test answers no class could be read from (with --vlm_answer generate; `parser` says how).
+        "vlm_unparseable": int((test.vlm_pred < 0).sum()),
         **provenance,
     }
     write_json(out_dir / "metrics.json", metrics)
@@ -226,7 +233,7 @@ def main(argv=None) -> None:
                                 args.lr, args.weight_decay, args.batch_size, args.seed, device, log_epoch)
                for name in names}
     selected = max(names, key=lambda name: results[name].best_val_acc)  # the first of equals wins
-    provenance = {"vlm_signal": args.vlm_signal, "vlm_answer": args.vlm_answer,
+    provenance = {"vlm_signal": args.vlm_signal, "vlm_answer": args.vlm_answer, "parser": args.parser,
                   "max_new_tokens": args.max_new_tokens, "quant": args.quant,
                   "vlm_adapter_id": vlm_meta["adapter_id"], "head_id": head_meta["head_id"],
                   "base_model": vlm_meta["base_model"]}

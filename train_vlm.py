@@ -26,6 +26,7 @@ log = logging.getLogger("train_vlm")
 def get_args_parser():
     from transformers import SchedulerType
 
+    from data.prompts import PARSERS
     from engine.vlm_eval import EVAL_MODES
     from engine.vlm_train import DEFAULT_TARGET_MODULES
     from models.vlm import DEFAULT_MAX_PIXELS
@@ -74,6 +75,9 @@ def get_args_parser():
     evaluation.add_argument("--skip_eval", action="store_true", help="train only")
     evaluation.add_argument("--eval_batch_size", type=int, default=8)
     evaluation.add_argument("--max_new_tokens", type=int, default=32, help="generate mode")
+    evaluation.add_argument("--parser", choices=PARSERS, default="lenient",
+                            help="generate mode: strict reads only {'emotion': '<class>'} (the reference code's "
+                                 "reading); lenient also a lone class word")
     return parser
 
 
@@ -84,7 +88,7 @@ def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
     eval_dir = out_dir / f"eval_{args.eval_mode}"
     metrics = evaluate_vlm(model, processor, splits.data_root, splits.test, splits.class_names, eval_dir,
                            args.eval_mode, args.eval_batch_size, args.max_new_tokens,
-                           title=f"{args.dataname}: VLM ({args.eval_mode})")
+                           title=f"{args.dataname}: VLM ({args.eval_mode})", parser=args.parser)
     print(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
           f"unparseable {metrics['unparseable']} of {metrics['n']} -> {eval_dir}")
     return metrics

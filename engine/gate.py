@@ -67,7 +67,8 @@ def vlm_gate_inputs(predictions, num_classes: int, kind: str = "onehot") -> torc
 # ---------------------------------------------------------------- VLM answers, cached per split
 
 def vlm_cache_key(vlm_meta: dict, mode: str, max_new_tokens: int, quant: str | None,
-                  class_names: Sequence[str], data_root: str | Path, samples: Sequence) -> dict:
+                  class_names: Sequence[str], data_root: str | Path, samples: Sequence,
+                  parser: str = "lenient") -> dict:
     """Everything that decides the VLM's answers for these images (a changed image file changes
     it: ``image_list_id`` hashes each file's path, size and modification time)."""
     return {
@@ -75,12 +76,14 @@ def vlm_cache_key(vlm_meta: dict, mode: str, max_new_tokens: int, quant: str | N
         "min_pixels": vlm_meta.get("min_pixels"), "max_pixels": vlm_meta.get("max_pixels"),
         "mode": mode, "max_new_tokens": max_new_tokens if mode == "generate" else None, "quant": quant,
         "class_names": list(class_names), "images": image_list_id(data_root, samples),
+        "parser": parser if mode == "generate" else None,
     }
 
 
 def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_model: Callable[[], tuple],
                            mode: str = "score", batch_size: int = 8, max_new_tokens: int = 32,
-                           quant: str | None = None, split_names: Sequence[str] = SPLITS) -> dict:
+                           quant: str | None = None, split_names: Sequence[str] = SPLITS,
+                           parser: str = "lenient") -> dict:
     """``{split: VLMPredictions}``, read from ``cache_dir/vlm_<mode>_<split>.pt`` or predicted and
     stored there.
 
@@ -96,13 +99,14 @@ def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_m
         if not loaded:
             loaded.extend(load_model())
         answers = predict_samples(*loaded, splits.data_root, samples, splits.class_names,
-                                  mode, batch_size, max_new_tokens, desc=f"VLM {mode} ({split})")
+                                  mode, batch_size, max_new_tokens, desc=f"VLM {mode} ({split})", parser=parser)
         return {"pred": answers.pred, "probs": answers.probs, "texts": answers.texts}
 
     result = {}
     for split in split_names:
         samples = splits.split(split)
-        key = vlm_cache_key(vlm_meta, mode, max_new_tokens, quant, splits.class_names, splits.data_root, samples)
+        key = vlm_cache_key(vlm_meta, mode, max_new_tokens, quant, splits.class_names, splits.data_root, samples,
+                            parser)
         log.info("VLM answers (%s) for %s", mode, split)
         values = load_or_build(Path(cache_dir) / f"vlm_{mode}_{split}.pt", key, lambda: predict(split, samples))
         result[split] = VLMPredictions(**values)
