@@ -29,14 +29,18 @@ class Annotation:
     key_elements: str   # section 1 of the generator's answer
     reasoning: str      # section 2
     generator: str      # model that wrote it
+    mentions_label: bool = False  # kept although it names the emotion (stage 0 --max_attempts ran out)
 
     @classmethod
     def from_dict(cls, record: dict) -> "Annotation":
-        names = [f.name for f in fields(cls)]
+        names = [f.name for f in fields(cls) if f.name != "mentions_label"]
         missing = [n for n in names if not isinstance(record.get(n), str)]
         if missing:
             raise ValueError(f"missing or non-string fields {missing}")
-        return cls(**{n: record[n] for n in names})
+        mentions = record.get("mentions_label", False)  # absent in files written before the flag
+        if not isinstance(mentions, bool):
+            raise ValueError(f"mentions_label must be true or false, got {mentions!r}")
+        return cls(**{n: record[n] for n in names}, mentions_label=mentions)
 
 
 def iter_annotations(path: str | Path) -> Iterator[Annotation]:
