@@ -1,7 +1,8 @@
 """Stage 1: instruction-tune a Qwen2-VL-style model with LoRA/QLoRA, then evaluate it as a classifier.
 
-Reads stage 0's ``annotations_train.jsonl``, trains on three conversations per annotated
-training image (observation, reasoning, categorical) with the loss on the answers only, and
+Reads stage 0's ``annotations_train.jsonl``, trains on the categorical conversation of every
+training image and the observation and reasoning ones where stage 0 wrote text (counts printed
+and recorded in run.json and meta.json), with the loss on the answers only, and
 writes the adapter, processor, log and ``meta.json`` to ``<output_dir>/<dataname>/vlm/``.
 
     python train_vlm.py --dataname emoset --gpu 0                       # paper settings (QLoRA on a GPU)
@@ -144,7 +145,7 @@ def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
     return checkpoint
 
 
-def save_outputs(args, model, processor, class_names, out_dir: Path, num_examples: int) -> None:
+def save_outputs(args, model, processor, class_names, out_dir: Path, counts: dict) -> None:
     """Adapter, processor, run record, then meta.json last: only a complete folder has one."""
     from utils.checkpoints import file_id, write_meta
     from utils.run import record_run
@@ -152,7 +153,7 @@ def save_outputs(args, model, processor, class_names, out_dir: Path, num_example
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     size = processor.image_processor.size
-    record_run(out_dir, args, train_examples=num_examples)
+    record_run(out_dir, args, train_examples=sum(counts["conversations"].values()), counts=counts)
     # Lets a later stage accept the same local base folder after it moved.
     config = Path(args.vlm_model) / "config.json"
     write_meta(out_dir, "vlm", class_names, base_model=args.vlm_model,
@@ -161,7 +162,7 @@ def save_outputs(args, model, processor, class_names, out_dir: Path, num_example
                min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
                modules_to_save=list(args.modules_to_save), target_modules=list(args.target_modules),
                lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=args.quant,
-               train_on_prompt=args.train_on_prompt, epochs=args.epochs)
+               train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts)
     print(f"saved adapter and processor to {out_dir}")
 
 
@@ -171,13 +172,14 @@ def train(args, splits, out_dir: Path) -> None:
 
     from data.annotations import read_annotations
     from engine.vlm_train import (ConversationCollator, build_examples, check_placement, epoch_logger,
-                                  read_history, training_arguments, wrap_lora)
+                                  example_counts, read_history, training_arguments, wrap_lora)
     from models.vlm import load_processor, load_vlm, resolve_quant
     from utils.dist import leave_process_group, training_device
 
     args.vlm_model = args.vlm_model or DEFAULT_VLM
     path = annotations_file(args, splits.class_names)
     examples = build_examples(read_annotations(path), splits, path)
+    counts = example_counts(examples, len(splits.train))
     device = training_device(args.gpu)
     on_gpu = device.type == "cuda"
     args.quant = resolve_quant(args.quant, device)
@@ -197,7 +199,10 @@ def train(args, splits, out_dir: Path) -> None:
     training_args = training_arguments(args, trainer_dir, on_gpu)
     check_placement(training_args, device)
     batches = -(-len(examples) // (args.batch_size * training_args.world_size))
-    print(f"{len(examples)} conversations from {len(examples) // 3} images; effective batch "
+    tasks = ", ".join(f"{number} {task}" for task, number in counts["conversations"].items())
+    print(f"{counts['train_images']} training images ({counts['with_text']} with stage-0 text, "
+          f"{counts['without_text']} without: categorical only); {len(examples)} conversations ({tasks}); "
+          f"effective batch "
           f"{args.batch_size * args.grad_accum * training_args.world_size} "
           f"({training_args.world_size} process(es)); ~{-(-batches // args.grad_accum)} optimizer steps per epoch"
           + (f"; resuming from {checkpoint}" if checkpoint else ""))
@@ -210,7 +215,7 @@ def train(args, splits, out_dir: Path) -> None:
     leave_process_group()  # saving and evaluation are rank 0's alone
     if not is_main:
         return
-    save_outputs(args, model, processor, splits.class_names, out_dir, len(examples))
+    save_outputs(args, model, processor, splits.class_names, out_dir, counts)
     if not args.skip_eval:
         evaluate(args, model, processor, splits, out_dir)
 

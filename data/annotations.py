@@ -104,6 +104,11 @@ def prompt_messages(question: str) -> list[dict]:
     return _conversation(question, "")[:2]
 
 
+def categorical_conversation(label: str, class_names: Sequence[str]) -> list[dict]:
+    """The categorical task of one image: the dataset's classes asked, ``{'emotion': label}`` answered."""
+    return _conversation(categorical_question(class_names), categorical_answer(label))
+
+
 def to_conversations(annotation: Annotation, class_names: Sequence[str]) -> dict[str, list[dict]]:
     """The three training conversations of one annotated image, keyed by task name."""
     if annotation.label not in class_names:
@@ -112,6 +117,5 @@ def to_conversations(annotation: Annotation, class_names: Sequence[str]) -> dict
     return {
         "observation": _conversation(OBSERVATION_QUESTION, annotation.key_elements),
         "reasoning": _conversation(REASONING_QUESTION, annotation.reasoning),
-        "categorical": _conversation(categorical_question(class_names),
-                                     categorical_answer(annotation.label)),
+        "categorical": categorical_conversation(annotation.label, class_names),
     }

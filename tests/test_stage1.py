@@ -92,6 +92,23 @@ def test_examples_skip_val_images_and_refuse_missing_ones(toy_root, tmp_path, ca
     assert len(examples) == 3 * len(splits.train)
     assert "outside the training split" in caplog.text
 
+    # Images stage 0 gave no usable text keep their categorical conversation: none is lost.
+    from data.annotations import Annotation
+    from data.prompts import categorical_answer
+    from engine.vlm_train import example_counts
+
+    half = [a for a in read_annotations(path) if a.image in {s.path for s in splits.train}][::2]
+    examples = build_examples(half, splits, path)
+    counts = example_counts(examples, len(splits.train))
+    assert counts == {"train_images": len(splits.train), "with_text": len(half),
+                      "without_text": len(splits.train) - len(half),
+                      "conversations": {"observation": len(half), "reasoning": len(half),
+                                        "categorical": len(splits.train)}}
+    categorical = {Path(e["image"]).relative_to(toy_root).as_posix(): e["conversation"][-1]["content"][0]["text"]
+                   for e in examples if e["task"] == "categorical"}
+    assert categorical == {s.path: categorical_answer(splits.class_names[s.label]) for s in splits.train}
+    assert isinstance(half[0], Annotation)
+
     gone = write_annotations(toy_root, tmp_path / "gone", extra=("toy/train/awe/deleted.png",))
     with pytest.raises(UserError, match="deleted.png no longer exists"):
         build_examples(read_annotations(gone), splits, gone)
@@ -118,6 +135,9 @@ def test_training_lowers_loss_and_learns_the_toy_classes(trained, tiny_vlm_dir):
     meta = json.loads((trained / "meta.json").read_text())
     assert meta["class_names"] == ["amusement", "anger", "awe", "contentment"]
     assert meta["base_model"] == str(tiny_vlm_dir) and meta["modules_to_save"] == ["lm_head"]
+    run = json.loads((trained / "run.json").read_text())
+    assert meta["counts"] == run["counts"] and run["counts"]["without_text"] == 0  # every image annotated
+    assert run["counts"]["conversations"]["categorical"] == run["counts"]["train_images"]
     metrics = json.loads((trained / "eval_score" / "metrics.json").read_text())
     assert metrics["n"] == 32 and metrics["unparseable"] == 0
     assert metrics["accuracy"] >= 0.5  # chance is 0.25; measured 0.75-0.91 over seeds
