@@ -59,6 +59,10 @@ def get_args_parser():
     group.add_argument("--max_side", type=int, default=1024, help="downscale images to this longer side")
     group.add_argument("--max_attempts", type=int, default=3,
                        help="asks per image while the answer lacks a section or names the emotion")
+    group.add_argument("--reject_label_mentions", action="store_true",
+                       help="refuse an answer still naming the emotion after --max_attempts (default: keep it "
+                            "with \"mentions_label\": true and count it; the whole-word check also catches "
+                            "innocent words such as 'an amusement park')")
     group.add_argument("--accept_unstructured", action="store_true",
                        help="keep an answer without the two sections as both fields (weak local "
                             "models, the toy quickstart)")
@@ -112,13 +116,24 @@ def dry_run(requests, args) -> None:
           f"(each refused answer costs one more request, up to --max_attempts {args.max_attempts})")
 
 
+def label_mentions(folder: Path, annotated: set[str]) -> int:
+    """Annotations of current training images kept although they name their emotion."""
+    from data.annotations import ANNOTATIONS_FILE, read_annotations
+
+    path = folder / ANNOTATIONS_FILE
+    if not path.is_file():
+        return 0
+    return sum(a.mentions_label for a in read_annotations(path) if a.image in annotated)
+
+
 def make_backend(args, key: str | None):
     if args.backend == "local":
         return LocalBackend(args.vlm_model, training_device(args.gpu), args.batch_size,
-                            args.max_new_tokens, args.max_side, args.accept_unstructured)
+                            args.max_new_tokens, args.max_side, args.accept_unstructured,
+                            args.reject_label_mentions)
     return OpenAIBackend(args.model, key, args.base_url, args.max_retries, args.timeout,
                          args.max_new_tokens, args.max_side, args.max_attempts, args.workers,
-                         args.accept_unstructured)
+                         args.accept_unstructured, args.reject_label_mentions)
 
 
 @releases_locks
@@ -174,15 +189,18 @@ def main(argv=None) -> None:
             num_rejected = compact_rejected(folder, annotated)
     if rank != 0:
         return
-    print(f"this run: {tally.done} annotated, {tally.rejected} rejected, {tally.failed} failed "
-          f"(rerun to retry); {len(annotated)}/{len(splits.train)} training images annotated in "
-          f"{folder}; {num_rejected} in rejected.jsonl")
+    mentions = label_mentions(folder, annotated)
+    print(f"this run: {tally.done} annotated ({tally.mentions_label} kept although naming the emotion), "
+          f"{tally.rejected} rejected, {tally.failed} failed (rerun to retry); {len(annotated)}/{len(splits.train)} "
+          f"training images annotated in {folder}, {mentions} of them marked \"mentions_label\" "
+          f"(--reject_label_mentions refuses those); {num_rejected} in rejected.jsonl")
     usage = {"prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens}
     if args.backend == "openai":
         print(f"token usage: prompt {usage['prompt_tokens']}, completion {usage['completion_tokens']}, "
               f"total {sum(usage.values())}")
     write_meta(folder, "instructions", splits.class_names, generator=generator,
                num_annotated=len(annotated), num_train=len(splits.train), num_rejected=num_rejected,
+               num_mentions_label=mentions,
                complete=len(annotated) == len(splits.train))
     record_run(folder, args, command=redacted_command(argv, key), counts=tally.counts(), usage=usage)
 

@@ -34,7 +34,7 @@ def get_args_parser():
     from models.teacher import DEFAULT_TEACHER
 
     parser = base_parser("Stage 2: ViT teacher and the distilled head on the VLM's frozen visual features.",
-                         batch_size=32)
+                         batch_size=1)
     model = parser.add_argument_group("frozen VLM features")
     model.add_argument("--vlm_model", default=None,
                        help="base VLM (hub id or folder); default and required match: stage 1's base model")
@@ -53,7 +53,7 @@ def get_args_parser():
     teacher.add_argument("--teacher_weight_decay", type=float, default=1e-5)
     teacher.add_argument("--teacher_batch_size", type=int, default=10)
     teacher.add_argument("--teacher_epochs", type=int, default=10)
-    head = parser.add_argument_group("distillation head (--batch_size is its mini-batch)")
+    head = parser.add_argument_group("distillation head (--batch_size: images per optimiser step; 1, as the reference code)")
     head.add_argument("--depth", type=int, default=1, choices=range(6),
                       help="hidden layers, widths [1024, 512, 256, 128, 64][:depth]")
     head.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation (KL) term")

@@ -34,11 +34,12 @@ FLAG_RULES = {"vlm_batch_size": "count", "max_new_tokens": "count", "epochs": "c
 
 
 def get_args_parser():
+    from data.prompts import PARSERS
     from engine.gate import ANSWER_MODES, SIGNALS
     from models.gates import GATES
 
     parser = base_parser("Stage 3: train the gate fusing the VLM's answer and the distilled head.",
-                         batch_size=32)
+                         batch_size=1)
     inputs = parser.add_argument_group("gate inputs")
     inputs.add_argument("--vlm_model", default=None,
                         help="base VLM (default: the one stage 1 was trained on; must match it)")
@@ -47,12 +48,15 @@ def get_args_parser():
                              "probs: its class distribution (needs --vlm_answer score)")
     inputs.add_argument("--vlm_answer", choices=ANSWER_MODES, default="score",
                         help="score: most likely class answer; generate: greedy decoding, parsed")
+    inputs.add_argument("--parser", choices=PARSERS, default="lenient",
+                        help="--vlm_answer generate: how the decoded answer is read; strict: only the form "
+                             "{'emotion': '<class>'} (the reference code's reading), lenient: also a lone class word")
     inputs.add_argument("--vlm_batch_size", type=int, default=8, help="images per VLM forward")
     inputs.add_argument("--max_new_tokens", type=int, default=32, help="--vlm_answer generate")
     inputs.add_argument("--quant", choices=("4bit", "none"), default=None,
                         help="how the VLM answering is loaded: 4bit (CUDA) or none (full precision); "
                              "default: as stage 1 trained it")
-    gate = parser.add_argument_group("gate")
+    gate = parser.add_argument_group("gate (--batch_size: images per optimiser step; 1, as the reference code)")
     gate.add_argument("--gate", choices=[*GATES, "all"], default="concat_linear",
                       help="gate variant; all: train every variant and tabulate them")
     gate.add_argument("--gate_train_split", choices=("train", "val"), default="train",
@@ -117,7 +121,8 @@ def gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device)
         return model, processor
 
     answers = cached_vlm_predictions(splits, vlm_meta, stage_dir(args, "gate") / "cache", load_model,
-                                     args.vlm_answer, args.vlm_batch_size, args.max_new_tokens, quant)
+                                     args.vlm_answer, args.vlm_batch_size, args.max_new_tokens, quant,
+                                     parser=args.parser)
     num_classes = len(splits.class_names)
     return {split: GateData(vlm_pred=answers[split].pred,
                             vlm_signal=vlm_gate_inputs(answers[split], num_classes, args.vlm_signal),
@@ -174,6 +179,8 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
                          "best_epoch": result.best_epoch, "val_accuracy": result.best_val_acc}
                   for name, result in results.items()},
         "gate": selected, "gate_train_split": args.gate_train_split, "splits": split_accuracies(data),
+        # Test answers no class could be read from (with --vlm_answer generate; `parser` says how).
+        "vlm_unparseable": int((test.vlm_pred < 0).sum()),
         **provenance,
     }
     write_json(out_dir / "metrics.json", metrics)
@@ -238,7 +245,7 @@ def main(argv=None) -> None:
                                 args.lr, args.weight_decay, args.batch_size, args.seed, device, log_epoch)
                for name in names}
     selected = max(names, key=lambda name: results[name].best_val_acc)  # the first of equals wins
-    provenance = {"vlm_signal": args.vlm_signal, "vlm_answer": args.vlm_answer,
+    provenance = {"vlm_signal": args.vlm_signal, "vlm_answer": args.vlm_answer, "parser": args.parser,
                   "max_new_tokens": args.max_new_tokens, "quant": args.quant,
                   "vlm_adapter_id": vlm_meta["adapter_id"], "head_id": head_meta["head_id"],
                   "base_model": vlm_meta["base_model"]}

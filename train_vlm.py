@@ -1,7 +1,8 @@
 """Stage 1: instruction-tune a Qwen2-VL-style model with LoRA/QLoRA, then evaluate it as a classifier.
 
-Reads stage 0's ``annotations_train.jsonl``, trains on three conversations per annotated
-training image (observation, reasoning, categorical) with the loss on the answers only, and
+Reads stage 0's ``annotations_train.jsonl``, trains on the categorical conversation of every
+training image and the observation and reasoning ones where stage 0 wrote text (counts printed
+and recorded in run.json and meta.json), with the loss on the answers only, and
 writes the adapter, processor, log and ``meta.json`` to ``<output_dir>/<dataname>/vlm/``.
 
     python train_vlm.py --dataname emoset --gpu 0                       # paper settings (QLoRA on a GPU)
@@ -34,6 +35,7 @@ FLAG_RULES = {"min_pixels": "count", "max_pixels": "count", "lora_r": "count", "
 def get_args_parser():
     from transformers import SchedulerType
 
+    from data.prompts import PARSERS
     from engine.vlm_eval import EVAL_MODES
     from engine.vlm_train import DEFAULT_TARGET_MODULES
     from models.vlm import DEFAULT_MAX_PIXELS
@@ -64,9 +66,12 @@ def get_args_parser():
                        help="stage 0 output (default <output_dir>/<dataname>/instructions/annotations_train.jsonl)")
     train.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=5)
     train.add_argument("--lr", type=float, default=1e-4)
-    train.add_argument("--lr_scheduler", default="constant_with_warmup", choices=[s.value for s in SchedulerType],
-                       metavar="NAME", help="transformers scheduler name, e.g. constant_with_warmup, linear, cosine")
-    train.add_argument("--warmup_ratio", type=float, default=0.03)
+    train.add_argument("--lr_scheduler", default="constant", choices=[s.value for s in SchedulerType],
+                       metavar="NAME", help="transformers scheduler name, e.g. constant, linear, cosine; constant "
+                                            "with --warmup_ratio > 0 becomes constant_with_warmup")
+    train.add_argument("--warmup_ratio", type=float, default=0.0,
+                       help="fraction of the steps spent warming up (the reference asked for 0.03 with a constant "
+                            "schedule, which transformers ignores: its run had no warm-up)")
     train.add_argument("--max_grad_norm", type=float, default=0.3)
     train.add_argument("--weight_decay", type=float, default=0.0)
     train.add_argument("--grad_accum", type=int, default=1, help="gradient accumulation steps")
@@ -79,6 +84,9 @@ def get_args_parser():
     evaluation.add_argument("--skip_eval", action="store_true", help="train only")
     evaluation.add_argument("--eval_batch_size", type=int, default=8)
     evaluation.add_argument("--max_new_tokens", type=int, default=32, help="generate mode")
+    evaluation.add_argument("--parser", choices=PARSERS, default="lenient",
+                            help="generate mode: strict reads only {'emotion': '<class>'} (the reference code's "
+                                 "reading); lenient also a lone class word")
     return parser
 
 
@@ -91,7 +99,7 @@ def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
     eval_dir = out_dir / f"eval_{args.eval_mode}"
     metrics = evaluate_vlm(model, processor, splits.data_root, splits.test, splits.class_names, eval_dir,
                            args.eval_mode, args.eval_batch_size, args.max_new_tokens,
-                           title=f"{args.dataname}: VLM ({args.eval_mode})")
+                           title=f"{args.dataname}: VLM ({args.eval_mode})", parser=args.parser)
     if is_main_process():
         print(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
               f"unparseable {metrics['unparseable']} of {metrics['n']} -> {eval_dir}")
@@ -149,7 +157,7 @@ def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
     return checkpoint
 
 
-def save_outputs(args, model, processor, class_names, out_dir: Path, num_examples: int) -> None:
+def save_outputs(args, model, processor, class_names, out_dir: Path, counts: dict) -> None:
     """Adapter, processor, run record, then meta.json last (all staged), then swapped into
     ``out_dir``: only a complete folder has a meta.json."""
     from engine.vlm_train import read_history
@@ -161,7 +169,7 @@ def save_outputs(args, model, processor, class_names, out_dir: Path, num_example
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     size = processor.image_processor.size
-    record_run(out_dir, args, train_examples=num_examples)
+    record_run(out_dir, args, train_examples=sum(counts["conversations"].values()), counts=counts)
     # Lets a later stage accept the same local base folder after it moved.
     config = Path(args.vlm_model) / "config.json"
     write_meta(out_dir, "vlm", class_names, base_model=args.vlm_model,
@@ -170,7 +178,7 @@ def save_outputs(args, model, processor, class_names, out_dir: Path, num_example
                min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
                modules_to_save=list(args.modules_to_save), target_modules=list(args.target_modules),
                lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=args.quant,
-               train_on_prompt=args.train_on_prompt, epochs=args.epochs)
+               train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts)
     history = read_history(out_dir / "log.txt")
     staged.commit([("the final training loss", history[-1]["train_loss"])] if history else [], "--lr")
     print(f"saved adapter and processor to {final_dir}")
@@ -182,13 +190,14 @@ def train(args, splits, out_dir: Path) -> None:
 
     from data.annotations import read_annotations
     from engine.vlm_train import (ConversationCollator, build_examples, check_placement, epoch_logger,
-                                  read_history, training_arguments, wrap_lora)
+                                  example_counts, read_history, training_arguments, wrap_lora)
     from models.vlm import load_processor, load_vlm, resolve_quant
     from utils.dist import leave_process_group, training_device
 
     args.vlm_model = args.vlm_model or DEFAULT_VLM
     path = annotations_file(args, splits.class_names)
     examples = build_examples(read_annotations(path), splits, path)
+    counts = example_counts(examples, len(splits.train))
     device = training_device(args.gpu)
     on_gpu = device.type == "cuda"
     args.quant = resolve_quant(args.quant, device)
@@ -208,7 +217,10 @@ def train(args, splits, out_dir: Path) -> None:
     training_args = training_arguments(args, trainer_dir, on_gpu)
     check_placement(training_args, device)
     batches = -(-len(examples) // (args.batch_size * training_args.world_size))
-    print(f"{len(examples)} conversations from {len(examples) // 3} images; effective batch "
+    tasks = ", ".join(f"{number} {task}" for task, number in counts["conversations"].items())
+    print(f"{counts['train_images']} training images ({counts['with_text']} with stage-0 text, "
+          f"{counts['without_text']} without: categorical only); {len(examples)} conversations ({tasks}); "
+          f"effective batch "
           f"{args.batch_size * args.grad_accum * training_args.world_size} "
           f"({training_args.world_size} process(es)); ~{-(-batches // args.grad_accum)} optimizer steps per epoch"
           + (f"; resuming from {checkpoint}" if checkpoint else ""))
@@ -220,7 +232,7 @@ def train(args, splits, out_dir: Path) -> None:
                       data_collator=ConversationCollator(processor, args.train_on_prompt), callbacks=[logger])
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():  # saving is rank 0's alone
-        save_outputs(args, model, processor, splits.class_names, out_dir, len(examples))
+        save_outputs(args, model, processor, splits.class_names, out_dir, counts)
     if not args.skip_eval:
         evaluate(args, model, processor, splits, out_dir)  # sharded across the ranks
     leave_process_group()

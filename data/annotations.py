@@ -29,14 +29,18 @@ class Annotation:
     key_elements: str   # section 1 of the generator's answer
     reasoning: str      # section 2
     generator: str      # model that wrote it
+    mentions_label: bool = False  # kept although it names the emotion (stage 0 --max_attempts ran out)
 
     @classmethod
     def from_dict(cls, record: dict) -> "Annotation":
-        names = [f.name for f in fields(cls)]
+        names = [f.name for f in fields(cls) if f.name != "mentions_label"]
         missing = [n for n in names if not isinstance(record.get(n), str)]
         if missing:
             raise ValueError(f"missing or non-string fields {missing}")
-        return cls(**{n: record[n] for n in names})
+        mentions = record.get("mentions_label", False)  # absent in files written before the flag
+        if not isinstance(mentions, bool):
+            raise ValueError(f"mentions_label must be true or false, got {mentions!r}")
+        return cls(**{n: record[n] for n in names}, mentions_label=mentions)
 
 
 def iter_annotations(path: str | Path) -> Iterator[Annotation]:
@@ -100,6 +104,11 @@ def prompt_messages(question: str) -> list[dict]:
     return _conversation(question, "")[:2]
 
 
+def categorical_conversation(label: str, class_names: Sequence[str]) -> list[dict]:
+    """The categorical task of one image: the dataset's classes asked, ``{'emotion': label}`` answered."""
+    return _conversation(categorical_question(class_names), categorical_answer(label))
+
+
 def to_conversations(annotation: Annotation, class_names: Sequence[str]) -> dict[str, list[dict]]:
     """The three training conversations of one annotated image, keyed by task name."""
     if annotation.label not in class_names:
@@ -108,6 +117,5 @@ def to_conversations(annotation: Annotation, class_names: Sequence[str]) -> dict
     return {
         "observation": _conversation(OBSERVATION_QUESTION, annotation.key_elements),
         "reasoning": _conversation(REASONING_QUESTION, annotation.reasoning),
-        "categorical": _conversation(categorical_question(class_names),
-                                     categorical_answer(annotation.label)),
+        "categorical": categorical_conversation(annotation.label, class_names),
     }

@@ -83,13 +83,25 @@ _EMOTION_FIELD = re.compile(r"""["']?emotion["']?\s*[:=]\s*["']?\s*([A-Za-z][A-Z
                             re.IGNORECASE)
 
 
-def parse_emotion(text: str, class_names: Sequence[str]) -> int | None:
+PARSERS = ("strict", "lenient")
+# The dictionary form the categorical task trains, e.g. {'emotion': 'awe'} (either quote, any case
+# and spacing): all the reference code reads from a decoded answer.
+_EMOTION_DICT = re.compile(r"""\{\s*(['"])emotion\1\s*:\s*(['"])\s*([^'"]*?)\s*\2\s*\}""", re.IGNORECASE)
+
+
+def parse_emotion(text: str, class_names: Sequence[str], parser: str = "lenient") -> int | None:
     """Class index named by an answer such as ``{'emotion': 'awe'}``; None when no class is found.
 
-    Tolerates other quotes, spacing, case and surrounding text. Without an ``emotion`` field,
-    a lone class word in the text counts; an ambiguous answer (several classes) is None.
+    ``strict`` (the reference code's reading) accepts only that dictionary form. ``lenient``
+    also tolerates a missing brace, other separators and surrounding text, and without an
+    ``emotion`` field a lone class word counts; an ambiguous answer (several classes) is None.
     """
     lookup = {name.lower(): index for index, name in enumerate(class_names)}
+    if parser == "strict":
+        match = _EMOTION_DICT.search(text)
+        return lookup.get(match.group(3).lower()) if match else None
+    if parser != "lenient":
+        raise ValueError(f"parser {parser!r}: choose one of {', '.join(PARSERS)}")
     match = _EMOTION_FIELD.search(text + "}")
     if match:
         value = match.group(1).strip().lower()

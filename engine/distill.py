@@ -19,10 +19,11 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.datasets import PIXELS, DatasetSplits, ImageDataset, Sample
+from engine.batches import shuffled_batches
 from models.heads import DistillHead
 from models.teacher import load_teacher, teacher_transforms
 from models.vlm import load_processor, load_vlm, pooled_image_features
@@ -245,39 +246,44 @@ def train_teacher(model: torch.nn.Module, splits: DatasetSplits, data_config: di
 def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torch.Tensor],
                labels: dict[str, torch.Tensor], in_dim: int, num_classes: int, *, depth: int = 1,
                dropout: float = 0.1, epochs: int = 5, lr: float = 1e-5, weight_decay: float = 1e-4,
-               batch_size: int = 32, alpha: float = 0.5, temperature: float = 2.0, standardize: bool = False,
+               batch_size: int = 1, alpha: float = 0.5, temperature: float = 2.0, standardize: bool = False,
                seed: int = 0, device: str | torch.device = "cpu",
                log_path: Path | None = None) -> tuple[DistillHead, dict]:
     """Train the head on cached tensors with the distillation loss; keep the epoch best on validation.
 
+    The reference code takes one optimiser step per image (``batch_size`` 1, the default). So
+    that this stays cheap, the cached tensors move to ``device`` once, the batch order is drawn
+    there, and the epoch's loss is summed there and read back once per epoch (no DataLoader, no
+    host synchronisation per step).
     Returns the head (best weights, eval mode, CPU) and ``{epoch, best_val_acc, history}``.
     """
     torch.manual_seed(seed)  # same seed, same cached tensors -> the same head, teacher trained or not
+    device = torch.device(device)
     head = DistillHead(in_dim, num_classes, depth, dropout)
     if standardize:
         head.set_standardization(features["train"])
     head.to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    loader = DataLoader(TensorDataset(features["train"], teacher_logits["train"], labels["train"]),
-                        batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    x_all, t_all, y_all = (values["train"].to(device) for values in (features, teacher_logits, labels))
+    generator = torch.Generator(device=device).manual_seed(seed)
     best = {"best_val_acc": -1.0, "epoch": 0, "state_dict": None}
     history = []
     for epoch in range(1, epochs + 1):
         head.train()
-        total = count = 0.0
-        for x, t, y in loader:
-            loss = distillation_loss(head(x.to(device)), t.to(device), y.to(device), alpha, temperature)
+        total = torch.zeros((), device=device)
+        for index in shuffled_batches(len(y_all), batch_size, generator):
+            loss = distillation_loss(head(x_all[index]), t_all[index], y_all[index], alpha, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(y)
-            count += len(y)
+            total += loss.detach() * len(index)
         head.eval()
         with torch.no_grad():
-            val_logits = head(features["val"].to(device)).cpu()
+            val_logits = head(features["val"].to(device)).float().cpu()
         val_loss = distillation_loss(val_logits, teacher_logits["val"], labels["val"], alpha, temperature)
-        check_finite(total / count + val_loss.item(), f"the head's loss in epoch {epoch}", "--lr (or --temperature)")
-        row = {"epoch": epoch, "train_loss": total / count, "val_loss": val_loss.item(),
+        train_loss = total.item() / max(len(y_all), 1)  # the epoch's one host sync
+        check_finite(train_loss + val_loss.item(), f"the head's loss in epoch {epoch}", "--lr (or --temperature)")
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss.item(),
                "val_acc": (val_logits.argmax(-1) == labels["val"]).float().mean().item()}
         history.append(row)
         log.info("head %s", json.dumps(row))

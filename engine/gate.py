@@ -3,7 +3,7 @@
 Both inputs come from frozen models, so they are computed once per image: the VLM's answers
 (stage 1's ``predict_vlm``) are cached under ``<gate dir>/cache/`` keyed by everything that
 decides them (adapter id, answer mode, classes, image list), and the head's logits come from
-stage 2's cached visual features. Gate epochs then run on those small tensors in mini-batches.
+stage 2's cached visual features. Gate epochs then run on those small tensors, one step per image by default.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.datasets import PIXELS
+from engine.batches import shuffled_batches
 from models.gates import build_gate
 from utils.cache import image_list_id, load_cached, store
 from utils.dist import barrier, is_main_process, shard_map
@@ -69,7 +70,8 @@ def vlm_gate_inputs(predictions, num_classes: int, kind: str = "onehot") -> torc
 # ---------------------------------------------------------------- VLM answers, cached per split
 
 def vlm_cache_key(vlm_meta: dict, mode: str, max_new_tokens: int, quant: str | None,
-                  class_names: Sequence[str], data_root: str | Path, samples: Sequence) -> dict:
+                  class_names: Sequence[str], data_root: str | Path, samples: Sequence,
+                  parser: str = "lenient") -> dict:
     """Everything that decides the VLM's answers for these images (a changed image file changes
     it: ``image_list_id`` hashes each file's path, size and modification time)."""
     return {
@@ -77,12 +79,14 @@ def vlm_cache_key(vlm_meta: dict, mode: str, max_new_tokens: int, quant: str | N
         "min_pixels": vlm_meta.get("min_pixels"), "max_pixels": vlm_meta.get("max_pixels"),
         "mode": mode, "max_new_tokens": max_new_tokens if mode == "generate" else None, "quant": quant,
         "class_names": list(class_names), "images": image_list_id(data_root, samples), "pixels": PIXELS,
+        "parser": parser if mode == "generate" else None,
     }
 
 
 def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_model: Callable[[], tuple],
                            mode: str = "score", batch_size: int = 8, max_new_tokens: int = 32,
-                           quant: str | None = None, split_names: Sequence[str] = SPLITS) -> dict:
+                           quant: str | None = None, split_names: Sequence[str] = SPLITS,
+                           parser: str = "lenient") -> dict:
     """``{split: VLMPredictions}``, read from ``cache_dir/vlm_<mode>_<split>.pt`` or predicted and
     stored there.
 
@@ -98,13 +102,14 @@ def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_m
         if not loaded:
             loaded.extend(load_model())
         answers = predict_samples(*loaded, splits.data_root, samples, splits.class_names,
-                                  mode, batch_size, max_new_tokens, desc=desc)
+                                  mode, batch_size, max_new_tokens, desc=desc, parser=parser)
         return {"pred": answers.pred, "probs": answers.probs, "texts": answers.texts}
 
     result = {}
     for split in split_names:
         samples = splits.split(split)
-        key = vlm_cache_key(vlm_meta, mode, max_new_tokens, quant, splits.class_names, splits.data_root, samples)
+        key = vlm_cache_key(vlm_meta, mode, max_new_tokens, quant, splits.class_names, splits.data_root, samples,
+                            parser)
         log.info("VLM answers (%s) for %s", mode, split)
         path = Path(cache_dir) / f"vlm_{mode}_{split}.pt"
         values = load_cached(path, key)
@@ -182,33 +187,36 @@ def _evaluate(gate: nn.Module, data: GateData) -> tuple[float, float]:
 
 
 def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epochs: int = 10,
-               lr: float = 1e-4, weight_decay: float = 1e-4, batch_size: int = 32, seed: int = 42,
+               lr: float = 1e-4, weight_decay: float = 1e-4, batch_size: int = 1, seed: int = 42,
                device: str | torch.device = "cpu", on_epoch: Callable[[dict], None] | None = None) -> GateResult:
     """Train gate ``name`` with cross-entropy and Adam; keep the epoch best on validation.
 
     Best means highest validation accuracy, ties going to the lower validation loss. The
     initialisation and the batch order depend only on ``seed``, not on which gates ran before.
+    One step per image (``batch_size`` 1) is the reference code's regime; the inputs sit on
+    ``device`` and the loss is read back once per epoch, so small batches stay cheap.
     """
     torch.manual_seed(seed)
+    device = torch.device(device)
     gate = build_gate(name, num_classes).to(device)
     optimizer = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=weight_decay)
-    order = torch.Generator().manual_seed(seed)
+    order = torch.Generator(device=device).manual_seed(seed)
+    signal, logits_in, labels = train.vlm_signal.to(device), train.head_logits.to(device), train.labels.to(device)
     best = None  # (val_acc, -val_loss), epoch, state
     history = []
     for epoch in range(1, epochs + 1):
         gate.train()
-        total, seen = 0.0, 0
-        for index in torch.randperm(len(train.labels), generator=order).split(batch_size):
-            logits = gate(train.vlm_signal[index].to(device), train.head_logits[index].to(device))
-            loss = F.cross_entropy(logits, train.labels[index].to(device))
+        total = torch.zeros((), device=device)
+        for index in shuffled_batches(len(labels), batch_size, order):
+            loss = F.cross_entropy(gate(signal[index], logits_in[index]), labels[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(index)
-            seen += len(index)
+            total += loss.detach() * len(index)
         val_loss, val_acc = _evaluate(gate, val)
-        check_finite(total / max(seen, 1) + val_loss, f"the {name} gate's loss in epoch {epoch}", "--lr")
-        row = {"gate": name, "epoch": epoch, "train_loss": total / max(seen, 1),
+        train_loss = total.item() / max(len(labels), 1)  # the epoch's one host sync
+        check_finite(train_loss + val_loss, f"the {name} gate's loss in epoch {epoch}", "--lr")
+        row = {"gate": name, "epoch": epoch, "train_loss": train_loss,
                "val_loss": val_loss, "val_acc": val_acc}
         history.append(row)
         if on_epoch is not None:

@@ -50,6 +50,7 @@ class Outcome:
     reason: str = ""                            # why rejected or failed
     answer: str = ""                            # the last answer text
     attempts: int = 0
+    mentions_label: bool = False                # kept although it names the emotion (see keep_mention)
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -60,11 +61,13 @@ class Tally:
     skipped: int = 0
     rejected: int = 0
     failed: int = 0
+    mentions_label: int = 0    # of ``done``: kept although they name the emotion
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
     def counts(self) -> dict:
-        return {"done": self.done, "skipped": self.skipped, "rejected": self.rejected, "failed": self.failed}
+        return {"done": self.done, "skipped": self.skipped, "rejected": self.rejected, "failed": self.failed,
+                "mentions_label": self.mentions_label}
 
 
 # ---------------------------------------------------------------------------- images and answers
@@ -109,24 +112,48 @@ def approx_image_tokens(width: int, height: int) -> int:
     return 85 + 170 * math.ceil(width / 512) * math.ceil(height / 512)
 
 
-def check_answer(text: str | None, emotion: str,
-                 accept_unstructured: bool = False) -> tuple[tuple[str, str] | None, str]:
+NAMES_EMOTION = "names the emotion"
+
+
+def check_answer(text: str | None, emotion: str, accept_unstructured: bool = False,
+                 allow_mention: bool = False) -> tuple[tuple[str, str] | None, str]:
     """``((key_elements, reasoning), "")`` for a usable answer, else ``(None, reason)``.
 
     ``accept_unstructured`` keeps an answer without the two sections as both fields: meant for
     weak local models (and the random toy model), whose text never follows the headings.
+    ``allow_mention`` lets an answer naming the emotion through (the whole-word check also
+    catches innocent uses: "an amusement park", "negative space").
     """
     text = (text or "").strip()
     if not text:
         return None, "empty answer"
-    if mentions_word(text, emotion):
-        return None, f"names the emotion {emotion!r}"
+    if not allow_mention and mentions_word(text, emotion):
+        return None, f"{NAMES_EMOTION} {emotion!r}"
     sections = split_sections(text)
     if sections is None:
         if not accept_unstructured:
             return None, "missing the '1. Key elements' or '2. Reasoning' section"
         sections = (text, text)
     return sections, ""
+
+
+def mentioned_sections(outcome: Outcome, emotion: str, accept_unstructured: bool) -> tuple | None:
+    """``(sections, answer)`` when the outcome's answer was refused only for naming the emotion."""
+    if not outcome.reason.startswith(NAMES_EMOTION):
+        return None
+    sections, _ = check_answer(outcome.answer, emotion, accept_unstructured, allow_mention=True)
+    return (sections, outcome.answer) if sections is not None else None
+
+
+def keep_mention(outcome: Outcome, mentioned: tuple | None, reject_label_mentions: bool) -> Outcome:
+    """After the last attempt: keep an answer that only named the emotion, marked
+    ``mentions_label`` (a dropped image would silently shrink the training set), unless
+    ``reject_label_mentions``."""
+    if outcome.status == "done" or mentioned is None or reject_label_mentions:
+        return outcome
+    outcome.sections, outcome.answer = mentioned
+    outcome.status, outcome.reason, outcome.mentions_label = "done", "", True
+    return outcome
 
 
 # ---------------------------------------------------------------------------- resuming
@@ -226,8 +253,10 @@ def write_outcomes(outcomes: Iterable[Outcome], folder: Path, generator: str, ta
             if outcome.status == "done":
                 key_elements, reasoning = outcome.sections
                 append_annotation(annotations, Annotation(request.sample.path, request.emotion,
-                                                          key_elements, reasoning, generator))
+                                                          key_elements, reasoning, generator,
+                                                          outcome.mentions_label))
                 tally.done += 1
+                tally.mentions_label += outcome.mentions_label
             elif outcome.status == "rejected":
                 append_record(rejected, {"image": request.sample.path, "label": request.emotion,
                                          "reason": outcome.reason, "attempts": outcome.attempts,
@@ -261,7 +290,8 @@ class OpenAIBackend:
 
     def __init__(self, model: str, api_key: str | None, base_url: str | None = None, max_retries: int = 5,
                  timeout: float = 120.0, max_new_tokens: int = 512, max_side: int = 1024,
-                 max_attempts: int = 3, workers: int = 4, accept_unstructured: bool = False):
+                 max_attempts: int = 3, workers: int = 4, accept_unstructured: bool = False,
+                 reject_label_mentions: bool = False):
         from openai import OpenAI
 
         # Self-hosted servers (vLLM, Ollama) usually need no key, but the client wants one.
@@ -270,10 +300,12 @@ class OpenAIBackend:
         self.model, self.max_new_tokens, self.max_side = model, max_new_tokens, max_side
         self.max_attempts, self.workers = max_attempts, workers
         self.accept_unstructured = accept_unstructured
+        self.reject_label_mentions = reject_label_mentions
         self._secret = api_key
 
     def answer(self, request: Request) -> Outcome:
-        """Ask until the answer is usable or ``max_attempts`` answers were refused."""
+        """Ask until the answer is usable or ``max_attempts`` answers were refused; then, unless
+        ``reject_label_mentions``, keep the last usable answer that only named the emotion."""
         import openai
 
         url, _ = image_data_url(request.path, self.max_side)
@@ -282,6 +314,7 @@ class OpenAIBackend:
             {"type": "text", "text": request.prompt},
         ]}]
         outcome = Outcome(request, "rejected")
+        mentioned = None  # (sections, answer) of an answer whose only fault was naming the emotion
         while outcome.attempts < self.max_attempts:
             try:
                 response = self.client.chat.completions.create(
@@ -305,7 +338,8 @@ class OpenAIBackend:
             if outcome.sections is not None:
                 outcome.status = "done"
                 return outcome
-        return outcome
+            mentioned = mentioned_sections(outcome, request.emotion, self.accept_unstructured) or mentioned
+        return keep_mention(outcome, mentioned, self.reject_label_mentions)
 
     def outcomes(self, requests: Sequence[Request]) -> Iterator[Outcome]:
         """Outcomes in completion order from ``workers`` threads; a fatal error is re-raised here.
@@ -375,13 +409,14 @@ class LocalBackend:
     repeats itself, so a refused answer is not asked again (one attempt per image)."""
 
     def __init__(self, model_id: str, device, batch_size: int = 4, max_new_tokens: int = 512,
-                 max_side: int = 1024, accept_unstructured: bool = False):
+                 max_side: int = 1024, accept_unstructured: bool = False, reject_label_mentions: bool = False):
         from models.vlm import load_processor, load_vlm
 
         self.model = load_vlm(model_id, device)
         self.processor = load_processor(model_id)
         self.batch_size, self.max_new_tokens, self.max_side = batch_size, max_new_tokens, max_side
         self.accept_unstructured = accept_unstructured
+        self.reject_label_mentions = reject_label_mentions
 
     def outcomes(self, requests: Sequence[Request]) -> Iterator[Outcome]:
         from models.chat import generate_texts
@@ -396,4 +431,6 @@ class LocalBackend:
                                    self.max_new_tokens, len(batch))
             for request, text in zip(batch, texts):
                 sections, reason = check_answer(text, request.emotion, self.accept_unstructured)
-                yield Outcome(request, "done" if sections else "rejected", sections, reason, text, attempts=1)
+                outcome = Outcome(request, "done" if sections else "rejected", sections, reason, text, attempts=1)
+                yield keep_mention(outcome, mentioned_sections(outcome, request.emotion, self.accept_unstructured),
+                                   self.reject_label_mentions)

@@ -9,6 +9,7 @@ prediction stage 3's evaluation gave it. No Gradio here: demo.py wraps this clas
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -96,16 +97,43 @@ def check_parts(dataname: str, vlm: tuple[Path, dict], distill: tuple[Path, dict
                            f"({gate_meta['head_id']}, now {distill_meta.get('head_id')})")
 
 
-@torch.no_grad()
-def head_features(model, processor, images: Sequence[Image.Image]) -> torch.Tensor:
-    """The head's input: pooled visual features of the base VLM, as stage 2 cached them, even when
-    ``model`` carries stage 1's adapter (a LoRA may touch the vision tower)."""
-    from contextlib import nullcontext
+def vision_tower(model) -> torch.nn.Module:
+    """The visual encoder + patch merger module (``...visual``) inside a VLM, adapter or not."""
+    return next(module for name, module in model.named_modules() if name.endswith("visual"))
 
+
+@contextmanager
+def vision_dtype(model, dtype: torch.dtype | None):
+    """Run the visual encoder in ``dtype`` inside the block, then restore it. A checkpoint stored in
+    bf16 loads in bf16 while stage 2 encoded it in float32 on CPU; the float32 upcast of bf16 weights
+    is exact, so the features equal stage 2's cache."""
+    tower = vision_tower(model)
+    original = next(tower.parameters()).dtype
+    if dtype is None or dtype == original:
+        yield
+        return
+    tower.to(dtype)
+    try:
+        yield
+    finally:
+        tower.to(original)
+
+
+@torch.no_grad()
+def head_features(model, processor, images: Sequence[Image.Image], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The head's input: pooled visual features of the base VLM, as stage 2 cached them (in ``dtype``,
+    the one recorded with the cache), even when ``model`` carries stage 1's adapter (a LoRA may
+    touch the vision tower)."""
     from models.vlm import pooled_image_features
 
-    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext(), vision_dtype(model, dtype):
         return pooled_image_features(model, processor, images)
+
+
+def recorded_dtype(distill_meta: dict) -> torch.dtype | None:
+    """The dtype stage 2 encoded its feature cache in (``"torch.float32"`` in meta.json)."""
+    name = distill_meta.get("feature_dtype")
+    return getattr(torch, name.removeprefix("torch.")) if name else None
 
 
 def _as_dict(probs: torch.Tensor, class_names: Sequence[str]) -> dict[str, float]:
@@ -121,8 +149,11 @@ class EmoVLMKD:
 
     def __init__(self, model, processor, head: torch.nn.Module, gate: torch.nn.Module,
                  class_names: Sequence[str], gate_name: str, vlm_signal: str = "onehot",
-                 vlm_answer: str = "score", answer_max_new_tokens: int = 32, feature_processor=None):
+                 vlm_answer: str = "score", answer_max_new_tokens: int = 32, feature_processor=None,
+                 feature_dtype: torch.dtype | None = None, parser: str = "lenient"):
         self.model, self.processor = model, processor
+        self.feature_dtype = feature_dtype  # stage 2's encoding dtype: None keeps the model's
+        self.parser = parser
         self.feature_processor = feature_processor or processor
         self.head, self.gate = head.eval(), gate.eval()
         self.class_names = list(class_names)
@@ -161,7 +192,8 @@ class EmoVLMKD:
                                            distill_meta.get("max_pixels"))
         return cls(model, processor, head.to(device), gate.to(device), vlm_meta["class_names"],
                    gate_meta["gate"], gate_meta["vlm_signal"], gate_meta["vlm_answer"],
-                   gate_meta["max_new_tokens"], feature_processor)
+                   gate_meta["max_new_tokens"], feature_processor, recorded_dtype(distill_meta),
+                   gate_meta.get("parser", "lenient"))
 
     @property
     def device(self) -> torch.device:
@@ -195,9 +227,9 @@ class EmoVLMKD:
         # The gate's VLM input, obtained as train_gate.py obtained it (settings saved in gate.pt).
         answered = scored if self.vlm_answer == "score" else predict_vlm(
             self.model, self.processor, images, self.class_names, self.vlm_answer,
-            max_new_tokens=self.answer_max_new_tokens)
+            max_new_tokens=self.answer_max_new_tokens, parser=self.parser)
         signal = vlm_gate_inputs(answered, num_classes, self.vlm_signal)
-        features = head_features(self.model, self.feature_processor, images)
+        features = head_features(self.model, self.feature_processor, images, self.feature_dtype)
         head_device = next(self.head.parameters()).device
         head_logits = self.head(features.to(head_device)).float().cpu()
         gate_device = next(self.gate.parameters()).device

@@ -179,15 +179,17 @@ def score_classes_full(model, processor, images: Sequence[Image.Image],
 
 
 def predict_vlm(model, processor, images: Sequence[Image.Image], class_names: Sequence[str],
-                mode: str = "score", batch_size: int = 8, max_new_tokens: int = 32) -> VLMPredictions:
-    """The VLM's class for each image (``score`` or ``generate``; see the module docstring)."""
+                mode: str = "score", batch_size: int = 8, max_new_tokens: int = 32,
+                parser: str = "lenient") -> VLMPredictions:
+    """The VLM's class for each image (``score`` or ``generate``; see the module docstring);
+    ``parser`` (``strict`` or ``lenient``, see ``data.prompts.parse_emotion``) reads generated answers."""
     if mode == "score":
         probs = torch.softmax(score_classes(model, processor, images, class_names, batch_size), dim=-1)
         return VLMPredictions(pred=probs.argmax(dim=-1), probs=probs, texts=None)
     if mode == "generate":
         prompt = categorical_prompt(class_names)
         texts = generate_texts(model, processor, [prompt] * len(images), images, max_new_tokens, batch_size)
-        parsed = [parse_emotion(text, class_names) for text in texts]
+        parsed = [parse_emotion(text, class_names, parser) for text in texts]
         pred = torch.tensor([NONE if index is None else index for index in parsed], dtype=torch.long)
         return VLMPredictions(pred=pred, probs=None, texts=texts)
     raise UserError(f"--eval_mode {mode}: choose one of {', '.join(EVAL_MODES)}")
@@ -258,7 +260,7 @@ def load_trained_vlm(vlm_dir: str | Path, device: str | torch.device, vlm_model:
 
 def predict_samples(model, processor, data_root: str | Path, samples: Sequence, class_names: Sequence[str],
                     mode: str, batch_size: int, max_new_tokens: int, desc: str = "VLM",
-                    chunk: int = 64) -> VLMPredictions:
+                    chunk: int = 64, parser: str = "lenient") -> VLMPredictions:
     """``predict_vlm`` over ``samples`` (data.datasets.Sample), decoding ``chunk`` images at a
     time, never the whole split at once."""
     from tqdm.auto import tqdm
@@ -270,7 +272,7 @@ def predict_samples(model, processor, data_root: str | Path, samples: Sequence, 
     parts = []
     for start in tqdm(range(0, len(samples), chunk), desc=desc, unit="chunk", disable=not is_main_process()):
         images = [open_image(Path(data_root) / sample.path) for sample in samples[start:start + chunk]]
-        parts.append(predict_vlm(model, processor, images, class_names, mode, batch_size, max_new_tokens))
+        parts.append(predict_vlm(model, processor, images, class_names, mode, batch_size, max_new_tokens, parser))
     if not parts:  # an empty split
         return predict_vlm(model, processor, [], class_names, mode, batch_size, max_new_tokens)
     return VLMPredictions(pred=torch.cat([part.pred for part in parts]),
@@ -280,7 +282,7 @@ def predict_samples(model, processor, data_root: str | Path, samples: Sequence, 
 
 def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: Sequence[str],
                  out_dir: str | Path, mode: str = "score", batch_size: int = 8,
-                 max_new_tokens: int = 32, title: str = "") -> dict:
+                 max_new_tokens: int = 32, title: str = "", parser: str = "lenient") -> dict:
     """Predict ``samples`` (data.datasets.Sample), write metrics.json, confusion PNG and
     predictions.jsonl into ``out_dir``; return the metrics. Under torchrun the images are sharded
     across the ranks (each must call this) and only rank 0 writes."""
@@ -289,10 +291,12 @@ def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: 
     # Under torchrun every rank predicts its block of the images; rank 0 writes the files.
     result = shard_map(len(samples), lambda block: predict_samples(
         model, processor, data_root, samples[block.start:block.stop], class_names, mode, batch_size,
-        max_new_tokens, desc=f"eval ({mode})"), unit=batch_size)
+        max_new_tokens, desc=f"eval ({mode})", parser=parser), unit=batch_size)
     labels = [sample.label for sample in samples]
     metrics = classification_metrics(labels, result.pred.tolist(), class_names)
     metrics["mode"] = mode
+    if mode == "generate":  # how the decoded answers were read; "unparseable" counts the misses
+        metrics["parser"] = parser
     rows = []
     for i, sample in enumerate(samples):
         pred = int(result.pred[i])

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from data.annotations import Annotation, to_conversations
+from data.annotations import TASKS, Annotation, categorical_conversation, to_conversations
 from data.datasets import DatasetSplits, open_image
 from models.chat import encode_conversations
 from utils.dist import distributed_rank
@@ -25,13 +25,15 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 def build_examples(annotations: Sequence[Annotation], splits: DatasetSplits,
                    annotations_path: str | Path) -> list[dict]:
-    """Three conversations per annotated training image: ``{"conversation", "image"}`` items.
+    """``{"conversation", "image", "task"}`` items: the categorical conversation for **every**
+    training image (it needs no generated text), observation and reasoning where stage 0 wrote
+    an annotation for the image.
 
     An annotation whose image is gone is a UserError; one for an image outside the training
     split (e.g. moved to the validation split) is skipped with a warning.
     """
     train_paths = {sample.path for sample in splits.train}
-    examples, outside = [], []
+    annotated, outside = {}, []
     for annotation in annotations:
         path = splits.data_root / annotation.image
         if not path.is_file():
@@ -40,19 +42,29 @@ def build_examples(annotations: Sequence[Annotation], splits: DatasetSplits,
         if annotation.image not in train_paths:
             outside.append(annotation.image)
             continue
-        for conversation in to_conversations(annotation, splits.class_names).values():
-            examples.append({"conversation": conversation, "image": str(path)})
+        annotated[annotation.image] = to_conversations(annotation, splits.class_names)
     if outside:
         log.warning("skipping %d annotation(s) of images outside the training split (e.g. %s): "
                     "they are validation/test images", len(outside), outside[0])
-    annotated = len(examples) // 3
-    if annotated < len(train_paths):
-        log.warning("%d of %d training images have no annotation; run stage 0 again to finish them",
-                    len(train_paths) - annotated, len(train_paths))
-    if not examples:
-        raise UserError(f"{annotations_path}: no annotation of a training image of {splits.name}; "
-                        f"run `python generate_instructions.py --dataname {splits.name}`")
+    examples = []
+    for sample in splits.train:
+        image = str(splits.absolute(sample))
+        conversations = annotated.get(sample.path) or {
+            "categorical": categorical_conversation(splits.class_names[sample.label], splits.class_names)}
+        examples.extend({"conversation": conversation, "image": image, "task": task}
+                        for task, conversation in conversations.items())
+    missing = len(splits.train) - len(annotated)
+    if missing:
+        log.warning("%d of %d training images have no stage-0 text: they get the categorical conversation "
+                    "only; run stage 0 again to finish them", missing, len(splits.train))
     return examples
+
+
+def example_counts(examples: Sequence[dict], num_train: int) -> dict:
+    """Training images with and without generated text, and conversations per task."""
+    per_task = {task: sum(example["task"] == task for example in examples) for task in TASKS}
+    return {"train_images": num_train, "with_text": per_task["observation"],
+            "without_text": num_train - per_task["observation"], "conversations": per_task}
 
 
 class ConversationCollator:
@@ -128,6 +140,15 @@ def read_history(log_path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def scheduler_name(lr_scheduler: str, warmup_ratio: float) -> str:
+    """The transformers schedule to run. The reference asks for ``constant`` with a 3% warm-up,
+    but transformers' ``constant`` ignores warm-up, so its run had none: ``constant`` without
+    warm-up is the default, and a ``--warmup_ratio`` above 0 turns it into ``constant_with_warmup``."""
+    if lr_scheduler == "constant" and warmup_ratio > 0:
+        return "constant_with_warmup"
+    return lr_scheduler
+
+
 def training_arguments(args, trainer_dir: str | Path, on_gpu: bool):
     """The Trainer's settings from the stage-1 flags (paper defaults; bf16 and gradient
     checkpointing only on a GPU)."""
@@ -139,7 +160,7 @@ def training_arguments(args, trainer_dir: str | Path, on_gpu: bool):
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,
-        lr_scheduler_type=args.lr_scheduler,
+        lr_scheduler_type=scheduler_name(args.lr_scheduler, args.warmup_ratio),
         # transformers 5 reads a float below 1 as a fraction of the training steps.
         warmup_steps=args.warmup_ratio,
         max_grad_norm=args.max_grad_norm,

@@ -14,7 +14,12 @@ import torch
 from utils.errors import UserError, first_line
 from utils.io import torch_save
 
-DEFAULT_TEACHER = "vit_base_patch16_384.augreg_in21k_ft_in1k"
+# The authors fine-tune google/vit-base-patch16-384 (ImageNet-21k pretraining, ImageNet-1k
+# fine-tuning at 384 px); timm names the same weights so.
+DEFAULT_TEACHER = "vit_base_patch16_384.orig_in21k_ft_in1k"
+# The authors' preprocessing for it (the Hugging Face ViT image processor's): mean and std 0.5 per
+# channel, bilinear resizing. timm's own config for these weights resizes bicubically.
+REFERENCE_PREPROCESSING = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"}
 
 
 def default_img_size(model_name: str) -> int:
@@ -46,12 +51,18 @@ def build_teacher(model_name: str, num_classes: int, img_size: int | None = None
 
 
 def data_config(model: torch.nn.Module, img_size: int | None = None) -> dict:
-    """timm's preprocessing for this checkpoint (its own mean/std/interpolation) at ``img_size``."""
+    """The preprocessing at ``img_size``: the authors' for the reference teacher
+    (:data:`REFERENCE_PREPROCESSING`), timm's own for this checkpoint (its mean/std/interpolation)
+    for any other model."""
     from timm.data import resolve_data_config
 
-    size = img_size or model.pretrained_cfg["input_size"][-1]
+    pretrained = model.pretrained_cfg
+    size = img_size or pretrained["input_size"][-1]
     # resolve_data_config ignores a model's custom img_size unless input_size is given explicitly.
-    return resolve_data_config({"input_size": (3, size, size)}, model=model)
+    config = resolve_data_config({"input_size": (3, size, size)}, model=model)
+    if f"{pretrained.get('architecture')}.{pretrained.get('tag')}" == DEFAULT_TEACHER:
+        config.update(REFERENCE_PREPROCESSING)
+    return config
 
 
 def teacher_transforms(config: dict):

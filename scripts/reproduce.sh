@@ -49,8 +49,8 @@ step "stage 1: QLoRA instruction tuning of the VLM ($NPROC process(es))"
 step "stage 2: ViT teacher and distilled head ($NPROC process(es))"
 "${LAUNCH[@]}" train_distillation.py "${COMMON[@]}"
 
-step "stage 3: every gate variant on the VLM's decoded answers (configs/paper_gate.yaml, --gate all)"
-"$PY" train_gate.py "${COMMON[@]}" --config configs/paper_gate.yaml --gate all
+step "stage 3: every gate variant on the VLM's decoded answers, read strictly (configs/paper_gate.yaml, --gate all)"
+"$PY" train_gate.py "${COMMON[@]}" --config configs/paper_gate.yaml --parser strict --gate all
 
 step "results (python -m utils.report)"
 "$PY" -m utils.report --output_dir "$OUT" --datasets "$DATA"

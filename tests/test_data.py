@@ -151,6 +151,20 @@ def test_parse_emotion(text, expected):
     assert parse_emotion(text, CLASSES) == expected
 
 
+@pytest.mark.parametrize("text, strict, lenient", [
+    ("{'emotion': 'awe'}", 2, 2),
+    ('{"emotion": "Anger"}', 1, 1),
+    ("  {  'emotion' :  'contentment' }  because it is calm", 3, 3),
+    ("Sure! {'emotion': 'amusement'", None, 0),     # no closing brace: not the dictionary form
+    ("The image evokes awe.", None, 2),             # a lone class word: only lenient reads it
+    ("emotion: awe", None, 2),
+    ("{'emotion': 'joy'}", None, None),
+])
+def test_strict_parser_reads_the_dictionary_form_only(text, strict, lenient):
+    assert parse_emotion(text, CLASSES, "strict") == strict
+    assert parse_emotion(text, CLASSES, "lenient") == lenient
+
+
 def test_split_sections():
     assert split_sections("1. Key elements: a dog in sun\n2. Reasoning: warm light") == \
         ("a dog in sun", "warm light")

@@ -59,11 +59,57 @@ def test_predictions_match_stage3_evaluation(predictor, test_images, trained_pip
             == expected["confusion_matrix"], key
     assert predictor.gate_name == metrics["gate"]
 
+    # Per image, every module's probabilities equal stage 3's: the gate on the cached VLM answers
+    # and on the head's logits over stage 2's cached features.
+    stage3 = stage3_test_outputs(trained_pipeline)
+    for i, result in enumerate(results):
+        for key, expected in stage3.items():
+            assert list(result[key].values()) == pytest.approx(expected[i].tolist(), abs=1e-5), (key, paths[i])
+    assert predictor.feature_dtype == torch.float32  # as recorded in distill/meta.json
+
     one = predictor.predict(open_image(paths[0]), max_new_tokens=12, explain=True)
     assert one["final_probs"] == pytest.approx(results[0]["final_probs"])
     for key in ("observation", "reasoning"):  # generated with the trained observation/reasoning prompts
         assert isinstance(one[key], str) and one[key]
         assert len(predictor.processor.tokenizer(one[key])["input_ids"]) <= 12 + 2
+
+
+def stage3_test_outputs(pipeline) -> dict[str, torch.Tensor]:  # noqa: F811
+    """Class probabilities per test image as stage 3 computed them, from its caches and gate.pt."""
+    from engine.distill import head_logits, load_head
+    from engine.gate import vlm_gate_inputs
+    from engine.predict import load_gate
+    from engine.vlm_eval import VLMPredictions
+
+    gate, meta = load_gate(pipeline.stage("gate"))
+    head, _ = load_head(pipeline.stage("distill"))
+    features = torch.load(pipeline.stage("distill") / "cache" / "vlm_features_test.pt", weights_only=True)["values"]
+    answers = torch.load(pipeline.stage("gate") / "cache" / f"vlm_{meta['vlm_answer']}_test.pt",
+                         weights_only=True)["values"]
+    answers = VLMPredictions(**answers)
+    logits = head_logits(head, features)
+    with torch.no_grad():
+        final = gate(vlm_gate_inputs(answers, meta["num_classes"], meta["vlm_signal"]), logits)
+    return {"vlm_probs": answers.probs, "head_probs": logits.softmax(-1), "final_probs": final.softmax(-1)}
+
+
+def test_head_features_use_the_dtype_of_stage2s_cache(tiny_vlm_dir, test_images):
+    """A checkpoint stored in bf16 loads in bf16, while stage 2 encoded it in float32 on CPU: the
+    demo must encode in the recorded dtype to get stage 2's features, and leave the model as it was."""
+    from data.datasets import open_image
+    from engine.predict import head_features, vision_tower
+    from models.vlm import load_processor, load_vlm, pooled_image_features
+
+    model, processor = load_vlm(str(tiny_vlm_dir)), load_processor(str(tiny_vlm_dir))
+    with torch.no_grad():
+        for parameter in model.parameters():  # weights a bf16 checkpoint can hold exactly
+            parameter.copy_(parameter.bfloat16().float())
+    images = [open_image(path) for path in test_images[1][:4]]
+    cached = pooled_image_features(model, processor, images)  # stage 2: float32 on CPU
+    model.to(torch.bfloat16)                                   # the demo: the checkpoint's own dtype
+    assert torch.allclose(head_features(model, processor, images, torch.float32), cached, atol=1e-6)
+    assert next(vision_tower(model).parameters()).dtype == torch.bfloat16  # restored
+    assert not torch.allclose(head_features(model, processor, images), cached, atol=1e-6)  # bf16 differs
 
 
 def test_gate_weights_are_reported_for_gates_that_expose_them(predictor, test_images):

@@ -121,10 +121,29 @@ def test_malformed_answers_are_asked_again(toy_root, tmp_path):
     assert len(annotations(out)) == 3
 
 
+def test_answers_naming_the_emotion_are_asked_again_then_kept_marked_and_counted(toy_root, tmp_path, capsys):
+    """The whole-word check also catches innocent words, so after --max_attempts the image keeps
+    its answer, marked, instead of silently leaving the training set."""
+    out = tmp_path / "out"
+    with FakeOpenAIServer(default=leaking_answer) as server:
+        server.queue(Reply("1. Key elements: a shape.\n2. Reasoning: calm colours."))  # first image, 1st ask: clean
+        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 3, "--workers", 1, "--max_attempts", 2))
+        assert len(server.chat_bodies()) == 1 + 2 + 2
+    kept = annotations(out)
+    assert [a.mentions_label for a in kept] == [False, True, True] and rejected(out) == []
+    assert all(a.label in a.reasoning for a in kept[1:])
+    printed = capsys.readouterr().out
+    assert "3 annotated (2 kept although naming the emotion)" in printed
+    meta = json.loads((folder(out) / "meta.json").read_text())
+    run = json.loads((folder(out) / "run.json").read_text())
+    assert meta["num_mentions_label"] == 2 and run["counts"]["mentions_label"] == 2
+
+
 def test_answers_naming_the_emotion_are_rejected_then_retried_on_rerun(toy_root, tmp_path):
     out = tmp_path / "out"
     with FakeOpenAIServer(default=leaking_answer) as server:
-        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1, "--max_attempts", 2))
+        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1, "--max_attempts", 2,
+                  "--reject_label_mentions"))
         assert len(server.chat_bodies()) == 4
     assert annotations(out) == []
     refused = rejected(out)

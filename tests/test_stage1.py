@@ -92,6 +92,21 @@ def test_examples_skip_val_images_and_refuse_missing_ones(toy_root, tmp_path, ca
     assert len(examples) == 3 * len(splits.train)
     assert "outside the training split" in caplog.text
 
+    # Images stage 0 gave no usable text keep their categorical conversation: none is lost.
+    from data.prompts import categorical_answer
+    from engine.vlm_train import example_counts
+
+    half = [a for a in read_annotations(path) if a.image in {s.path for s in splits.train}][::2]
+    examples = build_examples(half, splits, path)
+    counts = example_counts(examples, len(splits.train))
+    assert counts == {"train_images": len(splits.train), "with_text": len(half),
+                      "without_text": len(splits.train) - len(half),
+                      "conversations": {"observation": len(half), "reasoning": len(half),
+                                        "categorical": len(splits.train)}}
+    categorical = {Path(e["image"]).relative_to(toy_root).as_posix(): e["conversation"][-1]["content"][0]["text"]
+                   for e in examples if e["task"] == "categorical"}
+    assert categorical == {s.path: categorical_answer(splits.class_names[s.label]) for s in splits.train}
+
     gone = write_annotations(toy_root, tmp_path / "gone", extra=("toy/train/awe/deleted.png",))
     with pytest.raises(UserError, match="deleted.png no longer exists"):
         build_examples(read_annotations(gone), splits, gone)
@@ -118,6 +133,9 @@ def test_training_lowers_loss_and_learns_the_toy_classes(trained, tiny_vlm_dir):
     meta = json.loads((trained / "meta.json").read_text())
     assert meta["class_names"] == ["amusement", "anger", "awe", "contentment"]
     assert meta["base_model"] == str(tiny_vlm_dir) and meta["modules_to_save"] == ["lm_head"]
+    run = json.loads((trained / "run.json").read_text())
+    assert meta["counts"] == run["counts"] and run["counts"]["without_text"] == 0  # every image annotated
+    assert run["counts"]["conversations"]["categorical"] == run["counts"]["train_images"]
     metrics = json.loads((trained / "eval_score" / "metrics.json").read_text())
     assert metrics["n"] == 32 and metrics["unparseable"] == 0
     # Measured 0.75 (24 of 32; 0.75-0.91 over seeds), chance 0.25: asserted minus 10 points.
@@ -352,3 +370,23 @@ def test_bad_inputs_are_one_line_errors(case, tiny_vlm_dir, toy_root, tmp_path, 
                 "unknown_model": "no-such-model"}[case]
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert not (tmp_path / "toy" / "vlm" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("extra, first_lr_fraction, scheduler", [
+    ([], 1.0, "constant"),                                  # the reference run: constant, no warm-up
+    (["--warmup_ratio", "0.1"], 0.0, "constant_with_warmup"),  # warm-up asked for: it happens
+])
+def test_stage1_schedule_is_constant_without_warmup_unless_asked(tmp_path, extra, first_lr_fraction, scheduler):
+    """The first optimiser step runs at the full lr by default; ``--warmup_ratio`` > 0 ramps it up."""
+    from transformers import get_scheduler
+
+    import train_vlm
+    from engine.vlm_train import training_arguments
+
+    args = train_vlm.get_args_parser().parse_args(["--dataname", "x", *extra])
+    training_args = training_arguments(args, tmp_path, on_gpu=False)
+    assert training_args.lr_scheduler_type == scheduler
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    schedule = get_scheduler(training_args.lr_scheduler_type, optimizer,
+                             num_warmup_steps=training_args.get_warmup_steps(100), num_training_steps=100)
+    assert schedule.get_last_lr()[0] == pytest.approx(first_lr_fraction * args.lr)

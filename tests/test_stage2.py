@@ -264,3 +264,39 @@ def test_counts_below_one_are_one_line_errors(flag, toy_root, tmp_path, capsys):
     assert run_cli(main, stage2_argv(toy_root, tmp_path, flag, "0")) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"error: {flag} must be at least 1 (got 0)"]
+
+
+def test_reference_teacher_uses_the_authors_preprocessing_and_other_models_their_own():
+    """Default teacher: google/vit-base-patch16-384's weights with mean/std 0.5 and bilinear
+    resizing; train = random resized crop 384 + flip, eval = resize + centre crop 384."""
+    from types import SimpleNamespace
+
+    import timm
+    from torchvision import transforms as T
+
+    from models.teacher import DEFAULT_TEACHER, data_config, teacher_transforms
+    import train_distillation
+
+    assert DEFAULT_TEACHER == "vit_base_patch16_384.orig_in21k_ft_in1k"
+    assert train_distillation.get_args_parser().get_default("teacher_model") == DEFAULT_TEACHER
+
+    def fake_model(name):  # data_config reads only the checkpoint's pretrained config
+        return SimpleNamespace(pretrained_cfg=timm.models.get_pretrained_cfg(name).to_dict())
+
+    config = data_config(fake_model(DEFAULT_TEACHER))
+    assert (config["mean"], config["std"], config["interpolation"]) == ((0.5,) * 3, (0.5,) * 3, "bilinear")
+    assert config["input_size"] == (3, 384, 384)
+    train, evaluate = teacher_transforms(config)
+    steps = [repr(t) for t in train.transforms]  # timm's own RandomResizedCrop class: compare by description
+    assert steps[0].startswith("RandomResizedCrop") and "size=(384, 384)" in steps[0] and "bilinear" in steps[0]
+    assert isinstance(train.transforms[1], T.RandomHorizontalFlip)
+    resize, crop = evaluate.transforms[:2]
+    assert isinstance(resize, T.Resize) and resize.interpolation == T.InterpolationMode.BILINEAR
+    assert isinstance(crop, T.CenterCrop) and crop.size == (384, 384)
+    normalize = evaluate.transforms[-1]
+    assert normalize.mean.tolist() == normalize.std.tolist() == [0.5] * 3
+
+    other = "resnet50.a1_in1k"  # any other timm model: its own preprocessing, one flag away
+    own = timm.models.get_pretrained_cfg(other)
+    config = data_config(fake_model(other), 224)
+    assert (config["mean"], config["interpolation"]) == (own.mean, own.interpolation) != ((0.5,) * 3, "bilinear")

@@ -170,6 +170,28 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
     os.utime(tmp_path / "2.png", ns=(1, 1))
     run({**meta, "adapter_id": "a2"})
     assert len(calls) == 10                                       # only the changed test split
+    cached_vlm_predictions(splits, {**meta, "adapter_id": "a2"}, tmp_path / "cache", lambda: (None, None),
+                           "generate", parser="strict")
+    assert len(calls) == 13                                       # answers read another way: asked again
+
+
+@pytest.mark.parametrize("parser, unparseable", [("strict", 16), ("lenient", 0)])
+def test_parser_choice_is_applied_and_recorded(trained_pipeline, tmp_path, monkeypatch, parser, unparseable):
+    """Half the (faked) decoded answers are a bare class word: strict reads none of them."""
+    import engine.vlm_eval
+    import train_gate
+
+    def answers(model, processor, prompts, images, max_new_tokens, batch_size):
+        return [("{'emotion': 'awe'}" if i % 2 else "awe") for i in range(len(prompts))]
+
+    monkeypatch.setattr(engine.vlm_eval, "generate_texts", answers)
+    pipeline = _copy_outputs(trained_pipeline, tmp_path)
+    train_gate.main(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--vlm_answer", "generate",
+                                  "--parser", parser, "--epochs", "1"))
+    metrics = json.loads((pipeline.stage("gate") / "metrics.json").read_text())
+    assert metrics["parser"] == parser and metrics["vlm_answer"] == "generate"
+    assert metrics["vlm_unparseable"] == metrics["vlm"]["unparseable"] == unparseable  # of 32 test images
+    assert torch.load(pipeline.stage("gate") / "gate.pt", weights_only=True)["parser"] == parser
 
 
 def test_vlm_gate_inputs_onehot_zero_when_unparseable_and_probs():

@@ -1,0 +1,79 @@
+"""The head and the gate train with one optimiser step per image by default (the reference
+code's regime) and stay cheap doing so: no host synchronisation per step."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from engine.distill import train_head
+from engine.gate import GateData, train_gate
+
+N_TRAIN, N_VAL, CLASSES, DIM, EPOCHS = 40, 12, 3, 8, 2
+
+
+def _head_data():
+    generator = torch.Generator().manual_seed(0)
+    features = {"train": torch.randn(N_TRAIN, DIM, generator=generator),
+                "val": torch.randn(N_VAL, DIM, generator=generator)}
+    teacher = {split: torch.randn(len(x), CLASSES, generator=generator) for split, x in features.items()}
+    labels = {split: torch.randint(0, CLASSES, (len(x),), generator=generator) for split, x in features.items()}
+    return features, teacher, labels
+
+
+def _gate_data(n: int, seed: int) -> GateData:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, CLASSES, (n,), generator=generator)
+    return GateData(vlm_pred=labels, vlm_signal=torch.nn.functional.one_hot(labels, CLASSES).float(),
+                    head_logits=torch.randn(n, CLASSES, generator=generator), labels=labels)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of Adam steps and of ``Tensor.item`` calls made by the training loops (each one a
+    host synchronisation on a GPU; Adam's own reads of its CPU step counter are not counted)."""
+    counts = {"steps": 0, "items": 0}
+    step, item = torch.optim.Adam.step, torch.Tensor.item
+
+    def counting_step(self, *args, **kwargs):
+        counts["steps"] += 1
+        return step(self, *args, **kwargs)
+
+    def counting_item(self):
+        counts["items"] += sys._getframe(1).f_globals["__name__"] in ("engine.distill", "engine.gate")
+        return item(self)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    return counts
+
+
+def test_head_defaults_to_one_step_per_image_without_a_sync_per_step(counted):
+    features, teacher, labels = _head_data()
+    _, result = train_head(features, teacher, labels, DIM, CLASSES, epochs=EPOCHS, lr=1e-3)
+    assert counted["steps"] == EPOCHS * N_TRAIN
+    assert counted["items"] <= 4 * EPOCHS  # a few per epoch (loss, val loss, val acc), none per step
+    # The epoch loss summed on the device is the mean of the per-step losses.
+    assert all(row["train_loss"] > 0 for row in result["history"])
+
+
+def test_gate_defaults_to_one_step_per_image_without_a_sync_per_step(counted):
+    train_gate("concat_linear", CLASSES, _gate_data(N_TRAIN, 1), _gate_data(N_VAL, 2), epochs=EPOCHS)
+    assert counted["steps"] == EPOCHS * N_TRAIN
+    assert counted["items"] <= 4 * EPOCHS
+
+
+def test_head_epoch_loss_is_the_mean_of_its_step_losses():
+    """Summing on the device loses nothing: with lr 0 every step sees the same head, so the
+    epoch's loss equals the loss of the whole training split at once (dropout off: depth 0)."""
+    from engine.distill import distillation_loss
+    from models.heads import DistillHead
+
+    features, teacher, labels = _head_data()
+    head, result = train_head(features, teacher, labels, DIM, CLASSES, depth=0, epochs=1, lr=0.0, seed=3)
+    torch.manual_seed(3)
+    fresh = DistillHead(DIM, CLASSES, 0, 0.1)
+    per_image = torch.stack([distillation_loss(fresh(features["train"][i:i + 1]), teacher["train"][i:i + 1],
+                                               labels["train"][i:i + 1], 0.5, 2.0) for i in range(N_TRAIN)])
+    assert result["history"][0]["train_loss"] == pytest.approx(per_image.mean().item(), rel=1e-5)
