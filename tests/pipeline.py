@@ -19,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+PIPELINE_HEAD_EPOCHS = 2  # stage 2's head epochs in the session pipeline (reasons below)
 PIPELINE_GATE_EPOCHS = 30  # stage 3's epochs in the session pipeline
 # Stage 3's flags in the session pipeline (with the toy config); a rerun must pass the same ones.
 PIPELINE_GATE_ARGS = ("--gate", "all", "--epochs", str(PIPELINE_GATE_EPOCHS), "--batch_size", "32")
@@ -91,6 +92,6 @@ def trained_pipeline(tmp_path_factory, toy_root, tiny_vlm_dir) -> Pipeline:
         # right on every training image and the gate learns to ignore the VLM), 30 gate epochs in
         # batches of 32 (pinned: the measured figures in test_stage3.py must not move with a default).
         # Measured test accuracy: VLM 84.4%, head 87.5%, concat_linear gate 90.6%.
-        _BUILT[key] = run_pipeline(Pipeline(toy_root, output_dir, tiny_vlm_dir), vlm_epochs=5, head_epochs=2,
+        _BUILT[key] = run_pipeline(Pipeline(toy_root, output_dir, tiny_vlm_dir), vlm_epochs=5, head_epochs=PIPELINE_HEAD_EPOCHS,
                                    gate_args=PIPELINE_GATE_ARGS)
     return _BUILT[key]
