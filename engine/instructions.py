@@ -352,9 +352,15 @@ class OpenAIBackend:
         for request in requests:
             jobs.put(request)
         stop = threading.Event()
+        # One slot per worker, freed when the caller has taken an outcome: workers never run ahead
+        # of the writer, so a run stopped after N failures has sent at most N + workers - 1 requests.
+        slots = threading.Semaphore(self.workers)
 
         def work() -> None:
-            while not stop.is_set():
+            while True:
+                slots.acquire()
+                if stop.is_set():
+                    return
                 try:
                     request = jobs.get_nowait()
                 except queue.Empty:
@@ -372,8 +378,11 @@ class OpenAIBackend:
                 if err is not None:
                     raise err
                 yield outcome
+                slots.release()
         finally:
             stop.set()
+            for _ in range(self.workers):  # wake workers waiting for a slot so they see ``stop``
+                slots.release()
 
     def _message(self, err) -> str:
         body = getattr(err, "body", None)
