@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.pipeline import CONFIGS, trained_pipeline  # noqa: F401  (session fixture)
+from tests.pipeline import CONFIGS, PIPELINE_GATE_ARGS, trained_pipeline  # noqa: F401  (session fixture)
 
 
 def torchrun(*args: str, fault: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
@@ -93,7 +93,7 @@ def test_stage1_eval_two_processes_equal_one(trained_pipeline, tmp_path):  # noq
 
 def test_stage3_killed_rank_keeps_caches_valid_and_sharded_rerun_equals_one(trained_pipeline, tmp_path):  # noqa: F811
     output_dir = copy_stages(trained_pipeline, tmp_path / "out", "vlm", "distill")
-    argv = ["train_gate.py", *trained_pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--gate", "all")]
+    argv = ["train_gate.py", *trained_pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), *PIPELINE_GATE_ARGS)]
     argv[argv.index("--output_dir") + 1] = str(output_dir)
     cache, reference = output_dir / "toy/gate/cache", trained_pipeline.stage("gate") / "cache"
 
