@@ -8,7 +8,8 @@ looks at the model's name or architecture:
 - ``prompt_positions``: the rotary positions of a (left-padded) prompt, computed explicitly through
   the model's public method, so the class scorer can continue a cached prompt without relying on
   state a previous forward left on the model (3-D rotary for the Qwen families, 1-D otherwise);
-- ``lora_targets``: the language model's attention projections, the default LoRA targets;
+- ``lora_targets`` / ``lora_exclude``: the language model's attention projections, the default
+  LoRA targets, and the modules LoRA must skip where the visual encoder uses the same names;
 - ``keep_unquantised``: module-name prefixes 4-bit loading leaves in bf16 (the visual encoder,
   whose pooled features must equal stage 2's full-precision cache, and the output layer).
 
@@ -33,8 +34,9 @@ class Backbone:
     feature_width: Callable[[object], int]        # config -> width of one pooled visual feature
     pooled_features: Callable[..., torch.Tensor]  # (model, processor, images) -> (N, width) float32 CPU
     prompt_positions: Callable[..., torch.Tensor]  # (model, inputs) -> (3, B, L) or (B, L) long
-    lora_targets: tuple[str, ...]
+    lora_targets: tuple[str, ...]                 # default --target_modules (module-name suffixes)
     keep_unquantised: tuple[str, ...]
+    lora_exclude: str | None = None               # regex of modules LoRA must skip (visual encoder)
 
 
 def inner_model(model):
@@ -109,12 +111,12 @@ BACKBONES = {
                  _qwen_pooled_features, _qwen_prompt_positions, _QWEN_LORA, _QWEN_SKIP),
         Backbone("qwen3_vl", "Qwen3-VL", "Qwen/Qwen3-VL-8B-Instruct", _qwen_feature_width,
                  _qwen_pooled_features, _qwen_prompt_positions, _QWEN_LORA, _QWEN_SKIP),
-        # The SigLIP encoder also has q/k/v_proj layers: a full-match pattern keeps LoRA on the
-        # language model, as for the Qwen families.
+        # The SigLIP encoder also has q/k/v_proj layers: excluding it keeps LoRA on the language
+        # model, as for the Qwen families (whose encoders name theirs qkv/proj).
         Backbone("llava_onevision", "LLaVA-OneVision", "llava-hf/llava-onevision-qwen2-7b-ov-hf",
-                 _projected_feature_width, _llava_onevision_pooled_features, _text_positions,
-                 (r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",),
-                 ("model.vision_tower", "model.multi_modal_projector", "lm_head")),
+                 _projected_feature_width, _llava_onevision_pooled_features, _text_positions, _QWEN_LORA,
+                 ("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+                 lora_exclude=r".*vision_tower.*"),
     )
 }
 

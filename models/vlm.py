@@ -65,6 +65,12 @@ def load_processor(model_id: str | Path, min_pixels: int | None = None, max_pixe
     processor.tokenizer.padding_side = "left"
     # The image processor's size holds the pixel budget (shortest_edge = min, longest_edge = max).
     size = processor.image_processor.size
+    if size.longest_edge is None:  # fixed-size tiles (LLaVA-OneVision): no pixel budget to set
+        if min_pixels or max_pixels:
+            flag = "--min_pixels" if min_pixels else "--max_pixels"
+            raise UserError(f"{flag}: {model_id} resizes images to fixed tiles and takes no pixel budget; "
+                            "leave it out")
+        return processor
     min_pixels = min_pixels or size.shortest_edge
     max_pixels = max_pixels or min(size.longest_edge, DEFAULT_MAX_PIXELS)
     if min_pixels > max_pixels:
