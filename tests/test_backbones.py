@@ -197,3 +197,16 @@ def test_pipeline_end_to_end_above_chance(arch, family_dir, toy_root, tmp_path_f
     texts = predict_vlm(predictor.model, predictor.processor, images[:2], splits.class_names, "generate",
                         max_new_tokens=8).texts
     assert len(texts) == 2 and all(isinstance(text, str) for text in texts)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_train_on_prompt_labels_every_text_token_and_no_image_token(arch, family_model):
+    from engine.vlm_eval import class_conversations
+    from models.chat import IGNORE_INDEX, encode_conversations
+
+    _, processor = family_model(arch)
+    batch = encode_conversations(processor, class_conversations(CLASSES)[:1], _images()[:1], train_on_prompt=True)
+    image = batch["input_ids"][0] == processor.image_token_id
+    real = batch["attention_mask"][0].bool()
+    labelled = batch["labels"][0] != IGNORE_INDEX
+    assert image.sum() > 0 and torch.equal(labelled, real & ~image)
