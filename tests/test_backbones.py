@@ -172,12 +172,12 @@ def test_unsupported_architecture_is_one_line_naming_the_supported(tmp_path):
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "llava_onevision"])
 def test_pipeline_end_to_end_above_chance(arch, family_dir, toy_root, tmp_path_factory):
-    """Stages 1-3 and the demo's predictor; qwen2_vl runs through tests/pipeline.py elsewhere.
+    """Stages 1-3, the demo's predictor and stage 0's local generator; qwen2_vl runs through
+    tests/pipeline.py and the quickstart elsewhere.
     Measured test accuracy (32 images, chance 0.25): VLM 0.75 / 0.97 / 1.0, head 0.88 / 0.91 /
     1.0, gate 0.94 / 0.94 / 1.0 (Qwen2.5-VL / Qwen3-VL / LLaVA-OneVision); bars are 0.5 and 0.75."""
     from data.datasets import load_dataset
     from engine.predict import EmoVLMKD
-    from engine.vlm_eval import predict_vlm
 
     pipeline = run_pipeline(Pipeline(toy_root, tmp_path_factory.mktemp(f"pipeline-{arch}"), family_dir(arch)),
                             vlm_epochs=5, gate_args=())
@@ -193,10 +193,18 @@ def test_pipeline_end_to_end_above_chance(arch, family_dir, toy_root, tmp_path_f
     labels = [splits.class_names[sample.label] for sample in splits.test]
     final_accuracy = np.mean([result["final_label"] == label for result, label in zip(results, labels)])
     assert final_accuracy == pytest.approx(metrics["gates"][metrics["gate"]]["accuracy"])
-    # Generation (stage 0's local backend and --eval_mode generate) runs on the family too.
-    texts = predict_vlm(predictor.model, predictor.processor, images[:2], splits.class_names, "generate",
-                        max_new_tokens=8).texts
-    assert len(texts) == 2 and all(isinstance(text, str) for text in texts)
+    # Stage 0 with the family as the local generator (greedy generation), on two images.
+    import generate_instructions
+    from data.annotations import ANNOTATIONS_FILE
+
+    stage0 = Pipeline(toy_root, tmp_path_factory.mktemp(f"stage0-{arch}"), family_dir(arch))
+    generate_instructions.main(stage0.argv("--backend", "local", "--vlm_model", str(family_dir(arch)),
+                                           "--accept_unstructured", "--max_new_tokens", "8", "--limit", "2"))
+    # The random generator's answers may fail stage 0's checks; each one is kept or rejected, none lost.
+    folder = stage0.stage("instructions")
+    kept = (folder / ANNOTATIONS_FILE).read_text().splitlines()
+    rejected = (folder / "rejected.jsonl").read_text().splitlines() if (folder / "rejected.jsonl").exists() else []
+    assert len(kept) + len(rejected) == 2
 
 
 @pytest.mark.parametrize("arch", ARCHES)
