@@ -51,4 +51,4 @@ browser-test: venv
 	$(PY) -m pytest tests/browser_check.py -q -s -p no:cacheprovider
 
 clean-toy:
-	rm -rf images/toy checkpoints/tiny-qwen2-vl outputs/toy
+	rm -rf images/toy checkpoints/tiny-qwen2-vl checkpoints/tiny-qwen2-5-vl checkpoints/tiny-qwen3-vl checkpoints/tiny-llava-onevision outputs/toy

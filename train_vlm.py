@@ -58,7 +58,9 @@ def get_args_parser():
     lora.add_argument("--lora_r", type=int, default=8)
     lora.add_argument("--lora_alpha", type=int, default=8)
     lora.add_argument("--lora_dropout", type=float, default=0.05)
-    lora.add_argument("--target_modules", nargs="+", default=list(DEFAULT_TARGET_MODULES))
+    lora.add_argument("--target_modules", nargs="+", default=None,
+                      help="module names LoRA adapts; default: the backbone family's language-model attention "
+                           f"projections ({' '.join(DEFAULT_TARGET_MODULES)} on every supported family)")
     lora.add_argument("--modules_to_save", nargs="*", default=[],
                       help="modules trained fully next to LoRA (the tiny random model needs lm_head)")
     train = parser.add_argument_group("training")
@@ -191,6 +193,7 @@ def train(args, splits, out_dir: Path) -> None:
     from data.annotations import read_annotations
     from engine.vlm_train import (ConversationCollator, build_examples, check_placement, epoch_logger,
                                   example_counts, read_history, training_arguments, wrap_lora)
+    from models.backbones import backbone_for
     from models.vlm import load_processor, load_vlm, resolve_quant
     from utils.dist import leave_process_group, training_device
 
@@ -209,6 +212,7 @@ def train(args, splits, out_dir: Path) -> None:
           f"(--min_pixels/--max_pixels)")
     model = load_vlm(args.vlm_model, device, dtype=torch.bfloat16 if on_gpu else None, quant=args.quant,
                      trainable=True)
+    args.target_modules = list(args.target_modules or backbone_for(model).lora_targets)
     model = wrap_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.target_modules,
                       args.modules_to_save, quantized=args.quant is not None, gradient_checkpointing=on_gpu)
 

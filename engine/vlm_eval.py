@@ -20,6 +20,7 @@ from PIL import Image
 
 from data.annotations import prompt_messages
 from data.prompts import categorical_answer, categorical_question, parse_emotion
+from models.backbones import backbone_for
 from models.chat import (IGNORE_INDEX, answer_ids, encode_conversations, encode_prompts,
                          generate_texts)
 from utils.checkpoints import read_meta
@@ -52,12 +53,6 @@ def class_conversations(class_names: Sequence[str]) -> list[list[dict]]:
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _decoder(model):
-    """The inner multimodal model (holds ``rope_deltas``), with or without a peft wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model
 
 
 # Answer token ids per processor and class list: rendering C conversations costs about as much
@@ -112,11 +107,14 @@ def score_classes(model, processor, images: Sequence[Image.Image], class_names: 
     One prompt forward per image with ``use_cache``; the answer prefix all classes share is
     appended to the prompt, so it runs once too. The class-specific rest of the C answers then
     runs as one packed row per image on that cache: a 4-D attention mask lets each answer see
-    the prompt and its own earlier tokens only, and explicit 3-D rotary positions (prompt length
-    without padding + offset + the prompt's ``rope_deltas``) place every answer right after the
-    prompt, as left-padded batches need.
+    the prompt and its own earlier tokens only. Positions are explicit on both passes: the
+    family's own rotary positions for the prompt (``models.backbones``; 3-D for the Qwen
+    families), and for each answer token the prompt's last position + 1 + its offset, so every
+    answer continues its own prompt whatever the left padding, and nothing depends on state an
+    earlier forward left on the model.
     """
     device = _device(model)
+    backbone = backbone_for(model)
     candidates, candidate_mask = _candidate_tokens(processor, class_names, device)
     shared = _shared_prefix_length(candidates, candidate_mask)
     prefix = candidates[0, :shared]
@@ -136,22 +134,23 @@ def score_classes(model, processor, images: Sequence[Image.Image], class_names: 
         if "mm_token_type_ids" in inputs:
             inputs["mm_token_type_ids"] = torch.cat(
                 [inputs["mm_token_type_ids"], torch.zeros_like(inputs["mm_token_type_ids"][:, :shared])], dim=1)
-        out = model(**inputs, use_cache=True, logits_to_keep=shared + 1)
+        prompt_positions = backbone.prompt_positions(model, inputs)
+        out = model(**inputs, position_ids=prompt_positions, use_cache=True, logits_to_keep=shared + 1)
         log_probs = torch.log_softmax(out.logits.float(), dim=-1)              # (B, shared+1, V)
         prefix_score = log_probs[:, :-1].gather(-1, prefix.expand(batch, -1).unsqueeze(-1)).sum(dim=(1, 2))
         # The first class-specific token is predicted by the last prompt position.
         total = prefix_score[:, None] + log_probs[:, -1][:, candidates[:, 0]]  # (B, C)
         if packed:
             prompt_mask = inputs["attention_mask"]
-            rope_deltas = _decoder(model).rope_deltas.to(device)                # (B, 1)
-            positions = (prompt_mask.sum(dim=1, keepdim=True) + rope_deltas + offsets).expand(3, -1, -1)
+            # (3, B, K) or (B, K): padding sits at position 0, so the maximum is the last real one.
+            positions = prompt_positions.amax(dim=-1, keepdim=True) + 1 + offsets
             allowed = torch.cat([prompt_mask.bool()[:, None, :].expand(-1, packed, -1),
                                  visible.expand(batch, -1, -1)], dim=2)[:, None]  # (B, 1, K, prompt+K)
             dtype = out.logits.dtype if out.logits.is_floating_point() else torch.float32
             attention = torch.zeros(allowed.shape, dtype=dtype, device=device)
             attention.masked_fill_(~allowed, torch.finfo(dtype).min)
             rest = model(input_ids=tokens.expand(batch, -1), attention_mask=attention, position_ids=positions,
-                         past_key_values=out.past_key_values, use_cache=True)
+                         cache=out.cache, use_cache=True)
             rest_log_probs = torch.log_softmax(rest.logits.float(), dim=-1)    # (B, K, V)
             token_scores = rest_log_probs.gather(-1, targets.expand(batch, -1).unsqueeze(-1)).squeeze(-1)
             total = total.index_add(1, classes, token_scores)

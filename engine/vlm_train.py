@@ -11,6 +11,7 @@ import torch
 
 from data.annotations import TASKS, Annotation, categorical_conversation, to_conversations
 from data.datasets import DatasetSplits, open_image
+from models.backbones import BACKBONES, backbone_for
 from models.chat import encode_conversations
 from utils.dist import distributed_rank
 from utils.errors import UserError, first_line
@@ -20,7 +21,7 @@ from utils.outputs import check_finite
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+DEFAULT_TARGET_MODULES = BACKBONES["qwen2_vl"].lora_targets  # the paper's; each family's in models.backbones
 
 
 def build_examples(annotations: Sequence[Annotation], splits: DatasetSplits,
@@ -81,17 +82,23 @@ class ConversationCollator:
         return dict(batch)
 
 
-def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules: Sequence[str],
+def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules: Sequence[str] | None,
               modules_to_save: Sequence[str] | None, quantized: bool, gradient_checkpointing: bool):
-    """peft LoRA on ``model`` (after k-bit preparation when 4-bit); prints trainable parameters."""
+    """peft LoRA on ``model`` (after k-bit preparation when 4-bit); prints trainable parameters.
+
+    ``target_modules`` None takes the family's default; the family's visual encoder is never adapted.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    backbone = backbone_for(model)
+    target_modules = target_modules or backbone.lora_targets
     if quantized:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        modules_to_save=list(modules_to_save) or None, bias="none")
+                        modules_to_save=list(modules_to_save) or None, bias="none",
+                        exclude_modules=backbone.lora_exclude)
     try:
         model = get_peft_model(model, config)
     except ValueError as err:

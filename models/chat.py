@@ -1,5 +1,6 @@
-"""Chat encoding for Qwen2-VL-style processors: training batches with answer-only labels,
-left-padded generation prompts, and batched greedy generation.
+"""Chat encoding for the processors of every supported VLM family (models/backbones.py):
+training batches with answer-only labels, left-padded generation prompts, and batched greedy
+generation.
 
 Messages are in the Hugging Face chat format (``data.annotations`` builds them); the
 processor's own chat template renders them, and ``processor(text=..., images=...)`` expands
@@ -81,8 +82,10 @@ def encode_conversations(processor, conversations: Sequence[list[dict]],
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     if train_on_prompt:
-        keep = attention_mask.bool() & (batch["mm_token_type_ids"] == 0) \
-            if "mm_token_type_ids" in batch else attention_mask.bool()
+        # Image tokens: marked by mm_token_type_ids (Qwen) or by their id alone (LLaVA-OneVision).
+        text = batch["mm_token_type_ids"] == 0 if "mm_token_type_ids" in batch \
+            else input_ids != processor.image_token_id
+        keep = attention_mask.bool() & text
         labels[keep] = input_ids[keep]
     else:
         length = input_ids.shape[1]  # left padding: every conversation ends at the last column

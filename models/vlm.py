@@ -1,4 +1,4 @@
-"""Loading a Qwen2-VL-style model and reading its visual encoder: shared by every stage.
+"""Loading a VLM and reading its visual encoder: shared by every stage.
 
 A hub id (``Qwen/Qwen2-VL-7B-Instruct``) and a local ``save_pretrained`` folder (such as the tiny
 model from ``models/tiny.py``) load the same way. Prompt building lives elsewhere.
@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from models.backbones import BACKBONES, backbone_for
 from utils.errors import UserError, first_line
 
 QUANT_CHOICES = ("4bit",)
@@ -19,9 +20,10 @@ QUANT_CHOICES = ("4bit",)
 # image; without a cap a large photo would need tens of GB. 1280 merged 28x28 patches is the
 # transformers default and Qwen's recommended budget.
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28
-# Left in bf16 by 4-bit loading: the visual encoder (its pooled features must equal stage 2's
-# full-precision feature cache) and the output layer. Prefixes of module names (transformers 5).
-BNB_SKIP_MODULES = ("model.visual", "lm_head")
+# Left in bf16 by 4-bit loading of a Qwen model: the visual encoder (its pooled features must
+# equal stage 2's full-precision feature cache) and the output layer. Prefixes of module names
+# (transformers 5); every family's own list is in models.backbones.
+BNB_SKIP_MODULES = BACKBONES["qwen2_vl"].keep_unquantised
 
 
 def resolve_quant(choice: str | None, device: torch.device) -> str | None:
@@ -63,6 +65,12 @@ def load_processor(model_id: str | Path, min_pixels: int | None = None, max_pixe
     processor.tokenizer.padding_side = "left"
     # The image processor's size holds the pixel budget (shortest_edge = min, longest_edge = max).
     size = processor.image_processor.size
+    if size.longest_edge is None:  # fixed-size tiles (LLaVA-OneVision): no pixel budget to set
+        if min_pixels or max_pixels:
+            flag = "--min_pixels" if min_pixels else "--max_pixels"
+            raise UserError(f"{flag}: {model_id} resizes images to fixed tiles and takes no pixel budget; "
+                            "leave it out")
+        return processor
     min_pixels = min_pixels or size.shortest_edge
     max_pixels = max_pixels or min(size.longest_edge, DEFAULT_MAX_PIXELS)
     if min_pixels > max_pixels:
@@ -71,7 +79,7 @@ def load_processor(model_id: str | Path, min_pixels: int | None = None, max_pixe
     return processor
 
 
-def _quantization_config(quant: str, device: torch.device):
+def _quantization_config(quant: str, device: torch.device, keep_unquantised: Sequence[str]):
     if quant not in QUANT_CHOICES:
         raise UserError(f"--quant {quant}: choose one of {', '.join(QUANT_CHOICES)} or leave it out")
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -81,7 +89,7 @@ def _quantization_config(quant: str, device: torch.device):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=list(BNB_SKIP_MODULES))
+                              bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=list(keep_unquantised))
 
 
 def load_vlm(model_id: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
@@ -90,16 +98,18 @@ def load_vlm(model_id: str | Path, device: str | torch.device = "cpu", dtype: st
 
     ``dtype`` None keeps transformers' default; the model is in eval mode unless ``trainable``.
     """
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     device = torch.device(device)
     kwargs = {} if dtype is None else {"dtype": dtype}
-    if quant is not None:
-        kwargs["quantization_config"] = _quantization_config(quant, device)
-        kwargs["device_map"] = {"": device.index or 0}  # bitsandbytes places weights while loading
     _check_model_id(model_id)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+        config = AutoConfig.from_pretrained(model_id)
+        backbone = backbone_for(config)  # an unsupported family fails here, before any weight loads
+        if quant is not None:
+            kwargs["quantization_config"] = _quantization_config(quant, device, backbone.keep_unquantised)
+            kwargs["device_map"] = {"": device.index or 0}  # bitsandbytes places weights while loading
+        model = AutoModelForImageTextToText.from_pretrained(model_id, config=config, **kwargs)
     except (OSError, ValueError) as err:
         raise _load_error(model_id, err) from None
     if quant is None:
@@ -116,22 +126,14 @@ def load_vlm(model_id: str | Path, device: str | torch.device = "cpu", dtype: st
 
 
 def vision_hidden_size(model_or_config) -> int:
-    """Width of one merged visual token (what the patch merger outputs), from the config."""
+    """Width of one pooled visual feature (the visual tokens the language model receives), from the config."""
     config = getattr(model_or_config, "config", model_or_config)
-    vision = config.vision_config
-    # Qwen2.5-VL (and later) name the merger's output width out_hidden_size and use hidden_size
-    # for the encoder's inner width; Qwen2-VL calls its output width hidden_size.
-    return int(getattr(vision, "out_hidden_size", None) or vision.hidden_size)
+    return backbone_for(config).feature_width(config)
 
 
-@torch.no_grad()
 def pooled_image_features(model, processor, images: Sequence[Image.Image]) -> torch.Tensor:
-    """Mean of each image's merged visual tokens: (len(images), vision_hidden_size), float32 on CPU.
+    """Mean of each image's visual tokens: (len(images), vision_hidden_size), float32 on CPU.
 
-    Runs only the visual encoder and patch merger; images may have different sizes.
+    Runs only the visual encoder (and its merger or projector); images may have different sizes.
     """
-    inputs = processor.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-    parameter = next(model.parameters())
-    outputs = model.get_image_features(pixel_values=inputs["pixel_values"].to(parameter.device),
-                                       image_grid_thw=inputs["image_grid_thw"].to(parameter.device))
-    return torch.stack([tokens.float().mean(dim=0) for tokens in outputs.pooler_output]).cpu()
+    return backbone_for(model).pooled_features(model, processor, images)

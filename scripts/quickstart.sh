@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole EmoVLM-KD pipeline on the built-in toy world, CPU only, offline.
 # Run through `make quickstart` (which creates .venv first) or directly with PY=<python>.
+# ARCH picks the tiny backbone family: qwen2_vl (default), qwen2_5_vl, qwen3_vl, llava_onevision.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -10,7 +11,8 @@ PER_CLASS=${PER_CLASS:-40}
 TEST_PER_CLASS=${TEST_PER_CLASS:-20}
 DATA_ROOT=${DATA_ROOT:-images}
 OUT=${OUT:-outputs}
-VLM=${VLM:-checkpoints/tiny-qwen2-vl}
+ARCH=${ARCH:-qwen2_vl}
+VLM=${VLM:-checkpoints/tiny-${ARCH//_/-}}
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 GRADIO_ANALYTICS_ENABLED=False TOKENIZERS_PARALLELISM=false
 # The tiny models' ops are too small to split across threads; on a busy 2-core machine several
 # threads per op spin against each other (measured next to another torch process: 161 s instead
@@ -27,8 +29,8 @@ if [ -d "$DATA_ROOT/$DATA" ]; then echo "exists, kept"; else
     --test_per_class "$TEST_PER_CLASS" --seed 0
 fi
 
-step "tiny VLM: $VLM"
-if [ -f "$VLM/config.json" ]; then echo "exists, kept"; else "$PY" -m models.tiny --out "$VLM"; fi
+step "tiny VLM ($ARCH): $VLM"
+if [ -f "$VLM/config.json" ]; then echo "exists, kept"; else "$PY" -m models.tiny --arch "$ARCH" --out "$VLM"; fi
 
 step "stage 0: instruction data from the local tiny VLM"
 "$PY" generate_instructions.py "${COMMON[@]}" --backend local --vlm_model "$VLM" \

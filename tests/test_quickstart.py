@@ -109,6 +109,10 @@ def resolved_default(script, key: str, default):
         return default
     if script.__name__ == "train_vlm" and key == "vlm_model":
         return script.DEFAULT_VLM
+    if script.__name__ == "train_vlm" and key == "target_modules":  # the default VLM's family's
+        from models.backbones import BACKBONES
+
+        return list(BACKBONES["qwen2_vl"].lora_targets)
     if script.__name__ == "train_distillation" and key == "teacher_img_size":
         from models.teacher import DEFAULT_TEACHER, default_img_size
 
