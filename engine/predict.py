@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from data.datasets import to_rgb
+from models.backbones import visual_modules
 from utils.checkpoints import STAGE_COMMANDS, read_meta
 from utils.errors import UserError
 
@@ -97,26 +98,23 @@ def check_parts(dataname: str, vlm: tuple[Path, dict], distill: tuple[Path, dict
                            f"({gate_meta['head_id']}, now {distill_meta.get('head_id')})")
 
 
-def vision_tower(model) -> torch.nn.Module:
-    """The visual encoder + patch merger module (``...visual``) inside a VLM, adapter or not."""
-    return next(module for name, module in model.named_modules() if name.endswith("visual"))
-
-
 @contextmanager
 def vision_dtype(model, dtype: torch.dtype | None):
     """Run the visual encoder in ``dtype`` inside the block, then restore it. A checkpoint stored in
     bf16 loads in bf16 while stage 2 encoded it in float32 on CPU; the float32 upcast of bf16 weights
     is exact, so the features equal stage 2's cache."""
-    tower = vision_tower(model)
-    original = next(tower.parameters()).dtype
+    modules = visual_modules(model)
+    original = next(modules[0].parameters()).dtype
     if dtype is None or dtype == original:
         yield
         return
-    tower.to(dtype)
+    for module in modules:
+        module.to(dtype)
     try:
         yield
     finally:
-        tower.to(original)
+        for module in modules:
+            module.to(original)
 
 
 @torch.no_grad()

@@ -37,12 +37,19 @@ class Backbone:
     lora_targets: tuple[str, ...]                 # default --target_modules (module-name suffixes)
     keep_unquantised: tuple[str, ...]
     lora_exclude: str | None = None               # regex of modules LoRA must skip (visual encoder)
+    visual_modules: tuple[str, ...] = ("visual",)  # attributes of the inner model computing the feature
 
 
 def inner_model(model):
     """The multimodal model under the generation head, with or without a peft wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.model
+
+
+def visual_modules(model) -> list[torch.nn.Module]:
+    """The modules that compute the pooled visual feature (encoder, merger or projector)."""
+    inner = inner_model(model)
+    return [getattr(inner, name) for name in backbone_for(model).visual_modules]
 
 
 def _rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
@@ -116,7 +123,7 @@ BACKBONES = {
         Backbone("llava_onevision", "LLaVA-OneVision", "llava-hf/llava-onevision-qwen2-7b-ov-hf",
                  _projected_feature_width, _llava_onevision_pooled_features, _text_positions, _QWEN_LORA,
                  ("model.vision_tower", "model.multi_modal_projector", "lm_head"),
-                 lora_exclude=r".*vision_tower.*"),
+                 lora_exclude=r".*vision_tower.*", visual_modules=("vision_tower", "multi_modal_projector")),
     )
 }
 

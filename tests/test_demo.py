@@ -97,7 +97,8 @@ def test_head_features_use_the_dtype_of_stage2s_cache(tiny_vlm_dir, test_images)
     """A checkpoint stored in bf16 loads in bf16, while stage 2 encoded it in float32 on CPU: the
     demo must encode in the recorded dtype to get stage 2's features, and leave the model as it was."""
     from data.datasets import open_image
-    from engine.predict import head_features, vision_tower
+    from engine.predict import head_features
+    from models.backbones import visual_modules
     from models.vlm import load_processor, load_vlm, pooled_image_features
 
     model, processor = load_vlm(str(tiny_vlm_dir)), load_processor(str(tiny_vlm_dir))
@@ -108,7 +109,7 @@ def test_head_features_use_the_dtype_of_stage2s_cache(tiny_vlm_dir, test_images)
     cached = pooled_image_features(model, processor, images)  # stage 2: float32 on CPU
     model.to(torch.bfloat16)                                   # the demo: the checkpoint's own dtype
     assert torch.allclose(head_features(model, processor, images, torch.float32), cached, atol=1e-6)
-    assert next(vision_tower(model).parameters()).dtype == torch.bfloat16  # restored
+    assert all(next(m.parameters()).dtype == torch.bfloat16 for m in visual_modules(model))  # restored
     assert not torch.allclose(head_features(model, processor, images), cached, atol=1e-6)  # bf16 differs
 
 
