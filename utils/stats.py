@@ -96,3 +96,21 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value) over seeds."""
     values = np.asarray(values, dtype=float)
     return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def fusion_statistics(labels: Sequence[int], predictions: dict) -> dict:
+    """Statistics of stage 3's test predictions ``{"vlm", "head", "teacher" (or None), "gates":
+    {name: preds}}``: a bootstrap interval per accuracy, McNemar of every gate against the VLM and
+    the head, and the complementarity of the VLM with the teacher and with the head."""
+    correct = {name: correctness(labels, preds) for name, preds in predictions.items()
+               if name != "gates" and preds is not None}
+    gates = {name: correctness(labels, preds) for name, preds in predictions["gates"].items()}
+    return {
+        "ci95": {**{name: bootstrap_ci(c) for name, c in correct.items()},
+                 "gates": {name: bootstrap_ci(c) for name, c in gates.items()}},
+        "mcnemar": {name: {"vs_vlm": mcnemar(c, correct["vlm"]), "vs_head": mcnemar(c, correct["head"])}
+                    for name, c in gates.items()},
+        "complementarity": {f"vlm_vs_{other}": complementarity(correct["vlm"], correct[other])
+                            for other in ("teacher", "head") if other in correct},
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": 0.95},
+    }
