@@ -9,12 +9,20 @@ import shutil
 import sys
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 
 from tests.pipeline import CONFIGS, Pipeline, trained_pipeline  # noqa: F401
 
 PAPER_RUN = "depth=1,alpha=0.5,seed=42"
+
+
+@dataclass(frozen=True)
+class Swept(Pipeline):
+    cache_before: dict | None = None  # distill/cache file times before the sweeps
+    default_id: str | None = None     # the default head's id after the depth sweep
 
 
 # ---------------------------------------------------------------- statistics (no models)
@@ -79,7 +87,7 @@ def test_head_spec_is_parsed_and_checked():
 # ---------------------------------------------------------------- sweeps on the toy pipeline
 
 @pytest.fixture(scope="module")
-def swept(trained_pipeline, tmp_path_factory) -> Pipeline:  # noqa: F811
+def swept(trained_pipeline, tmp_path_factory) -> Swept:  # noqa: F811
     """A copy of the trained toy pipeline with a depth sweep and an alpha sweep of stage 2 (3 head
     epochs each) and stage 3 on the paper's head with two seeds; stage 1 and the caches are reused."""
     import train_distillation
@@ -95,8 +103,7 @@ def swept(trained_pipeline, tmp_path_factory) -> Pipeline:  # noqa: F811
     default_id = json.loads((pipeline.stage("distill") / "meta.json").read_text())["head_id"]
     train_distillation.main([*stage2, "--alpha", "0", "1"])  # no paper setting: the default stays
     train_gate.main(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--gate", "all", "--seeds", "0", "1"))
-    pipeline.cache_before, pipeline.default_id = before, default_id  # type: ignore[attr-defined]
-    return pipeline
+    return Swept(pipeline.data_root, root, pipeline.vlm_model, cache_before=before, default_id=default_id)
 
 
 def test_each_setting_is_kept_and_the_paper_setting_is_the_default(swept):
@@ -195,7 +202,7 @@ def test_report_ablation_tables_have_one_row_per_setting(swept, capsys):
     assert [row.split(" | ")[0] for row in rows] == ["| 1 *", "| 2", "| 3"]
     head = {d: json.loads((out / "toy/distill/runs" / f"depth={d},alpha=0.5,seed=42/metrics.json").read_text())
             for d in (1, 2, 3)}
-    assert f"{100 * head[2]['accuracy']:.2f} | not run" in rows[1]
+    assert f"| 3 | {100 * head[3]['accuracy']:.2f} | not run |" == rows[2]  # no gate fused depth 3
     # Depth 1 has two gate seeds: mean ± std over them.
     fused = [json.loads((out / "toy/gate/runs" / PAPER_RUN / f"seed={s}/metrics.json").read_text())
              for s in (0, 1)]

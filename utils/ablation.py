@@ -35,9 +35,11 @@ def _cell(values: list[float]) -> str:
     return f"{100 * mean:.2f}" if len(values) == 1 else f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(values)})"
 
 
-def gate_runs(root: Path, head_run: str) -> list[dict]:
-    """The metrics.json of every gate seed trained on head run ``head_run``."""
-    return [read_json(path) for path in sorted((root / "gate" / RUNS / head_run).glob("seed=*/metrics.json"))]
+def gate_runs(root: Path, head_run: str, head_id: str | None) -> list[dict]:
+    """The metrics.json of every gate seed trained on head run ``head_run`` as it is now (gates
+    fused with an earlier head of the same name, since retrained, are left out)."""
+    runs = [read_json(path) for path in sorted((root / "gate" / RUNS / head_run).glob("seed=*/metrics.json"))]
+    return [metrics for metrics in runs if metrics.get("head_id") == head_id]
 
 
 def _fused_accuracy(metrics: dict) -> float:
@@ -54,7 +56,7 @@ def head_rows(root: Path, parameter: str) -> list[dict]:
             continue
         group = groups.setdefault(meta[parameter], {"head": [], "fused": []})
         group["head"].append(read_json(root / "distill" / RUNS / name / "metrics.json")["accuracy"])
-        group["fused"] += [_fused_accuracy(m) for m in gate_runs(root, name)]
+        group["fused"] += [_fused_accuracy(m) for m in gate_runs(root, name, meta.get("head_id"))]
     return [{"value": value, **groups[value], "paper": value == PAPER_SETTING[parameter]} for value in sorted(groups)]
 
 
@@ -62,8 +64,8 @@ def gate_rows(root: Path) -> list[dict]:
     """Per gate variant: test accuracies over the seeds of the default head's gate runs (the
     top-level gate/metrics.json when no runs are kept), with the largest McNemar p over seeds."""
     meta_path = root / "distill" / "meta.json"
-    head_run = read_json(meta_path).get("run") if meta_path.is_file() else None
-    runs = gate_runs(root, head_run) if head_run else []
+    head_meta = read_json(meta_path) if meta_path.is_file() else {}
+    runs = gate_runs(root, head_meta["run"], head_meta.get("head_id")) if head_meta.get("run") else []
     if not runs and (root / "gate" / "metrics.json").is_file():
         runs = [read_json(root / "gate" / "metrics.json")]
     rows: dict = {}
