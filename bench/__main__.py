@@ -17,7 +17,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from utils.io import write_json  # noqa: E402
 
-BENCHMARKS = ("vlm_predict", "distill_cost", "gate_cost", "memory")
+BENCHMARKS = ("vlm_predict", "distill_cost", "gate_cost", "sweep_cost", "memory")
 
 
 def main(argv=None) -> None:

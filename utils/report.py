@@ -4,7 +4,7 @@
     python -m utils.report --datasets FI --ablation depth    # the paper's ablations: depth, alpha, gate, all
 
 Numbers come from ``<output_dir>/<dataset>/gate/metrics.json`` (written by train_gate.py),
-the paper's reported accuracies (METHOD.md) stand beside them, and the confusion-matrix and
+the paper's reported accuracies (arXiv 2505.07164) stand beside them, and the confusion-matrix and
 curve pictures of each stage are linked.
 """
 from __future__ import annotations
