@@ -47,10 +47,10 @@ def get_args_parser():
     teacher.add_argument("--teacher_batch_size", type=int, default=10)
     teacher.add_argument("--teacher_epochs", type=int, default=10)
     head = parser.add_argument_group("distillation head (--batch_size is its mini-batch)")
-    head.add_argument("--depth", type=int, nargs="+", default=1, choices=range(6),
+    head.add_argument("--depth", type=int, nargs="+", default=[1], choices=range(6),
                       help="hidden layers, widths [1024, 512, 256, 128, 64][:depth]; several values: "
                            "one head per value (a sweep, each kept in distill/runs/)")
-    head.add_argument("--alpha", type=float, nargs="+", default=0.5,
+    head.add_argument("--alpha", type=float, nargs="+", default=[0.5],
                       help="weight of the distillation (KL) term; several values: one head per value")
     head.add_argument("--seeds", type=int, nargs="+", default=None,
                       help="train each head once per seed (default: --seed); tables show mean and std")
