@@ -219,7 +219,8 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
                        out_dir / "confusion_matrix.png", f"{args.dataname}: EmoVLM-KD ({selected})")
     save_curves_png(curve_rows(results), out_dir / "curves.png", f"{args.dataname}: gate training")
     table = markdown_table(dataset_rows(args.dataname, metrics)) + "\n\nGates: " + "; ".join(
-        f"`{name}` = {GATE_LABELS[name]}" for name in results) + ".\n\n" + complementarity_table(metrics) + "\n"
+        f"`{name}` = {GATE_LABELS[name]}" for name in results) + f". Head fused: `{provenance['head_run']}`.\n\n" \
+        + complementarity_table(metrics) + "\n"
     write_text(out_dir / "table.md", table)
     record_run(out_dir, args, selected_gate=selected)
     write_meta(out_dir, "gate", class_names, gate=selected, gate_id=file_id(out_dir / "gate.pt"), **provenance)

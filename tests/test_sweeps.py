@@ -183,6 +183,7 @@ def test_stage3_fuses_a_chosen_head_and_refuses_a_missing_one(swept, capsys):
     head_meta = json.loads((swept.stage("distill") / "runs" / "depth=2,alpha=0.5,seed=42" / "meta.json").read_text())
     assert chosen["head_run"] == "depth=2,alpha=0.5,seed=42" and chosen["head_id"] == head_meta["head_id"]
     assert (gate / "metrics.json").read_bytes() == top_before  # the demo's gate still fits the default head
+    assert "Head fused: `depth=2,alpha=0.5,seed=42`" in (gate / "runs/depth=2,alpha=0.5,seed=42/seed=42/table.md").read_text()
 
     capsys.readouterr()
     assert run_cli(train_gate.main, [*argv, "--head", "depth=4,alpha=0.5"]) == 2
