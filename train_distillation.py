@@ -19,6 +19,7 @@ from pathlib import Path
 from utils.cli import base_parser, parse_args, require_positive, stage_dir
 from utils.errors import UserError, run_cli
 from utils.outputs import StagedOutput, lock_folder, releases_locks
+from utils.sweeps import RUNS, as_list, default_setting, run_name, settings
 
 log = logging.getLogger("train_distillation")
 
@@ -53,10 +54,14 @@ def get_args_parser():
     teacher.add_argument("--teacher_weight_decay", type=float, default=1e-5)
     teacher.add_argument("--teacher_batch_size", type=int, default=10)
     teacher.add_argument("--teacher_epochs", type=int, default=10)
-    head = parser.add_argument_group("distillation head (--batch_size: images per optimiser step; 1, as the reference code)")
-    head.add_argument("--depth", type=int, default=1, choices=range(6),
-                      help="hidden layers, widths [1024, 512, 256, 128, 64][:depth]")
-    head.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation (KL) term")
+    head = parser.add_argument_group("distillation head (--batch_size is its mini-batch)")
+    head.add_argument("--depth", type=int, nargs="+", default=[1], choices=range(6),
+                      help="hidden layers, widths [1024, 512, 256, 128, 64][:depth]; several values: "
+                           "one head per value (a sweep, each kept in distill/runs/)")
+    head.add_argument("--alpha", type=float, nargs="+", default=[0.5],
+                      help="weight of the distillation (KL) term; several values: one head per value")
+    head.add_argument("--seeds", type=int, nargs="+", default=None,
+                      help="train each head once per seed (default: --seed); tables show mean and std")
     head.add_argument("--temperature", type=float, default=2.0)
     head.add_argument("--lr", type=float, default=1e-5)
     head.add_argument("--weight_decay", type=float, default=1e-4)
@@ -153,16 +158,19 @@ def main(argv=None) -> None:
     args = parse_args(get_args_parser(), argv, FLAG_RULES)
     require_positive(args, "batch_size", "feature_batch_size", "teacher_batch_size", "teacher_epochs", "epochs",
                      "teacher_img_size")
+    args.depth, args.alpha = as_list(args.depth), as_list(args.alpha)
+    args.seeds = as_list(args.seeds) if args.seeds is not None else [args.seed]
+    if not all(0.0 <= alpha <= 1.0 for alpha in args.alpha):
+        raise UserError(f"--alpha {' '.join(f'{a:g}' for a in args.alpha)}: each value must lie in [0, 1]")
     import torch
 
     from data.datasets import load_dataset
-    from engine.distill import (HEAD_FILE, cached_teacher_logits, cached_vlm_features, feature_dtype,
-                                head_logits, init_distributed, save_head, train_head)
+    from engine.distill import cached_teacher_logits, cached_vlm_features, feature_dtype, init_distributed
     from utils.dist import distributed_rank, leave_process_group, training_device
     from models.vlm import vision_hidden_size
-    from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
-    from utils.metrics import classification_metrics, save_curves_png, write_metrics
-    from utils.run import record_run, seed_everything
+    from utils.checkpoints import check_compatible, read_meta
+    from utils.metrics import classification_metrics, write_metrics
+    from utils.run import seed_everything
 
     # Under a launcher only the first process reports progress.
     logging.basicConfig(level=logging.INFO if distributed_rank()[0] == 0 else logging.WARNING,
@@ -204,33 +212,82 @@ def main(argv=None) -> None:
     from transformers import AutoConfig
 
     in_dim = vision_hidden_size(AutoConfig.from_pretrained(args.vlm_model))
-    staged = StagedOutput(out_dir)  # the old head stays until the new one is complete
-    new_dir = staged.begin()
-    head, result = train_head(features, teacher_logits, labels, in_dim, len(splits.class_names), depth=args.depth,
+    sweep = settings(args.depth, args.alpha, args.seeds)
+    if len(sweep) > 1:
+        print(f"sweep: {len(sweep)} heads on the cached features ({', '.join(run_name(**s) for s in sweep)})")
+    inputs = {"features": features, "teacher_logits": teacher_logits, "labels": labels,
+              "teacher_test": teacher_test, "teacher_path": teacher_path, "encoding": encoding,
+              "vlm_meta": vlm_meta, "in_dim": in_dim, "world": world, "device": device}
+    for setting in sweep:
+        train_one_head(args, setting, splits.class_names, out_dir, inputs)
+    default = default_setting(args.depth, args.alpha, args.seeds)
+    if default is not None:
+        publish_default(out_dir, run_name(**default))
+        print(f"default head (stage 3, demo): {run_name(**default)} -> {out_dir}")
+    else:
+        print(f"the default head in {out_dir} is unchanged (the sweep has no depth 1, alpha 0.5); fuse a run with "
+              f"`python train_gate.py --dataname {args.dataname} --head depth=..,alpha=..`")
+
+
+def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict) -> Path:
+    """Train the head of one (depth, alpha, seed) setting into ``distill/runs/<setting>/`` with its
+    checkpoint, metrics.json, curves, log and run record, swapped in (meta.json last) once finite."""
+    import argparse
+
+    from engine.distill import HEAD_FILE, head_logits, save_head, train_head
+    from utils.checkpoints import file_id, write_meta
+    from utils.metrics import classification_metrics, save_curves_png, write_metrics
+    from utils.run import record_run
+
+    name = run_name(**setting)
+    staged = StagedOutput(out_dir / RUNS / name)  # a run's old head stays until the new one is complete
+    run_dir = staged.begin()
+    features, teacher_logits, labels = inputs["features"], inputs["teacher_logits"], inputs["labels"]
+    teacher_test, teacher_path, in_dim = inputs["teacher_test"], inputs["teacher_path"], inputs["in_dim"]
+    head, result = train_head(features, teacher_logits, labels, in_dim, len(class_names), depth=setting["depth"],
                               epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                              batch_size=args.batch_size, alpha=args.alpha, temperature=args.temperature,
-                              standardize=args.standardize_features, seed=args.seed, device=device,
-                              log_path=new_dir / "log.txt")
-    save_curves_png(result["history"], new_dir / "curves.png", "stage 2: distillation head")
+                              batch_size=args.batch_size, alpha=setting["alpha"], temperature=args.temperature,
+                              standardize=args.standardize_features, seed=setting["seed"], device=inputs["device"],
+                              log_path=run_dir / "log.txt")
+    save_curves_png(result["history"], run_dir / "curves.png", f"stage 2: distillation head ({name})")
     teacher_id = file_id(teacher_path)
-    head_path = save_head(new_dir / HEAD_FILE, head, splits.class_names, vlm_model=args.vlm_model,
+    head_path = save_head(run_dir / HEAD_FILE, head, class_names, vlm_model=args.vlm_model,
                           teacher_id=teacher_id, best_val_acc=result["best_val_acc"], epoch=result["epoch"],
-                          standardized=args.standardize_features, **encoding)
+                          standardized=args.standardize_features, alpha=setting["alpha"], seed=setting["seed"],
+                          **inputs["encoding"])
 
     head_pred = head_logits(head, features["test"]).argmax(-1)
-    head_test = classification_metrics(labels["test"], head_pred, splits.class_names)
+    head_test = classification_metrics(labels["test"], head_pred, class_names)
     agreement = (head_pred == teacher_logits["test"].argmax(-1)).float().mean().item()
-    write_metrics(new_dir, {"dataset": args.dataname, "split": "test", **head_test,
-                            "teacher_accuracy": teacher_test["accuracy"], "agreement": agreement,
-                            "teacher": teacher_test}, f"{args.dataname}: distilled head")
-    record_run(new_dir, args, in_dim=in_dim, processes=world)
-    write_meta(new_dir, "distill", splits.class_names, base_model=args.vlm_model, head_id=file_id(head_path),
-               teacher_id=teacher_id, teacher_checkpoint=str(teacher_path), vlm_adapter_id=vlm_meta.get("adapter_id"),
-               depth=args.depth, in_dim=in_dim, **encoding)
-    staged.commit([("the head's final training loss", result["history"][-1]["train_loss"])], "--lr")
-    print(f"head ({args.depth} hidden layer(s), {in_dim}-d input): best val acc {result['best_val_acc']:.4f} at "
-          f"epoch {result['epoch']}; test accuracy {head_test['accuracy']:.4f}, teacher "
-          f"{teacher_test['accuracy']:.4f}, agreement {agreement:.4f} -> {out_dir}")
+    write_metrics(run_dir, {"dataset": args.dataname, "split": "test", **head_test, **setting, "run": name,
+                            "best_val_acc": result["best_val_acc"], "teacher_accuracy": teacher_test["accuracy"],
+                            "agreement": agreement, "teacher": teacher_test}, f"{args.dataname}: distilled head ({name})")
+    run_args = argparse.Namespace(**{**vars(args), **setting})  # this run's own depth, alpha and seed
+    record_run(run_dir, run_args, in_dim=in_dim, processes=inputs["world"], run=name)
+    write_meta(run_dir, "distill", class_names, base_model=args.vlm_model, head_id=file_id(head_path),
+               teacher_id=teacher_id, teacher_checkpoint=str(teacher_path),
+               vlm_adapter_id=inputs["vlm_meta"].get("adapter_id"), in_dim=in_dim, run=name, **setting,
+               **inputs["encoding"])
+    staged.commit([(f"the head's final training loss ({name})", result["history"][-1]["train_loss"])],
+                  "--lr (or --temperature)")
+    print(f"head {name} ({setting['depth']} hidden layer(s), {in_dim}-d input): best val acc "
+          f"{result['best_val_acc']:.4f} at epoch {result['epoch']}; test accuracy {head_test['accuracy']:.4f}, "
+          f"teacher {teacher_test['accuracy']:.4f}, agreement {agreement:.4f} -> {staged.folder}")
+    return staged.folder
+
+
+def publish_default(out_dir: Path, name: str) -> None:
+    """Copy run ``name`` to the top-level ``distill/`` that stage 3, the demo and the predictor read,
+    staged like every stage output (the old default head stays trusted until the copy is complete)."""
+    import shutil
+
+    run_dir = out_dir / RUNS / name
+    staged = StagedOutput(out_dir)
+    new_dir = staged.begin()
+    for path in sorted(run_dir.iterdir()):
+        if path.is_file():
+            shutil.copyfile(path, new_dir / path.name)
+    staged.commit()
 
 
 if __name__ == "__main__":

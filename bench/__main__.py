@@ -18,7 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from bench import TARGETS_KEY, format_targets  # noqa: E402
 from utils.io import write_json  # noqa: E402
 
-BENCHMARKS = ("vlm_predict", "distill_cost", "gate_cost", "batch_one", "memory", "prepare_check")
+BENCHMARKS = ("vlm_predict", "distill_cost", "gate_cost", "batch_one", "sweep_cost", "memory", "prepare_check")
 
 
 def main(argv=None) -> None:

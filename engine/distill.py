@@ -164,14 +164,25 @@ def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs:
 
 # ---------------------------------------------------------------- teacher
 
+def _teacher_key(splits: DatasetSplits, teacher_id: str, split: str) -> dict:
+    return {"teacher_id": teacher_id, "images": image_list_id(splits.data_root, splits.split(split)),
+            "pixels": PIXELS}
+
+
+def read_cached_teacher_logits(splits: DatasetSplits, teacher_id: str, cache_dir: str | Path,
+                               split: str = "test") -> torch.Tensor | None:
+    """Stage 2's cached teacher logits of one split, or None when the cache holds no matching ones
+    (stage 3 reads them for its statistics and never runs the teacher)."""
+    return load_cached(Path(cache_dir) / f"teacher_logits_{split}.pt", _teacher_key(splits, teacher_id, split))
+
+
 @torch.no_grad()
 def cached_teacher_logits(splits: DatasetSplits, teacher_path: str | Path, device: str | torch.device,
                           batch_size: int, cache_dir: str | Path, num_workers: int = 0,
                           names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
     """The teacher's logits (eval transform) per split, cached by teacher file and image list."""
     teacher_id = file_id(teacher_path)
-    keys = {split: {"teacher_id": teacher_id, "images": image_list_id(splits.data_root, splits.split(split)),
-                    "pixels": PIXELS} for split in names}
+    keys = {split: _teacher_key(splits, teacher_id, split) for split in names}
 
     def build(missing: list[str]) -> dict[str, torch.Tensor]:
         model, checkpoint = load_teacher(teacher_path, splits.class_names, device)

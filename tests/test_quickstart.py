@@ -32,7 +32,7 @@ def table_rows(text: str, dataset: str) -> dict[str, tuple[float, float]]:
     rows = {}
     for line in text.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) == 5 and cells[0] == dataset:
+        if len(cells) >= 5 and cells[0] == dataset:  # then 95% CI and McNemar p columns
             model = re.sub(r" \(.*\)$", "", cells[1])  # "EmoVLM-KD (concat_linear)" -> "EmoVLM-KD"
             rows[model] = (float(cells[2]), float(cells[3]))
     return rows

@@ -1,0 +1,230 @@
+"""Ablation sweeps and statistics: one kept run per head setting, reused caches, the default head,
+stage 3's --head and --seeds, the report's ablation tables, bootstrap intervals, McNemar's test
+and the complementarity counts."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from tests.pipeline import CONFIGS, Pipeline, trained_pipeline  # noqa: F401
+
+PAPER_RUN = "depth=1,alpha=0.5,seed=42"
+
+
+@dataclass(frozen=True)
+class Swept(Pipeline):
+    cache_before: dict | None = None  # distill/cache file times before the sweeps
+    default_id: str | None = None     # the default head's id after the depth sweep
+
+
+# ---------------------------------------------------------------- statistics (no models)
+
+def test_bootstrap_interval_contains_the_accuracy_and_shrinks_with_more_images():
+    from utils.stats import bootstrap_ci
+
+    small = np.array([True] * 30 + [False] * 10)  # accuracy 0.75 on 40 images
+    large = np.tile(small, 50)                     # the same accuracy on 2,000
+    low, high = bootstrap_ci(small)
+    assert low <= 0.75 <= high
+    big_low, big_high = bootstrap_ci(large)
+    assert big_low <= 0.75 <= big_high
+    assert big_high - big_low < (high - low) / 3  # ~sqrt(50) = 7x narrower
+    assert bootstrap_ci(small) == (low, high)     # fixed seed: the same interval every time
+    assert bootstrap_ci(np.ones(10, bool)) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("without_scipy", [False, True])
+def test_mcnemar_matches_hand_computed_cases(without_scipy, monkeypatch):
+    from utils.stats import mcnemar
+
+    if without_scipy:  # the by-hand formulas must give the same numbers
+        monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    # b = 1 image only A gets right, c = 6 only B: exact, p = 2 * (C(7,0) + C(7,1)) / 2^7 = 0.125.
+    a = [True] + [False] * 6 + [True] * 5
+    b = [False] + [True] * 6 + [True] * 5
+    result = mcnemar(a, b)
+    assert (result["a_only"], result["b_only"], result["test"]) == (1, 6, "exact binomial")
+    assert result["p_value"] == pytest.approx(0.125)
+    # b = 30, c = 10: chi-square (|30 - 10| - 1)^2 / 40 = 9.025, p = erfc(sqrt(9.025 / 2)) = 0.00266.
+    a = [True] * 30 + [False] * 10 + [True] * 7
+    b = [False] * 30 + [True] * 10 + [True] * 7
+    result = mcnemar(a, b)
+    assert result["test"].startswith("chi-square") and result["statistic"] == pytest.approx(9.025)
+    assert result["p_value"] == pytest.approx(math.erfc(math.sqrt(9.025 / 2)))
+    assert result["p_value"] == pytest.approx(0.002663, abs=1e-6)
+    assert mcnemar([True, False], [True, False])["p_value"] == 1.0  # no discordant images
+
+
+def test_complementarity_counts_and_oracle():
+    from utils.stats import complementarity
+
+    a = np.array([1, 1, 0, 0, 1, 0], bool)
+    b = np.array([1, 0, 1, 0, 0, 0], bool)
+    result = complementarity(a, b)
+    assert (result["both_right"], result["a_only"], result["b_only"], result["both_wrong"]) == (1, 2, 1, 2)
+    assert result["oracle_accuracy"] == pytest.approx(4 / 6) and result["oracle_accuracy"] >= max(a.mean(), b.mean())
+
+
+def test_head_spec_is_parsed_and_checked():
+    from utils.errors import UserError
+    from utils.sweeps import parse_head_spec, run_name
+
+    assert parse_head_spec("depth=2,alpha=0.5") == {"depth": 2, "alpha": 0.5}
+    assert run_name(2, 0.5, 0) == "depth=2,alpha=0.5,seed=0" and run_name(1, 0.0, 3) == "depth=1,alpha=0,seed=3"
+    for bad in ("width=2", "depth=two", "", "depth"):
+        with pytest.raises(UserError, match="--head"):
+            parse_head_spec(bad)
+
+
+# ---------------------------------------------------------------- sweeps on the toy pipeline
+
+@pytest.fixture(scope="module")
+def swept(trained_pipeline, tmp_path_factory) -> Swept:  # noqa: F811
+    """A copy of the trained toy pipeline with a depth sweep and an alpha sweep of stage 2 (3 head
+    epochs each) and stage 3 on the paper's head with two seeds; stage 1 and the caches are reused."""
+    import train_distillation
+    import train_gate
+
+    root = tmp_path_factory.mktemp("swept")
+    shutil.copytree(trained_pipeline.output_dir, root, dirs_exist_ok=True)
+    pipeline = Pipeline(trained_pipeline.data_root, root, trained_pipeline.vlm_model)
+    cache = pipeline.stage("distill") / "cache"
+    before = {path.name: path.stat().st_mtime_ns for path in cache.iterdir()}
+    stage2 = pipeline.argv("--config", str(CONFIGS / "toy_distill.yaml"), "--epochs", "3")
+    train_distillation.main([*stage2, "--depth", "1", "2", "3"])
+    default_id = json.loads((pipeline.stage("distill") / "meta.json").read_text())["head_id"]
+    train_distillation.main([*stage2, "--alpha", "0", "1"])  # no paper setting: the default stays
+    train_gate.main(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--gate", "all", "--seeds", "0", "1"))
+    return Swept(pipeline.data_root, root, pipeline.vlm_model, cache_before=before, default_id=default_id)
+
+
+def test_each_setting_is_kept_and_the_paper_setting_is_the_default(swept):
+    runs = swept.stage("distill") / "runs"
+    names = sorted(path.name for path in runs.iterdir())
+    assert names == ["depth=1,alpha=0,seed=42", "depth=1,alpha=0.5,seed=42", "depth=1,alpha=1,seed=42",
+                     "depth=2,alpha=0.5,seed=42", "depth=3,alpha=0.5,seed=42"]
+    for name in names:
+        for file in ("head.pt", "metrics.json", "curves.png", "log.txt", "run.json", "meta.json"):
+            assert (runs / name / file).is_file(), f"{name}/{file}"
+        meta = json.loads((runs / name / "meta.json").read_text())
+        assert run_of(meta) == name
+        assert json.loads((runs / name / "run.json").read_text())["args"]["depth"] == meta["depth"]
+    heads = {json.loads((runs / name / "meta.json").read_text())["head_id"] for name in names}
+    assert len(heads) == len(names)  # five different heads, none overwritten by another
+    top = json.loads((swept.stage("distill") / "meta.json").read_text())
+    # The alpha sweep (without alpha 0.5) left the default alone: the depth sweep's paper run.
+    assert top["run"] == PAPER_RUN and top["head_id"] == swept.default_id
+    assert top == json.loads((runs / PAPER_RUN / "meta.json").read_text())
+
+
+def run_of(meta: dict) -> str:
+    from utils.sweeps import run_name
+
+    return run_name(meta["depth"], meta["alpha"], meta["seed"])
+
+
+def test_sweeps_reuse_the_feature_cache(swept):
+    cache = swept.stage("distill") / "cache"
+    assert {path.name: path.stat().st_mtime_ns for path in cache.iterdir()} == swept.cache_before
+
+
+def test_gate_seeds_are_kept_and_the_first_is_published(swept):
+    gate = swept.stage("gate")
+    first, second = (json.loads((gate / "runs" / PAPER_RUN / f"seed={s}" / "metrics.json").read_text())
+                     for s in (0, 1))
+    assert (first["seed"], second["seed"]) == (0, 1)
+    assert first["head_run"] == PAPER_RUN and first["head_id"] == swept.default_id
+    top = json.loads((gate / "metrics.json").read_text())
+    assert top["seed"] == 0 and top["gates"] == first["gates"]
+
+
+def test_statistics_come_from_the_tabled_predictions(swept):
+    from utils.stats import bootstrap_ci, mcnemar
+
+    metrics = json.loads((swept.stage("gate") / "metrics.json").read_text())
+    preds = metrics["test_predictions"]
+    labels = np.array(preds["labels"])
+    right = {key: np.array(preds[key]) == labels for key in ("vlm", "head", "teacher")}
+    assert right["vlm"].mean() == pytest.approx(metrics["vlm"]["accuracy"])
+    assert right["head"].mean() == pytest.approx(metrics["head"]["accuracy"])
+    for other in ("teacher", "head"):
+        pair = metrics["complementarity"][f"vlm_vs_{other}"]
+        assert pair["oracle_accuracy"] == pytest.approx((right["vlm"] | right[other]).mean())
+        assert pair["oracle_accuracy"] >= max(right["vlm"].mean(), right[other].mean())
+        assert pair["both_right"] + pair["a_only"] + pair["b_only"] + pair["both_wrong"] == len(labels)
+    for name, row in metrics["gates"].items():
+        gate_right = np.array(preds["gates"][name]) == labels
+        assert gate_right.mean() == pytest.approx(row["accuracy"])
+        assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+        assert list(bootstrap_ci(gate_right)) == row["ci95"]
+        assert row["mcnemar_vs_vlm"] == mcnemar(gate_right, right["vlm"])
+        assert row["mcnemar_vs_head"] == mcnemar(gate_right, right["head"])
+    table = (swept.stage("gate") / "table.md").read_text()
+    assert "oracle accuracy %" in table and "McNemar p vs VLM" in table
+
+
+def test_stage3_fuses_a_chosen_head_and_refuses_a_missing_one(swept, capsys):
+    import train_gate
+    from utils.errors import run_cli
+
+    gate = swept.stage("gate")
+    top_before = (gate / "metrics.json").read_bytes()
+    argv = swept.argv("--config", str(CONFIGS / "toy_gate.yaml"))
+    train_gate.main([*argv, "--head", "depth=2,alpha=0.5"])
+    chosen = json.loads((gate / "runs" / "depth=2,alpha=0.5,seed=42" / "seed=42" / "metrics.json").read_text())
+    head_meta = json.loads((swept.stage("distill") / "runs" / "depth=2,alpha=0.5,seed=42" / "meta.json").read_text())
+    assert chosen["head_run"] == "depth=2,alpha=0.5,seed=42" and chosen["head_id"] == head_meta["head_id"]
+    assert (gate / "metrics.json").read_bytes() == top_before  # the demo's gate still fits the default head
+    assert "Head fused: `depth=2,alpha=0.5,seed=42`" in (gate / "runs/depth=2,alpha=0.5,seed=42/seed=42/table.md").read_text()
+
+    capsys.readouterr()
+    assert run_cli(train_gate.main, [*argv, "--head", "depth=4,alpha=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --head depth=4,alpha=0.5: no such head run") and len(err.splitlines()) == 1
+    assert "depth=2,alpha=0.5,seed=42" in err and PAPER_RUN in err
+    assert (gate / "metrics.json").read_bytes() == top_before
+
+
+def test_report_ablation_tables_have_one_row_per_setting(swept, capsys):
+    from utils.report import main
+
+    out = swept.output_dir
+    main(["--output_dir", str(out), "--datasets", "toy", "--ablation", "depth"])
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| depth")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 1 *", "| 2", "| 3"]
+    head = {d: json.loads((out / "toy/distill/runs" / f"depth={d},alpha=0.5,seed=42/metrics.json").read_text())
+            for d in (1, 2, 3)}
+    assert f"| 3 | {100 * head[3]['accuracy']:.2f} | not run |" == rows[2]  # no gate fused depth 3
+    # Depth 1 has two gate seeds: mean ± std over them.
+    fused = [json.loads((out / "toy/gate/runs" / PAPER_RUN / f"seed={s}/metrics.json").read_text())
+             for s in (0, 1)]
+    accs = [m["gates"][m["gate"]]["accuracy"] for m in fused]
+    assert f"{100 * np.mean(accs):.2f} ± {100 * np.std(accs, ddof=1):.2f} (n=2)" in rows[0]
+    assert (out / "toy" / "ablation_depth.png").stat().st_size > 1000
+
+    main(["--output_dir", str(out), "--datasets", "toy", "--ablation", "alpha"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 0.5 *", "| 1"]
+
+    main(["--output_dir", str(out), "--datasets", "toy", "--ablation", "gate"])
+    text = capsys.readouterr().out
+    assert "| concat_linear * |" in text and text.count("(n=2)") == 5
+    assert (out / "toy" / "ablation_gate.png").is_file()
+
+
+def test_report_ablation_without_runs_names_the_command(tmp_path):
+    from utils.ablation import build_ablation
+    from utils.errors import UserError
+
+    (tmp_path / "FI" / "distill").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"python train_distillation.py --dataname FI --depth 1 2 3 4 5"):
+        build_ablation(tmp_path, ["FI"], "depth")

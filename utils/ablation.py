@@ -1,0 +1,160 @@
+"""The paper's ablation tables (head depth, distillation weight alpha, gate type) from kept runs.
+
+    python -m utils.report --datasets FI --ablation depth      # also: alpha, gate, all
+
+Numbers come from stage 2's ``distill/runs/<setting>/metrics.json`` (the head's test accuracy)
+and stage 3's ``gate/runs/<head run>/seed=<s>/metrics.json`` (EmoVLM-KD's, the gate each run
+selected). One row per setting, mean ± standard deviation over the seeds found, the paper's
+best setting marked; a PNG per swept parameter (error bars over seeds) is written beside the
+dataset's outputs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils.errors import UserError
+from utils.io import atomic_write, read_json
+from utils.stats import mean_std
+from utils.sweeps import PAPER_SETTING, RUNS, list_runs
+
+ABLATIONS = ("depth", "alpha", "gate")
+PAPER_GATE = "concat_linear"
+# Stage 2 and 3 commands that produce each ablation's runs (quoted when a table has no data).
+COMMANDS = {
+    "depth": "python train_distillation.py --dataname {d} --depth 1 2 3 4 5",
+    "alpha": "python train_distillation.py --dataname {d} --alpha 0 0.25 0.5 0.75 1",
+    "gate": "python train_gate.py --dataname {d} --gate all",
+}
+
+
+def _cell(values: list[float]) -> str:
+    """``mean ± std (n=k)`` in percent; a single run shows its value alone."""
+    if not values:
+        return "not run"
+    mean, std = mean_std(values)
+    return f"{100 * mean:.2f}" if len(values) == 1 else f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(values)})"
+
+
+def gate_runs(root: Path, head_run: str, head_id: str | None) -> list[dict]:
+    """The metrics.json of every gate seed trained on head run ``head_run`` as it is now (gates
+    fused with an earlier head of the same name, since retrained, are left out)."""
+    runs = [read_json(path) for path in sorted((root / "gate" / RUNS / head_run).glob("seed=*/metrics.json"))]
+    return [metrics for metrics in runs if metrics.get("head_id") == head_id]
+
+
+def _fused_accuracy(metrics: dict) -> float:
+    return metrics["gates"][metrics["gate"]]["accuracy"]
+
+
+def head_rows(root: Path, parameter: str) -> list[dict]:
+    """Per value of ``parameter`` (depth or alpha, the other held at the paper's value): the head's
+    test accuracies over seeds and EmoVLM-KD's over every gate run on those heads."""
+    held = "alpha" if parameter == "depth" else "depth"
+    groups: dict = {}
+    for name, meta in list_runs(root / "distill").items():
+        if meta.get(held) != PAPER_SETTING[held] or meta.get(parameter) is None:
+            continue
+        group = groups.setdefault(meta[parameter], {"head": [], "fused": []})
+        group["head"].append(read_json(root / "distill" / RUNS / name / "metrics.json")["accuracy"])
+        group["fused"] += [_fused_accuracy(m) for m in gate_runs(root, name, meta.get("head_id"))]
+    return [{"value": value, **groups[value], "paper": value == PAPER_SETTING[parameter]} for value in sorted(groups)]
+
+
+def gate_rows(root: Path) -> list[dict]:
+    """Per gate variant: test accuracies over the seeds of the default head's gate runs (the
+    top-level gate/metrics.json when no runs are kept), with the largest McNemar p over seeds."""
+    meta_path = root / "distill" / "meta.json"
+    head_meta = read_json(meta_path) if meta_path.is_file() else {}
+    runs = gate_runs(root, head_meta["run"], head_meta.get("head_id")) if head_meta.get("run") else []
+    if not runs and (root / "gate" / "metrics.json").is_file():
+        runs = [read_json(root / "gate" / "metrics.json")]
+    rows: dict = {}
+    for metrics in runs:
+        for name, result in metrics.get("gates", {}).items():
+            row = rows.setdefault(name, {"value": name, "fused": [], "p_vlm": [], "p_head": [],
+                                         "paper": name == PAPER_GATE})
+            row["fused"].append(result["accuracy"])
+            for key, test in (("p_vlm", "mcnemar_vs_vlm"), ("p_head", "mcnemar_vs_head")):
+                if result.get(test):
+                    row[key].append(result[test]["p_value"])
+    return list(rows.values())
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def ablation_table(dataset: str, parameter: str, rows: list[dict]) -> str:
+    """One markdown table shaped like the paper's ablation of ``parameter``; ``*`` marks its best."""
+    mark = lambda row: f"{row['value']:g} *" if row["paper"] else f"{row['value']:g}"  # noqa: E731
+    if parameter == "gate":
+        header = ["gate", "EmoVLM-KD accuracy %", "McNemar p vs VLM (max over seeds)", "p vs head (max)"]
+        body = [[f"{row['value']} *" if row["paper"] else row["value"], _cell(row["fused"]),
+                 f"{max(row['p_vlm']):.3g}" if row["p_vlm"] else "", f"{max(row['p_head']):.3g}" if row["p_head"] else ""]
+                for row in rows]
+        note = f"`*` the paper's gate ({PAPER_GATE}); gates fused with the default head."
+    else:
+        header = [parameter, "distilled head accuracy %", "EmoVLM-KD accuracy %"]
+        body = [[mark(row), _cell(row["head"]), _cell(row["fused"])] for row in rows]
+        held = "alpha" if parameter == "depth" else "depth"
+        note = (f"`*` the paper's best {parameter} ({PAPER_SETTING[parameter]:g}); {held} held at "
+                f"{PAPER_SETTING[held]:g}. EmoVLM-KD: the gate each stage-3 run selected.")
+    return (f"### {dataset}: ablation of {parameter}\n\n" + _markdown(header, body)
+            + f"\n\nTest accuracy, mean ± std over seeds. {note}")
+
+
+def save_ablation_png(dataset: str, parameter: str, rows: list[dict], path: Path) -> Path:
+    """Accuracy against the swept value, error bars = std over seeds (bars for the gate types)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    series = [("EmoVLM-KD", "fused")] if parameter == "gate" else [("distilled head", "head"), ("EmoVLM-KD", "fused")]
+    for offset, (label, key) in enumerate(series):
+        points = [(i, row) for i, row in enumerate(rows) if row[key]]
+        if not points:
+            continue
+        x = [i if parameter == "gate" else row["value"] for i, row in points]
+        stats = [mean_std(row[key]) for _, row in points]
+        means, stds = [100 * m for m, _ in stats], [100 * s for _, s in stats]
+        if parameter == "gate":
+            ax.bar(x, means, yerr=stds, capsize=4, label=label)
+        else:
+            ax.errorbar(x, means, yerr=stds, marker="o", capsize=4, label=label)
+    if parameter == "gate":
+        ax.set_xticks(range(len(rows)), [row["value"] for row in rows], rotation=30, ha="right")
+    ax.set_xlabel(parameter)
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(f"{dataset}: ablation of {parameter}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def build_ablation(output_dir: str | Path, datasets: list[str], which: str) -> str:
+    """The markdown tables of ``which`` (one of ABLATIONS or ``all``) for every dataset, writing
+    ``<output_dir>/<dataset>/ablation_<parameter>.png`` for each table."""
+    output_dir = Path(output_dir)
+    parameters = ABLATIONS if which == "all" else (which,)
+    parts = []
+    for dataset in datasets:
+        root = output_dir / dataset
+        for parameter in parameters:
+            rows = gate_rows(root) if parameter == "gate" else head_rows(root, parameter)
+            if not rows:
+                if which == "all":
+                    continue
+                raise UserError(f"{root}: no runs for the {parameter} ablation; run "
+                                f"`{COMMANDS[parameter].format(d=dataset)}` first")
+            png = save_ablation_png(dataset, parameter, rows, root / f"ablation_{parameter}.png")
+            parts.append(ablation_table(dataset, parameter, rows) + f" Plot: [{png.name}]({dataset}/{png.name}).")
+    if not parts:
+        raise UserError(f"{output_dir}: no ablation runs for {', '.join(datasets)}; run e.g. "
+                        f"`{COMMANDS['depth'].format(d=datasets[0])}` first")
+    return "\n\n".join(parts) + "\n"
