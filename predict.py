@@ -20,6 +20,9 @@ from utils.cli import base_parser, parse_args, require_positive
 from utils.errors import UserError, run_cli
 
 
+FLAG_RULES = {"max_new_tokens": "count"}
+
+
 def get_args_parser():
     from engine.batch_predict import FORMATS
 
@@ -40,7 +43,7 @@ def get_args_parser():
 
 
 def main(argv=None) -> None:
-    args = parse_args(get_args_parser(), argv)
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
     require_positive(args, "batch_size", "max_new_tokens")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from engine.batch_predict import list_images, output_format, predict_folder

@@ -28,7 +28,7 @@ log = logging.getLogger("train_distillation")
 FLAG_RULES = {"feature_batch_size": "count", "teacher_img_size": "count", "teacher_lr": "positive",
               "teacher_weight_decay": "nonnegative", "teacher_batch_size": "count", "teacher_epochs": "count",
               "depth": "index", "alpha": "fraction", "temperature": "positive", "lr": "positive",
-              "weight_decay": "nonnegative", "epochs": "count"}
+              "weight_decay": "nonnegative", "epochs": "count", "seeds": "seed"}
 
 
 def get_args_parser():

@@ -36,7 +36,7 @@ log = logging.getLogger("train_gate")
 
 
 # What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
-FLAG_RULES = {"vlm_batch_size": "count", "max_new_tokens": "count", "epochs": "count", "lr": "positive",
+FLAG_RULES = {"vlm_batch_size": "count", "max_new_tokens": "count", "epochs": "count", "lr": "positive", "seeds": "seed",
               "weight_decay": "nonnegative"}
 
 

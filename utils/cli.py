@@ -147,8 +147,9 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, rules
             if value is None:
                 continue
             check, requirement = RULES[rules.get(action.dest, "finite")]
-            if not math.isfinite(value) or not check(value):
-                raise UserError(f"{flag} must be {requirement} (got {value})")
+            for item in value if isinstance(value, list) else [value]:  # nargs="+": every value
+                if not math.isfinite(item) or not check(item):
+                    raise UserError(f"{flag} must be {requirement} (got {item})")
         elif isinstance(value, list) and action.type is None:
             if any(not isinstance(item, str) or not item.strip() for item in value):
                 raise UserError(f"{flag} must be a list of non-empty names (got {value})")
