@@ -129,8 +129,8 @@ MUTANTS = (
            ("tests/test_demo.py::test_predictions_match_stage3_evaluation",),
            "the demo's gate never sees the VLM's answer"),
     Mutant("head_features_with_adapter", "engine/predict.py",
-           '    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():',
-           "    with nullcontext():",
+           '    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext(), vision_dtype(model, dtype):',
+           "    with nullcontext(), vision_dtype(model, dtype):",
            ("tests/test_demo.py::test_head_features_ignore_an_adapter_on_the_vision_tower",),
            "the demo's head features come from the adapted encoder, not the base one"),
 )
