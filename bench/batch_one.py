@@ -47,7 +47,7 @@ def _stage2(root: Path) -> dict:
     from bench.distill_cost import _feature_pass, _toy_world
     from data.datasets import load_dataset
     from data.toy import toy_class_names
-    from train_distillation import main
+    from engine.stages.distill import main
     from utils.checkpoints import write_meta
 
     images, vlm, teacher = _toy_world(root)

@@ -85,7 +85,7 @@ def _reference(splits, vlm: Path, teacher_path: Path) -> float:
 def _stage(images: Path, vlm: Path, teacher: Path, output_dir: Path) -> float:
     """Wall time of ``train_distillation.py`` into a fresh output folder (stage 1's meta.json only)."""
     from data.toy import toy_class_names
-    from train_distillation import main
+    from engine.stages.distill import main
     from utils.checkpoints import write_meta
 
     write_meta(output_dir / "toy" / "vlm", "vlm", toy_class_names(4), base_model=str(vlm), adapter_id="bench")

@@ -31,7 +31,7 @@ TARGET = 3.0  # the 25-head grid on cached features at most 3x one cold head run
 def _stage(images: Path, vlm: Path, teacher: Path, output_dir: Path, *extra: str) -> float:
     """Wall time of ``train_distillation.py`` into ``output_dir`` (stage 1's meta.json written first)."""
     from data.toy import toy_class_names
-    from train_distillation import main
+    from engine.stages.distill import main
     from utils.checkpoints import write_meta
 
     write_meta(output_dir / "toy" / "vlm", "vlm", toy_class_names(4), base_model=str(vlm), adapter_id="bench")

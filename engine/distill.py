@@ -29,7 +29,7 @@ from models.teacher import load_teacher, teacher_transforms
 from models.vlm import load_processor, load_vlm, pooled_image_features
 from utils.cache import digest, image_list_id, load_cached, readable, store
 from utils.checkpoints import STAGE_COMMANDS, check_compatible, file_id, read_meta
-from utils.dist import barrier, distributed_rank, init_distributed, shard_map  # noqa: F401 (re-exported)
+from utils.dist import barrier, distributed_rank, shard_map
 from utils.errors import UserError
 from utils.io import torch_save, write_text
 from utils.outputs import check_finite

@@ -63,7 +63,7 @@ def write_annotations(pipeline: Pipeline) -> Path:
 def run_pipeline(pipeline: Pipeline, vlm_epochs: int = 1, teacher_epochs: int = 2, head_epochs: int = 10,
                  gate_args: tuple[str, ...] | None = ("--gate", "all")) -> Pipeline:
     """Stages 0 (synthetic), 1, 2 and 3 into ``pipeline.output_dir``; ``gate_args`` None stops after 2."""
-    import train_distillation
+    from engine.stages import distill as train_distillation
     import train_gate
     import train_vlm
 

@@ -47,7 +47,7 @@ def same_weights(a, b) -> bool:
 @pytest.mark.parametrize("target, call", [("engine.distill:store", 2),                # frozen pass: 1 split cached
                                           ("engine.distill:distillation_loss", 10)])  # head training, epoch 2 (7 calls an epoch)
 def test_stage2_killed_then_rerun_ends_as_an_uninterrupted_run(target, call, finished, trained_pipeline):
-    import train_distillation
+    from engine.stages import distill as train_distillation
 
     distill = finished.stage("distill")
     if target.endswith("store"):

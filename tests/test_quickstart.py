@@ -77,7 +77,7 @@ def test_reproduce_refuses_bad_usage_before_running_anything(tmp_path, argv, mes
 
 def stage_parser(config: Path):
     """The argument parser of the stage script a config belongs to (by the file name's suffix)."""
-    import train_distillation
+    from engine.stages import distill as train_distillation
     import train_gate
     import train_vlm
 
@@ -113,7 +113,7 @@ def resolved_default(script, key: str, default):
         from models.backbones import BACKBONES
 
         return list(BACKBONES["qwen2_vl"].lora_targets)
-    if script.__name__ == "train_distillation" and key == "teacher_img_size":
+    if script.__name__ == "engine.stages.distill" and key == "teacher_img_size":
         from models.teacher import DEFAULT_TEACHER, default_img_size
 
         return default_img_size(DEFAULT_TEACHER)

@@ -110,7 +110,7 @@ def test_a_non_finite_number_is_never_committed(tmp_path):
 
 @pytest.mark.parametrize("stage", ["distill", "gate"])
 def test_a_diverged_run_stops_in_one_line_and_keeps_the_old_results(stage, finished, capsys):
-    import train_distillation
+    from engine.stages import distill as train_distillation
     import train_gate
     from utils.errors import run_cli
 
@@ -247,7 +247,7 @@ def test_an_unwritable_output_dir_is_one_line(stage, unwritable, toy_root, tiny_
 @pytest.mark.parametrize("stage", ["teacher", "gate"])
 def test_an_output_folder_that_cannot_be_created_is_one_line(stage, finished, capsys):
     """Stages 2 and 3 (they need earlier outputs; as root, no folder mode stops a write)."""
-    import train_distillation
+    from engine.stages import distill as train_distillation
     import train_gate
     from utils.errors import run_cli
 

@@ -43,7 +43,7 @@ def read_metrics(output_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def stage2(tmp_path_factory, toy_root, tiny_vlm_dir) -> Path:
     """One full in-process stage-2 run on the toy data; returns its --output_dir."""
-    from train_distillation import main
+    from engine.stages.distill import main
 
     output_dir = tmp_path_factory.mktemp("stage2")
     stage1_meta(output_dir, tiny_vlm_dir)
@@ -148,7 +148,7 @@ def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path)
 
 def test_second_run_reuses_the_caches_and_gives_the_same_metrics(stage2, toy_root, monkeypatch, caplog):
     import engine.distill
-    from train_distillation import main
+    from engine.stages.distill import main
 
     calls = []
     for name in ("load_vlm", "pooled_image_features", "load_teacher"):
@@ -223,7 +223,7 @@ def test_missing_stage1_output_exits_2_naming_train_vlm(toy_root, tmp_path):
                                   "another_vlm"])
 def test_bad_inputs_are_one_line_errors(case, stage2, tiny_vlm_dir, toy_root, tmp_path, capsys):
     from models.teacher import build_teacher, save_teacher
-    from train_distillation import main
+    from engine.stages.distill import main
     from utils.checkpoints import write_meta
     from utils.errors import run_cli
 
@@ -258,7 +258,7 @@ def test_bad_inputs_are_one_line_errors(case, stage2, tiny_vlm_dir, toy_root, tm
 @pytest.mark.parametrize("flag", ["--epochs", "--teacher_epochs", "--batch_size", "--feature_batch_size",
                                   "--teacher_batch_size"])
 def test_counts_below_one_are_one_line_errors(flag, toy_root, tmp_path, capsys):
-    from train_distillation import main
+    from engine.stages.distill import main
     from utils.errors import run_cli
 
     assert run_cli(main, stage2_argv(toy_root, tmp_path, flag, "0")) == 2
@@ -275,7 +275,7 @@ def test_reference_teacher_uses_the_authors_preprocessing_and_other_models_their
     from torchvision import transforms as T
 
     from models.teacher import DEFAULT_TEACHER, data_config, teacher_transforms
-    import train_distillation
+    from engine.stages import distill as train_distillation
 
     assert DEFAULT_TEACHER == "vit_base_patch16_384.orig_in21k_ft_in1k"
     assert train_distillation.get_args_parser().get_default("teacher_model") == DEFAULT_TEACHER

@@ -90,7 +90,7 @@ def test_head_spec_is_parsed_and_checked():
 def swept(trained_pipeline, tmp_path_factory) -> Swept:  # noqa: F811
     """A copy of the trained toy pipeline with a depth sweep and an alpha sweep of stage 2 (3 head
     epochs each) and stage 3 on the paper's head with two seeds; stage 1 and the caches are reused."""
-    import train_distillation
+    from engine.stages import distill as train_distillation
     import train_gate
 
     root = tmp_path_factory.mktemp("swept")
