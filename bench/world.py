@@ -48,7 +48,7 @@ def stages_1_and_2(root: Path, classes: int, per_class: int, test_per_class: int
                    teacher_epochs: int = 1, head_epochs: int = 1) -> ToyRun:
     """Toy images and the tiny VLM under ``root``, then stages 0 (synthetic), 1 and 2 with the toy configs."""
     from engine.stages import distill as train_distillation
-    import train_vlm
+    from engine.stages import vlm as train_vlm
     from data.toy import make_toy_dataset
     from models.tiny import build_tiny_vlm
 

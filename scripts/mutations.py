@@ -43,7 +43,7 @@ class Mutant:
 
 METHOD = "tests/test_method.py::"
 MUTANTS = (
-    Mutant("collator_whole_sequence", "train_vlm.py",
+    Mutant("collator_whole_sequence", "engine/stages/vlm.py",
            "data_collator=ConversationCollator(processor, args.train_on_prompt)",
            "data_collator=ConversationCollator(processor, True)",
            (METHOD + "test_trainer_batches_label_only_the_answers",),

@@ -65,7 +65,7 @@ def run_pipeline(pipeline: Pipeline, vlm_epochs: int = 1, teacher_epochs: int = 
     """Stages 0 (synthetic), 1, 2 and 3 into ``pipeline.output_dir``; ``gate_args`` None stops after 2."""
     from engine.stages import distill as train_distillation
     import train_gate
-    import train_vlm
+    from engine.stages import vlm as train_vlm
 
     write_annotations(pipeline)
     train_vlm.main(pipeline.argv("--vlm_model", str(pipeline.vlm_model), "--config", str(CONFIGS / "toy_vlm.yaml"),

@@ -194,7 +194,7 @@ def test_pipeline_end_to_end_above_chance(arch, family_dir, toy_root, tmp_path_f
     final_accuracy = np.mean([result["final_label"] == label for result, label in zip(results, labels)])
     assert final_accuracy == pytest.approx(metrics["gates"][metrics["gate"]]["accuracy"])
     # Stage 0 with the family as the local generator (greedy generation), on two images.
-    import generate_instructions
+    from engine.stages import instructions as generate_instructions
     from data.annotations import ANNOTATIONS_FILE
 
     stage0 = Pipeline(toy_root, tmp_path_factory.mktemp(f"stage0-{arch}"), family_dir(arch))

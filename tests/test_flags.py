@@ -10,7 +10,8 @@ import pytest
 from utils.cli import COMMON_RULES
 from utils.errors import UserError
 
-STAGES = ("generate_instructions", "train_vlm", "engine.stages.distill", "train_gate", "demo", "predict", "data.__main__")
+STAGES = ("engine.stages.instructions", "engine.stages.vlm", "engine.stages.distill", "train_gate", "demo", "predict",
+          "data.__main__")
 # Values each rule must refuse (for int flags only the ones argparse can parse as int).
 BAD_VALUES = {"count": ["0", "-3"], "index": ["-1"], "positive": ["0", "-1e-4", "nan", "inf"],
               "nonnegative": ["-0.1", "nan", "-inf"], "fraction": ["-0.1", "1.5", "nan"],
@@ -65,7 +66,7 @@ def test_every_numeric_flag_is_range_checked_in_one_line(stage, tmp_path, capsys
     ("lr: [1\nepochs: 2\n", "cannot parse"),
 ])
 def test_config_values_are_checked_like_flags(text, message, tmp_path, capsys):
-    import train_vlm
+    from engine.stages import vlm as train_vlm
 
     config = tmp_path / "bad.yaml"
     config.write_text(text)
@@ -75,7 +76,7 @@ def test_config_values_are_checked_like_flags(text, message, tmp_path, capsys):
 
 
 def test_pixel_budget_min_above_max_is_refused(tmp_path, capsys):
-    import train_vlm
+    from engine.stages import vlm as train_vlm
 
     line = refuses(train_vlm, ["--dataname", "toy", "--min_pixels", "5000", "--max_pixels", "4000"], capsys)
     assert line == "error: --min_pixels 5000 is above --max_pixels 4000"

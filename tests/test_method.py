@@ -36,7 +36,7 @@ def test_trainer_batches_label_only_the_answers(toy_root, tiny_vlm_dir, tmp_path
     loader, has labels on the assistant answers (and their end token) only."""
     from transformers import Trainer
 
-    import train_vlm
+    from engine.stages import vlm as train_vlm
     from data.annotations import read_annotations, to_conversations
     from data.datasets import load_dataset
     from models.chat import IGNORE_INDEX

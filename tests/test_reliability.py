@@ -127,7 +127,7 @@ def test_a_diverged_run_stops_in_one_line_and_keeps_the_old_results(stage, finis
 
 
 def test_a_diverged_vlm_run_keeps_the_old_adapter(finished, capsys):
-    import train_vlm
+    from engine.stages import vlm as train_vlm
     from utils.errors import run_cli
 
     before = snapshot(finished)
@@ -230,15 +230,15 @@ def unwritable(tmp_path) -> Path:
     pytest.skip("no unwritable folder available")
 
 
-@pytest.mark.parametrize("stage", ["data.__main__", "generate_instructions", "train_vlm"])
+@pytest.mark.parametrize("stage", ["data.__main__", "engine.stages.instructions", "engine.stages.vlm"])
 def test_an_unwritable_output_dir_is_one_line(stage, unwritable, toy_root, tiny_vlm_dir, capsys):
     import importlib
 
     from utils.errors import run_cli
 
     argv = ["--dataname", "toy", "--data_root", str(toy_root), "--output_dir", str(unwritable)]
-    argv += {"generate_instructions": ["--base_url", "http://127.0.0.1:9/v1", "--api_key", "x"],
-             "train_vlm": ["--vlm_model", str(tiny_vlm_dir)]}.get(stage, [])
+    argv += {"engine.stages.instructions": ["--base_url", "http://127.0.0.1:9/v1", "--api_key", "x"],
+             "engine.stages.vlm": ["--vlm_model", str(tiny_vlm_dir)]}.get(stage, [])
     assert run_cli(importlib.import_module(stage).main, argv) == 2
     line = one_error_line(capsys)
     assert str(unwritable) in line and "--output_dir" in line

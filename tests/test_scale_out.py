@@ -75,7 +75,7 @@ def test_blocks_cover_every_item_once_and_join_in_order(tmp_path):
 # ---------------------------------------------------------------- stage 1 evaluation
 
 def test_stage1_eval_two_processes_equal_one(trained_pipeline, tmp_path):  # noqa: F811
-    import train_vlm
+    from engine.stages import vlm as train_vlm
 
     one, two = (copy_stages(trained_pipeline, tmp_path / name, "vlm") for name in ("one", "two"))
     flags = ["--dataname", "toy", "--data_root", str(trained_pipeline.data_root), "--eval_only",
@@ -119,7 +119,7 @@ def test_stage3_killed_rank_keeps_caches_valid_and_sharded_rerun_equals_one(trai
 def test_stage0_local_backend_killed_rank_resumes_to_the_one_process_file(tiny_vlm_dir, tmp_path):
     from data.annotations import ANNOTATIONS_FILE
     from data.toy import make_toy_dataset
-    from generate_instructions import main
+    from engine.stages.instructions import main
 
     root = tmp_path / "images"
     make_toy_dataset(root / "toy", num_classes=2, per_class=6, test_per_class=1, seed=0, size=64)

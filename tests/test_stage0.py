@@ -17,7 +17,7 @@ from data.annotations import ANNOTATIONS_FILE, read_annotations
 from data.datasets import load_dataset
 from fake_openai_server import (FakeOpenAIServer, Reply, good_answer, image_urls, leaking_answer, prompt_text,
                                 refusing_key)
-from generate_instructions import main
+from engine.stages.instructions import main
 from utils.errors import UserError
 
 KEY = "sk-test-Zq81secretvalue"

@@ -115,7 +115,7 @@ def test_examples_skip_val_images_and_refuse_missing_ones(toy_root, tmp_path, ca
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, toy_root, tiny_vlm_dir) -> Path:
     """Stage 1 run in-process with the documented toy settings; returns the vlm/ folder."""
-    import train_vlm
+    from engine.stages import vlm as train_vlm
 
     output_dir = tmp_path_factory.mktemp("outputs")
     write_annotations(toy_root, output_dir)
@@ -176,7 +176,7 @@ def test_score_is_a_distribution_matching_one_class_at_a_time(trained, toy_root)
 
 
 def test_generate_mode_and_unparseable_answers(trained, tiny_vlm_dir, toy_root, tmp_path):
-    import train_vlm
+    from engine.stages import vlm as train_vlm
     from data.datasets import load_dataset
     from engine.vlm_eval import evaluate_vlm
     from models.vlm import load_processor, load_vlm
@@ -202,7 +202,7 @@ def test_generate_mode_and_unparseable_answers(trained, tiny_vlm_dir, toy_root, 
 
 
 def test_eval_only_refuses_another_base_model(trained, toy_root):
-    import train_vlm
+    from engine.stages import vlm as train_vlm
     from utils.errors import UserError
 
     with pytest.raises(UserError, match="adapter trained on --vlm_model"):
@@ -214,7 +214,7 @@ def test_eval_only_loads_the_base_as_trained_and_accepts_a_moved_base(trained, t
     import shutil
 
     import engine.vlm_eval
-    import train_vlm
+    from engine.stages import vlm as train_vlm
     from engine.vlm_eval import base_model_path, load_trained_vlm, trained_quant
     from utils.errors import UserError
 
@@ -278,7 +278,7 @@ def test_trainer_placement_is_checked(gpus, monkeypatch, tmp_path):
     would become DataParallel (n_gpu 3, batch x3); one visible GPU is cuda:0 only."""
     from accelerate.state import AcceleratorState
 
-    import train_vlm
+    from engine.stages import vlm as train_vlm
     from engine.vlm_train import check_placement, training_arguments
     from utils.cli import parse_args
     from utils.errors import UserError
@@ -301,7 +301,7 @@ def test_trainer_placement_is_checked(gpus, monkeypatch, tmp_path):
 
 
 def test_flag_mistakes_stop_before_loading(toy_root, tmp_path, capsys):
-    import train_vlm
+    from engine.stages import vlm as train_vlm
     from utils.errors import run_cli
 
     argv = stage1_argv(toy_root, tmp_path, tmp_path / "no-model")
@@ -327,7 +327,7 @@ def test_two_process_cpu_run_saves_one_adapter(tiny_vlm_dir, toy_root, tmp_path)
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_vlm_dir, toy_root, tmp_path, capsys):
-    import train_vlm
+    from engine.stages import vlm as train_vlm
 
     write_annotations(toy_root, tmp_path)
     argv = stage1_argv(toy_root, tmp_path, tiny_vlm_dir, "--config", TOY_CONFIG, "--skip_eval")
@@ -352,7 +352,7 @@ def test_missing_annotations_exit_2_naming_stage_0(tiny_vlm_dir, toy_root, tmp_p
 
 @pytest.mark.parametrize("case", ["image_gone", "quant_without_cuda", "unknown_model"])
 def test_bad_inputs_are_one_line_errors(case, tiny_vlm_dir, toy_root, tmp_path, capsys):
-    import train_vlm
+    from engine.stages import vlm as train_vlm
     from utils.errors import run_cli
 
     extra = ("toy/train/awe/deleted.png",) if case == "image_gone" else ()
@@ -380,7 +380,7 @@ def test_stage1_schedule_is_constant_without_warmup_unless_asked(tmp_path, extra
     """The first optimiser step runs at the full lr by default; ``--warmup_ratio`` > 0 ramps it up."""
     from transformers import get_scheduler
 
-    import train_vlm
+    from engine.stages import vlm as train_vlm
     from engine.vlm_train import training_arguments
 
     args = train_vlm.get_args_parser().parse_args(["--dataname", "x", *extra])
