@@ -314,3 +314,15 @@ def test_gate_on_too_few_validation_images_is_one_line(labels):
 
     with pytest.raises(UserError, match="--gate_train_split val: the .* cannot fill two halves"):
         gate_training_data({"train": data(0), "val": data(len(labels))}, "val", seed=0)
+
+
+def test_torch_save_is_byte_identical_for_the_same_tensors(tmp_path):
+    """Checkpoint ids (file hashes) must not change between runs that saved the same weights."""
+    import torch
+
+    from utils.io import torch_save
+
+    state = {"weight": torch.arange(6.0).reshape(2, 3)}
+    first, second = torch_save(state, tmp_path / "a.pt"), torch_save(state, tmp_path / "sub" / "a.pt")
+    assert first.read_bytes() == second.read_bytes()
+    assert torch.equal(torch.load(first, weights_only=True)["weight"], state["weight"])

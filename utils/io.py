@@ -51,6 +51,13 @@ def read_json(path: str | Path) -> Any:
 
 
 def torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` atomically. Written through a file object: given a path, torch names the
+    archive inside the file after it (here a random temporary name), so the same tensors would
+    give different bytes, and different file ids, on every run."""
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    return atomic_write(path, save)
