@@ -238,7 +238,7 @@ def predictions(gate: nn.Module, data: GateData) -> torch.Tensor:
 # ---------------------------------------------------------------- checkpoint
 
 def save_gate(path: str | Path, result: GateResult, class_names: Sequence[str], **fields) -> Path:
-    """``gate.pt``: weights plus everything needed to rebuild and trust the gate (CONTRACTS.md);
+    """``gate.pt``: weights plus everything needed to rebuild and trust the gate (README, stage 3);
     ``engine.predict.load_gate`` reads it back."""
     state = {key: value.detach().cpu() for key, value in result.gate.state_dict().items()}
     return torch_save({"state_dict": state, "gate": result.name,
