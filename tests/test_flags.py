@@ -10,7 +10,7 @@ import pytest
 from utils.cli import COMMON_RULES
 from utils.errors import UserError
 
-STAGES = ("generate_instructions", "train_vlm", "train_distillation", "train_gate", "demo", "predict", "data.__main__")
+STAGES = ("generate_instructions", "train_vlm", "train_distillation", "engine.stages.gate", "demo", "predict", "data.__main__")
 # Values each rule must refuse (for int flags only the ones argparse can parse as int).
 BAD_VALUES = {"count": ["0", "-3"], "index": ["-1"], "positive": ["0", "-1e-4", "nan", "inf"],
               "nonnegative": ["-0.1", "nan", "-inf"], "fraction": ["-0.1", "1.5", "nan"],
