@@ -72,7 +72,7 @@ def _stage2(root: Path) -> dict:
 def _stage3(root: Path) -> dict:
     import torch
 
-    import train_gate
+    from engine.stages import gate as train_gate
     from bench.gate_cost import CLASSES, PER_CLASS, TEST_PER_CLASS, _one_pass
     from data.datasets import load_dataset
     from data.toy import make_toy_dataset

@@ -69,7 +69,7 @@ def _one_pass(pipeline, splits) -> None:
 
 
 def _stage(pipeline, cold: bool) -> None:
-    import train_gate
+    from engine.stages import gate as train_gate
 
     if cold:
         shutil.rmtree(pipeline.stage("gate") / "cache", ignore_errors=True)

@@ -64,7 +64,7 @@ def run_pipeline(pipeline: Pipeline, vlm_epochs: int = 1, teacher_epochs: int = 
                  gate_args: tuple[str, ...] | None = ("--gate", "all")) -> Pipeline:
     """Stages 0 (synthetic), 1, 2 and 3 into ``pipeline.output_dir``; ``gate_args`` None stops after 2."""
     from engine.stages import distill as train_distillation
-    import train_gate
+    from engine.stages import gate as train_gate
     from engine.stages import vlm as train_vlm
 
     write_annotations(pipeline)

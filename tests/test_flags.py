@@ -10,7 +10,7 @@ import pytest
 from utils.cli import COMMON_RULES
 from utils.errors import UserError
 
-STAGES = ("engine.stages.instructions", "engine.stages.vlm", "engine.stages.distill", "train_gate", "demo", "predict",
+STAGES = ("engine.stages.instructions", "engine.stages.vlm", "engine.stages.distill", "engine.stages.gate", "demo", "predict",
           "data.__main__")
 # Values each rule must refuse (for int flags only the ones argparse can parse as int).
 BAD_VALUES = {"count": ["0", "-3"], "index": ["-1"], "positive": ["0", "-1e-4", "nan", "inf"],

@@ -66,7 +66,7 @@ def test_stage2_killed_then_rerun_ends_as_an_uninterrupted_run(target, call, fin
 @pytest.mark.parametrize("target, call", [("utils.cache:store", 2),     # VLM answers: 1 split cached
                                           ("engine.gate:_evaluate", 3)])  # gate training, epoch 3
 def test_stage3_killed_then_rerun_ends_as_an_uninterrupted_run(target, call, finished, trained_pipeline):
-    import train_gate
+    from engine.stages import gate as train_gate
 
     gate = finished.stage("gate")
     if target.startswith("utils.cache"):

@@ -73,7 +73,7 @@ def test_trainer_batches_label_only_the_answers(toy_root, tiny_vlm_dir, tmp_path
 
 def _pipeline_gate_data(pipeline: Pipeline) -> dict:
     """The gate's inputs per split exactly as train_gate.py builds them (from its caches)."""
-    import train_gate
+    from engine.stages import gate as train_gate
     from data.datasets import load_dataset
     from utils.cli import parse_args
 

@@ -78,7 +78,7 @@ def test_reproduce_refuses_bad_usage_before_running_anything(tmp_path, argv, mes
 def stage_parser(config: Path):
     """The argument parser of the stage script a config belongs to (by the file name's suffix)."""
     from engine.stages import distill as train_distillation
-    import train_gate
+    from engine.stages import gate as train_gate
     from engine.stages import vlm as train_vlm
 
     scripts = {"vlm": train_vlm, "distill": train_distillation, "gate": train_gate}

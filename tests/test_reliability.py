@@ -111,7 +111,7 @@ def test_a_non_finite_number_is_never_committed(tmp_path):
 @pytest.mark.parametrize("stage", ["distill", "gate"])
 def test_a_diverged_run_stops_in_one_line_and_keeps_the_old_results(stage, finished, capsys):
     from engine.stages import distill as train_distillation
-    import train_gate
+    from engine.stages import gate as train_gate
     from utils.errors import run_cli
 
     before = snapshot(finished)
@@ -140,7 +140,7 @@ def test_a_diverged_vlm_run_keeps_the_old_adapter(finished, capsys):
 
 
 def test_a_damaged_feature_cache_is_named_with_the_command_that_rebuilds_it(finished, capsys):
-    import train_gate
+    from engine.stages import gate as train_gate
     from utils.errors import run_cli
 
     cache = finished.stage("distill") / "cache" / "vlm_features_test.pt"
@@ -170,7 +170,7 @@ def hold_lock(folder: Path) -> subprocess.Popen:
 
 
 def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_first(finished, capsys):
-    import train_gate
+    from engine.stages import gate as train_gate
     from utils.errors import run_cli
 
     before = snapshot(finished)
@@ -248,7 +248,7 @@ def test_an_unwritable_output_dir_is_one_line(stage, unwritable, toy_root, tiny_
 def test_an_output_folder_that_cannot_be_created_is_one_line(stage, finished, capsys):
     """Stages 2 and 3 (they need earlier outputs; as root, no folder mode stops a write)."""
     from engine.stages import distill as train_distillation
-    import train_gate
+    from engine.stages import gate as train_gate
     from utils.errors import run_cli
 
     folder = finished.stage(stage)

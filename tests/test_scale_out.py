@@ -144,7 +144,7 @@ def test_stage0_local_backend_killed_rank_resumes_to_the_one_process_file(tiny_v
 
 def stage3_test_predictions(pipeline) -> dict[str, dict]:
     """Stage 3's evaluation per test image (from its caches and gate.pt): labels and final probabilities."""
-    import train_gate
+    from engine.stages import gate as train_gate
     from data.datasets import load_dataset
     from engine.gate import gate_logits
     from engine.predict import load_gate

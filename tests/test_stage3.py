@@ -24,7 +24,7 @@ MARGIN = 0.10
 
 def _gate_data(pipeline: Pipeline, *extra: str) -> dict:
     """The gate's inputs per split, as train_gate.py builds them (from the caches after a run)."""
-    import train_gate
+    from engine.stages import gate as train_gate
     from utils.checkpoints import read_meta
     from utils.cli import parse_args
 
@@ -118,12 +118,13 @@ def test_checkpoint_reload_reproduces_the_test_predictions(trained_pipeline):
 def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monkeypatch, caplog):
     import engine.distill
     import engine.vlm_eval
-    import train_gate
+    from engine.stages import gate as train_gate
 
     def no_forward(*args, **kwargs):
         raise AssertionError("a rerun must not run the frozen VLM")
 
     monkeypatch.setattr(engine.vlm_eval, "load_trained_vlm", no_forward)
+    monkeypatch.setattr(train_gate, "load_trained_vlm", no_forward)  # the name stage 3 calls
     monkeypatch.setattr(engine.vlm_eval, "predict_vlm", no_forward)
     monkeypatch.setattr(engine.distill, "load_vlm", no_forward)
     gate_dir = trained_pipeline.stage("gate")
@@ -180,7 +181,7 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
 def test_parser_choice_is_applied_and_recorded(trained_pipeline, tmp_path, monkeypatch, parser, unparseable):
     """Half the (faked) decoded answers are a bare class word: strict reads none of them."""
     import engine.vlm_eval
-    import train_gate
+    from engine.stages import gate as train_gate
 
     def answers(model, processor, prompts, images, max_new_tokens, batch_size):
         return [("{'emotion': 'awe'}" if i % 2 else "awe") for i in range(len(prompts))]
@@ -242,7 +243,7 @@ def _edit_meta(pipeline: Pipeline, stage: str, **fields) -> None:
 
 @pytest.mark.parametrize("case", ["no_distill", "other_classes", "other_vlm", "probs_of_generate"])
 def test_bad_inputs_are_one_line_errors(case, trained_pipeline, tmp_path, capsys):
-    import train_gate
+    from engine.stages import gate as train_gate
     from utils.errors import run_cli
 
     pipeline = _copy_metas(trained_pipeline, tmp_path, ("vlm",) if case == "no_distill" else ("vlm", "distill"))
@@ -281,7 +282,7 @@ def _copy_outputs(pipeline: Pipeline, output_dir: Path, ignore=()) -> Pipeline:
 def test_feature_cache_mismatch_asks_for_stage2_and_leaves_it_alone(case, trained_pipeline, tmp_path, capsys,
                                                                     monkeypatch):
     import engine.distill
-    import train_gate
+    from engine.stages import gate as train_gate
     from utils.errors import run_cli
 
     pipeline = _copy_outputs(trained_pipeline, tmp_path, ["gate", "cache"] if case == "missing" else ["gate"])
@@ -299,7 +300,7 @@ def test_feature_cache_mismatch_asks_for_stage2_and_leaves_it_alone(case, traine
 
 
 def test_gate_trained_on_validation_halves(trained_pipeline, tmp_path):
-    import train_gate
+    from engine.stages import gate as train_gate
     from engine.gate import predictions, stratified_halves, subset
 
     labels = torch.tensor([0] * 5 + [1] * 4 + [2] * 3)
@@ -327,7 +328,7 @@ def test_gate_trained_on_validation_halves(trained_pipeline, tmp_path):
 
 @pytest.mark.parametrize("flag", ["--epochs", "--batch_size", "--vlm_batch_size", "--max_new_tokens"])
 def test_counts_below_one_are_one_line_errors(flag, toy_root, tmp_path, capsys):
-    import train_gate
+    from engine.stages import gate as train_gate
     from utils.errors import run_cli
 
     argv = ["--dataname", "toy", "--data_root", str(toy_root), "--output_dir", str(tmp_path), flag, "0"]

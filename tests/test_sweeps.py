@@ -91,7 +91,7 @@ def swept(trained_pipeline, tmp_path_factory) -> Swept:  # noqa: F811
     """A copy of the trained toy pipeline with a depth sweep and an alpha sweep of stage 2 (3 head
     epochs each) and stage 3 on the paper's head with two seeds; stage 1 and the caches are reused."""
     from engine.stages import distill as train_distillation
-    import train_gate
+    from engine.stages import gate as train_gate
 
     root = tmp_path_factory.mktemp("swept")
     shutil.copytree(trained_pipeline.output_dir, root, dirs_exist_ok=True)
@@ -172,7 +172,7 @@ def test_statistics_come_from_the_tabled_predictions(swept):
 
 
 def test_stage3_fuses_a_chosen_head_and_refuses_a_missing_one(swept, capsys):
-    import train_gate
+    from engine.stages import gate as train_gate
     from utils.errors import run_cli
 
     gate = swept.stage("gate")
