@@ -133,7 +133,7 @@ def test_app_over_http_returns_every_field(predictor, test_images, tmp_path):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    import demo
+    from engine.stages import demo
     from data.datasets import open_image
 
     _, paths = test_images
@@ -229,7 +229,7 @@ def test_missing_or_mismatched_parts_name_the_stage(trained_pipeline, tmp_path, 
 
 
 def test_cli_error_is_one_line(trained_pipeline, tmp_path, capsys, monkeypatch):  # noqa: F811
-    import demo
+    from engine.stages import demo
     from utils.errors import run_cli
 
     out = _copy_outputs(trained_pipeline, tmp_path)
@@ -258,7 +258,7 @@ def test_head_features_ignore_an_adapter_on_the_vision_tower(tiny_vlm_dir, test_
 
 @pytest.mark.parametrize("flag", ["--max_new_tokens", "--max_image_side", "--max_upload_pixels"])
 def test_counts_below_one_are_one_line_errors(flag, tmp_path, capsys):
-    import demo
+    from engine.stages import demo
     from utils.errors import run_cli
 
     assert run_cli(demo.main, ["--dataname", "toy", "--output_dir", str(tmp_path), flag, "0"]) == 2
