@@ -3,8 +3,11 @@ answers over HTTP with every field, and missing, mismatched or bad inputs give r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -263,3 +266,13 @@ def test_counts_below_one_are_one_line_errors(flag, tmp_path, capsys):
 
     assert run_cli(demo.main, ["--dataname", "toy", "--output_dir", str(tmp_path), flag, "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {flag} must be at least 1 (got 0)"]
+
+
+def test_importing_the_demo_changes_nothing_until_gradio_is_needed():
+    """No import-time side effect: gradio's analytics switch is set only when the app needs gradio,
+    and then before gradio is imported."""
+    check = ("import os, sys; import engine.stages.demo as demo; "
+             "assert 'GRADIO_ANALYTICS_ENABLED' not in os.environ and 'gradio' not in sys.modules; "
+             "demo._gradio(); assert os.environ['GRADIO_ANALYTICS_ENABLED'] == 'False'")
+    env = {key: value for key, value in os.environ.items() if key != "GRADIO_ANALYTICS_ENABLED"}
+    subprocess.run([sys.executable, "-c", check], check=True, env=env, cwd=Path(__file__).parent.parent)
