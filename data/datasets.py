@@ -21,6 +21,7 @@ from utils.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
+SPLITS = ("train", "val", "test")  # the dataset folder's subfolders, in this order
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 VAL_FRACTION = 0.1
 ORIENTATION_TAG = 0x0112  # EXIF orientation
@@ -62,7 +63,7 @@ class DatasetSplits:
     skipped: list[str] = field(default_factory=list)  # undecodable images left out
 
     def split(self, name: str) -> list[Sample]:
-        if name not in ("train", "val", "test"):
+        if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}")
         return getattr(self, name)
 

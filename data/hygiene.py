@@ -20,10 +20,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from data.datasets import is_image_file
+from data.datasets import SPLITS, is_image_file
 from utils.errors import UserError
 
-SPLITS = ("train", "val", "test")
 NEAR_DUPLICATE_BITS = 6   # dHash distance (of 64 bits) at or below which two images count as near-duplicates
 MIN_SIDE = 32             # images with a shorter side (pixels) are reported as tiny
 MAX_IMBALANCE = 10.0      # largest / smallest class in train above which the split is flagged

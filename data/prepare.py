@@ -32,9 +32,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.datasets import known_classes
-from data.hygiene import (MAX_IMBALANCE, MIN_SIDE, NEAR_DUPLICATE_BITS, SPLITS, check_layout,
-                          drop_cross_split_duplicates, format_report)
+from data.datasets import SPLITS, known_classes
+from data.hygiene import (MAX_IMBALANCE, MIN_SIDE, NEAR_DUPLICATE_BITS, check_layout, drop_cross_split_duplicates,
+                          format_report)
 from data.sources import (SourceImage, dedupe, keep_existing, read_csv_source, read_emoset,
                           read_folders, read_prefix, read_vote_table)
 from utils.errors import UserError, first_line, run_cli

@@ -8,8 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.datasets import IMAGE_EXTENSIONS, is_image_file
-from data.hygiene import SPLITS
+from data.datasets import IMAGE_EXTENSIONS, SPLITS, is_image_file
 from utils.errors import UserError
 from utils.io import read_json
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.datasets import PIXELS, DatasetSplits, ImageDataset, Sample
+from data.datasets import PIXELS, SPLITS, DatasetSplits, ImageDataset, Sample
 from engine.batches import shuffled_batches
 from models.heads import DistillHead
 from models.teacher import load_teacher, teacher_transforms
@@ -37,7 +37,6 @@ from utils.metrics import save_curves_png
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 HEAD_FILE = "head.pt"
 
 

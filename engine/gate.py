@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.datasets import PIXELS
+from data.datasets import PIXELS, SPLITS
 from engine.batches import shuffled_batches
 from models.gates import build_gate
 from utils.cache import image_list_id, load_cached, store
@@ -29,7 +29,6 @@ from utils.outputs import check_finite
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 SIGNALS = ("onehot", "probs")
 ANSWER_MODES = ("score", "generate")
 
@@ -238,8 +237,8 @@ def predictions(gate: nn.Module, data: GateData) -> torch.Tensor:
 # ---------------------------------------------------------------- checkpoint
 
 def save_gate(path: str | Path, result: GateResult, class_names: Sequence[str], **fields) -> Path:
-    """``gate.pt``: weights plus everything needed to rebuild and trust the gate (README, stage 3);
-    ``engine.predict.load_gate`` reads it back."""
+    """``gate.pt``: weights plus everything needed to rebuild and trust the gate (its keys: README,
+    "Stage 3"); ``engine.predict.load_gate`` reads it back."""
     state = {key: value.detach().cpu() for key, value in result.gate.state_dict().items()}
     return torch_save({"state_dict": state, "gate": result.name,
                        "num_classes": len(class_names), "class_names": list(class_names),

@@ -105,7 +105,7 @@ def _train_tokenizer(chat_template: str = CHAT_TEMPLATE, extra_tokens: tuple[str
 
 
 def _text_config(tokenizer, **extra) -> dict:
-    """A tiny config: text hidden 64, 2 layers, 4 heads (head_dim 16)."""
+    """The tiny text model: hidden 64, 2 layers, 4 heads (head_dim 16)."""
     return dict(
         vocab_size=-(-len(tokenizer) // 64) * 64,  # rounded up, as real checkpoints pad the vocab
         hidden_size=TINY_HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -42,7 +42,7 @@ def test_page_uploads_an_image_and_shows_the_prediction(trained_pipeline, browse
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait
 
-    import demo
+    from engine.stages import demo
     from data.datasets import open_image
     from engine.predict import EmoVLMKD
 

@@ -3,8 +3,11 @@ answers over HTTP with every field, and missing, mismatched or bad inputs give r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,7 +136,7 @@ def test_app_over_http_returns_every_field(predictor, test_images, tmp_path):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    import demo
+    from engine.stages import demo
     from data.datasets import open_image
 
     _, paths = test_images
@@ -229,7 +232,7 @@ def test_missing_or_mismatched_parts_name_the_stage(trained_pipeline, tmp_path, 
 
 
 def test_cli_error_is_one_line(trained_pipeline, tmp_path, capsys, monkeypatch):  # noqa: F811
-    import demo
+    from engine.stages import demo
     from utils.errors import run_cli
 
     out = _copy_outputs(trained_pipeline, tmp_path)
@@ -258,8 +261,18 @@ def test_head_features_ignore_an_adapter_on_the_vision_tower(tiny_vlm_dir, test_
 
 @pytest.mark.parametrize("flag", ["--max_new_tokens", "--max_image_side", "--max_upload_pixels"])
 def test_counts_below_one_are_one_line_errors(flag, tmp_path, capsys):
-    import demo
+    from engine.stages import demo
     from utils.errors import run_cli
 
     assert run_cli(demo.main, ["--dataname", "toy", "--output_dir", str(tmp_path), flag, "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {flag} must be at least 1 (got 0)"]
+
+
+def test_importing_the_demo_changes_nothing_until_gradio_is_needed():
+    """No import-time side effect: gradio's analytics switch is set only when the app needs gradio,
+    and then before gradio is imported."""
+    check = ("import os, sys; import engine.stages.demo as demo; "
+             "assert 'GRADIO_ANALYTICS_ENABLED' not in os.environ and 'gradio' not in sys.modules; "
+             "demo._gradio(); assert os.environ['GRADIO_ANALYTICS_ENABLED'] == 'False'")
+    env = {key: value for key, value in os.environ.items() if key != "GRADIO_ANALYTICS_ENABLED"}
+    subprocess.run([sys.executable, "-c", check], check=True, env=env, cwd=Path(__file__).parent.parent)

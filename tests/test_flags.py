@@ -10,7 +10,7 @@ import pytest
 from utils.cli import COMMON_RULES
 from utils.errors import UserError
 
-STAGES = ("engine.stages.instructions", "engine.stages.vlm", "engine.stages.distill", "engine.stages.gate", "demo", "predict",
+STAGES = ("engine.stages.instructions", "engine.stages.vlm", "engine.stages.distill", "engine.stages.gate", "engine.stages.demo", "engine.stages.predict",
           "data.__main__")
 # Values each rule must refuse (for int flags only the ones argparse can parse as int).
 BAD_VALUES = {"count": ["0", "-3"], "index": ["-1"], "positive": ["0", "-1e-4", "nan", "inf"],
@@ -39,7 +39,7 @@ def refuses(module, argv, capsys) -> str:
 def test_every_numeric_flag_is_range_checked_in_one_line(stage, tmp_path, capsys):
     module = importlib.import_module(stage)
     base = ["--dataname", "toy", "--data_root", str(tmp_path / "images"), "--output_dir", str(tmp_path / "out")]
-    if stage == "predict":  # its required flags
+    if stage == "engine.stages.predict":  # its required flags
         base += ["--images", str(tmp_path / "photos"), "--out", str(tmp_path / "out" / "predictions.jsonl")]
     checked = 0
     for action, rule in numeric_flags(module):

@@ -76,7 +76,7 @@ def test_stage_0_sends_the_same_pixels_without_an_orientation_tag(name, request)
 def test_demo_refuses_an_oversized_upload_from_its_header(tmp_path):
     import gradio as gr
 
-    from demo import readable_upload_errors
+    from engine.stages.demo import readable_upload_errors
 
     class Component:  # stands in for gr.Image: its preprocessing would decode the pixels
         def preprocess(self, payload):

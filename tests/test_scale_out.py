@@ -166,7 +166,7 @@ def stage3_test_predictions(pipeline) -> dict[str, dict]:
 
 
 def test_predict_folder_sharded_failing_rank_rerun_and_agreement_with_stage3(trained_pipeline, tmp_path):  # noqa: F811
-    import predict
+    from engine.stages import predict
     from engine.batch_predict import list_images
 
     images = tmp_path / "photos"
@@ -209,7 +209,7 @@ def test_predict_folder_sharded_failing_rank_rerun_and_agreement_with_stage3(tra
 def test_predict_csv_resumes_and_explains(trained_pipeline, tmp_path):  # noqa: F811
     import csv
 
-    import predict
+    from engine.stages import predict
 
     images = tmp_path / "photos"
     for path in sorted((trained_pipeline.data_root / "toy" / "test").rglob("*.png"))[:3]:
@@ -233,7 +233,7 @@ def test_predict_csv_resumes_and_explains(trained_pipeline, tmp_path):  # noqa: 
 
 @pytest.mark.parametrize("case", ["no_folder", "no_images", "out_is_folder", "csv_of_another_run"])
 def test_predict_bad_inputs_are_one_line_errors(case, trained_pipeline, tmp_path, capsys):  # noqa: F811
-    import predict
+    from engine.stages import predict
     from utils.errors import run_cli
 
     images, out = tmp_path / "photos", tmp_path / "p.csv"

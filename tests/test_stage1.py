@@ -162,7 +162,8 @@ def test_reloaded_adapter_reproduces_the_trained_predictions(trained):
 
 
 def test_score_is_a_distribution_matching_one_class_at_a_time(trained, toy_root):
-    from engine.vlm_eval import load_trained_vlm, score_classes, score_classes_full
+    from engine.vlm_eval import load_trained_vlm, score_classes
+    from tests.oracles import score_classes_full
 
     model, processor, meta = load_trained_vlm(trained, "cpu")
     images, _ = _test_images(toy_root)

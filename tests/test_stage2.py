@@ -31,7 +31,7 @@ def stage1_meta(output_dir: Path, vlm: Path) -> Path:
 
 
 def stage2_argv(toy_root: Path, output_dir: Path, *extra: str) -> list[str]:
-    # Three teacher epochs suffice for the tiny ViT on the toy set (measured: 100% by epoch 3).
+    # Three teacher epochs suffice for the tiny ViT on the toy set (from scratch at 64 px it reaches 100% by epoch 3).
     return ["--dataname", "toy", "--data_root", str(toy_root), "--output_dir", str(output_dir),
             "--config", TOY_CONFIG, "--teacher_epochs", "3", *extra]
 

@@ -57,10 +57,6 @@ def load_config(path: str) -> dict:
     return values
 
 
-class _ArgumentParserError(Exception):
-    pass
-
-
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
                rules: dict[str, str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; values from ``--config`` become defaults that the command line overrides.
