@@ -3,7 +3,7 @@ next to batch 32: ``python -m bench.batch_one``.
 
 The head and the gate train on cached tensors, so one step per image must not make either stage
 much dearer than the frozen pass it cannot avoid. On the toy worlds of ``bench.distill_cost``
-(2,400 images) and ``bench.gate_cost`` (1,200 images) this times, in one process:
+and ``bench.gate_cost`` (2,000 images each) this times, in one process:
 (1) stage 2: one frozen feature pass (visual encoder + teacher over every image), and the whole
     ``train_distillation.py`` (5 head epochs, caches empty, teacher given) at batch 1 and 32;
 (2) stage 3: one pass of the frozen models (VLM class answers + head on cached features), and the
@@ -14,7 +14,7 @@ Targets: each stage at batch 1 within 1.3x one frozen pass (as at batch 32), and
 ``HEAD_STEPS_TARGET`` head steps per second at 3584-d, so that 5 head epochs stay well below one
 frozen pass of a 7B model (tens of milliseconds per image). The tiny models make the frozen pass
 very cheap (~2-3 ms per image), so the toy ratios are an upper bound of what a real model sees.
-Needs pytest installed (requirements-dev.txt): stage 3's world is built with tests/pipeline.py.
+Stage 3's world is built by bench/world.py.
 """
 from __future__ import annotations
 
@@ -72,18 +72,13 @@ def _stage2(root: Path) -> dict:
 def _stage3(root: Path) -> dict:
     import torch
 
-    from engine.stages import gate as train_gate
     from bench.gate_cost import CLASSES, PER_CLASS, TEST_PER_CLASS, _one_pass
+    from bench.world import stages_1_and_2
     from data.datasets import load_dataset
-    from data.toy import make_toy_dataset
-    from models.tiny import build_tiny_vlm
-    from tests.pipeline import Pipeline, run_pipeline
+    from engine.stages import gate as train_gate
 
     torch.manual_seed(0)
-    make_toy_dataset(root / "images" / "toy", num_classes=CLASSES, per_class=PER_CLASS,
-                     test_per_class=TEST_PER_CLASS, seed=0, size=64)
-    pipeline = run_pipeline(Pipeline(root / "images", root / "outputs", build_tiny_vlm(root / "tiny", seed=0)),
-                            vlm_epochs=1, teacher_epochs=1, head_epochs=1, gate_args=None)
+    pipeline = stages_1_and_2(root, CLASSES, PER_CLASS, TEST_PER_CLASS)
     splits = load_dataset(pipeline.data_root, "toy", pipeline.output_dir)
 
     def stage(batch_size: int) -> None:
