@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import TARGETS_KEY, format_targets, target_row
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,29 +136,19 @@ def run() -> dict:
         "head_steps_per_s_64d": round(toy_rate),
         "head_steps_per_s_3584d": round(wide_rate),
     }
-    result["stage2_b1_within_target"] = result["stage2_b1_over_feature_pass"] <= STAGE_TARGET
-    result["stage3_b1_within_target"] = result["stage3_b1_over_one_pass"] <= STAGE_TARGET
-    result["head_steps_within_target"] = wide_rate >= HEAD_STEPS_TARGET
-    print(_report(result))
+    result[TARGETS_KEY] = [
+        target_row(f"stage 2 ({HEAD_EPOCHS} head epochs) at batch 1 / one frozen feature pass",
+                   result["stage2_b1_over_feature_pass"], "<=", STAGE_TARGET),
+        target_row(f"stage 3 ({GATE_EPOCHS} gate epochs, cold caches) at batch 1 / one pass of the frozen models",
+                   result["stage3_b1_over_one_pass"], "<=", STAGE_TARGET),
+        target_row(f"head optimiser steps per second at batch 1, {WIDE_DIM}-d features", wide_rate, ">=",
+                   HEAD_STEPS_TARGET, unit="/s"),
+    ]
+    for key, value in result.items():
+        if key != TARGETS_KEY:
+            print(f"{key}: {value}")
+    print(format_targets(result[TARGETS_KEY]))
     return result
-
-
-def _met(flag: bool) -> str:
-    return "met" if flag else "MISSED"
-
-
-def _report(r: dict) -> str:
-    return "\n".join([
-        f"stage 2 ({HEAD_EPOCHS} head epochs, {r['stage2_images']} images) / one frozen feature pass: batch 1 "
-        f"{r['stage2_b1_over_feature_pass']:.2f}x (target <= {STAGE_TARGET}x: {_met(r['stage2_b1_within_target'])}), "
-        f"batch 32 {r['stage2_b32_over_feature_pass']:.2f}x",
-        f"stage 3 ({GATE_EPOCHS} gate epochs, {r['stage3_images']} images) / one pass of the frozen models: batch 1 "
-        f"{r['stage3_b1_over_one_pass']:.2f}x (target <= {STAGE_TARGET}x: {_met(r['stage3_b1_within_target'])}), "
-        f"batch 32 {r['stage3_b32_over_one_pass']:.2f}x",
-        f"head optimiser steps per second at batch 1: {r['head_steps_per_s_64d']} (64-d toy features), "
-        f"{r['head_steps_per_s_3584d']} ({WIDE_DIM}-d, Qwen2-VL-7B's width; target >= {HEAD_STEPS_TARGET}: "
-        f"{_met(r['head_steps_within_target'])})",
-    ])
 
 
 if __name__ == "__main__":
