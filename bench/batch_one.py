@@ -133,6 +133,8 @@ def run() -> dict:
         "stage3_images": stage3["images"],
         "stage3_b1_over_one_pass": round(stage3["b1_s"] / stage3["one_pass_s"], 3),
         "stage3_b32_over_one_pass": round(stage3["b32_s"] / stage3["one_pass_s"], 3),
+        "stage2_seconds_feature_pass_b1_b32": [round(stage2[k], 1) for k in ("feature_pass_s", "b1_s", "b32_s")],
+        "stage3_seconds_one_pass_b1_b32": [round(stage3[k], 1) for k in ("one_pass_s", "b1_s", "b32_s")],
         "head_steps_per_s_64d": round(toy_rate),
         "head_steps_per_s_3584d": round(wide_rate),
     }
