@@ -255,7 +255,8 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
                batch_size: int = 1, alpha: float = 0.5, temperature: float = 2.0, standardize: bool = False,
                seed: int = 0, device: str | torch.device = "cpu",
                log_path: Path | None = None) -> tuple[DistillHead, dict]:
-    """Train the head on cached tensors with the distillation loss; keep the epoch best on validation.
+    """Train the head on cached tensors with the distillation loss; keep the epoch best on validation
+    (engine.fit).
 
     The reference code takes one optimiser step per image (``batch_size`` 1, the default). So
     that this stays cheap, the cached tensors move to ``device`` once, the batch order is drawn
