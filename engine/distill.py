@@ -11,8 +11,6 @@ results gathered in order (utils.dist.shard_map).
 """
 from __future__ import annotations
 
-import copy
-import json
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,6 +22,7 @@ from tqdm import tqdm
 
 from data.datasets import PIXELS, SPLITS, DatasetSplits, ImageDataset, Sample
 from engine.batches import shuffled_batches
+from engine.fit import EpochLog, fit
 from models.heads import DistillHead
 from models.teacher import load_teacher, teacher_transforms
 from models.vlm import load_processor, load_vlm, pooled_image_features
@@ -31,8 +30,7 @@ from utils.cache import digest, image_list_id, load_cached, readable, store
 from utils.checkpoints import STAGE_COMMANDS, check_compatible, file_id, read_meta
 from utils.dist import barrier, distributed_rank, shard_map
 from utils.errors import UserError
-from utils.io import torch_save, write_text
-from utils.outputs import check_finite
+from utils.io import torch_save
 from utils.metrics import save_curves_png
 
 log = logging.getLogger(__name__)
@@ -202,19 +200,23 @@ def cached_teacher_logits(splits: DatasetSplits, teacher_path: str | Path, devic
 
 
 @torch.no_grad()
-def _accuracy(model, loader, device) -> float:
+def evaluate_teacher(model, loader, device) -> dict:
+    """``{"val_loss", "val_acc"}`` of the teacher over ``loader`` (mean cross-entropy, accuracy)."""
     model.eval()
+    loss = 0.0
     correct = total = 0
     for images, labels in loader:
-        correct += (model(images.to(device)).argmax(-1).cpu() == labels).sum().item()
+        logits = model(images.to(device))
+        loss += F.cross_entropy(logits.float(), labels.to(device), reduction="sum").item()
+        correct += (logits.argmax(-1).cpu() == labels).sum().item()
         total += len(labels)
-    return correct / max(total, 1)
+    return {"val_loss": loss / max(total, 1), "val_acc": correct / max(total, 1)}
 
 
 def train_teacher(model: torch.nn.Module, splits: DatasetSplits, data_config: dict, device: torch.device,
                   epochs: int, lr: float, weight_decay: float, batch_size: int, num_workers: int,
                   seed: int, out_dir: Path) -> dict:
-    """Fine-tune the teacher with Adam; keep the epoch best on validation.
+    """Fine-tune the teacher with Adam; keep the epoch best on validation (engine.fit).
 
     Returns ``{state_dict, epoch, best_val_acc, history}``; writes ``log.txt`` and ``curves.png``.
     """
@@ -226,10 +228,8 @@ def train_teacher(model: torch.nn.Module, splits: DatasetSplits, data_config: di
                             num_workers=num_workers)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    best = {"best_val_acc": -1.0, "epoch": 0, "state_dict": None}
-    history = []
-    for epoch in range(1, epochs + 1):
-        model.train()
+
+    def train_epoch(epoch: int) -> dict:
         total = count = 0.0
         for images, labels in tqdm(train_loader, desc=f"teacher epoch {epoch}/{epochs}", leave=False):
             loss = F.cross_entropy(model(images.to(device)), labels.to(device))
@@ -238,17 +238,13 @@ def train_teacher(model: torch.nn.Module, splits: DatasetSplits, data_config: di
             optimizer.step()
             total += loss.item() * len(labels)
             count += len(labels)
-        check_finite(total / count, f"the teacher's training loss in epoch {epoch}", "--teacher_lr")
-        row = {"epoch": epoch, "train_loss": total / count, "val_acc": _accuracy(model, val_loader, device)}
-        history.append(row)
-        print("teacher " + json.dumps(row))
-        if row["val_acc"] > best["best_val_acc"]:
-            best = {"best_val_acc": row["val_acc"], "epoch": epoch,
-                    "state_dict": copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})}
-        write_text(out_dir / "log.txt", "".join(json.dumps(h) + "\n" for h in history))
-    save_curves_png(history, out_dir / "curves.png", "stage 2: teacher fine-tuning")
-    model.load_state_dict(best["state_dict"])
-    return {**best, "history": history}
+        return {"train_loss": total / count}
+
+    fitted = fit(model, epochs, train_epoch, lambda: evaluate_teacher(model, val_loader, device),
+                 name="teacher", flags="--teacher_lr", epoch_log=EpochLog(out_dir / "log.txt"))
+    save_curves_png(fitted.history, out_dir / "curves.png", "stage 2: teacher fine-tuning")
+    return {"state_dict": fitted.best_state, "epoch": fitted.best_epoch, "best_val_acc": fitted.best["val_acc"],
+            "history": fitted.history}
 
 
 # ---------------------------------------------------------------- head
@@ -259,7 +255,8 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
                batch_size: int = 1, alpha: float = 0.5, temperature: float = 2.0, standardize: bool = False,
                seed: int = 0, device: str | torch.device = "cpu",
                log_path: Path | None = None) -> tuple[DistillHead, dict]:
-    """Train the head on cached tensors with the distillation loss; keep the epoch best on validation.
+    """Train the head on cached tensors with the distillation loss; keep the epoch best on validation
+    (engine.fit).
 
     The reference code takes one optimiser step per image (``batch_size`` 1, the default). So
     that this stays cheap, the cached tensors move to ``device`` once, the batch order is drawn
@@ -275,11 +272,10 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
     head.to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
     x_all, t_all, y_all = (values["train"].to(device) for values in (features, teacher_logits, labels))
+    x_val, t_val, y_val = (values["val"] for values in (features, teacher_logits, labels))  # picks the epoch
     generator = torch.Generator(device=device).manual_seed(seed)
-    best = {"best_val_acc": -1.0, "epoch": 0, "state_dict": None}
-    history = []
-    for epoch in range(1, epochs + 1):
-        head.train()
+
+    def train_epoch(epoch: int) -> dict:
         total = torch.zeros((), device=device)
         for index in shuffled_batches(len(y_all), batch_size, generator):
             loss = distillation_loss(head(x_all[index]), t_all[index], y_all[index], alpha, temperature)
@@ -287,23 +283,17 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
             loss.backward()
             optimizer.step()
             total += loss.detach() * len(index)
-        head.eval()
-        with torch.no_grad():
-            val_logits = head(features["val"].to(device)).float().cpu()
-        val_loss = distillation_loss(val_logits, teacher_logits["val"], labels["val"], alpha, temperature)
-        train_loss = total.item() / max(len(y_all), 1)  # the epoch's one host sync
-        check_finite(train_loss + val_loss.item(), f"the head's loss in epoch {epoch}", "--lr (or --temperature)")
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss.item(),
-               "val_acc": (val_logits.argmax(-1) == labels["val"]).float().mean().item()}
-        history.append(row)
-        log.info("head %s", json.dumps(row))
-        if row["val_acc"] > best["best_val_acc"]:
-            best = {"best_val_acc": row["val_acc"], "epoch": epoch,
-                    "state_dict": copy.deepcopy({k: v.cpu() for k, v in head.state_dict().items()})}
-        if log_path is not None:
-            write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
-    head.load_state_dict(best["state_dict"])
-    return head.cpu().eval(), {"epoch": best["epoch"], "best_val_acc": best["best_val_acc"], "history": history}
+        return {"train_loss": total.item() / max(len(y_all), 1)}  # the epoch's one host sync
+
+    def evaluate() -> dict:
+        val_logits = head(x_val.to(device)).float().cpu()
+        val_loss = distillation_loss(val_logits, t_val, y_val, alpha, temperature)
+        return {"val_loss": val_loss.item(), "val_acc": (val_logits.argmax(-1) == y_val).float().mean().item()}
+
+    fitted = fit(head, epochs, train_epoch, evaluate, name="head", flags="--lr (or --temperature)",
+                 epoch_log=EpochLog(log_path) if log_path is not None else None)
+    return head.cpu().eval(), {"epoch": fitted.best_epoch, "best_val_acc": fitted.best["val_acc"],
+                               "history": fitted.history}
 
 
 @torch.no_grad()

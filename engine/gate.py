@@ -19,13 +19,13 @@ from torch import nn
 
 from data.datasets import PIXELS, SPLITS
 from engine.batches import shuffled_batches
+from engine.fit import EpochLog, by_val_acc_then_loss, fit
 from models.gates import build_gate
 from utils.cache import image_list_id, load_cached, store
 from utils.dist import barrier, is_main_process, shard_map
 from utils.errors import UserError
 from utils.io import torch_save
 from utils.metrics import NONE
-from utils.outputs import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +187,14 @@ def _evaluate(gate: nn.Module, data: GateData) -> tuple[float, float]:
 
 def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epochs: int = 10,
                lr: float = 1e-4, weight_decay: float = 1e-4, batch_size: int = 1, seed: int = 42,
-               device: str | torch.device = "cpu", on_epoch: Callable[[dict], None] | None = None) -> GateResult:
-    """Train gate ``name`` with cross-entropy and Adam; keep the epoch best on validation.
+               device: str | torch.device = "cpu", epoch_log: EpochLog | None = None) -> GateResult:
+    """Train gate ``name`` with cross-entropy and Adam; keep the epoch best on validation (engine.fit).
 
     Best means highest validation accuracy, ties going to the lower validation loss. The
     initialisation and the batch order depend only on ``seed``, not on which gates ran before.
     One step per image (``batch_size`` 1) is the reference code's regime; the inputs sit on
-    ``device`` and the loss is read back once per epoch, so small batches stay cheap.
+    ``device`` and the loss is read back once per epoch, so small batches stay cheap. Each
+    history row carries the gate's name, so several gates can share one ``epoch_log``.
     """
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -201,10 +202,8 @@ def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epoc
     optimizer = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=weight_decay)
     order = torch.Generator(device=device).manual_seed(seed)
     signal, logits_in, labels = train.vlm_signal.to(device), train.head_logits.to(device), train.labels.to(device)
-    best = None  # (val_acc, -val_loss), epoch, state
-    history = []
-    for epoch in range(1, epochs + 1):
-        gate.train()
+
+    def train_epoch(epoch: int) -> dict:
         total = torch.zeros((), device=device)
         for index in shuffled_batches(len(labels), batch_size, order):
             loss = F.cross_entropy(gate(signal[index], logits_in[index]), labels[index])
@@ -212,22 +211,16 @@ def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epoc
             loss.backward()
             optimizer.step()
             total += loss.detach() * len(index)
+        return {"train_loss": total.item() / max(len(labels), 1)}  # the epoch's one host sync
+
+    def evaluate() -> dict:
         val_loss, val_acc = _evaluate(gate, val)
-        train_loss = total.item() / max(len(labels), 1)  # the epoch's one host sync
-        check_finite(train_loss + val_loss, f"the {name} gate's loss in epoch {epoch}", "--lr")
-        row = {"gate": name, "epoch": epoch, "train_loss": train_loss,
-               "val_loss": val_loss, "val_acc": val_acc}
-        history.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
-        score = (val_acc, -val_loss)
-        if best is None or score > best[0]:
-            best = (score, epoch, {k: v.detach().clone() for k, v in gate.state_dict().items()})
-    if best is None:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    gate.load_state_dict(best[2])
-    gate.eval()
-    return GateResult(name=name, gate=gate, best_epoch=best[1], best_val_acc=best[0][0], history=history)
+        return {"val_loss": val_loss, "val_acc": val_acc}
+
+    fitted = fit(gate, epochs, train_epoch, evaluate, name=f"{name} gate", flags="--lr", score=by_val_acc_then_loss,
+                 tag={"gate": name}, epoch_log=epoch_log)
+    return GateResult(name=name, gate=gate, best_epoch=fitted.best_epoch, best_val_acc=fitted.best["val_acc"],
+                      history=fitted.history)
 
 
 def predictions(gate: nn.Module, data: GateData) -> torch.Tensor:

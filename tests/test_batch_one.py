@@ -41,7 +41,7 @@ def counted(monkeypatch):
         return step(self, *args, **kwargs)
 
     def counting_item(self):
-        counts["items"] += sys._getframe(1).f_globals["__name__"] in ("engine.distill", "engine.gate")
+        counts["items"] += sys._getframe(1).f_globals["__name__"] in ("engine.distill", "engine.gate", "engine.fit")
         return item(self)
 
     monkeypatch.setattr(torch.optim.Adam, "step", counting_step)

@@ -177,7 +177,7 @@ def test_teacher_keeps_the_epoch_best_on_validation_not_on_training(tmp_path):
     from torch.utils.data import DataLoader
 
     from data.datasets import ImageDataset, load_dataset
-    from engine.distill import _accuracy, train_teacher
+    from engine.distill import evaluate_teacher, train_teacher
     from models.teacher import build_teacher, data_config, teacher_transforms
     from models.tiny import TINY_TEACHER_IMG_SIZE, TINY_TEACHER_MODEL
 
@@ -195,8 +195,8 @@ def test_teacher_keeps_the_epoch_best_on_validation_not_on_training(tmp_path):
     _, eval_transform = teacher_transforms(config)
 
     def accuracy(split: str) -> float:
-        return _accuracy(model, DataLoader(ImageDataset(splits.data_root, splits.split(split), eval_transform),
-                                           batch_size=8), "cpu")
+        return evaluate_teacher(model, DataLoader(ImageDataset(splits.data_root, splits.split(split), eval_transform),
+                                                  batch_size=8), "cpu")["val_acc"]
 
     best = max(row["val_acc"] for row in result["history"])
     assert result["best_val_acc"] == best == accuracy("val")  # the returned weights are that epoch's

@@ -60,13 +60,27 @@ def save_confusion_png(matrix: Sequence[Sequence[int]], class_names: Sequence[st
     return Path(path)
 
 
-def save_curves_png(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """Plot every numeric key of per-epoch records (``epoch`` on the x axis), losses and accuracies apart."""
+def _named_rows(histories: dict[str, Sequence[dict]]) -> list[dict]:
+    """The rows of several histories in one list; with more than one, each key is prefixed by its history's name."""
+    prefix = len(histories) > 1
+    return [{"epoch": row["epoch"], **{(f"{name} {key}" if prefix else key): value for key, value in row.items()
+                                       if key != "epoch"}}
+            for name, rows in histories.items() for row in rows]
+
+
+def save_curves_png(history: Sequence[dict] | dict[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
+    """Plot every numeric key of per-epoch records (``epoch`` on the x axis), losses and accuracies apart.
+
+    ``history`` is one fit's rows (engine.fit's format, or stage 1's) or ``{name: rows}`` of several
+    fits drawn together (the gates of one stage-3 run).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if isinstance(history, dict):
+        history = _named_rows(history)
     keys = sorted({k for row in history for k, v in row.items()
                    if k != "epoch" and isinstance(v, (int, float))})
     loss_keys = [k for k in keys if "loss" in k]

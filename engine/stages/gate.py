@@ -4,7 +4,6 @@ model's test metrics, statistics and table. See ``train_gate.py`` for usage."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from data.datasets import load_dataset
 from data.prompts import PARSERS
 from engine.distill import cached_vlm_features, head_logits, load_head, read_cached_teacher_logits
+from engine.fit import EpochLog
 from engine.gate import (ANSWER_MODES, SIGNALS, GateData, cached_vlm_predictions, gate_training_data, predictions,
                          save_gate, split_accuracies, train_gate, vlm_gate_inputs)
 from engine.vlm_eval import load_trained_vlm, trained_quant
@@ -138,14 +138,6 @@ def teacher_metrics(args, class_names, num_test: int, head_dir: Path | None = No
     return metrics
 
 
-def curve_rows(results: dict) -> list[dict]:
-    """Per-epoch rows for curves.png; with several gates each key is prefixed by the gate's name."""
-    prefix = len(results) > 1
-    return [{"epoch": row["epoch"], **{(f"{name} {key}" if prefix else key): value for key, value in row.items()
-                                       if key not in ("gate", "epoch")}}
-            for name, result in results.items() for row in result.history]
-
-
 def gate_test_predictions(data: dict, results: dict, teacher_pred) -> dict:
     """Every model's test predictions, stored in metrics.json: the table's accuracies, intervals,
     p-values and oracle are all computed from these lists."""
@@ -199,7 +191,8 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
     write_json(out_dir / "metrics.json", metrics)
     save_confusion_png(metrics["gates"][selected]["confusion_matrix"], class_names,
                        out_dir / "confusion_matrix.png", f"{args.dataname}: EmoVLM-KD ({selected})")
-    save_curves_png(curve_rows(results), out_dir / "curves.png", f"{args.dataname}: gate training")
+    save_curves_png({name: result.history for name, result in results.items()}, out_dir / "curves.png",
+                    f"{args.dataname}: gate training")
     table = markdown_table(dataset_rows(args.dataname, metrics)) + "\n\nGates: " + "; ".join(
         f"`{name}` = {GATE_LABELS[name]}" for name in results) + f". Head fused: `{provenance['head_run']}`.\n\n" \
         + complementarity_table(metrics) + "\n"
@@ -268,21 +261,14 @@ def run(args) -> None:
 def fit_gates(args, names: list[str], data: dict, num_classes: int, device, log_path: Path) -> tuple[dict, str]:
     """Train every gate in ``names`` with ``args.seed``; ``(results, the name best on validation)``."""
     seed_everything(args.seed)
-    log_path.unlink(missing_ok=True)
-
-    def log_epoch(row: dict) -> None:
-        with open(log_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-        print(f"[{row['gate']}] epoch {row['epoch']}: train loss {row['train_loss']:.4f}, "
-              f"val loss {row['val_loss']:.4f}, val acc {row['val_acc']:.4f}")
-
+    epoch_log = EpochLog(log_path)  # one JSON line per gate and epoch
     fit, select = gate_training_data(data, args.gate_train_split, args.seed)
     print(f"training {', '.join(f'{name} ({GATE_LABELS[name]})' for name in names)} on {len(fit.labels)} cached "
           f"{args.gate_train_split} examples, picking the epoch on {len(select.labels)} other validation examples "
           f"({args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr:g}, wd {args.weight_decay:g}, "
           f"seed {args.seed})")
     results = {name: train_gate(name, num_classes, fit, select, args.epochs,
-                                args.lr, args.weight_decay, args.batch_size, args.seed, device, log_epoch)
+                                args.lr, args.weight_decay, args.batch_size, args.seed, device, epoch_log)
                for name in names}
     return results, max(names, key=lambda name: results[name].best_val_acc)  # the first of equals wins
 

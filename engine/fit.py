@@ -1,0 +1,99 @@
+"""The one training loop of the teacher, the head and the gate: run an epoch, evaluate on
+validation, keep the state best on validation, record one history row per epoch.
+
+The callers keep what differs between them: how an epoch trains (the teacher through a
+DataLoader, the head and the gate one step per image on device-resident tensors) and what
+validation measures. Every history row has one format,
+``{"epoch", "train_loss", "val_loss", "val_acc"}``, preceded by a caller's ``tag`` (the gate's
+name, when several gates share one ``log.txt``); ``log.txt`` holds the rows as JSON lines and
+``utils.metrics.save_curves_png`` draws them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from utils.io import write_text
+from utils.outputs import check_finite
+
+log = logging.getLogger(__name__)
+
+
+def by_val_acc(row: dict) -> float:
+    """Highest validation accuracy; among equals the earliest epoch (teacher, head)."""
+    return row["val_acc"]
+
+
+def by_val_acc_then_loss(row: dict) -> tuple[float, float]:
+    """Highest validation accuracy, ties to the lower validation loss, then the earliest epoch (gate)."""
+    return row["val_acc"], -row["val_loss"]
+
+
+@dataclass
+class Fit:
+    best_state: dict[str, torch.Tensor]  # a CPU copy of the best epoch's state_dict
+    best_epoch: int
+    history: list[dict]                  # one row per epoch, in order
+
+    @property
+    def best(self) -> dict:
+        """The best epoch's history row."""
+        return self.history[self.best_epoch - 1]
+
+
+class EpochLog:
+    """``log.txt``: one JSON line per history row, the whole file rewritten atomically after each
+    row (a killed run leaves whole lines). Several fits may add to one log."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+
+
+def fit(model: nn.Module, epochs: int, train_epoch: Callable[[int], dict], evaluate: Callable[[], dict], *,
+        name: str, flags: str, score: Callable[[dict], object] = by_val_acc, tag: dict | None = None,
+        epoch_log: EpochLog | None = None) -> Fit:
+    """Train ``model`` for ``epochs`` epochs and load into it the state best on validation.
+
+    ``train_epoch(epoch)`` runs one epoch in train mode and returns ``{"train_loss"}``;
+    ``evaluate()`` runs in eval mode without gradients and returns ``{"val_loss", "val_acc"}``.
+    ``score(row)`` ranks the epochs (the first of equals is kept). A non-finite loss stops with
+    a DivergedError naming ``name`` and ``flags``; ``name`` also heads each logged row.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    history: list[dict] = []
+    best_score = best_state = None
+    best_epoch = 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        trained = train_epoch(epoch)
+        model.eval()
+        with torch.no_grad():
+            validated = evaluate()
+        row = {**(tag or {}), "epoch": epoch, "train_loss": trained["train_loss"],
+               "val_loss": validated["val_loss"], "val_acc": validated["val_acc"]}
+        check_finite(row["train_loss"] + row["val_loss"], f"the {name}'s loss in epoch {epoch}", flags)
+        history.append(row)
+        log.info("%s %s", name, json.dumps(row))
+        if epoch_log is not None:
+            epoch_log.add(row)
+        if best_score is None or score(row) > best_score:
+            best_score, best_epoch, best_state = score(row), epoch, _cpu_copy(model)
+    model.load_state_dict(best_state)
+    model.eval()
+    return Fit(best_state, best_epoch, history)
+
+
+def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
