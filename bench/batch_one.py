@@ -29,7 +29,7 @@ from bench.distill_cost import EPOCHS as HEAD_EPOCHS
 from bench.distill_cost import feature_pass_seconds, stage_seconds, toy_world
 from bench.gate_cost import CLASSES, PER_CLASS, TEST_PER_CLASS, frozen_pass
 from bench.gate_cost import EPOCHS as GATE_EPOCHS
-from bench.gate_cost import stage as gate_stage
+from bench.gate_cost import gate_stage
 from bench.world import stages_1_and_2
 from data.datasets import load_dataset
 from engine.distill import train_head

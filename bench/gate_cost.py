@@ -64,7 +64,7 @@ def frozen_pass(pipeline, splits) -> None:
         head_logits(head, features[split])
 
 
-def stage(pipeline, cold: bool, *extra: str) -> None:
+def gate_stage(pipeline, cold: bool, *extra: str) -> None:
     """``train_gate.py`` with ``EPOCHS`` epochs and ``extra`` flags; ``cold``: its VLM-answer cache
     emptied first, so it makes the frozen pass itself."""
     if cold:
@@ -105,10 +105,10 @@ def run() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = stages_1_and_2(Path(tmp), CLASSES, PER_CLASS, TEST_PER_CLASS)
         splits = load_dataset(pipeline.data_root, "toy", pipeline.output_dir)
-        stage(pipeline, cold=True)  # untimed: pays one-off costs (imports, first model load)
+        gate_stage(pipeline, cold=True)  # untimed: pays one-off costs (imports, first model load)
         one_pass = best_of(lambda: frozen_pass(pipeline, splits))
-        stage = best_of(lambda: stage(pipeline, cold=True))
-        warm = best_of(lambda: stage(pipeline, cold=False))
+        stage = best_of(lambda: gate_stage(pipeline, cold=True))
+        warm = best_of(lambda: gate_stage(pipeline, cold=False))
         per_image, tokens = _reference(pipeline, splits)
         reference = per_image * len(splits.train) * EPOCHS
     return {
