@@ -5,6 +5,15 @@ written before measuring, and whether this run met it. A miss is printed as a mi
 from __future__ import annotations
 
 import operator
+import os
+import time
+from typing import Callable
+
+# Benchmarks run offline on local tiny models. Set here, in the package, because the hub
+# libraries read these when first imported, and every ``python -m bench.<name>`` imports this first.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 TARGETS_KEY = "targets"
 _COMPARE = {"<=": operator.le, ">=": operator.ge}
@@ -23,3 +32,24 @@ def format_targets(rows: list[dict]) -> str:
         lines.append(f"| {row['what']} | {row['measured']:.3g}{row['unit']} | {row['target']} | "
                      f"{'yes' if row['met'] else 'NO (missed)'} |")
     return "\n".join(lines)
+
+
+def print_results(results: dict) -> None:
+    """A benchmark's results, one ``key value`` line each, then its target rows as a table."""
+    width = max(len(key) for key in results)
+    for key, value in results.items():
+        if key != TARGETS_KEY:
+            print(f"{key:{width}s} {value:.3g}" if isinstance(value, float) else f"{key:{width}s} {value}")
+    print(format_targets(results[TARGETS_KEY]))
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    """Wall time of one call of ``fn``."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def best_of(fn: Callable[[], object], repeats: int = 2) -> float:
+    """The fastest of ``repeats`` calls: the machine is shared, the minimum is the least disturbed."""
+    return min(seconds(fn) for _ in range(repeats))

@@ -12,11 +12,8 @@ import platform
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-from bench import TARGETS_KEY, format_targets  # noqa: E402
-from utils.io import write_json  # noqa: E402
+from bench import TARGETS_KEY, format_targets  # sets the offline environment first
+from utils.io import write_json
 
 BENCHMARKS = ("vlm_predict", "distill_cost", "gate_cost", "batch_one", "sweep_cost", "memory", "prepare_check")
 

@@ -14,27 +14,34 @@ Targets: (2) <= 1.3 x (1); (3) >= 5 x (2).
 """
 from __future__ import annotations
 
-import os
+import logging
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from bench import TARGETS_KEY, target_row
+from data.datasets import load_dataset, open_image
+from data.toy import make_toy_dataset, toy_class_names
+from engine.distill import cached_teacher_logits, cached_vlm_features, distillation_loss
+from engine.stages import distill as train_distillation
+from models.heads import DistillHead
+from models.teacher import build_teacher, data_config, load_teacher, save_teacher, teacher_transforms
+from models.tiny import TINY_TEACHER_IMG_SIZE, TINY_TEACHER_MODEL, build_tiny_vlm
+from models.vlm import load_processor, load_vlm, pooled_image_features, vision_hidden_size
+from utils.checkpoints import write_meta
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EPOCHS = 5
 PER_CLASS, TEST_PER_CLASS = 450, 50
 TARGET = 1.3  # the whole stage at most 1.3x one pass of the frozen models
 REFERENCE_TARGET = 5.0  # the reference approach at least 5x slower than the stage
 
 
-def _toy_world(root: Path) -> tuple[Path, Path, Path]:
-    """Toy images, a tiny VLM and an untrained tiny teacher checkpoint."""
-    from data.toy import make_toy_dataset, toy_class_names
-    from models.teacher import build_teacher, data_config, save_teacher
-    from models.tiny import TINY_TEACHER_IMG_SIZE, TINY_TEACHER_MODEL, build_tiny_vlm
-
+def toy_world(root: Path) -> tuple[Path, Path, Path]:
+    """Toy images, a tiny VLM and an untrained tiny teacher checkpoint (also the world of sweep_cost
+    and batch_one's stage 2)."""
     make_toy_dataset(root / "images" / "toy", num_classes=4, per_class=PER_CLASS, test_per_class=TEST_PER_CLASS,
                      seed=0, size=64)
     vlm = build_tiny_vlm(root / "tiny-qwen2-vl")
@@ -45,9 +52,8 @@ def _toy_world(root: Path) -> tuple[Path, Path, Path]:
     return root / "images", vlm, path
 
 
-def _feature_pass(splits, vlm: Path, teacher: Path, cache_dir: Path) -> float:
-    from engine.distill import cached_teacher_logits, cached_vlm_features
-
+def feature_pass_seconds(splits, vlm: Path, teacher: Path, cache_dir: Path) -> float:
+    """Wall time of one frozen pass (visual encoder, teacher) over every image into ``cache_dir``."""
     start = time.perf_counter()
     cached_vlm_features(splits, str(vlm), None, "cpu", 8, cache_dir)
     cached_teacher_logits(splits, teacher, "cpu", 20, cache_dir)
@@ -56,14 +62,6 @@ def _feature_pass(splits, vlm: Path, teacher: Path, cache_dir: Path) -> float:
 
 def _reference(splits, vlm: Path, teacher_path: Path) -> float:
     """Every epoch: encoder + teacher per training image at batch 1, then one head step."""
-    import torch
-
-    from data.datasets import open_image
-    from engine.distill import distillation_loss
-    from models.heads import DistillHead
-    from models.teacher import load_teacher, teacher_transforms
-    from models.vlm import load_processor, load_vlm, pooled_image_features, vision_hidden_size
-
     model, processor = load_vlm(str(vlm)), load_processor(str(vlm))
     teacher, checkpoint = load_teacher(teacher_path)
     _, eval_transform = teacher_transforms(checkpoint["data_config"])
@@ -82,35 +80,35 @@ def _reference(splits, vlm: Path, teacher_path: Path) -> float:
     return EPOCHS * (time.perf_counter() - start)
 
 
-def _stage(images: Path, vlm: Path, teacher: Path, output_dir: Path) -> float:
-    """Wall time of ``train_distillation.py`` into a fresh output folder (stage 1's meta.json only)."""
-    from data.toy import toy_class_names
-    from engine.stages.distill import main
-    from utils.checkpoints import write_meta
-
+def stage_seconds(images: Path, vlm: Path, teacher: Path, output_dir: Path, *extra: str) -> float:
+    """Wall time of ``train_distillation.py`` (``EPOCHS`` head epochs, teacher given, ``extra`` flags)
+    into ``output_dir``; stage 1's meta.json is written first, as the stage needs it."""
     write_meta(output_dir / "toy" / "vlm", "vlm", toy_class_names(4), base_model=str(vlm), adapter_id="bench")
     start = time.perf_counter()
-    main(["--dataname", "toy", "--data_root", str(images), "--output_dir", str(output_dir),
-          "--config", str(Path(__file__).resolve().parents[1] / "configs" / "toy_distill.yaml"),
-          "--teacher_checkpoint", str(teacher), "--epochs", str(EPOCHS)])
+    train_distillation.main(["--dataname", "toy", "--data_root", str(images), "--output_dir", str(output_dir),
+                             "--config", str(CONFIGS / "toy_distill.yaml"), "--teacher_checkpoint", str(teacher),
+                             "--epochs", str(EPOCHS), *extra])
     return time.perf_counter() - start
+
+
+def warm_world(root: Path) -> tuple[Path, Path, Path]:
+    """``toy_world(root)`` after one untimed stage run into ``root/warmup`` that pays the one-off
+    import costs (and quieter stage logs)."""
+    logging.getLogger("engine.distill").setLevel(logging.WARNING)
+    images, vlm, teacher = toy_world(root)
+    stage_seconds(images, vlm, teacher, root / "warmup")
+    return images, vlm, teacher
 
 
 def run() -> dict:
     """Wall times (s) and the two ratios, from one run in a temporary folder."""
-    import logging
-
-    from data.datasets import load_dataset
-
-    logging.getLogger("engine.distill").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        images, vlm, teacher = _toy_world(root)
-        _stage(images, vlm, teacher, root / "warmup")  # one-off imports, not timed
+        images, vlm, teacher = warm_world(root)
         splits = load_dataset(images, "toy", root / "warmup")
         # Best of two fresh runs each: this machine is shared, the minimum is the least disturbed.
-        feature_pass = min(_feature_pass(splits, vlm, teacher, root / f"cache{i}") for i in range(2))
-        stage = min(_stage(images, vlm, teacher, root / f"outputs{i}") for i in range(2))
+        feature_pass = min(feature_pass_seconds(splits, vlm, teacher, root / f"cache{i}") for i in range(2))
+        stage = min(stage_seconds(images, vlm, teacher, root / f"outputs{i}") for i in range(2))
         reference = _reference(splits, vlm, teacher)
     images_total = len(splits.train) + len(splits.val) + len(splits.test)
     result = {"images": images_total, "head_epochs": EPOCHS, "feature_pass_s": round(feature_pass, 2),

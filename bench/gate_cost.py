@@ -24,15 +24,23 @@ next to a real 7B pass it vanishes; ``stage_over_one_pass`` keeps it in (the tar
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from bench import TARGETS_KEY, format_targets, target_row
+import torch
+import torch.nn.functional as F
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from bench import TARGETS_KEY, best_of, print_results, target_row
+from bench.world import stages_1_and_2
+from data.datasets import load_dataset, open_image
+from engine.distill import cached_vlm_features, head_logits, load_head
+from engine.stages import gate as train_gate
+from engine.vlm_eval import categorical_prompt, load_trained_vlm, predict_samples
+from models.chat import encode_prompts
+from models.gates import build_gate
+from models.vlm import pooled_image_features
 
 EPOCHS = 10
 CLASSES, PER_CLASS, TEST_PER_CLASS = 4, 450, 50
@@ -41,21 +49,9 @@ TARGET = 1.3  # stage wall time at most 1.3x one pass of the frozen models
 REFERENCE_TARGET = 5.0  # the reference approach at least 5x slower than the stage
 
 
-def _best_of(fn, repeats: int = 2) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def _one_pass(pipeline, splits) -> None:
+def frozen_pass(pipeline, splits) -> None:
     """What stage 3 cannot avoid: every image through the trained VLM, and the head on stage 2's
-    cached features."""
-    from engine.distill import cached_vlm_features, head_logits, load_head
-    from engine.vlm_eval import load_trained_vlm, predict_samples
-
+    cached features (also batch_one's stage-3 yardstick)."""
     model, processor, _ = load_trained_vlm(pipeline.stage("vlm"), "cpu")
     head, meta = load_head(pipeline.stage("distill"))
     pixels = {"min_pixels": meta.get("min_pixels"), "max_pixels": meta.get("max_pixels")}
@@ -68,26 +64,16 @@ def _one_pass(pipeline, splits) -> None:
         head_logits(head, features[split])
 
 
-def _stage(pipeline, cold: bool) -> None:
-    from engine.stages import gate as train_gate
-
+def gate_stage(pipeline, cold: bool, *extra: str) -> None:
+    """``train_gate.py`` with ``EPOCHS`` epochs and ``extra`` flags; ``cold``: its VLM-answer cache
+    emptied first, so it makes the frozen pass itself."""
     if cold:
         shutil.rmtree(pipeline.stage("gate") / "cache", ignore_errors=True)
-    train_gate.main(pipeline.argv("--epoch", str(EPOCHS), "--num_workers", "0"))
+    train_gate.main(pipeline.argv("--epochs", str(EPOCHS), "--num_workers", "0", *extra))
 
 
 def _reference(pipeline, splits) -> tuple[float, float]:
     """Seconds per training image and epoch the reference way, and the mean generated length."""
-    import torch
-    import torch.nn.functional as F
-
-    from data.datasets import open_image
-    from engine.distill import load_head
-    from engine.vlm_eval import categorical_prompt, load_trained_vlm
-    from models.chat import encode_prompts
-    from models.gates import build_gate
-    from models.vlm import pooled_image_features
-
     model, processor, _ = load_trained_vlm(pipeline.stage("vlm"), "cpu")
     head, _ = load_head(pipeline.stage("distill"))
     num_classes = len(splits.class_names)
@@ -115,19 +101,14 @@ def _reference(pipeline, splits) -> tuple[float, float]:
 
 def run() -> dict:
     """Build the toy world, time the four ways, return the ratios and times."""
-    import torch
-
-    from bench.world import stages_1_and_2
-    from data.datasets import load_dataset
-
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = stages_1_and_2(Path(tmp), CLASSES, PER_CLASS, TEST_PER_CLASS)
         splits = load_dataset(pipeline.data_root, "toy", pipeline.output_dir)
-        _stage(pipeline, cold=True)  # untimed: pays one-off costs (imports, first model load)
-        one_pass = _best_of(lambda: _one_pass(pipeline, splits))
-        stage = _best_of(lambda: _stage(pipeline, cold=True))
-        warm = _best_of(lambda: _stage(pipeline, cold=False))
+        gate_stage(pipeline, cold=True)  # untimed: pays one-off costs (imports, first model load)
+        one_pass = best_of(lambda: frozen_pass(pipeline, splits))
+        stage = best_of(lambda: gate_stage(pipeline, cold=True))
+        warm = best_of(lambda: gate_stage(pipeline, cold=False))
         per_image, tokens = _reference(pipeline, splits)
         reference = per_image * len(splits.train) * EPOCHS
     return {
@@ -154,10 +135,7 @@ def run() -> dict:
 
 def main() -> int:
     results = run()
-    for key, value in results.items():
-        if key != TARGETS_KEY:
-            print(f"{key:30s} {value:.3g}" if isinstance(value, float) else f"{key:30s} {value}")
-    print(format_targets(results[TARGETS_KEY]))
+    print_results(results)
     print(f"stage (10 epochs, cold caches) / one pass of the frozen models on {results['images']} images: "
           f"{results['stage_over_one_pass']:.2f}x (target <= {TARGET}x), of which {results['stage_warm_s']:.2f} s is "
           f"per-run overhead (without it: {results['inputs_over_one_pass']:.2f}x); "

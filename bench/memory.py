@@ -19,7 +19,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from PIL import Image
+
 from bench import TARGETS_KEY, format_targets, target_row
+from data.datasets import load_dataset
+from data.toy import make_toy_dataset
+from models.tiny import build_tiny_vlm
+from utils.checkpoints import write_meta
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 2
@@ -40,10 +46,6 @@ _DECODE_ALL = ("import runpy, sys; from pathlib import Path; from data.datasets 
 
 def photo_dataset(root: Path, per_class: int) -> None:
     """Toy images re-saved as JPEGs of photo sizes (cycling through PHOTO_SIZES)."""
-    from PIL import Image
-
-    from data.toy import make_toy_dataset
-
     make_toy_dataset(root / "toy", num_classes=CLASSES, per_class=per_class,
                      test_per_class=max(10, per_class // 10), seed=0, size=64)
     sizes = itertools.cycle(PHOTO_SIZES)
@@ -54,9 +56,6 @@ def photo_dataset(root: Path, per_class: int) -> None:
 
 
 def peak_rss_mib(root: Path, out: Path, vlm_dir: Path, decode_all: bool) -> float:
-    from data.datasets import load_dataset
-    from utils.checkpoints import write_meta
-
     splits = load_dataset(root, "toy", out)
     # Stage 2 reads only stage 1's meta.json (class names, base VLM, pixel budget).
     write_meta(out / "toy" / "vlm", "vlm", splits.class_names, base_model=str(vlm_dir))
@@ -73,8 +72,6 @@ def peak_rss_mib(root: Path, out: Path, vlm_dir: Path, decode_all: bool) -> floa
 
 
 def run() -> dict:
-    from models.tiny import build_tiny_vlm
-
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -15,46 +15,23 @@ next to a 7B encoder.
 """
 from __future__ import annotations
 
-import os
 import tempfile
-import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from bench.distill_cost import EPOCHS, stage_seconds, warm_world
 
-EPOCHS = 5
 DEPTHS = ("1", "2", "3", "4", "5")
 ALPHAS = ("0", "0.25", "0.5", "0.75", "1")
 TARGET = 3.0  # the 25-head grid on cached features at most 3x one cold head run
 
 
-def _stage(images: Path, vlm: Path, teacher: Path, output_dir: Path, *extra: str) -> float:
-    """Wall time of ``train_distillation.py`` into ``output_dir`` (stage 1's meta.json written first)."""
-    from data.toy import toy_class_names
-    from engine.stages.distill import main
-    from utils.checkpoints import write_meta
-
-    write_meta(output_dir / "toy" / "vlm", "vlm", toy_class_names(4), base_model=str(vlm), adapter_id="bench")
-    start = time.perf_counter()
-    main(["--dataname", "toy", "--data_root", str(images), "--output_dir", str(output_dir),
-          "--config", str(Path(__file__).resolve().parents[1] / "configs" / "toy_distill.yaml"),
-          "--teacher_checkpoint", str(teacher), "--epochs", str(EPOCHS), *extra])
-    return time.perf_counter() - start
-
-
 def run() -> dict:
     """Wall times (s) of one cold head run and of the warm 5 x 5 grid, and their ratio."""
-    import logging
-
-    from bench.distill_cost import _toy_world
-
-    logging.getLogger("engine.distill").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        images, vlm, teacher = _toy_world(root)
-        _stage(images, vlm, teacher, root / "warmup")  # one-off imports, not timed
-        one_run = _stage(images, vlm, teacher, root / "outputs")
-        grid = _stage(images, vlm, teacher, root / "outputs", "--depth", *DEPTHS, "--alpha", *ALPHAS)
+        images, vlm, teacher = warm_world(root)
+        one_run = stage_seconds(images, vlm, teacher, root / "outputs")
+        grid = stage_seconds(images, vlm, teacher, root / "outputs", "--depth", *DEPTHS, "--alpha", *ALPHAS)
         kept = len(list((root / "outputs" / "toy" / "distill" / "runs").glob("*/meta.json")))
     ratio = grid / one_run
     result = {"heads": len(DEPTHS) * len(ALPHAS), "kept_runs": kept, "head_epochs": EPOCHS,

@@ -14,17 +14,21 @@ rarely stops before the 256-token limit; a trained VLM stops earlier).
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench import TARGETS_KEY, format_targets, target_row
+import torch
+from PIL import Image
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+from bench import TARGETS_KEY, print_results, target_row
+from data.toy import make_toy_dataset, toy_class_names
+from engine.vlm_eval import categorical_prompt, class_conversations, predict_vlm, score_classes
+from models.chat import IGNORE_INDEX, encode_conversations, encode_prompts
+from models.tiny import build_tiny_vlm
+from models.vlm import load_processor, load_vlm
 
 BATCH_SIZE = 8
 NUM_IMAGES = 16
@@ -46,11 +50,6 @@ def _per_image(fn, count: int, repeats: int = 3) -> float:
 
 def _reencode_scores(model, processor, images, class_names):
     """Batched scoring without cache reuse: every (image, class) conversation run whole."""
-    import torch
-
-    from engine.vlm_eval import class_conversations
-    from models.chat import IGNORE_INDEX, encode_conversations
-
     conversations = class_conversations(class_names)
     per_batch = max(1, BATCH_SIZE // len(class_names)) * len(class_names)
     pairs = [(image, conversation) for image in images for conversation in conversations]
@@ -67,11 +66,6 @@ def _reencode_scores(model, processor, images, class_names):
 
 
 def _measure(model, processor, images, class_names) -> dict:
-    import torch
-
-    from engine.vlm_eval import categorical_prompt, predict_vlm, score_classes
-    from models.chat import encode_prompts
-
     prompt = categorical_prompt(class_names)
 
     def prompt_forward():
@@ -108,12 +102,6 @@ def _measure(model, processor, images, class_names) -> dict:
 
 def run() -> dict:
     """Build the tiny world, time each way for 4 and 8 classes; return ratios and ms per image."""
-    import torch
-
-    from data.toy import make_toy_dataset, toy_class_names
-    from models.tiny import build_tiny_vlm
-    from models.vlm import load_processor, load_vlm
-
     torch.manual_seed(0)
     # One thread: the tiny model's ops are too small to split, and timings stay stable on a busy machine.
     threads = torch.get_num_threads()
@@ -122,8 +110,6 @@ def run() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tiny = build_tiny_vlm(Path(tmp) / "tiny-qwen2-vl", seed=0)
         make_toy_dataset(Path(tmp) / "toy", num_classes=8, per_class=1, test_per_class=2, seed=0, size=64)
-        from PIL import Image
-
         files = sorted((Path(tmp) / "toy" / "test").rglob("*.png"))[:NUM_IMAGES]
         images = [Image.open(f).convert("RGB") for f in files]
         model, processor = load_vlm(str(tiny)), load_processor(str(tiny))
@@ -150,10 +136,7 @@ def run() -> dict:
 
 def main() -> int:
     results = run()
-    for key, value in results.items():
-        if key != TARGETS_KEY:
-            print(f"{key:40s} {value:.3g}" if isinstance(value, float) else f"{key:40s} {value}")
-    print(format_targets(results[TARGETS_KEY]))
+    print_results(results)
     return 0
 
 

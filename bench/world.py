@@ -1,12 +1,23 @@
-"""The toy world a stage benchmark runs in: toy images, the tiny VLM, and the earlier stages run
-through their scripts (untimed set-up). Stage 0 is replaced by one templated annotation per
-training image, so no API or generation is needed."""
+"""The toy world a stage benchmark or a test runs in: toy images, the tiny VLM, and the stages run
+in-process through their ``main(argv)`` with the toy configs. Stage 0 is replaced by one templated
+annotation per training image, so no API or generation is needed. ``tests/pipeline.py`` builds the
+test session's pipeline with these functions (with its own schedules)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.annotations import ANNOTATIONS_FILE, Annotation, append_annotation
+from data.datasets import load_dataset
+from data.toy import make_toy_dataset
+from engine.stages import distill as train_distillation
+from engine.stages import gate as train_gate
+from engine.stages import vlm as train_vlm
+from models.tiny import build_tiny_vlm
+from utils.checkpoints import write_meta
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TEMPLATE_GENERATOR = "toy-template"  # the annotations' generator: the template below, not a model
 
 
 @dataclass(frozen=True)
@@ -17,7 +28,7 @@ class ToyRun:
     dataname: str = "toy"
 
     def stage(self, name: str) -> Path:
-        """``<output_dir>/<dataname>/<name>``."""
+        """``<output_dir>/<dataname>/<name>``, e.g. ``stage("gate")``."""
         return self.output_dir / self.dataname / name
 
     def argv(self, *extra: str) -> list[str]:
@@ -28,10 +39,6 @@ class ToyRun:
 
 def write_annotations(run: ToyRun) -> Path:
     """Stand-in for stage 0: one templated annotation per training image."""
-    from data.annotations import ANNOTATIONS_FILE, Annotation, append_annotation
-    from data.datasets import load_dataset
-    from utils.checkpoints import write_meta
-
     splits = load_dataset(run.data_root, run.dataname, run.output_dir)
     folder = run.stage("instructions")
     folder.mkdir(parents=True, exist_ok=True)
@@ -39,25 +46,28 @@ def write_annotations(run: ToyRun) -> Path:
         for sample in splits.train:
             label = splits.class_names[sample.label]
             append_annotation(fh, Annotation(sample.path, label, f"A {label} scene: one shape on a plain ground.",
-                                             "Its colours and shape set the mood.", "bench"))
-    write_meta(folder, "instructions", splits.class_names, generator="bench")
+                                             "Its colours and shape set the mood.", TEMPLATE_GENERATOR))
+    write_meta(folder, "instructions", splits.class_names, generator=TEMPLATE_GENERATOR)
     return folder / ANNOTATIONS_FILE
 
 
-def stages_1_and_2(root: Path, classes: int, per_class: int, test_per_class: int, vlm_epochs: int = 1,
-                   teacher_epochs: int = 1, head_epochs: int = 1) -> ToyRun:
-    """Toy images and the tiny VLM under ``root``, then stages 0 (synthetic), 1 and 2 with the toy configs."""
-    from engine.stages import distill as train_distillation
-    from engine.stages import vlm as train_vlm
-    from data.toy import make_toy_dataset
-    from models.tiny import build_tiny_vlm
-
-    make_toy_dataset(root / "images" / "toy", num_classes=classes, per_class=per_class,
-                     test_per_class=test_per_class, seed=0, size=64)
-    run = ToyRun(root / "images", root / "outputs", build_tiny_vlm(root / "tiny", seed=0))
+def run_stages(run: ToyRun, vlm_epochs: int, teacher_epochs: int, head_epochs: int,
+               gate_args: tuple[str, ...] | None = None) -> ToyRun:
+    """Stages 0 (synthetic), 1 and 2 into ``run.output_dir``, then stage 3 with ``gate_args`` unless None."""
     write_annotations(run)
     train_vlm.main(run.argv("--vlm_model", str(run.vlm_model), "--config", str(CONFIGS / "toy_vlm.yaml"),
                             "--epoch", str(vlm_epochs), "--skip_eval"))
     train_distillation.main(run.argv("--config", str(CONFIGS / "toy_distill.yaml"),
                                      "--teacher_epochs", str(teacher_epochs), "--epochs", str(head_epochs)))
+    if gate_args is not None:
+        train_gate.main(run.argv("--config", str(CONFIGS / "toy_gate.yaml"), *gate_args))
     return run
+
+
+def stages_1_and_2(root: Path, classes: int, per_class: int, test_per_class: int, vlm_epochs: int = 1,
+                   teacher_epochs: int = 1, head_epochs: int = 1) -> ToyRun:
+    """Toy images and the tiny VLM under ``root``, then stages 0 (synthetic), 1 and 2 with the toy configs."""
+    make_toy_dataset(root / "images" / "toy", num_classes=classes, per_class=per_class,
+                     test_per_class=test_per_class, seed=0, size=64)
+    run = ToyRun(root / "images", root / "outputs", build_tiny_vlm(root / "tiny", seed=0))
+    return run_stages(run, vlm_epochs, teacher_epochs, head_epochs)

@@ -18,6 +18,7 @@ A family is keyed by the config's ``model_type``; an unsupported one is a one-li
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -56,6 +57,20 @@ def _rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
     return [image.convert("RGB") for image in images]
 
 
+@torch.no_grad()
+def _mean_visual_tokens(model, processor, images: Sequence[Image.Image], size_key: str) -> torch.Tensor:
+    """Mean of each image's visual tokens as the language model receives them; only the modules
+    computing them run. ``size_key``: the processor output telling the model each image's layout
+    (Qwen: ``image_grid_thw``, merged tokens; LLaVA-OneVision: ``image_sizes``, projected tokens
+    of the base view and any-resolution tiles)."""
+    inputs = processor.image_processor(images=_rgb(images), return_tensors="pt")
+    device = next(model.parameters()).device
+    outputs = model.get_image_features(pixel_values=inputs["pixel_values"].to(device),
+                                       **{size_key: inputs[size_key].to(device)})
+    tokens = outputs.pooler_output if hasattr(outputs, "pooler_output") else outputs
+    return torch.stack([image_tokens.float().mean(dim=0) for image_tokens in tokens]).cpu()
+
+
 # --- Qwen families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) ----------------------------------------------
 
 def _qwen_feature_width(config) -> int:
@@ -63,16 +78,6 @@ def _qwen_feature_width(config) -> int:
     # hidden_size is the encoder's inner width); Qwen2-VL calls it hidden_size.
     vision = config.vision_config
     return int(getattr(vision, "out_hidden_size", None) or vision.hidden_size)
-
-
-@torch.no_grad()
-def _qwen_pooled_features(model, processor, images: Sequence[Image.Image]) -> torch.Tensor:
-    """Mean of each image's merged visual tokens; only the visual encoder and merger run."""
-    inputs = processor.image_processor(images=_rgb(images), return_tensors="pt")
-    device = next(model.parameters()).device
-    outputs = model.get_image_features(pixel_values=inputs["pixel_values"].to(device),
-                                       image_grid_thw=inputs["image_grid_thw"].to(device))
-    return torch.stack([tokens.float().mean(dim=0) for tokens in outputs.pooler_output]).cpu()
 
 
 def _qwen_prompt_positions(model, inputs) -> torch.Tensor:
@@ -96,16 +101,8 @@ def _projected_feature_width(config) -> int:
     return int(config.text_config.hidden_size)
 
 
-@torch.no_grad()
-def _llava_onevision_pooled_features(model, processor, images: Sequence[Image.Image]) -> torch.Tensor:
-    """Mean of each image's projected visual tokens (base view and any-resolution tiles)."""
-    inputs = processor.image_processor(images=_rgb(images), return_tensors="pt")
-    device = next(model.parameters()).device
-    outputs = model.get_image_features(pixel_values=inputs["pixel_values"].to(device),
-                                       image_sizes=inputs["image_sizes"].to(device))
-    features = outputs.pooler_output if hasattr(outputs, "pooler_output") else outputs
-    return torch.stack([tokens.float().mean(dim=0) for tokens in features]).cpu()
-
+_qwen_pooled_features = partial(_mean_visual_tokens, size_key="image_grid_thw")
+_llava_onevision_pooled_features = partial(_mean_visual_tokens, size_key="image_sizes")
 
 _QWEN_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")  # the visual encoder names its layers qkv/proj
 _QWEN_SKIP = ("model.visual", "lm_head")

@@ -13,6 +13,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -41,6 +42,17 @@ def tiny_vlm_dir(tmp_path_factory) -> Path:
     from models.tiny import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("checkpoints") / "tiny-qwen2-vl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the tiny models' ops are too small to split; on a busy 2-core machine several threads per op
+    spin against each other (measured: 10x slower training)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_configure(config):

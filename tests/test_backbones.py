@@ -15,7 +15,7 @@ from PIL import Image
 
 from models.backbones import BACKBONES, backbone_for, inner_model
 from models.tiny import ARCHES
-from tests.pipeline import Pipeline, run_pipeline
+from tests.pipeline import ToyRun, run_pipeline
 from utils.errors import UserError
 
 CLASSES = ["amusement", "anger", "awe", "contentment"]
@@ -180,7 +180,7 @@ def test_pipeline_end_to_end_above_chance(arch, family_dir, toy_root, tmp_path_f
     from data.datasets import load_dataset
     from engine.predict import EmoVLMKD
 
-    pipeline = run_pipeline(Pipeline(toy_root, tmp_path_factory.mktemp(f"pipeline-{arch}"), family_dir(arch)),
+    pipeline = run_pipeline(ToyRun(toy_root, tmp_path_factory.mktemp(f"pipeline-{arch}"), family_dir(arch)),
                             vlm_epochs=5, gate_args=())
     metrics = json.loads((pipeline.stage("gate") / "metrics.json").read_text())
     assert metrics["vlm"]["accuracy"] >= 0.5
@@ -198,7 +198,7 @@ def test_pipeline_end_to_end_above_chance(arch, family_dir, toy_root, tmp_path_f
     from engine.stages import instructions as generate_instructions
     from data.annotations import ANNOTATIONS_FILE
 
-    stage0 = Pipeline(toy_root, tmp_path_factory.mktemp(f"stage0-{arch}"), family_dir(arch))
+    stage0 = ToyRun(toy_root, tmp_path_factory.mktemp(f"stage0-{arch}"), family_dir(arch))
     generate_instructions.main(stage0.argv("--backend", "local", "--vlm_model", str(family_dir(arch)),
                                            "--accept_unstructured", "--max_new_tokens", "8", "--limit", "2"))
     # The random generator's answers may fail stage 0's checks; each one is kept or rejected, none lost.

@@ -10,20 +10,16 @@ import signal
 import pytest
 import torch
 
+from engine.stages import distill as train_distillation
+from engine.stages import gate as train_gate
 from tests.conftest import run_script
-from tests.pipeline import (CONFIGS, PIPELINE_GATE_ARGS, PIPELINE_HEAD_EPOCHS, Pipeline,  # noqa: F401
-                            trained_pipeline, write_annotations)
+from tests.pipeline import (CONFIGS, PIPELINE_GATE_ARGS, PIPELINE_HEAD_EPOCHS, ToyRun,  # noqa: F401
+                            finished, trained_pipeline, write_annotations)
 
 # The session pipeline's own settings, so an uninterrupted run is the pipeline's output.
 STAGE2 = ("--config", str(CONFIGS / "toy_distill.yaml"), "--teacher_epochs", "2", "--epochs", str(PIPELINE_HEAD_EPOCHS),
           "--num_workers", "0")
 STAGE3 = ("--config", str(CONFIGS / "toy_gate.yaml"), *PIPELINE_GATE_ARGS, "--num_workers", "0")
-
-
-@pytest.fixture
-def finished(trained_pipeline, tmp_path) -> Pipeline:
-    shutil.copytree(trained_pipeline.output_dir, tmp_path / "outputs")
-    return Pipeline(trained_pipeline.data_root, tmp_path / "outputs", trained_pipeline.vlm_model)
 
 
 def kill_during(target: str, call: int, script: str, *argv: str) -> None:
@@ -44,42 +40,44 @@ def same_weights(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("target, call", [("engine.distill:store", 2),                # frozen pass: 1 split cached
-                                          ("engine.distill:distillation_loss", 10)])  # head training, epoch 2 (7 calls an epoch)
-def test_stage2_killed_then_rerun_ends_as_an_uninterrupted_run(target, call, finished, trained_pipeline):
-    from engine.stages import distill as train_distillation
-
-    distill = finished.stage("distill")
-    if target.endswith("store"):
-        shutil.rmtree(distill / "cache")
-    kept = files(distill, "meta.json", "head.pt", "metrics.json")
-    kill_during(target, call, "train_distillation.py", *finished.argv(*STAGE2))
-    assert files(distill, "meta.json", "head.pt", "metrics.json") == kept  # the old head is still the trusted one
-
-    train_distillation.main(finished.argv(*STAGE2))
-    assert same_weights(distill / "head.pt", trained_pipeline.stage("distill") / "head.pt")
-    metrics = [json.loads((p / "metrics.json").read_text()) for p in (distill, trained_pipeline.stage("distill"))]
+def same_head(distill, reference) -> None:
+    """Stage 2's head and its test metrics equal the uninterrupted run's; no staged folder left."""
+    assert same_weights(distill / "head.pt", reference / "head.pt")
+    metrics = [json.loads((p / "metrics.json").read_text()) for p in (distill, reference)]
     assert metrics[0]["accuracy"] == metrics[1]["accuracy"] and metrics[0]["agreement"] == metrics[1]["agreement"]
     assert not (distill.parent / ".distill.new").exists()
 
 
-@pytest.mark.parametrize("target, call", [("utils.cache:store", 2),     # VLM answers: 1 split cached
-                                          ("engine.gate:_evaluate", 3)])  # gate training, epoch 3
-def test_stage3_killed_then_rerun_ends_as_an_uninterrupted_run(target, call, finished, trained_pipeline):
-    from engine.stages import gate as train_gate
-
-    gate = finished.stage("gate")
-    if target.startswith("utils.cache"):
-        shutil.rmtree(gate / "cache")
-    kept = files(gate, "meta.json", "gate.pt", "table.md")
-    kill_during(target, call, "train_gate.py", *finished.argv(*STAGE3))
-    assert files(gate, "meta.json", "gate.pt", "table.md") == kept
-
-    train_gate.main(finished.argv(*STAGE3))
-    reference = trained_pipeline.stage("gate")
+def same_gates(gate, reference) -> None:
+    """Stage 3's table and every gate's weights equal the uninterrupted run's."""
     assert (gate / "table.md").read_text() == (reference / "table.md").read_text()
     for name in ["gate.pt", *(p.name for p in reference.glob("gate_*.pt"))]:
         assert same_weights(gate / name, reference / name), name
+
+
+# Per stage: its script, its main, the flags of the uninterrupted run, the files a killed run must
+# leave as they were, and the check that the rerun equals the uninterrupted run.
+STAGES = {"distill": ("train_distillation.py", train_distillation.main, STAGE2, ("meta.json", "head.pt", "metrics.json"),
+                      same_head),
+          "gate": ("train_gate.py", train_gate.main, STAGE3, ("meta.json", "gate.pt", "table.md"), same_gates)}
+
+
+@pytest.mark.parametrize("stage, target, call", [
+    ("distill", "engine.distill:store", 2),                # frozen pass: 1 split cached
+    ("distill", "engine.distill:distillation_loss", 10),   # head training, epoch 2 (7 calls an epoch)
+    ("gate", "utils.cache:store", 2),                      # VLM answers: 1 split cached
+    ("gate", "engine.gate:_evaluate", 3)])                 # gate training, epoch 3
+def test_killed_then_rerun_ends_as_an_uninterrupted_run(stage, target, call, finished, trained_pipeline):
+    script, main, argv, kept_files, same_as_uninterrupted = STAGES[stage]
+    folder = finished.stage(stage)
+    if target.endswith(":store"):  # killed while caching: start with no cache, so there is one to write
+        shutil.rmtree(folder / "cache")
+    kept = files(folder, *kept_files)
+    kill_during(target, call, script, *finished.argv(*argv))
+    assert files(folder, *kept_files) == kept  # the old results are still the trusted ones
+
+    main(finished.argv(*argv))
+    same_as_uninterrupted(folder, trained_pipeline.stage(stage))
 
 
 @pytest.mark.slow
@@ -89,7 +87,7 @@ def test_stage1_killed_between_checkpoints_resumes_to_the_uninterrupted_adapter(
 
     runs = {}
     for name in ("whole", "killed"):
-        pipeline = Pipeline(trained_pipeline.data_root, tmp_path / name, trained_pipeline.vlm_model)
+        pipeline = ToyRun(trained_pipeline.data_root, tmp_path / name, trained_pipeline.vlm_model)
         write_annotations(pipeline)
         argv = pipeline.argv("--vlm_model", str(pipeline.vlm_model), "--config", str(CONFIGS / "toy_vlm.yaml"),
                              "--epoch", "2", "--skip_eval", "--num_workers", "0")

@@ -13,16 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.pipeline import CONFIGS, Pipeline, trained_pipeline, write_annotations  # noqa: F401
+from tests.pipeline import CONFIGS, ToyRun, trained_pipeline, write_annotations  # noqa: F401
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread per op is faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread
 
 
 # ---------------------------------------------------------------- stage 1: answer-only labels
@@ -49,7 +43,7 @@ def test_trainer_batches_label_only_the_answers(toy_root, tiny_vlm_dir, tmp_path
         raise FirstBatch
 
     monkeypatch.setattr(Trainer, "compute_loss", first_batch)
-    pipeline = Pipeline(toy_root, tmp_path, tiny_vlm_dir)
+    pipeline = ToyRun(toy_root, tmp_path, tiny_vlm_dir)
     annotations = read_annotations(write_annotations(pipeline))
     with pytest.raises(FirstBatch):
         train_vlm.main(pipeline.argv("--vlm_model", str(tiny_vlm_dir), "--config", str(CONFIGS / "toy_vlm.yaml"),
@@ -71,7 +65,7 @@ def test_trainer_batches_label_only_the_answers(toy_root, tiny_vlm_dir, tmp_path
 
 # ---------------------------------------------------------------- stage 3: both inputs count
 
-def _pipeline_gate_data(pipeline: Pipeline) -> dict:
+def _pipeline_gate_data(pipeline: ToyRun) -> dict:
     """The gate's inputs per split exactly as train_gate.py builds them (from its caches)."""
     from engine.stages import gate as train_gate
     from data.datasets import load_dataset

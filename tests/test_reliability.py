@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.pipeline import CONFIGS, Pipeline, trained_pipeline  # noqa: F401
+from tests.pipeline import CONFIGS, ToyRun, finished, trained_pipeline  # noqa: F401
 
 STAGE_FILES = {"vlm": ("meta.json", "adapter_model.safetensors", "log.txt"),
                "teacher": ("meta.json", "teacher.pt"),
@@ -20,22 +19,10 @@ STAGE_FILES = {"vlm": ("meta.json", "adapter_model.safetensors", "log.txt"),
                "gate": ("meta.json", "gate.pt", "log.txt", "metrics.json", "table.md")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread
 
 
-@pytest.fixture
-def finished(trained_pipeline, tmp_path) -> Pipeline:
-    """A private copy of the finished toy pipeline's outputs (the session's stays untouched)."""
-    shutil.copytree(trained_pipeline.output_dir, tmp_path / "outputs")
-    return Pipeline(trained_pipeline.data_root, tmp_path / "outputs", trained_pipeline.vlm_model)
-
-
-def snapshot(pipeline: Pipeline) -> dict:
+def snapshot(pipeline: ToyRun) -> dict:
     return {(stage, name): (pipeline.stage(stage) / name).read_bytes()
             for stage, names in STAGE_FILES.items() for name in names}
 

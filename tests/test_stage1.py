@@ -17,14 +17,7 @@ from tests.conftest import REPO, run_script
 TOY_CONFIG = str(REPO / "configs" / "toy_vlm.yaml")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to split; on a busy 2-core machine several threads
-    per op spin against each other (measured: 10x slower training)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread
 
 
 def write_annotations(data_root: Path, output_dir: Path, extra: tuple[str, ...] = ()) -> Path:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import run_script
-from tests.pipeline import (CONFIGS, PIPELINE_GATE_ARGS, PIPELINE_GATE_EPOCHS, Pipeline, run_pipeline,  # noqa: F401
+from tests.pipeline import (CONFIGS, PIPELINE_GATE_ARGS, PIPELINE_GATE_EPOCHS, ToyRun, run_pipeline,  # noqa: F401
                             trained_pipeline)
 
 GATE_NAMES = ("concat_linear", "bilinear", "moe", "dynamic_weight", "cross_gate")
@@ -22,7 +22,7 @@ PIPELINE_ACCURACY = {"vlm": 0.844, "head": 0.875, "teacher": 0.938, "concat_line
 MARGIN = 0.10
 
 
-def _gate_data(pipeline: Pipeline, *extra: str) -> dict:
+def _gate_data(pipeline: ToyRun, *extra: str) -> dict:
     """The gate's inputs per split, as train_gate.py builds them (from the caches after a run)."""
     from engine.stages import gate as train_gate
     from utils.checkpoints import read_meta
@@ -214,7 +214,7 @@ def test_binary_dataset_trains_with_both_classes_as_targets(tmp_path_factory, ti
 
     root = tmp_path_factory.mktemp("binary_images")
     make_toy_dataset(root / "toy", num_classes=2, per_class=12, test_per_class=6, seed=1, size=64)
-    pipeline = run_pipeline(Pipeline(root, tmp_path_factory.mktemp("binary_outputs"), tiny_vlm_dir),
+    pipeline = run_pipeline(ToyRun(root, tmp_path_factory.mktemp("binary_outputs"), tiny_vlm_dir),
                             gate_args=("--gate", "concat_linear"))
     data = _gate_data(pipeline)
     assert sorted(data["train"].labels.unique().tolist()) == [0, 1]
@@ -227,16 +227,16 @@ def test_binary_dataset_trains_with_both_classes_as_targets(tmp_path_factory, ti
     assert all(sum(column) > 0 for column in zip(*result["confusion_matrix"]))  # both classes predicted
 
 
-def _copy_metas(source: Pipeline, output_dir: Path, stages=("vlm", "distill")) -> Pipeline:
+def _copy_metas(source: ToyRun, output_dir: Path, stages=("vlm", "distill")) -> ToyRun:
     """A fresh output folder holding only the given stages' meta.json (errors come before any loading)."""
-    target = Pipeline(source.data_root, output_dir, source.vlm_model)
+    target = ToyRun(source.data_root, output_dir, source.vlm_model)
     for stage in stages:
         (target.stage(stage)).mkdir(parents=True)
         shutil.copy(source.stage(stage) / "meta.json", target.stage(stage) / "meta.json")
     return target
 
 
-def _edit_meta(pipeline: Pipeline, stage: str, **fields) -> None:
+def _edit_meta(pipeline: ToyRun, stage: str, **fields) -> None:
     path = pipeline.stage(stage) / "meta.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
@@ -273,9 +273,9 @@ def test_missing_stage1_output_exits_2_naming_the_command(toy_root, tmp_path):
     assert "run `python train_vlm.py --dataname toy` first" in lines[0]
 
 
-def _copy_outputs(pipeline: Pipeline, output_dir: Path, ignore=()) -> Pipeline:
+def _copy_outputs(pipeline: ToyRun, output_dir: Path, ignore=()) -> ToyRun:
     shutil.copytree(pipeline.output_dir / "toy", output_dir / "toy", ignore=shutil.ignore_patterns(*ignore))
-    return Pipeline(pipeline.data_root, output_dir, pipeline.vlm_model)
+    return ToyRun(pipeline.data_root, output_dir, pipeline.vlm_model)
 
 
 @pytest.mark.parametrize("case", ["missing", "stale"])

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from tests.pipeline import CONFIGS, Pipeline, trained_pipeline  # noqa: F401
+from tests.pipeline import CONFIGS, ToyRun, trained_pipeline  # noqa: F401
 
 PAPER_RUN = "depth=1,alpha=0.5,seed=42"
 
 
 @dataclass(frozen=True)
-class Swept(Pipeline):
+class Swept(ToyRun):
     cache_before: dict | None = None  # distill/cache file times before the sweeps
     default_id: str | None = None     # the default head's id after the depth sweep
 
@@ -95,7 +95,7 @@ def swept(trained_pipeline, tmp_path_factory) -> Swept:  # noqa: F811
 
     root = tmp_path_factory.mktemp("swept")
     shutil.copytree(trained_pipeline.output_dir, root, dirs_exist_ok=True)
-    pipeline = Pipeline(trained_pipeline.data_root, root, trained_pipeline.vlm_model)
+    pipeline = ToyRun(trained_pipeline.data_root, root, trained_pipeline.vlm_model)
     cache = pipeline.stage("distill") / "cache"
     before = {path.name: path.stat().st_mtime_ns for path in cache.iterdir()}
     stage2 = pipeline.argv("--config", str(CONFIGS / "toy_distill.yaml"), "--epochs", "3")

@@ -19,7 +19,7 @@ from models.teacher import (DEFAULT_TEACHER, build_teacher, data_config, default
 from models.vlm import vision_hidden_size
 from utils.cache import image_list_id
 from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
-from utils.cli import base_parser, parse_args, require_positive, stage_dir
+from utils.cli import add_base_vlm_flag, base_parser, parse_args, require_positive, stage_dir
 from utils.dist import barrier, distributed_rank, init_distributed, leave_process_group, training_device
 from utils.errors import UserError
 from utils.metrics import classification_metrics, save_curves_png, write_metrics
@@ -39,8 +39,7 @@ def get_args_parser():
     parser = base_parser("Stage 2: ViT teacher and the distilled head on the VLM's frozen visual features.",
                          batch_size=1)
     model = parser.add_argument_group("frozen VLM features")
-    model.add_argument("--vlm_model", default=None,
-                       help="base VLM (hub id or folder); default and required match: stage 1's base model")
+    add_base_vlm_flag(model)
     model.add_argument("--feature_batch_size", type=int, default=8,
                        help="images per batch of the frozen passes (visual encoder, teacher logits)")
     teacher = parser.add_argument_group("teacher (timm)")

@@ -19,7 +19,7 @@ from engine.gate import (ANSWER_MODES, SIGNALS, GateData, cached_vlm_predictions
 from engine.vlm_eval import load_trained_vlm, trained_quant
 from models.gates import GATE_LABELS, GATES
 from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
-from utils.cli import base_parser, parse_args, require_positive, stage_dir
+from utils.cli import add_base_vlm_flag, base_parser, parse_args, require_positive, stage_dir
 from utils.dist import init_distributed, leave_process_group, training_device
 from utils.errors import UserError
 from utils.io import read_json, write_json, write_text
@@ -42,8 +42,7 @@ def get_args_parser():
     parser = base_parser("Stage 3: train the gate fusing the VLM's answer and the distilled head.",
                          batch_size=1)
     inputs = parser.add_argument_group("gate inputs")
-    inputs.add_argument("--vlm_model", default=None,
-                        help="base VLM (default: the one stage 1 was trained on; must match it)")
+    add_base_vlm_flag(inputs)
     inputs.add_argument("--vlm_signal", choices=SIGNALS, default="onehot",
                         help="onehot: the VLM's answer (zeros if unparseable), the paper's; "
                              "probs: its class distribution (needs --vlm_answer score)")
