@@ -53,7 +53,8 @@ def _best_of(fn, repeats: int = 2) -> float:
 def _one_pass(pipeline, splits) -> None:
     """What stage 3 cannot avoid: every image through the trained VLM, and the head on stage 2's
     cached features."""
-    from engine.distill import cached_vlm_features, head_logits, load_head
+    from engine.distill import cached_vlm_features, head_logits
+    from models.heads import load_head
     from engine.vlm_eval import load_trained_vlm, predict_samples
 
     model, processor, _ = load_trained_vlm(pipeline.stage("vlm"), "cpu")
@@ -82,7 +83,7 @@ def _reference(pipeline, splits) -> tuple[float, float]:
     import torch.nn.functional as F
 
     from data.datasets import open_image
-    from engine.distill import load_head
+    from models.heads import load_head
     from engine.vlm_eval import categorical_prompt, load_trained_vlm
     from models.chat import encode_prompts
     from models.gates import build_gate

@@ -79,9 +79,10 @@ def test_predictions_match_stage3_evaluation(predictor, test_images, trained_pip
 
 def stage3_test_outputs(pipeline) -> dict[str, torch.Tensor]:  # noqa: F811
     """Class probabilities per test image as stage 3 computed them, from its caches and gate.pt."""
-    from engine.distill import head_logits, load_head
+    from engine.distill import head_logits
+    from models.heads import load_head
     from engine.gate import vlm_gate_inputs
-    from engine.predict import load_gate
+    from models.gates import load_gate
     from engine.vlm_eval import VLMPredictions
 
     gate, meta = load_gate(pipeline.stage("gate"))
@@ -225,7 +226,7 @@ def test_missing_or_mismatched_parts_name_the_stage(trained_pipeline, tmp_path, 
         checkpoint = torch.load(stage / "gate" / "gate.pt", weights_only=True)
         key, value = {"gate_classes": ("class_names", ["a", "b", "c", "d"]),
                       "gate_stale_head": ("head_id", "0" * 12),
-                      "gate_stale_adapter": ("vlm_adapter_id", "0" * 12)}[damage]
+                      "gate_stale_adapter": ("adapter_id", "0" * 12)}[damage]
         torch.save({**checkpoint, key: value}, stage / "gate" / "gate.pt")
     with pytest.raises(UserError, match=command):
         EmoVLMKD.from_outputs(out, "toy")

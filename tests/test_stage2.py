@@ -117,7 +117,8 @@ def test_teacher_and_head_beat_chance_and_the_folders_describe_themselves(stage2
 
 
 def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path):
-    from engine.distill import head_logits, load_head, save_head, train_head
+    from engine.distill import head_logits, train_head
+    from models.heads import load_head, save_head
     from utils.checkpoints import file_id, write_meta
 
     cache = stage2 / "toy" / "distill" / "cache"
@@ -127,7 +128,7 @@ def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path)
     labels = {s: teacher[s].argmax(-1) for s in features}
     head, _ = train_head(features, teacher, labels, 64, 4, depth=2, epochs=3, lr=1e-3, batch_size=16,
                          standardize=True)
-    path = save_head(tmp_path / "head.pt", head, ["a", "b", "c", "d"], vlm_model="tiny", teacher_id="t")
+    path = save_head(tmp_path / "head.pt", head, ["a", "b", "c", "d"], base_model="tiny", teacher_id="t")
     write_meta(tmp_path, "distill", ["a", "b", "c", "d"], base_model="tiny", head_id=file_id(path))
     reloaded, meta = load_head(tmp_path)
     assert torch.equal(head_logits(reloaded, features["test"]), head_logits(head, features["test"]))

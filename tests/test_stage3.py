@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.gates import load_gate
 from tests.conftest import run_script
 from tests.pipeline import (CONFIGS, PIPELINE_GATE_ARGS, PIPELINE_GATE_EPOCHS, Pipeline, run_pipeline,  # noqa: F401
                             trained_pipeline)
@@ -34,16 +35,6 @@ def _gate_data(pipeline: Pipeline, *extra: str) -> dict:
     splits = load_dataset(args.data_root, args.dataname, args.output_dir)
     vlm_dir, vlm_meta, distill_dir, head_meta = train_gate.read_inputs(args)
     return train_gate.gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, "cpu")
-
-
-def _rebuild(path: Path):
-    """A gate rebuilt from its checkpoint alone (strict: every saved weight is used)."""
-    from models.gates import build_gate
-
-    checkpoint = torch.load(path, weights_only=True)
-    gate = build_gate(checkpoint["gate"], checkpoint["num_classes"])
-    gate.load_state_dict(checkpoint["state_dict"])
-    return gate.eval(), checkpoint
 
 
 def test_pipeline_outputs_table_and_accuracy(trained_pipeline):
@@ -96,11 +87,11 @@ def test_checkpoint_reload_reproduces_the_test_predictions(trained_pipeline):
 
     gate_dir = trained_pipeline.stage("gate")
     metrics = json.loads((gate_dir / "metrics.json").read_text())
-    gate, checkpoint = _rebuild(gate_dir / "gate.pt")
+    gate, checkpoint = load_gate(gate_dir / "gate.pt")
     vlm_meta = json.loads((trained_pipeline.stage("vlm") / "meta.json").read_text())
     head_meta = json.loads((trained_pipeline.stage("distill") / "meta.json").read_text())
     assert checkpoint["gate"] == metrics["gate"] and checkpoint["class_names"] == metrics["class_names"]
-    assert checkpoint["vlm_adapter_id"] == vlm_meta["adapter_id"] and checkpoint["head_id"] == head_meta["head_id"]
+    assert checkpoint["adapter_id"] == vlm_meta["adapter_id"] and checkpoint["head_id"] == head_meta["head_id"]
     assert checkpoint["base_model"] == str(trained_pipeline.vlm_model)
     assert (checkpoint["vlm_signal"], checkpoint["vlm_answer"]) == ("onehot", "score")
     assert (checkpoint["max_new_tokens"], checkpoint["quant"]) == (32, "none")  # stage 1 ran in full precision
@@ -110,7 +101,7 @@ def test_checkpoint_reload_reproduces_the_test_predictions(trained_pipeline):
     reloaded = classification_metrics(test.labels.tolist(), predictions(gate, test).tolist(), metrics["class_names"])
     saved = metrics["gates"][metrics["gate"]]
     assert reloaded["confusion_matrix"] == saved["confusion_matrix"] and reloaded["accuracy"] == saved["accuracy"]
-    twin, _ = _rebuild(gate_dir / f"gate_{metrics['gate']}.pt")
+    twin, _ = load_gate(gate_dir / f"gate_{metrics['gate']}.pt")
     for key, value in gate.state_dict().items():
         assert torch.equal(value, twin.state_dict()[key]), key
 
@@ -320,7 +311,7 @@ def test_gate_trained_on_validation_halves(trained_pipeline, tmp_path):
     fit, select = stratified_halves(val.labels, 42)
     assert len(fit) + len(select) == len(val.labels) == metrics["splits"]["val"]["n"]
     # The kept epoch was picked on the held-out half: the saved gate's accuracy there is the one recorded.
-    gate, _ = _rebuild(pipeline.stage("gate") / "gate.pt")
+    gate, _ = load_gate(pipeline.stage("gate") / "gate.pt")
     held_out = subset(val, select)
     accuracy = (predictions(gate, held_out) == held_out.labels).float().mean().item()
     assert metrics["gates"]["concat_linear"]["val_accuracy"] == pytest.approx(accuracy)
