@@ -255,6 +255,59 @@ def test_bad_inputs_are_one_line_errors(case, trained_pipeline, tmp_path, capsys
     assert not pipeline.stage("gate").exists()
 
 
+@pytest.mark.parametrize("version", [None, 99])
+def test_a_head_of_another_format_is_a_one_line_error(version, trained_pipeline, tmp_path, capsys):
+    """A head.pt without format_version (an older one) or with one this code does not know, even
+    when meta.json names it, stops stage 3 with one line naming the file and stage 2's command."""
+    from engine.stages import gate as train_gate
+    from utils.checkpoints import file_id
+    from utils.errors import run_cli
+
+    pipeline = _copy_metas(trained_pipeline, tmp_path)
+    head_path = pipeline.stage("distill") / "head.pt"
+    checkpoint = torch.load(trained_pipeline.stage("distill") / "head.pt", weights_only=True)
+    checkpoint.pop("format_version")
+    torch.save(checkpoint if version is None else {"format_version": version, **checkpoint}, head_path)
+    _edit_meta(pipeline, "distill", head_id=file_id(head_path))
+    assert run_cli(train_gate.main, pipeline.argv()) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    found = "no format_version" if version is None else "format_version 99, but this code reads 1"
+    assert len(err) == 1 and err[0].startswith(f"error: {head_path}: {found}"), err
+    assert err[0].endswith("rerun `python train_distillation.py --dataname toy` to rewrite it"), err
+
+
+def test_one_name_per_fact_across_the_artefacts(trained_pipeline):
+    """The same fact has the same key in every artefact that records it, with the same value, and
+    the gate's provenance is written once (gate.pt)."""
+    from utils.checkpoints import FORMAT_VERSION, file_id
+
+    stage = trained_pipeline.stage
+    metas = {name: json.loads((stage(name) / "meta.json").read_text())
+             for name in ("vlm", "teacher", "distill", "gate")}
+    files = {"teacher": torch.load(stage("teacher") / "teacher.pt", weights_only=True),
+             "head": torch.load(stage("distill") / "head.pt", weights_only=True),
+             "gate": torch.load(stage("gate") / "gate.pt", weights_only=True)}
+    records = {**{f"{name}/meta.json": meta for name, meta in metas.items()},
+               **{f"{name}.pt": record for name, record in files.items()}}
+    assert {name: (r["format_version"], r["kind"]) for name, r in records.items()} == {
+        **{f"{name}/meta.json": (FORMAT_VERSION, "meta") for name in metas},
+        **{f"{name}.pt": (FORMAT_VERSION, name) for name in files}}
+    assert all(r["class_names"] == metas["vlm"]["class_names"] for r in records.values())
+    base = metas["vlm"]["base_model"]
+    assert base == str(trained_pipeline.vlm_model)
+    assert files["head"]["base_model"] == metas["distill"]["base_model"] == files["gate"]["base_model"] == base
+    assert metas["distill"]["adapter_id"] == files["gate"]["adapter_id"] == metas["vlm"]["adapter_id"]
+    teacher_id = file_id(stage("teacher") / "teacher.pt")
+    assert files["head"]["teacher_id"] == metas["distill"]["teacher_id"] == metas["teacher"]["teacher_id"] == teacher_id
+    assert files["gate"]["head_id"] == metas["distill"]["head_id"] == file_id(stage("distill") / "head.pt")
+    assert metas["gate"]["gate_id"] == file_id(stage("gate") / "gate.pt")
+    # No second name for these facts anywhere.
+    assert not {key for r in records.values() for key in r} & {"vlm_model", "vlm_adapter_id", "classes"}
+    provenance = {"vlm_signal", "vlm_answer", "parser", "max_new_tokens", "quant", "adapter_id", "head_id",
+                  "base_model", "head_run"}
+    assert provenance <= set(files["gate"]) and not provenance & set(metas["gate"])
+
+
 def test_missing_stage1_output_exits_2_naming_the_command(toy_root, tmp_path):
     result = run_script("train_gate.py", "--dataname", "toy", "--data_root", str(toy_root),
                         "--output_dir", str(tmp_path))
