@@ -81,8 +81,10 @@ def read_inputs(args):
     """Stage 1 and 2 metadata (read before anything else: a missing stage fails at once)."""
     vlm_dir = stage_dir(args, "vlm")
     vlm_meta = read_meta(vlm_dir, "vlm", args.dataname)
-    head_dir, args.head_run = resolve_head(stage_dir(args, "distill"), getattr(args, "head", None))
-    return vlm_dir, vlm_meta, head_dir, read_meta(head_dir, "distill", args.dataname)
+    head_dir = resolve_head(stage_dir(args, "distill"), getattr(args, "head", None))
+    head_meta = read_meta(head_dir, "distill", args.dataname)
+    args.head_run = head_meta["run"]
+    return vlm_dir, vlm_meta, head_dir, head_meta
 
 
 def check_inputs(args, class_names, vlm_dir, vlm_meta, distill_dir, head_meta) -> None:
