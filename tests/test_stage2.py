@@ -240,9 +240,9 @@ def test_bad_inputs_are_one_line_errors(case, stage2, tiny_vlm_dir, toy_root, tm
             checkpoint = {"format_version": 99, **checkpoint}
         torch.save(checkpoint, tmp_path / "teacher.pt")
         extra = ["--teacher_checkpoint", str(tmp_path / "teacher.pt")]
-        expected = ("teacher.pt: no format_version (not written by this version of the code)" if case == "teacher_without_format" else
-                    "teacher.pt: format_version 99, but this code reads 1") + "; rerun `python " \
-            "train_distillation.py --dataname toy --retrain_teacher` to rewrite it"
+        found = {"teacher_without_format": "no format_version (not written by this version of the code)",
+                 "teacher_of_unknown_format": "format_version 99, but this code reads 1"}[case]
+        expected = f"teacher.pt: {found}; rerun `python train_distillation.py --dataname toy --retrain_teacher`"
     elif case == "vlm_meta_without_format":  # stage 1's meta.json from before format_version
         meta = json.loads(meta_path.read_text())
         meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("format_version", "kind")}))
