@@ -62,11 +62,14 @@ def save_head(path: str | Path, head: DistillHead, class_names: Sequence[str], *
 
 def load_head(distill_dir: str | Path, class_names: Sequence[str] | None = None,
               base_model: str | None = None, dataname: str = "<dataname>") -> tuple[DistillHead, dict]:
-    """Rebuild the trained head (eval mode, CPU) from a stage-2 folder; returns ``(head, meta)``.
+    """Rebuild the trained head (eval mode, CPU) from a stage-2 folder (or its ``head.pt``);
+    returns ``(head, meta)``.
 
     The folder's ``meta.json`` must fit ``class_names`` and ``base_model`` (when given) and name
     this very ``head.pt`` (``head_id``)."""
     distill_dir = Path(distill_dir)
+    if distill_dir.name == HEAD_FILE:
+        distill_dir = distill_dir.parent
     meta = read_meta(distill_dir, "distill", dataname)
     check_compatible(meta, distill_dir, class_names, base_model)
     path = distill_dir / HEAD_FILE

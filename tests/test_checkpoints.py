@@ -46,6 +46,7 @@ def test_head_round_trip_reproduces_its_logits_and_metadata(tmp_path):
         assert torch.equal(reloaded(features), head(features))
     assert (reloaded.depth, reloaded.dropout) == (2, head.dropout)
     assert meta["head_id"] == file_id(path) and meta["format_version"] == FORMAT_VERSION
+    assert torch.equal(load_head(path)[0](features), head(features))  # the file itself works too
     saved = torch.load(path, weights_only=True)
     assert (saved["kind"], saved["class_names"], saved["base_model"], saved["teacher_id"]) == \
         ("head", CLASSES, "tiny", "t" * 12)
