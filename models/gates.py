@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from utils.checkpoints import STAGE_COMMANDS, check_format, stamp
+from utils.checkpoints import STAGE_COMMANDS, read_checkpoint, stamp
 from utils.errors import UserError
 from utils.io import torch_save
 
@@ -160,8 +160,7 @@ def load_gate(path: str | Path, dataname: str = "<dataname>") -> tuple[nn.Module
     if not path.is_file():
         raise UserError(f"{path.parent}: no {path.name} (stage 3 did not finish); rerun "
                         f"`{STAGE_COMMANDS['gate'].format(dataname=dataname)}`")
-    checkpoint = check_format(torch.load(path, map_location="cpu", weights_only=True), path, "gate",
-                              dataname=dataname)
+    checkpoint = read_checkpoint(path, "gate", dataname)
     gate = build_gate(checkpoint["gate"], checkpoint["num_classes"])
     gate.load_state_dict(checkpoint.pop("state_dict"))  # strict: every trained weight is used
     return gate.eval(), checkpoint

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from utils.checkpoints import check_compatible, check_format, file_id, read_meta, stamp
+from utils.checkpoints import check_compatible, file_id, read_checkpoint, read_meta, stamp
 from utils.errors import UserError
 from utils.io import torch_save
 
@@ -76,8 +76,7 @@ def load_head(distill_dir: str | Path, class_names: Sequence[str] | None = None,
     if not path.is_file() or file_id(path) != meta.get("head_id"):
         raise UserError(f"{path}: missing or not the head meta.json describes; rerun "
                         f"`python train_distillation.py --dataname {dataname}`")
-    checkpoint = check_format(torch.load(path, map_location="cpu", weights_only=True), path, "head",
-                              dataname=dataname)
+    checkpoint = read_checkpoint(path, "head", dataname)
     head = DistillHead(checkpoint["in_dim"], checkpoint["num_classes"], checkpoint["depth"], checkpoint["dropout"])
     head.load_state_dict(checkpoint["state_dict"])
     return head.eval(), meta

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from utils.checkpoints import check_format, stamp
+from utils.checkpoints import read_checkpoint, stamp
 from utils.errors import UserError, first_line
 from utils.io import torch_save
 
@@ -92,11 +92,7 @@ def read_teacher_checkpoint(path: str | Path, class_names: Sequence[str] | None 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"teacher checkpoint {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"teacher checkpoint {path}: cannot read it ({first_line(err)})") from None
-    check_format(checkpoint, path, "teacher", dataname=dataname)
+    checkpoint = read_checkpoint(path, "teacher", dataname)
     if class_names is not None and list(checkpoint["class_names"]) != list(class_names):
         raise UserError(f"teacher checkpoint {path}: trained for classes {checkpoint['class_names']}, "
                         f"but this dataset has {list(class_names)}; train a teacher for this dataset")

@@ -12,7 +12,7 @@ import torch
 from models.gates import GATES, build_gate, load_gate, save_gate
 from models.heads import DistillHead, load_head, save_head
 from models.teacher import build_teacher, load_teacher, save_teacher
-from utils.checkpoints import FORMAT_VERSION, check_format, file_id, read_meta, stamp, write_meta
+from utils.checkpoints import FORMAT_VERSION, check_format, file_id, read_checkpoint, read_meta, stamp, write_meta
 from utils.errors import UserError
 
 CLASSES = ["anger", "awe", "fear", "joy"]
@@ -96,3 +96,13 @@ def test_an_old_meta_json_names_the_stage_that_writes_it(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"stage": "instructions", "class_names": CLASSES}))
     with pytest.raises(UserError, match=r"delete it and rerun `python generate_instructions.py --dataname toy`"):
         read_meta(tmp_path, "instructions", "toy")
+
+
+def test_an_unreadable_checkpoint_is_one_line(tmp_path):
+    path = tmp_path / "gate.pt"
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(UserError) as err:
+        read_checkpoint(path, "gate", "toy")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: cannot read it (")
+    assert message.endswith("rerun `python train_gate.py --dataname toy` to rewrite it")

@@ -7,7 +7,8 @@ files (``teacher.pt``, ``head.pt``, ``gate.pt``) are written and read by a pair 
 beside their module (``models/teacher.py``, ``models/heads.py``, ``models/gates.py``).
 
 Each record (a ``meta.json`` or a ``.pt`` dict) is stamped by :func:`stamp` with
-``format_version`` and ``kind``; :func:`check_format` refuses, naming the stage to rerun, a
+``format_version`` and ``kind``; :func:`read_meta` and :func:`read_checkpoint` read them back, and
+:func:`check_format` refuses, naming the stage to rerun, a
 record this code cannot read (no ``format_version``, an unknown one, or another kind). The key
 names are listed in docs/ARCHITECTURE.md ("Checkpoints").
 """
@@ -17,7 +18,9 @@ import hashlib
 from pathlib import Path
 from typing import Sequence
 
-from utils.errors import UserError
+import torch
+
+from utils.errors import UserError, first_line
 from utils.io import read_json, write_json
 
 META_FILE = "meta.json"
@@ -62,6 +65,17 @@ def check_format(record, path: str | Path, kind: str, stage: str | None = None,
     if stage == "instructions":  # stage 0 reads its own meta.json when it resumes
         hint = f"delete it and rerun `{command}` (the annotations are kept)"
     raise UserError(f"{path}: {found}; {hint}")
+
+
+def read_checkpoint(path: str | Path, kind: str, dataname: str = "<dataname>") -> dict:
+    """A ``.pt`` record of ``kind`` (tensors only, on the CPU), checked by :func:`check_format`; a
+    file torch cannot read is a UserError naming the command that rewrites it."""
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        command = STAGE_COMMANDS[KIND_STAGES[kind]].format(dataname=dataname)
+        raise UserError(f"{path}: cannot read it ({first_line(err)}); rerun `{command}` to rewrite it") from None
+    return check_format(record, path, kind, dataname=dataname)
 
 
 def write_meta(folder: str | Path, stage: str, class_names: Sequence[str], **fields) -> Path:
