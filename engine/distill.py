@@ -1,5 +1,5 @@
 """Stage 2 library: teacher fine-tuning, the frozen-feature and teacher-logit caches, the
-distillation loss, head training and the head checkpoint.
+distillation loss and head training (the head and its checkpoint: models/heads.py).
 
 The VLM's visual encoder and the teacher are frozen during distillation, so each image is
 encoded once and cached under ``<output_dir>/<dataname>/distill/cache/``; the head then trains
@@ -27,15 +27,12 @@ from models.heads import DistillHead
 from models.teacher import load_teacher, teacher_transforms
 from models.vlm import load_processor, load_vlm, pooled_image_features
 from utils.cache import digest, image_list_id, load_cached, readable, store
-from utils.checkpoints import STAGE_COMMANDS, check_compatible, file_id, read_meta
+from utils.checkpoints import STAGE_COMMANDS, file_id
 from utils.dist import barrier, distributed_rank, shard_map
 from utils.errors import UserError
-from utils.io import torch_save
 from utils.metrics import save_curves_png
 
 log = logging.getLogger(__name__)
-
-HEAD_FILE = "head.pt"
 
 
 # ---------------------------------------------------------------- loss
@@ -300,25 +297,3 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
 def head_logits(head: DistillHead, features: torch.Tensor) -> torch.Tensor:
     head.eval()
     return head(features.to(next(head.parameters()).device)).cpu()
-
-
-def save_head(path: str | Path, head: DistillHead, class_names: Sequence[str], **fields) -> Path:
-    """``head.pt``: weights (standardisation buffers included), constructor arguments, class names, ``fields``."""
-    state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-    return torch_save({"state_dict": state, "class_names": list(class_names), **head.config(), **fields}, path)
-
-
-def load_head(distill_dir: str | Path, class_names: Sequence[str] | None = None,
-              base_model: str | None = None) -> tuple[DistillHead, dict]:
-    """Rebuild the trained head (eval mode, CPU) from a stage-2 folder; returns ``(head, meta)``."""
-    distill_dir = Path(distill_dir)
-    meta = read_meta(distill_dir, "distill")
-    check_compatible(meta, distill_dir, class_names, base_model)
-    path = distill_dir / HEAD_FILE
-    if not path.is_file() or file_id(path) != meta.get("head_id"):
-        raise UserError(f"{path}: missing or not the head meta.json describes; rerun "
-                        "`python train_distillation.py` for this dataset")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    head = DistillHead(checkpoint["in_dim"], checkpoint["num_classes"], checkpoint["depth"], checkpoint["dropout"])
-    head.load_state_dict(checkpoint["state_dict"])
-    return head.eval(), meta

@@ -24,7 +24,6 @@ from models.gates import build_gate
 from utils.cache import image_list_id, load_cached, store
 from utils.dist import barrier, is_main_process, shard_map
 from utils.errors import UserError
-from utils.io import torch_save
 from utils.metrics import NONE
 
 log = logging.getLogger(__name__)
@@ -225,14 +224,3 @@ def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epoc
 
 def predictions(gate: nn.Module, data: GateData) -> torch.Tensor:
     return gate_logits(gate, data).argmax(dim=1)
-
-
-# ---------------------------------------------------------------- checkpoint
-
-def save_gate(path: str | Path, result: GateResult, class_names: Sequence[str], **fields) -> Path:
-    """``gate.pt``: weights plus everything needed to rebuild and trust the gate (its keys: README,
-    "Stage 3"); ``engine.predict.load_gate`` reads it back."""
-    state = {key: value.detach().cpu() for key, value in result.gate.state_dict().items()}
-    return torch_save({"state_dict": state, "gate": result.name,
-                       "num_classes": len(class_names), "class_names": list(class_names),
-                       "best_val_acc": result.best_val_acc, "epoch": result.best_epoch, **fields}, path)

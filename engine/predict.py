@@ -18,12 +18,11 @@ from PIL import Image, UnidentifiedImageError
 
 from data.datasets import to_rgb
 from models.backbones import visual_modules
+from models.gates import load_gate
+from models.heads import load_head
 from utils.checkpoints import STAGE_COMMANDS, read_meta
 from utils.errors import UserError
 
-GATE_FILE = "gate.pt"
-GATE_FIELDS = ("gate", "num_classes", "class_names", "vlm_signal", "vlm_answer", "max_new_tokens", "quant",
-               "vlm_adapter_id", "head_id", "base_model")
 DEFAULT_MAX_IMAGE_SIDE = 4096
 DEFAULT_MAX_UPLOAD_PIXELS = 64_000_000
 
@@ -57,23 +56,6 @@ def _stage_error(folder: Path, stage: str, dataname: str, problem: str) -> UserE
     return UserError(f"{folder}: {problem}; rerun `{command}`")
 
 
-def load_gate(gate_dir: str | Path, dataname: str = "<dataname>") -> tuple[torch.nn.Module, dict]:
-    """``(gate with its trained weights, the rest of gate.pt)``, eval mode, CPU."""
-    from models.gates import build_gate
-
-    gate_dir = Path(gate_dir)
-    path = gate_dir / GATE_FILE
-    if not path.is_file():
-        raise _stage_error(gate_dir, "gate", dataname, f"no {GATE_FILE} (stage 3 did not finish)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [key for key in ("state_dict", *GATE_FIELDS) if key not in checkpoint]
-    if missing:
-        raise _stage_error(gate_dir, "gate", dataname, f"{GATE_FILE} lacks {missing} (an older format)")
-    gate = build_gate(checkpoint["gate"], checkpoint["num_classes"])
-    gate.load_state_dict(checkpoint.pop("state_dict"))  # strict: every trained weight is used
-    return gate.eval(), checkpoint
-
-
 def check_parts(dataname: str, vlm: tuple[Path, dict], distill: tuple[Path, dict],
                 gate: tuple[Path, dict]) -> None:
     """Refuse stage outputs that were not built on each other; the error names the stage to rerun.
@@ -90,9 +72,9 @@ def check_parts(dataname: str, vlm: tuple[Path, dict], distill: tuple[Path, dict
         if meta.get("base_model") != vlm_meta["base_model"]:
             raise _stage_error(folder, stage, dataname, f"built on VLM {meta.get('base_model')!r}, but "
                                f"stage 1 ({vlm_dir}) trained {vlm_meta['base_model']!r}")
-    if gate_meta["vlm_adapter_id"] != vlm_meta.get("adapter_id"):
+    if gate_meta["adapter_id"] != vlm_meta.get("adapter_id"):
         raise _stage_error(gate_dir, "gate", dataname, f"trained on the answers of another stage-1 adapter "
-                           f"({gate_meta['vlm_adapter_id']}, now {vlm_meta.get('adapter_id')})")
+                           f"({gate_meta['adapter_id']}, now {vlm_meta.get('adapter_id')})")
     if gate_meta["head_id"] != distill_meta.get("head_id"):
         raise _stage_error(gate_dir, "gate", dataname, f"trained on another distilled head "
                            f"({gate_meta['head_id']}, now {distill_meta.get('head_id')})")
@@ -166,7 +148,6 @@ class EmoVLMKD:
         ``quant`` (``4bit`` or ``none``) overrides how the VLM is loaded; by default it is loaded as
         it was when stage 3 computed the gate's inputs.
         """
-        from engine.distill import load_head
         from engine.vlm_eval import load_trained_vlm
         from models.vlm import load_processor
 
@@ -177,7 +158,7 @@ class EmoVLMKD:
         read_meta(gate_dir, "gate", dataname)
         gate, gate_meta = load_gate(gate_dir, dataname)
         check_parts(dataname, (vlm_dir, vlm_meta), (distill_dir, distill_meta), (gate_dir, gate_meta))
-        head, _ = load_head(distill_dir)
+        head, _ = load_head(distill_dir, dataname=dataname)
         # By default the VLM loads as stage 3 loaded it for the gate's inputs; when that was as
         # trained, load_trained_vlm's own default also covers a machine where 4-bit cannot run.
         quant = quant or gate_meta["quant"]
@@ -191,7 +172,7 @@ class EmoVLMKD:
         return cls(model, processor, head.to(device), gate.to(device), vlm_meta["class_names"],
                    gate_meta["gate"], gate_meta["vlm_signal"], gate_meta["vlm_answer"],
                    gate_meta["max_new_tokens"], feature_processor, recorded_dtype(distill_meta),
-                   gate_meta.get("parser", "lenient"))
+                   gate_meta["parser"])
 
     @property
     def device(self) -> torch.device:

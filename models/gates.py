@@ -5,14 +5,22 @@ the one-hot of the VLM's parsed answer (zeros when it could not be parsed) or a 
 vector; ``head_logits`` are the frozen distillation head's raw logits. ``concat_linear`` is the
 paper's gate; the others are the variants of its ablation. Gates that weigh their sources
 explicitly (``moe``, ``dynamic_weight``) expose those weights through ``forward_with_weights``,
-read uniformly with ``gate_weights``.
+read uniformly with ``gate_weights``. ``gate.pt`` is written by :func:`save_gate` and read back
+by :func:`load_gate`.
 """
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from utils.checkpoints import STAGE_COMMANDS, read_checkpoint, stamp
 from utils.errors import UserError
+from utils.io import torch_save
+
+GATE_FILE = "gate.pt"
 
 
 class ConcatLinearGate(nn.Module):
@@ -132,3 +140,27 @@ def gate_weights(gate: nn.Module, vlm_signal: torch.Tensor,
         return None
     weights = gate.forward_with_weights(vlm_signal, head_logits)[1]
     return {name: weights[:, i] for i, name in enumerate(gate.weight_names)}
+
+
+def save_gate(path: str | Path, name: str, gate: nn.Module, class_names: Sequence[str], **fields) -> Path:
+    """``gate.pt``: weights, the registry ``name``, class names and ``fields``: the gate's
+    provenance (how its inputs were computed, the ids of the adapter and head it fuses; their keys
+    in docs/ARCHITECTURE.md, "Checkpoints"), written here only."""
+    state = {key: value.detach().cpu() for key, value in gate.state_dict().items()}
+    return torch_save(stamp({"state_dict": state, "gate": name, "num_classes": len(class_names),
+                             "class_names": list(class_names), **fields}, "gate"), path)
+
+
+def load_gate(path: str | Path, dataname: str = "<dataname>") -> tuple[nn.Module, dict]:
+    """``(gate with its trained weights, the rest of gate.pt)``, eval mode, CPU; ``path`` is the
+    file or a stage-3 folder (its ``gate.pt``)."""
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / GATE_FILE
+    if not path.is_file():
+        raise UserError(f"{path.parent}: no {path.name} (stage 3 did not finish); rerun "
+                        f"`{STAGE_COMMANDS['gate'].format(dataname=dataname)}`")
+    checkpoint = read_checkpoint(path, "gate", dataname)
+    gate = build_gate(checkpoint["gate"], checkpoint["num_classes"])
+    gate.load_state_dict(checkpoint.pop("state_dict"))  # strict: every trained weight is used
+    return gate.eval(), checkpoint

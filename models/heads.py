@@ -1,10 +1,19 @@
-"""The distillation head: a small MLP on the VLM's mean-pooled, frozen visual features."""
+"""The distillation head: a small MLP on the VLM's mean-pooled, frozen visual features, and its
+checkpoint ``head.pt`` (:func:`save_head` writes it, :func:`load_head` reads it back)."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from utils.checkpoints import check_compatible, file_id, read_checkpoint, read_meta, stamp
+from utils.errors import UserError
+from utils.io import torch_save
+
 HIDDEN_WIDTHS = (1024, 512, 256, 128, 64)
+HEAD_FILE = "head.pt"
 
 
 class DistillHead(nn.Module):
@@ -41,3 +50,33 @@ class DistillHead(nn.Module):
         """Constructor arguments, saved in the checkpoint so the head rebuilds without this script."""
         return {"in_dim": self.in_dim, "num_classes": self.num_classes, "depth": self.depth,
                 "dropout": self.dropout}
+
+
+def save_head(path: str | Path, head: DistillHead, class_names: Sequence[str], **fields) -> Path:
+    """``head.pt``: weights (standardisation buffers included), constructor arguments, class names
+    and ``fields`` (``base_model``, ``teacher_id``, the encoding settings, training results)."""
+    state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+    return torch_save(stamp({"state_dict": state, "class_names": list(class_names), **head.config(), **fields},
+                            "head"), path)
+
+
+def load_head(distill_dir: str | Path, class_names: Sequence[str] | None = None,
+              base_model: str | None = None, dataname: str = "<dataname>") -> tuple[DistillHead, dict]:
+    """Rebuild the trained head (eval mode, CPU) from a stage-2 folder (or its ``head.pt``);
+    returns ``(head, meta)``.
+
+    The folder's ``meta.json`` must fit ``class_names`` and ``base_model`` (when given) and name
+    this very ``head.pt`` (``head_id``)."""
+    distill_dir = Path(distill_dir)
+    if distill_dir.name == HEAD_FILE:
+        distill_dir = distill_dir.parent
+    meta = read_meta(distill_dir, "distill", dataname)
+    check_compatible(meta, distill_dir, class_names, base_model)
+    path = distill_dir / HEAD_FILE
+    if not path.is_file() or file_id(path) != meta.get("head_id"):
+        raise UserError(f"{path}: missing or not the head meta.json describes; rerun "
+                        f"`python train_distillation.py --dataname {dataname}`")
+    checkpoint = read_checkpoint(path, "head", dataname)
+    head = DistillHead(checkpoint["in_dim"], checkpoint["num_classes"], checkpoint["depth"], checkpoint["dropout"])
+    head.load_state_dict(checkpoint["state_dict"])
+    return head.eval(), meta

@@ -1,8 +1,9 @@
 """The conventional vision teacher (a timm model) and its self-describing checkpoint.
 
-``teacher.pt`` holds ``{state_dict, model, img_size, class_names, data_config, pretrained,
-best_val_acc, epoch}``: enough to rebuild the network and its eval transform without the
-training script's flags.
+``teacher.pt`` holds ``{format_version, kind, state_dict, model, img_size, class_names,
+data_config, pretrained, best_val_acc, epoch}``: enough to rebuild the network and its eval
+transform without the training script's flags. :func:`save_teacher` writes it and
+:func:`load_teacher` reads it.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from utils.checkpoints import read_checkpoint, stamp
 from utils.errors import UserError, first_line
 from utils.io import torch_save
 
@@ -76,26 +78,21 @@ def teacher_transforms(config: dict):
 def save_teacher(path: str | Path, model: torch.nn.Module, model_name: str, img_size: int,
                  class_names: Sequence[str], config: dict, pretrained: bool, best_val_acc: float,
                  epoch: int) -> Path:
+    """``teacher.pt``: weights plus what rebuilds the model and its transform (read by :func:`load_teacher`)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return torch_save({"state_dict": state, "model": model_name, "img_size": img_size,
-                       "class_names": list(class_names), "data_config": dict(config), "pretrained": pretrained,
-                       "best_val_acc": best_val_acc, "epoch": epoch}, path)
+    return torch_save(stamp({"state_dict": state, "model": model_name, "img_size": img_size,
+                             "class_names": list(class_names), "data_config": dict(config),
+                             "pretrained": pretrained, "best_val_acc": best_val_acc, "epoch": epoch}, "teacher"),
+                      path)
 
 
-def read_teacher_checkpoint(path: str | Path, class_names: Sequence[str] | None = None) -> dict:
-    """The saved teacher dict, checked: it must be ours (class names, timm model) and fit ``class_names``."""
+def read_teacher_checkpoint(path: str | Path, class_names: Sequence[str] | None = None,
+                            dataname: str = "<dataname>") -> dict:
+    """The saved teacher dict, checked: it must be a teacher.pt this code reads and fit ``class_names``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"teacher checkpoint {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"teacher checkpoint {path}: cannot read it ({first_line(err)})") from None
-    missing = [k for k in ("state_dict", "model", "img_size", "class_names", "data_config")
-               if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
-        raise UserError(f"teacher checkpoint {path}: missing {missing}; give a teacher.pt written by "
-                        "train_distillation.py (it carries the class names and the timm model name)")
+    checkpoint = read_checkpoint(path, "teacher", dataname)
     if class_names is not None and list(checkpoint["class_names"]) != list(class_names):
         raise UserError(f"teacher checkpoint {path}: trained for classes {checkpoint['class_names']}, "
                         f"but this dataset has {list(class_names)}; train a teacher for this dataset")
@@ -103,9 +100,9 @@ def read_teacher_checkpoint(path: str | Path, class_names: Sequence[str] | None 
 
 
 def load_teacher(path: str | Path, class_names: Sequence[str] | None = None,
-                 device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+                 device: str | torch.device = "cpu", dataname: str = "<dataname>") -> tuple[torch.nn.Module, dict]:
     """Rebuild a saved teacher (eval mode) and return it with its checkpoint dict."""
-    checkpoint = read_teacher_checkpoint(path, class_names)
+    checkpoint = read_teacher_checkpoint(path, class_names, dataname)
     model = build_teacher(checkpoint["model"], len(checkpoint["class_names"]), checkpoint["img_size"],
                           pretrained=False)
     model.load_state_dict(checkpoint["state_dict"])

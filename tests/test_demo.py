@@ -79,9 +79,10 @@ def test_predictions_match_stage3_evaluation(predictor, test_images, trained_pip
 
 def stage3_test_outputs(pipeline) -> dict[str, torch.Tensor]:  # noqa: F811
     """Class probabilities per test image as stage 3 computed them, from its caches and gate.pt."""
-    from engine.distill import head_logits, load_head
+    from engine.distill import head_logits
+    from models.heads import load_head
     from engine.gate import vlm_gate_inputs
-    from engine.predict import load_gate
+    from models.gates import load_gate
     from engine.vlm_eval import VLMPredictions
 
     gate, meta = load_gate(pipeline.stage("gate"))
@@ -202,7 +203,7 @@ def _edit_json(path: Path, **changes) -> None:
     ("gate_classes", "train_gate.py"),
     ("gate_stale_head", "train_gate.py"),
     ("gate_stale_adapter", "train_gate.py"),
-    ("gate_without_max_new_tokens", "train_gate.py"),
+    ("gate_without_format", "train_gate.py"),
 ])
 def test_missing_or_mismatched_parts_name_the_stage(trained_pipeline, tmp_path, damage, command):  # noqa: F811
     from engine.predict import EmoVLMKD
@@ -217,30 +218,40 @@ def test_missing_or_mismatched_parts_name_the_stage(trained_pipeline, tmp_path, 
         _edit_json(stage / "distill" / "meta.json", class_names=["a", "b", "c", "d"])
     elif damage == "distill_backbone":
         _edit_json(stage / "distill" / "meta.json", base_model="Qwen/Qwen2-VL-7B-Instruct")
-    elif damage == "gate_without_max_new_tokens":  # an older gate.pt: its generate budget is unknown
+    elif damage == "gate_without_format":  # an older gate.pt: its keys may mean something else
         checkpoint = torch.load(stage / "gate" / "gate.pt", weights_only=True)
-        del checkpoint["max_new_tokens"]
+        del checkpoint["format_version"]
         torch.save(checkpoint, stage / "gate" / "gate.pt")
     else:
         checkpoint = torch.load(stage / "gate" / "gate.pt", weights_only=True)
         key, value = {"gate_classes": ("class_names", ["a", "b", "c", "d"]),
                       "gate_stale_head": ("head_id", "0" * 12),
-                      "gate_stale_adapter": ("vlm_adapter_id", "0" * 12)}[damage]
+                      "gate_stale_adapter": ("adapter_id", "0" * 12)}[damage]
         torch.save({**checkpoint, key: value}, stage / "gate" / "gate.pt")
     with pytest.raises(UserError, match=command):
         EmoVLMKD.from_outputs(out, "toy")
 
 
-def test_cli_error_is_one_line(trained_pipeline, tmp_path, capsys, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("damage", ["no_gate", "format_missing", "format_unknown"])
+def test_cli_error_is_one_line(damage, trained_pipeline, tmp_path, capsys, monkeypatch):  # noqa: F811
     from engine.stages import demo
     from utils.errors import run_cli
 
     out = _copy_outputs(trained_pipeline, tmp_path)
-    (out / "toy" / "gate" / "gate.pt").unlink()
+    path = out / "toy" / "gate" / "gate.pt"
+    found = {"no_gate": "no gate.pt (stage 3 did not finish)", "format_missing": "gate.pt: no format_version",
+             "format_unknown": "gate.pt: format_version 99, but this code reads 1"}[damage]
+    if damage == "no_gate":
+        path.unlink()
+    else:  # a gate.pt of an older (no format_version) or a newer (99) version of this code
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint.pop("format_version")
+        torch.save(checkpoint if damage == "format_missing" else {"format_version": 99, **checkpoint}, path)
     monkeypatch.setattr(demo, "build_app", lambda *a, **k: pytest.fail("the app must not start"))
     code = run_cli(demo.main, ["--dataname", "toy", "--output_dir", str(out)])
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: ") and "python train_gate.py --dataname toy" in err, err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and found in err[0], err
+    assert "python train_gate.py --dataname toy" in err[0], err
 
 
 def test_head_features_ignore_an_adapter_on_the_vision_tower(tiny_vlm_dir, test_images):

@@ -147,7 +147,7 @@ def stage3_test_predictions(pipeline) -> dict[str, dict]:
     from engine.stages import gate as train_gate
     from data.datasets import load_dataset
     from engine.gate import gate_logits
-    from engine.predict import load_gate
+    from models.gates import load_gate
     from utils.cli import parse_args
 
     args = parse_args(train_gate.get_args_parser(), pipeline.argv())

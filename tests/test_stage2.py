@@ -117,7 +117,8 @@ def test_teacher_and_head_beat_chance_and_the_folders_describe_themselves(stage2
 
 
 def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path):
-    from engine.distill import head_logits, load_head, save_head, train_head
+    from engine.distill import head_logits, train_head
+    from models.heads import load_head, save_head
     from utils.checkpoints import file_id, write_meta
 
     cache = stage2 / "toy" / "distill" / "cache"
@@ -127,7 +128,7 @@ def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path)
     labels = {s: teacher[s].argmax(-1) for s in features}
     head, _ = train_head(features, teacher, labels, 64, 4, depth=2, epochs=3, lr=1e-3, batch_size=16,
                          standardize=True)
-    path = save_head(tmp_path / "head.pt", head, ["a", "b", "c", "d"], vlm_model="tiny", teacher_id="t")
+    path = save_head(tmp_path / "head.pt", head, ["a", "b", "c", "d"], base_model="tiny", teacher_id="t")
     write_meta(tmp_path, "distill", ["a", "b", "c", "d"], base_model="tiny", head_id=file_id(path))
     reloaded, meta = load_head(tmp_path)
     assert torch.equal(head_logits(reloaded, features["test"]), head_logits(head, features["test"]))
@@ -220,16 +221,34 @@ def test_missing_stage1_output_exits_2_naming_train_vlm(toy_root, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["teacher_checkpoint_classes", "own_teacher_classes", "own_teacher_other_split",
-                                  "another_vlm"])
+                                  "another_vlm", "teacher_without_format", "teacher_of_unknown_format",
+                                  "vlm_meta_without_format"])
 def test_bad_inputs_are_one_line_errors(case, stage2, tiny_vlm_dir, toy_root, tmp_path, capsys):
+    from data.toy import toy_class_names
     from models.teacher import build_teacher, save_teacher
     from engine.stages.distill import main
     from utils.checkpoints import write_meta
     from utils.errors import run_cli
 
-    stage1_meta(tmp_path, tiny_vlm_dir)
+    meta_path = stage1_meta(tmp_path, tiny_vlm_dir)
     extra = []
-    if case == "teacher_checkpoint_classes":
+    if case in ("teacher_without_format", "teacher_of_unknown_format"):  # a teacher.pt this code cannot read
+        checkpoint = torch.load(stage2 / "toy" / "teacher" / "teacher.pt", weights_only=True)
+        assert checkpoint["class_names"] == toy_class_names(4)  # it fits this dataset otherwise
+        checkpoint.pop("format_version")
+        if case == "teacher_of_unknown_format":
+            checkpoint = {"format_version": 99, **checkpoint}
+        torch.save(checkpoint, tmp_path / "teacher.pt")
+        extra = ["--teacher_checkpoint", str(tmp_path / "teacher.pt")]
+        found = {"teacher_without_format": "no format_version (not written by this version of the code)",
+                 "teacher_of_unknown_format": "format_version 99, but this code reads 1"}[case]
+        expected = f"teacher.pt: {found}; rerun `python train_distillation.py --dataname toy --retrain_teacher`"
+    elif case == "vlm_meta_without_format":  # stage 1's meta.json from before format_version
+        meta = json.loads(meta_path.read_text())
+        meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("format_version", "kind")}))
+        expected = "meta.json: no format_version (not written by this version of the code); rerun " \
+            "`python train_vlm.py --dataname toy` to rewrite it"
+    elif case == "teacher_checkpoint_classes":
         model = build_teacher("vit_tiny_patch16_224", 2, 64, pretrained=False)
         path = save_teacher(tmp_path / "other.pt", model, "vit_tiny_patch16_224", 64, ["cats", "dogs"],
                             {"input_size": (3, 64, 64)}, False, 1.0, 1)

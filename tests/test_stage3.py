@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.gates import load_gate
 from tests.conftest import run_script
 from tests.pipeline import (CONFIGS, PIPELINE_GATE_ARGS, PIPELINE_GATE_EPOCHS, ToyRun, run_pipeline,  # noqa: F401
                             trained_pipeline)
@@ -34,16 +35,6 @@ def _gate_data(pipeline: ToyRun, *extra: str) -> dict:
     splits = load_dataset(args.data_root, args.dataname, args.output_dir)
     vlm_dir, vlm_meta, distill_dir, head_meta = train_gate.read_inputs(args)
     return train_gate.gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, "cpu")
-
-
-def _rebuild(path: Path):
-    """A gate rebuilt from its checkpoint alone (strict: every saved weight is used)."""
-    from models.gates import build_gate
-
-    checkpoint = torch.load(path, weights_only=True)
-    gate = build_gate(checkpoint["gate"], checkpoint["num_classes"])
-    gate.load_state_dict(checkpoint["state_dict"])
-    return gate.eval(), checkpoint
 
 
 def test_pipeline_outputs_table_and_accuracy(trained_pipeline):
@@ -96,11 +87,11 @@ def test_checkpoint_reload_reproduces_the_test_predictions(trained_pipeline):
 
     gate_dir = trained_pipeline.stage("gate")
     metrics = json.loads((gate_dir / "metrics.json").read_text())
-    gate, checkpoint = _rebuild(gate_dir / "gate.pt")
+    gate, checkpoint = load_gate(gate_dir / "gate.pt")
     vlm_meta = json.loads((trained_pipeline.stage("vlm") / "meta.json").read_text())
     head_meta = json.loads((trained_pipeline.stage("distill") / "meta.json").read_text())
     assert checkpoint["gate"] == metrics["gate"] and checkpoint["class_names"] == metrics["class_names"]
-    assert checkpoint["vlm_adapter_id"] == vlm_meta["adapter_id"] and checkpoint["head_id"] == head_meta["head_id"]
+    assert checkpoint["adapter_id"] == vlm_meta["adapter_id"] and checkpoint["head_id"] == head_meta["head_id"]
     assert checkpoint["base_model"] == str(trained_pipeline.vlm_model)
     assert (checkpoint["vlm_signal"], checkpoint["vlm_answer"]) == ("onehot", "score")
     assert (checkpoint["max_new_tokens"], checkpoint["quant"]) == (32, "none")  # stage 1 ran in full precision
@@ -110,7 +101,7 @@ def test_checkpoint_reload_reproduces_the_test_predictions(trained_pipeline):
     reloaded = classification_metrics(test.labels.tolist(), predictions(gate, test).tolist(), metrics["class_names"])
     saved = metrics["gates"][metrics["gate"]]
     assert reloaded["confusion_matrix"] == saved["confusion_matrix"] and reloaded["accuracy"] == saved["accuracy"]
-    twin, _ = _rebuild(gate_dir / f"gate_{metrics['gate']}.pt")
+    twin, _ = load_gate(gate_dir / f"gate_{metrics['gate']}.pt")
     for key, value in gate.state_dict().items():
         assert torch.equal(value, twin.state_dict()[key]), key
 
@@ -264,6 +255,59 @@ def test_bad_inputs_are_one_line_errors(case, trained_pipeline, tmp_path, capsys
     assert not pipeline.stage("gate").exists()
 
 
+@pytest.mark.parametrize("version", [None, 99])
+def test_a_head_of_another_format_is_a_one_line_error(version, trained_pipeline, tmp_path, capsys):
+    """A head.pt without format_version (an older one) or with one this code does not know, even
+    when meta.json names it, stops stage 3 with one line naming the file and stage 2's command."""
+    from engine.stages import gate as train_gate
+    from utils.checkpoints import file_id
+    from utils.errors import run_cli
+
+    pipeline = _copy_metas(trained_pipeline, tmp_path)
+    head_path = pipeline.stage("distill") / "head.pt"
+    checkpoint = torch.load(trained_pipeline.stage("distill") / "head.pt", weights_only=True)
+    checkpoint.pop("format_version")
+    torch.save(checkpoint if version is None else {"format_version": version, **checkpoint}, head_path)
+    _edit_meta(pipeline, "distill", head_id=file_id(head_path))
+    assert run_cli(train_gate.main, pipeline.argv()) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    found = "no format_version" if version is None else "format_version 99, but this code reads 1"
+    assert len(err) == 1 and err[0].startswith(f"error: {head_path}: {found}"), err
+    assert err[0].endswith("rerun `python train_distillation.py --dataname toy` to rewrite it"), err
+
+
+def test_one_name_per_fact_across_the_artefacts(trained_pipeline):
+    """The same fact has the same key in every artefact that records it, with the same value, and
+    the gate's provenance is written once (gate.pt)."""
+    from utils.checkpoints import FORMAT_VERSION, file_id
+
+    stage = trained_pipeline.stage
+    metas = {name: json.loads((stage(name) / "meta.json").read_text())
+             for name in ("vlm", "teacher", "distill", "gate")}
+    files = {"teacher": torch.load(stage("teacher") / "teacher.pt", weights_only=True),
+             "head": torch.load(stage("distill") / "head.pt", weights_only=True),
+             "gate": torch.load(stage("gate") / "gate.pt", weights_only=True)}
+    records = {**{f"{name}/meta.json": meta for name, meta in metas.items()},
+               **{f"{name}.pt": record for name, record in files.items()}}
+    assert {name: (r["format_version"], r["kind"]) for name, r in records.items()} == {
+        **{f"{name}/meta.json": (FORMAT_VERSION, "meta") for name in metas},
+        **{f"{name}.pt": (FORMAT_VERSION, name) for name in files}}
+    assert all(r["class_names"] == metas["vlm"]["class_names"] for r in records.values())
+    base = metas["vlm"]["base_model"]
+    assert base == str(trained_pipeline.vlm_model)
+    assert files["head"]["base_model"] == metas["distill"]["base_model"] == files["gate"]["base_model"] == base
+    assert metas["distill"]["adapter_id"] == files["gate"]["adapter_id"] == metas["vlm"]["adapter_id"]
+    teacher_id = file_id(stage("teacher") / "teacher.pt")
+    assert files["head"]["teacher_id"] == metas["distill"]["teacher_id"] == metas["teacher"]["teacher_id"] == teacher_id
+    assert files["gate"]["head_id"] == metas["distill"]["head_id"] == file_id(stage("distill") / "head.pt")
+    assert metas["gate"]["gate_id"] == file_id(stage("gate") / "gate.pt")
+    # No second name for these facts anywhere.
+    assert not {key for r in records.values() for key in r} & {"vlm_model", "vlm_adapter_id", "classes"}
+    provenance = {"vlm_signal", "vlm_answer", "parser", "max_new_tokens", "quant", "adapter_id", "head_id",
+                  "base_model", "head_run"}
+    assert provenance <= set(files["gate"]) and not provenance & set(metas["gate"])
+
+
 def test_missing_stage1_output_exits_2_naming_the_command(toy_root, tmp_path):
     result = run_script("train_gate.py", "--dataname", "toy", "--data_root", str(toy_root),
                         "--output_dir", str(tmp_path))
@@ -320,7 +364,7 @@ def test_gate_trained_on_validation_halves(trained_pipeline, tmp_path):
     fit, select = stratified_halves(val.labels, 42)
     assert len(fit) + len(select) == len(val.labels) == metrics["splits"]["val"]["n"]
     # The kept epoch was picked on the held-out half: the saved gate's accuracy there is the one recorded.
-    gate, _ = _rebuild(pipeline.stage("gate") / "gate.pt")
+    gate, _ = load_gate(pipeline.stage("gate") / "gate.pt")
     held_out = subset(val, select)
     accuracy = (predictions(gate, held_out) == held_out.labels).float().mean().item()
     assert metrics["gates"]["concat_linear"]["val_accuracy"] == pytest.approx(accuracy)

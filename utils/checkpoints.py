@@ -1,8 +1,16 @@
-"""Stage folders describe themselves: ``<stage_dir>/meta.json`` says what a later stage needs.
+"""One checkpoint schema: every saved artefact says what it is and in which format.
 
-Every stage writes ``meta.json`` (class names in order, the base VLM id, the ids of what it was
+Every stage writes ``meta.json`` (class names in order, the base VLM, the ids of what it was
 built on); the next stage reads it through :func:`read_meta`, which names the command to run
-when the folder is missing, and :func:`check_compatible`, which refuses a mismatch.
+when the folder is missing, and :func:`check_compatible`, which refuses a mismatch. The weights
+files (``teacher.pt``, ``head.pt``, ``gate.pt``) are written and read by a pair of functions
+beside their module (``models/teacher.py``, ``models/heads.py``, ``models/gates.py``).
+
+Each record (a ``meta.json`` or a ``.pt`` dict) is stamped by :func:`stamp` with
+``format_version`` and ``kind``; :func:`read_meta` and :func:`read_checkpoint` read them back, and
+:func:`check_format` refuses, naming the stage to rerun, a
+record this code cannot read (no ``format_version``, an unknown one, or another kind). The key
+names are listed in docs/ARCHITECTURE.md ("Checkpoints").
 """
 from __future__ import annotations
 
@@ -10,34 +18,80 @@ import hashlib
 from pathlib import Path
 from typing import Sequence
 
-from utils.errors import UserError
+import torch
+
+from utils.errors import UserError, first_line
 from utils.io import read_json, write_json
 
 META_FILE = "meta.json"
+# The layout of every record written by this code; a change of keys or meaning raises it.
+FORMAT_VERSION = 1
+READABLE_VERSIONS = (FORMAT_VERSION,)
 
-# How to produce each stage's folder; quoted in errors.
+# How to produce each stage's folder; quoted in errors. The teacher's needs --retrain_teacher,
+# since stage 2 otherwise reuses the teacher it finds.
 STAGE_COMMANDS = {
     "instructions": "python generate_instructions.py --dataname {dataname}",
     "vlm": "python train_vlm.py --dataname {dataname}",
-    "teacher": "python train_distillation.py --dataname {dataname}",
+    "teacher": "python train_distillation.py --dataname {dataname} --retrain_teacher",
     "distill": "python train_distillation.py --dataname {dataname}",
     "gate": "python train_gate.py --dataname {dataname}",
 }
+# The stage that writes each kind of weights file.
+KIND_STAGES = {"teacher": "teacher", "head": "distill", "gate": "gate"}
+
+
+def stamp(record: dict, kind: str) -> dict:
+    """``record`` with this code's ``format_version`` and its ``kind`` first."""
+    return {"format_version": FORMAT_VERSION, "kind": kind, **record}
+
+
+def check_format(record, path: str | Path, kind: str, stage: str | None = None,
+                 dataname: str = "<dataname>") -> dict:
+    """``record`` when this code reads it: stamped with a known ``format_version`` and ``kind``.
+    Otherwise a one-line UserError naming the file, what it holds and the command rewriting it."""
+    stage = stage or KIND_STAGES[kind]
+    if not isinstance(record, dict) or "format_version" not in record:
+        found = "no format_version (not written by this version of the code)"
+    elif record["format_version"] not in READABLE_VERSIONS:
+        found = (f"format_version {record['format_version']!r}, but this code reads "
+                 f"{', '.join(map(str, READABLE_VERSIONS))}")
+    elif record.get("kind") != kind:
+        found = f"a {record.get('kind')!r} record where a {kind!r} one belongs"
+    else:
+        return record
+    command = STAGE_COMMANDS[stage].format(dataname=dataname)
+    hint = f"rerun `{command}` to rewrite it"
+    if stage == "instructions":  # stage 0 reads its own meta.json when it resumes
+        hint = f"delete it and rerun `{command}` (the annotations are kept)"
+    raise UserError(f"{path}: {found}; {hint}")
+
+
+def read_checkpoint(path: str | Path, kind: str, dataname: str = "<dataname>") -> dict:
+    """A ``.pt`` record of ``kind`` (tensors only, on the CPU), checked by :func:`check_format`; a
+    file torch cannot read is a UserError naming the command that rewrites it."""
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        command = STAGE_COMMANDS[KIND_STAGES[kind]].format(dataname=dataname)
+        raise UserError(f"{path}: cannot read it ({first_line(err)}); rerun `{command}` to rewrite it") from None
+    return check_format(record, path, kind, dataname=dataname)
 
 
 def write_meta(folder: str | Path, stage: str, class_names: Sequence[str], **fields) -> Path:
+    """``<folder>/meta.json``: the stage, its class names and ``fields``, stamped."""
     return write_json(Path(folder) / META_FILE,
-                      {"stage": stage, "class_names": list(class_names), **fields})
+                      stamp({"stage": stage, "class_names": list(class_names), **fields}, "meta"))
 
 
 def read_meta(folder: str | Path, stage: str, dataname: str = "<dataname>") -> dict:
-    """The ``meta.json`` of a finished stage; a missing one is a UserError naming the command."""
+    """The ``meta.json`` of a finished stage; a missing or unreadable one is a UserError naming the command."""
     path = Path(folder) / META_FILE
     if not path.is_file():
         command = STAGE_COMMANDS[stage].format(dataname=dataname)
         raise UserError(f"{folder}: no finished {stage} stage output ({META_FILE} missing); "
                         f"run `{command}` first")
-    meta = read_json(path)
+    meta = check_format(read_json(path), path, "meta", stage, dataname)
     if meta.get("stage") != stage:
         raise UserError(f"{path}: written by stage {meta.get('stage')!r}, expected {stage!r}")
     return meta

@@ -78,14 +78,13 @@ def parse_head_spec(spec: str) -> dict:
     return values
 
 
-def resolve_head(distill_dir: str | Path, spec: str | None) -> tuple[Path, str]:
-    """``(head folder, run name)``: the top-level default head for no ``spec``; else the run matching
-    it (the lowest seed when the seed is not given), refusing a missing one and naming those that exist."""
+def resolve_head(distill_dir: str | Path, spec: str | None) -> Path:
+    """The head folder: the top-level default head for no ``spec``; else the run matching it (the
+    lowest seed when the seed is not given), refusing a missing one and naming those that exist.
+    Its meta.json names the run (``run``)."""
     distill_dir = Path(distill_dir)
     if spec is None:
-        meta_path = distill_dir / "meta.json"
-        meta = read_json(meta_path) if meta_path.is_file() else {}
-        return distill_dir, meta.get("run") or f"head={meta.get('head_id', 'unknown')}"
+        return distill_dir
     wanted = parse_head_spec(spec)
     runs = list_runs(distill_dir)
     matches = [(meta.get("seed", 0), name) for name, meta in runs.items()
@@ -93,5 +92,4 @@ def resolve_head(distill_dir: str | Path, spec: str | None) -> tuple[Path, str]:
     if not matches:
         have = "; ".join(runs) if runs else "none (train some with python train_distillation.py --depth ...)"
         raise UserError(f"--head {spec}: no such head run in {distill_dir / RUNS}; runs there: {have}")
-    name = min(matches)[1]
-    return distill_dir / RUNS / name, name
+    return distill_dir / RUNS / min(matches)[1]

@@ -12,8 +12,9 @@ import torch
 from transformers import AutoConfig
 
 from data.datasets import load_dataset
-from engine.distill import (HEAD_FILE, cached_teacher_logits, cached_vlm_features, feature_dtype, head_logits,
-                            save_head, train_head, train_teacher)
+from engine.distill import (cached_teacher_logits, cached_vlm_features, feature_dtype, head_logits, train_head,
+                            train_teacher)
+from models.heads import HEAD_FILE, save_head
 from models.teacher import (DEFAULT_TEACHER, build_teacher, data_config, default_img_size, read_teacher_checkpoint,
                             save_teacher)
 from models.vlm import vision_hidden_size
@@ -131,7 +132,7 @@ def teacher_checkpoint(args, splits, device, rank: int) -> Path:
     trains while the other processes wait)."""
     if args.teacher_checkpoint:
         path = Path(args.teacher_checkpoint)
-        read_teacher_checkpoint(path, splits.class_names)  # refuses a missing file or other classes now
+        read_teacher_checkpoint(path, splits.class_names, args.dataname)  # refuses a missing file or other classes now
         return path
     folder = stage_dir(args, "teacher")
     if existing_teacher(args, splits, folder) is not None:
@@ -221,7 +222,7 @@ def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict
                               log_path=run_dir / "log.txt")
     save_curves_png(result["history"], run_dir / "curves.png", f"stage 2: distillation head ({name})")
     teacher_id = file_id(teacher_path)
-    head_path = save_head(run_dir / HEAD_FILE, head, class_names, vlm_model=args.vlm_model,
+    head_path = save_head(run_dir / HEAD_FILE, head, class_names, base_model=args.vlm_model,
                           teacher_id=teacher_id, best_val_acc=result["best_val_acc"], epoch=result["epoch"],
                           standardized=args.standardize_features, alpha=setting["alpha"], seed=setting["seed"],
                           **inputs["encoding"])
@@ -236,7 +237,7 @@ def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict
     record_run(run_dir, run_args, in_dim=in_dim, processes=inputs["world"], run=name)
     write_meta(run_dir, "distill", class_names, base_model=args.vlm_model, head_id=file_id(head_path),
                teacher_id=teacher_id, teacher_checkpoint=str(teacher_path),
-               vlm_adapter_id=inputs["vlm_meta"].get("adapter_id"), in_dim=in_dim, run=name, **setting,
+               adapter_id=inputs["vlm_meta"].get("adapter_id"), in_dim=in_dim, run=name, **setting,
                **inputs["encoding"])
     staged.commit([(f"the head's final training loss ({name})", result["history"][-1]["train_loss"])],
                   "--lr (or --temperature)")

@@ -12,12 +12,13 @@ import torch
 
 from data.datasets import load_dataset
 from data.prompts import PARSERS
-from engine.distill import cached_vlm_features, head_logits, load_head, read_cached_teacher_logits
+from engine.distill import cached_vlm_features, head_logits, read_cached_teacher_logits
 from engine.fit import EpochLog
 from engine.gate import (ANSWER_MODES, SIGNALS, GateData, cached_vlm_predictions, gate_training_data, predictions,
-                         save_gate, split_accuracies, train_gate, vlm_gate_inputs)
+                         split_accuracies, train_gate, vlm_gate_inputs)
 from engine.vlm_eval import load_trained_vlm, trained_quant
-from models.gates import GATE_LABELS, GATES
+from models.gates import GATE_LABELS, GATES, save_gate
+from models.heads import load_head
 from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
 from utils.cli import add_base_vlm_flag, base_parser, parse_args, require_positive, stage_dir
 from utils.dist import init_distributed, leave_process_group, training_device
@@ -79,8 +80,10 @@ def read_inputs(args):
     """Stage 1 and 2 metadata (read before anything else: a missing stage fails at once)."""
     vlm_dir = stage_dir(args, "vlm")
     vlm_meta = read_meta(vlm_dir, "vlm", args.dataname)
-    head_dir, args.head_run = resolve_head(stage_dir(args, "distill"), getattr(args, "head", None))
-    return vlm_dir, vlm_meta, head_dir, read_meta(head_dir, "distill", args.dataname)
+    head_dir = resolve_head(stage_dir(args, "distill"), getattr(args, "head", None))
+    head_meta = read_meta(head_dir, "distill", args.dataname)
+    args.head_run = head_meta["run"]
+    return vlm_dir, vlm_meta, head_dir, head_meta
 
 
 def check_inputs(args, class_names, vlm_dir, vlm_meta, distill_dir, head_meta) -> None:
@@ -103,7 +106,7 @@ def vlm_quant(args, vlm_meta: dict, device) -> str:
 def gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device) -> dict:
     """``{split: GateData}``: the cached VLM answers and the frozen head on stage 2's cached features
     (exactly those the head was trained on: a mismatch asks to rerun stage 2, never re-encodes)."""
-    head, _ = load_head(distill_dir, splits.class_names)
+    head, _ = load_head(distill_dir, splits.class_names, dataname=args.dataname)
     pixels = {"min_pixels": head_meta.get("min_pixels"), "max_pixels": head_meta.get("max_pixels")}
     features = cached_vlm_features(splits, head_meta["base_model"], pixels, device, args.vlm_batch_size,
                                    stage_dir(args, "distill") / "cache", dtype=head_meta.get("feature_dtype"), build=False)
@@ -165,10 +168,14 @@ def add_statistics(metrics: dict, preds: dict) -> None:
 def write_results(args, out_dir: Path, data: dict, results: dict, selected: str, class_names, provenance,
                   teacher_pred=None, head_dir: Path | None = None) -> str:
     """gate.pt (and gate_<name>.pt), metrics.json, pictures, table.md, run.json; meta.json last."""
+    def save(path: Path, result) -> Path:
+        return save_gate(path, result.name, result.gate, class_names, best_val_acc=result.best_val_acc,
+                         epoch=result.best_epoch, **provenance)
+
     if len(results) > 1:
         for name, result in results.items():
-            save_gate(out_dir / f"gate_{name}.pt", result, class_names, **provenance)
-    save_gate(out_dir / "gate.pt", results[selected], class_names, **provenance)
+            save(out_dir / f"gate_{name}.pt", result)
+    save(out_dir / "gate.pt", results[selected])
 
     preds = gate_test_predictions(data, results, teacher_pred)
     labels = preds["labels"]
@@ -197,7 +204,8 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
         + complementarity_table(metrics) + "\n"
     write_text(out_dir / "table.md", table)
     record_run(out_dir, args, selected_gate=selected)
-    write_meta(out_dir, "gate", class_names, gate=selected, gate_id=file_id(out_dir / "gate.pt"), **provenance)
+    # The provenance is gate.pt's (the predictor reads it there); meta.json only names that file.
+    write_meta(out_dir, "gate", class_names, gate=selected, gate_id=file_id(out_dir / "gate.pt"))
     return table
 
 
@@ -230,7 +238,7 @@ def run(args) -> None:
     names = list(GATES) if args.gate == "all" else [args.gate]
     provenance = {"vlm_signal": args.vlm_signal, "vlm_answer": args.vlm_answer, "parser": args.parser,
                   "max_new_tokens": args.max_new_tokens, "quant": args.quant,
-                  "vlm_adapter_id": vlm_meta["adapter_id"], "head_id": head_meta["head_id"],
+                  "adapter_id": vlm_meta["adapter_id"], "head_id": head_meta["head_id"],
                   "base_model": vlm_meta["base_model"], "head_run": args.head_run}
     teacher_pred = teacher_test_predictions(args, splits, head_meta)
     print(f"fusing head {args.head_run} ({distill_dir})")
