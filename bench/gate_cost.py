@@ -54,7 +54,8 @@ def _one_pass(pipeline, splits) -> None:
     """What stage 3 cannot avoid: every image through the trained VLM, and the head on stage 2's
     cached features."""
     from engine.distill import cached_vlm_features, head_logits, load_head
-    from engine.vlm_eval import load_trained_vlm, predict_samples
+    from engine.vlm_eval import predict_samples
+    from models.vlm import load_trained_vlm
 
     model, processor, _ = load_trained_vlm(pipeline.stage("vlm"), "cpu")
     head, meta = load_head(pipeline.stage("distill"))
@@ -83,7 +84,8 @@ def _reference(pipeline, splits) -> tuple[float, float]:
 
     from data.datasets import open_image
     from engine.distill import load_head
-    from engine.vlm_eval import categorical_prompt, load_trained_vlm
+    from engine.vlm_eval import categorical_prompt
+    from models.vlm import load_trained_vlm
     from models.chat import encode_prompts
     from models.gates import build_gate
     from models.vlm import pooled_image_features

@@ -167,8 +167,7 @@ class EmoVLMKD:
         it was when stage 3 computed the gate's inputs.
         """
         from engine.distill import load_head
-        from engine.vlm_eval import load_trained_vlm
-        from models.vlm import load_processor
+        from models.vlm import load_processor, load_trained_vlm
 
         root = Path(output_dir) / dataname
         vlm_dir, distill_dir, gate_dir = root / "vlm", root / "distill", root / "gate"

@@ -1,4 +1,4 @@
-"""The instruction-tuned VLM as a classifier: loading a stage-1 folder and predicting classes.
+"""The instruction-tuned VLM as a classifier: predicting classes.
 
 ``score`` (default) ranks the classes by the log-likelihood of each class's categorical answer
 (``{'emotion': '<class>'}``) given the image and question. The prompt (image included) is
@@ -21,7 +21,6 @@ from data.annotations import prompt_messages
 from data.prompts import categorical_answer, categorical_question, parse_emotion
 from models.backbones import backbone_for
 from models.chat import answer_ids, encode_prompts, generate_texts
-from utils.checkpoints import read_meta
 from utils.errors import UserError
 from utils.io import write_text
 from utils.metrics import NONE, classification_metrics, write_metrics
@@ -164,69 +163,6 @@ def predict_vlm(model, processor, images: Sequence[Image.Image], class_names: Se
         pred = torch.tensor([NONE if index is None else index for index in parsed], dtype=torch.long)
         return VLMPredictions(pred=pred, probs=None, texts=texts)
     raise UserError(f"--eval_mode {mode}: choose one of {', '.join(EVAL_MODES)}")
-
-
-def trained_quant(meta: dict, quant: str | None, device: str | torch.device) -> str | None:
-    """How to load the base under a stage-1 adapter: ``quant`` None means as trained
-    (``meta["quant"]``), falling back to full precision, with a warning, where 4-bit cannot run
-    (no CUDA or no bitsandbytes); ``"none"`` full precision; ``"4bit"`` 4-bit NF4."""
-    from models.vlm import resolve_quant
-
-    if quant is not None:
-        return resolve_quant(quant, torch.device(device))
-    recorded = meta.get("quant")
-    if recorded is not None and resolve_quant("auto", torch.device(device)) != recorded:
-        log.warning("the adapter was trained on a %s base, which cannot load on %s here; "
-                    "using the full-precision base", recorded, device)
-        return None
-    return recorded
-
-
-def base_model_path(meta: dict, vlm_model: str | None, vlm_dir: str | Path) -> str:
-    """Where to read the base model of a stage-1 folder from.
-
-    ``--vlm_model`` is a consistency check, not a switch: it must name the base the adapter was
-    trained on (``meta["base_model"]``). The one exception is a local base folder that moved:
-    a folder whose ``config.json`` is identical to the recorded one (``meta["base_config_id"]``)
-    is taken as the same model.
-    """
-    from utils.checkpoints import file_id
-
-    recorded = meta["base_model"]
-    if vlm_model is None or vlm_model == recorded:
-        if vlm_model is None and _looks_local(recorded) and not Path(recorded).exists():
-            raise UserError(f"{vlm_dir}: its base model folder {recorded} is gone; if it moved, pass the "
-                            "new location with --vlm_model")
-        return recorded
-    config = Path(vlm_model) / "config.json"
-    if meta.get("base_config_id") and config.is_file() and file_id(config) == meta["base_config_id"]:
-        return str(vlm_model)
-    raise UserError(f"{vlm_dir}: adapter trained on --vlm_model {recorded!r}, not {vlm_model!r}; "
-                    "--vlm_model must name that same base model (or its moved local folder); "
-                    "leave it out or retrain stage 1")
-
-
-def _looks_local(model_id: str) -> bool:
-    # A hub id is "name" or "owner/name"; a short relative folder is indistinguishable from one.
-    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
-
-
-def load_trained_vlm(vlm_dir: str | Path, device: str | torch.device, vlm_model: str | None = None,
-                     quant: str | None = None):
-    """``(model, processor, meta)`` from a stage-1 folder: base VLM + LoRA adapter, eval mode.
-
-    ``vlm_model`` None reads the base from ``meta["base_model"]``; otherwise it must name that
-    same model (see :func:`base_model_path`). ``quant`` None loads the base as it was trained
-    (see :func:`trained_quant`), ``"none"`` in full precision, ``"4bit"`` in 4-bit.
-    """
-    from models.vlm import load_processor, load_vlm
-
-    vlm_dir = Path(vlm_dir)
-    meta = read_meta(vlm_dir, "vlm", vlm_dir.parent.name)
-    base = base_model_path(meta, vlm_model, vlm_dir)
-    processor = load_processor(str(vlm_dir), meta.get("min_pixels"), meta.get("max_pixels"))
-    model = load_vlm(base, device, quant=trained_quant(meta, quant, device), adapter=vlm_dir)
-    return model, processor, meta
 
 
 def predict_samples(model, processor, data_root: str | Path, samples: Sequence, class_names: Sequence[str],

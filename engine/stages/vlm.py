@@ -98,7 +98,7 @@ def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
 
 
 def eval_only(args, splits, out_dir: Path) -> dict:
-    from engine.vlm_eval import load_trained_vlm
+    from models.vlm import load_trained_vlm
     from utils.checkpoints import check_compatible
     from utils.dist import leave_process_group, training_device
 
