@@ -84,7 +84,7 @@ def _reference(pipeline, splits) -> tuple[float, float]:
 
     from data.datasets import open_image
     from engine.distill import load_head
-    from engine.vlm_eval import categorical_prompt
+    from models.chat import categorical_prompt
     from models.vlm import load_trained_vlm
     from models.chat import encode_prompts
     from models.gates import build_gate

@@ -48,7 +48,7 @@ def _reencode_scores(model, processor, images, class_names):
     """Batched scoring without cache reuse: every (image, class) conversation run whole."""
     import torch
 
-    from engine.vlm_eval import class_conversations
+    from models.chat import class_conversations
     from models.chat import IGNORE_INDEX, encode_conversations
 
     conversations = class_conversations(class_names)
@@ -69,7 +69,8 @@ def _reencode_scores(model, processor, images, class_names):
 def _measure(model, processor, images, class_names) -> dict:
     import torch
 
-    from engine.vlm_eval import categorical_prompt, predict_vlm, score_classes
+    from models.chat import categorical_prompt
+    from models.scorer import predict_vlm, score_classes
     from models.chat import encode_prompts
 
     prompt = categorical_prompt(class_names)

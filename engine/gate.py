@@ -93,7 +93,8 @@ def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_m
     rerun never loads the VLM. Under torchrun every rank must call this: the images of a missing
     split are sharded across the ranks and the answers gathered on each, in order.
     """
-    from engine.vlm_eval import VLMPredictions, predict_samples
+    from engine.vlm_eval import predict_samples
+    from models.scorer import VLMPredictions
 
     loaded = []  # (model, processor) once a split misses
 

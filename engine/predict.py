@@ -215,7 +215,7 @@ class EmoVLMKD:
         """Every module's output per image (see :meth:`predict`)."""
         from data.prompts import categorical_answer
         from engine.gate import vlm_gate_inputs
-        from engine.vlm_eval import predict_vlm
+        from models.scorer import predict_vlm
         from models.gates import gate_weights
 
         images = [to_rgb(image) for image in images]

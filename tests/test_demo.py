@@ -82,7 +82,7 @@ def stage3_test_outputs(pipeline) -> dict[str, torch.Tensor]:  # noqa: F811
     from engine.distill import head_logits, load_head
     from engine.gate import vlm_gate_inputs
     from engine.predict import load_gate
-    from engine.vlm_eval import VLMPredictions
+    from models.scorer import VLMPredictions
 
     gate, meta = load_gate(pipeline.stage("gate"))
     head, _ = load_head(pipeline.stage("distill"))

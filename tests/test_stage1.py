@@ -148,7 +148,7 @@ def _test_images(toy_root: Path, count: int = 6) -> tuple[list[Image.Image], lis
 
 
 def test_reloaded_adapter_reproduces_the_trained_predictions(trained):
-    from engine.vlm_eval import predict_vlm
+    from models.scorer import predict_vlm
     from models.vlm import load_trained_vlm
 
     from data.datasets import open_image
@@ -163,7 +163,7 @@ def test_reloaded_adapter_reproduces_the_trained_predictions(trained):
 
 
 def test_score_is_a_distribution_matching_one_class_at_a_time(trained, toy_root):
-    from engine.vlm_eval import score_classes
+    from models.scorer import score_classes
     from models.vlm import load_trained_vlm
     from tests.oracles import score_classes_full
 

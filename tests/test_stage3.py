@@ -144,7 +144,7 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
     import engine.vlm_eval
     from data.datasets import DatasetSplits, Sample
     from engine.gate import cached_vlm_predictions
-    from engine.vlm_eval import VLMPredictions
+    from models.scorer import VLMPredictions
 
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(b"x" * (i + 1))
@@ -181,13 +181,13 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
 @pytest.mark.parametrize("parser, unparseable", [("strict", 16), ("lenient", 0)])
 def test_parser_choice_is_applied_and_recorded(trained_pipeline, tmp_path, monkeypatch, parser, unparseable):
     """Half the (faked) decoded answers are a bare class word: strict reads none of them."""
-    import engine.vlm_eval
+    import models.scorer
     from engine.stages import gate as train_gate
 
     def answers(model, processor, prompts, images, max_new_tokens, batch_size):
         return [("{'emotion': 'awe'}" if i % 2 else "awe") for i in range(len(prompts))]
 
-    monkeypatch.setattr(engine.vlm_eval, "generate_texts", answers)
+    monkeypatch.setattr(models.scorer, "generate_texts", answers)
     pipeline = _copy_outputs(trained_pipeline, tmp_path)
     train_gate.main(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--vlm_answer", "generate",
                                   "--parser", parser, "--epochs", "1"))
@@ -199,7 +199,7 @@ def test_parser_choice_is_applied_and_recorded(trained_pipeline, tmp_path, monke
 
 def test_vlm_gate_inputs_onehot_zero_when_unparseable_and_probs():
     from engine.gate import vlm_gate_inputs
-    from engine.vlm_eval import VLMPredictions
+    from models.scorer import VLMPredictions
     from utils.errors import UserError
 
     probs = torch.tensor([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])

@@ -25,7 +25,7 @@ def get_args_parser():
     from transformers import SchedulerType
 
     from data.prompts import PARSERS
-    from engine.vlm_eval import EVAL_MODES
+    from models.scorer import EVAL_MODES
     from engine.vlm_train import DEFAULT_TARGET_MODULES
     from models.vlm import DEFAULT_MAX_PIXELS
 
