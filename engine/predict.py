@@ -9,7 +9,6 @@ prediction stage 3's evaluation gave it. No Gradio here: demo.py wraps this clas
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from data.datasets import to_rgb
-from models.backbones import visual_modules
+from models.vlm import head_features
 from utils.checkpoints import STAGE_COMMANDS, read_meta
 from utils.errors import UserError
 
@@ -96,36 +95,6 @@ def check_parts(dataname: str, vlm: tuple[Path, dict], distill: tuple[Path, dict
     if gate_meta["head_id"] != distill_meta.get("head_id"):
         raise _stage_error(gate_dir, "gate", dataname, f"trained on another distilled head "
                            f"({gate_meta['head_id']}, now {distill_meta.get('head_id')})")
-
-
-@contextmanager
-def vision_dtype(model, dtype: torch.dtype | None):
-    """Run the visual encoder in ``dtype`` inside the block, then restore it. A checkpoint stored in
-    bf16 loads in bf16 while stage 2 encoded it in float32 on CPU; the float32 upcast of bf16 weights
-    is exact, so the features equal stage 2's cache."""
-    modules = visual_modules(model)
-    original = next(modules[0].parameters()).dtype
-    if dtype is None or dtype == original:
-        yield
-        return
-    for module in modules:
-        module.to(dtype)
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.to(original)
-
-
-@torch.no_grad()
-def head_features(model, processor, images: Sequence[Image.Image], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The head's input: pooled visual features of the base VLM, as stage 2 cached them (in ``dtype``,
-    the one recorded with the cache), even when ``model`` carries stage 1's adapter (a LoRA may
-    touch the vision tower)."""
-    from models.vlm import pooled_image_features
-
-    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext(), vision_dtype(model, dtype):
-        return pooled_image_features(model, processor, images)
 
 
 def recorded_dtype(distill_meta: dict) -> torch.dtype | None:

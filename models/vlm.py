@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image
 
-from models.backbones import BACKBONES, backbone_for
+from models.backbones import BACKBONES, backbone_for, visual_modules
 from utils.checkpoints import file_id, read_meta
 from utils.errors import UserError, first_line
 
@@ -142,6 +143,34 @@ def pooled_image_features(model, processor, images: Sequence[Image.Image]) -> to
     Runs only the visual encoder (and its merger or projector); images may have different sizes.
     """
     return backbone_for(model).pooled_features(model, processor, images)
+
+
+@contextmanager
+def vision_dtype(model, dtype: torch.dtype | None):
+    """Run the visual encoder in ``dtype`` inside the block, then restore it. A checkpoint stored in
+    bf16 loads in bf16 while stage 2 encoded it in float32 on CPU; the float32 upcast of bf16 weights
+    is exact, so the features equal stage 2's cache."""
+    modules = visual_modules(model)
+    original = next(modules[0].parameters()).dtype
+    if dtype is None or dtype == original:
+        yield
+        return
+    for module in modules:
+        module.to(dtype)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to(original)
+
+
+@torch.no_grad()
+def head_features(model, processor, images: Sequence[Image.Image], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The head's input: pooled visual features of the base VLM, as stage 2 cached them (in ``dtype``,
+    the one recorded with the cache), even when ``model`` carries stage 1's adapter (a LoRA may
+    touch the vision tower)."""
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext(), vision_dtype(model, dtype):
+        return pooled_image_features(model, processor, images)
 
 
 def trained_quant(meta: dict, quant: str | None, device: str | torch.device) -> str | None:

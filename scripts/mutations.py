@@ -128,7 +128,7 @@ MUTANTS = (
            "        signal = torch.zeros(len(images), num_classes)",
            ("tests/test_demo.py::test_predictions_match_stage3_evaluation",),
            "the demo's gate never sees the VLM's answer"),
-    Mutant("head_features_with_adapter", "engine/predict.py",
+    Mutant("head_features_with_adapter", "models/vlm.py",
            '    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext(), vision_dtype(model, dtype):',
            "    with nullcontext(), vision_dtype(model, dtype):",
            ("tests/test_demo.py::test_head_features_ignore_an_adapter_on_the_vision_tower",),

@@ -100,7 +100,7 @@ def test_head_features_use_the_dtype_of_stage2s_cache(tiny_vlm_dir, test_images)
     """A checkpoint stored in bf16 loads in bf16, while stage 2 encoded it in float32 on CPU: the
     demo must encode in the recorded dtype to get stage 2's features, and leave the model as it was."""
     from data.datasets import open_image
-    from engine.predict import head_features
+    from models.vlm import head_features
     from models.backbones import visual_modules
     from models.vlm import load_processor, load_vlm, pooled_image_features
 
@@ -246,7 +246,7 @@ def test_cli_error_is_one_line(trained_pipeline, tmp_path, capsys, monkeypatch):
 def test_head_features_ignore_an_adapter_on_the_vision_tower(tiny_vlm_dir, test_images):
     from peft import LoraConfig, get_peft_model
 
-    from engine.predict import head_features
+    from models.vlm import head_features
     from models.vlm import load_processor, load_vlm, pooled_image_features
 
     images = [Image.open(path).convert("RGB") for path in test_images[1][:2]]
