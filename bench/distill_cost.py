@@ -59,7 +59,7 @@ def _reference(splits, vlm: Path, teacher_path: Path) -> float:
     import torch
 
     from data.datasets import open_image
-    from engine.distill import distillation_loss
+    from models.heads import distillation_loss
     from models.heads import DistillHead
     from models.teacher import load_teacher, teacher_transforms
     from models.vlm import load_processor, load_vlm, pooled_image_features, vision_hidden_size

@@ -141,7 +141,7 @@ def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monke
 
 
 def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
-    import engine.vlm_eval
+    import engine.gate
     from data.datasets import DatasetSplits, Sample
     from engine.gate import cached_vlm_predictions
     from models.scorer import VLMPredictions
@@ -156,7 +156,7 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
         calls.append(mode)
         return VLMPredictions(pred=torch.tensor([-1] * len(samples)), probs=None, texts=["?"] * len(samples))
 
-    monkeypatch.setattr(engine.vlm_eval, "predict_samples", fake_predict)
+    monkeypatch.setattr(engine.gate, "predict_samples", fake_predict)
     loads = []
     meta = {"base_model": "m", "adapter_id": "a1"}
 
