@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from data.datasets import PIXELS, SPLITS, DatasetSplits, ImageDataset, Sample
 from engine.batches import shuffled_batches
@@ -32,8 +33,8 @@ from utils.checkpoints import STAGE_COMMANDS, check_compatible, file_id, read_me
 from utils.dist import distributed_rank, shard_map
 from utils.errors import UserError
 from utils.io import torch_save, write_text
-from utils.outputs import check_finite
 from utils.metrics import save_curves_png
+from utils.outputs import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,6 @@ def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs:
     ``build=False`` (stage 3: the head must see the features it was trained on) turns a miss
     into a UserError naming stage 2's command instead.
     """
-    from transformers import AutoConfig
-
     device = torch.device(device)
     dtype = getattr(torch, dtype.removeprefix("torch.")) if dtype else feature_dtype(device)
     processor = load_processor(vlm_model, **(processor_kwargs or {}))

@@ -15,8 +15,15 @@ from typing import Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from data.annotations import prompt_messages
 from data.datasets import to_rgb
-from models.vlm import head_features
+from data.prompts import OBSERVATION_QUESTION, REASONING_QUESTION, categorical_answer
+from engine.distill import load_head
+from engine.gate import vlm_gate_inputs
+from models.chat import generate_texts
+from models.gates import build_gate, gate_weights
+from models.scorer import predict_vlm
+from models.vlm import head_features, load_processor, load_trained_vlm
 from utils.checkpoints import STAGE_COMMANDS, read_meta
 from utils.errors import UserError
 
@@ -58,8 +65,6 @@ def _stage_error(folder: Path, stage: str, dataname: str, problem: str) -> UserE
 
 def load_gate(gate_dir: str | Path, dataname: str = "<dataname>") -> tuple[torch.nn.Module, dict]:
     """``(gate with its trained weights, the rest of gate.pt)``, eval mode, CPU."""
-    from models.gates import build_gate
-
     gate_dir = Path(gate_dir)
     path = gate_dir / GATE_FILE
     if not path.is_file():
@@ -135,9 +140,6 @@ class EmoVLMKD:
         ``quant`` (``4bit`` or ``none``) overrides how the VLM is loaded; by default it is loaded as
         it was when stage 3 computed the gate's inputs.
         """
-        from engine.distill import load_head
-        from models.vlm import load_processor, load_trained_vlm
-
         root = Path(output_dir) / dataname
         vlm_dir, distill_dir, gate_dir = root / "vlm", root / "distill", root / "gate"
         vlm_meta = read_meta(vlm_dir, "vlm", dataname)
@@ -168,10 +170,6 @@ class EmoVLMKD:
     @torch.no_grad()
     def explain(self, images: Sequence[Image.Image], max_new_tokens: int = 128) -> list[tuple[str, str]]:
         """``(observation, reasoning)`` per image, greedy, with the questions stage 1 trained on."""
-        from data.annotations import prompt_messages
-        from data.prompts import OBSERVATION_QUESTION, REASONING_QUESTION
-        from models.chat import generate_texts
-
         messages = [prompt_messages(OBSERVATION_QUESTION), prompt_messages(REASONING_QUESTION)]
         texts = generate_texts(self.model, self.processor, messages * len(images),
                                [image for image in images for _ in messages], max_new_tokens,
@@ -182,11 +180,6 @@ class EmoVLMKD:
     def predict_batch(self, images: Sequence[Image.Image], max_new_tokens: int = 128,
                       explain: bool = False) -> list[dict]:
         """Every module's output per image (see :meth:`predict`)."""
-        from data.prompts import categorical_answer
-        from engine.gate import vlm_gate_inputs
-        from models.scorer import predict_vlm
-        from models.gates import gate_weights
-
         images = [to_rgb(image) for image in images]
         num_classes = len(self.class_names)
         scored = predict_vlm(self.model, self.processor, images, self.class_names, mode="score")

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from peft import PeftModel
 from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers.image_utils import SizeDict
 
 from models.backbones import BACKBONES, backbone_for, visual_modules
 from utils.checkpoints import file_id, read_meta
@@ -60,9 +63,6 @@ def load_processor(model_id: str | Path, min_pixels: int | None = None, max_pixe
     The pixel budget per image is ``[min_pixels, max_pixels]``; None keeps the checkpoint's own
     value, except that its upper bound is capped at ``DEFAULT_MAX_PIXELS``.
     """
-    from transformers import AutoProcessor
-    from transformers.image_utils import SizeDict
-
     _check_model_id(model_id)
     try:
         processor = AutoProcessor.from_pretrained(model_id)
@@ -92,8 +92,6 @@ def _quantization_config(quant: str, device: torch.device, keep_unquantised: Seq
         raise UserError(f"--quant {quant} needs a CUDA GPU (bitsandbytes); drop --quant to run in full precision")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(f"--quant {quant} needs bitsandbytes: pip install -r requirements-qlora.txt")
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=list(keep_unquantised))
 
@@ -104,8 +102,6 @@ def load_vlm(model_id: str | Path, device: str | torch.device = "cpu", dtype: st
 
     ``dtype`` None keeps transformers' default; the model is in eval mode unless ``trainable``.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
     device = torch.device(device)
     kwargs = {} if dtype is None else {"dtype": dtype}
     _check_model_id(model_id)
@@ -121,8 +117,6 @@ def load_vlm(model_id: str | Path, device: str | torch.device = "cpu", dtype: st
     if quant is None:
         model.to(device)
     if adapter is not None:
-        from peft import PeftModel
-
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError(f"adapter {adapter}: no adapter_config.json there; point to the folder "
                             "written by the instruction-tuning stage")

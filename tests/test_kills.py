@@ -44,7 +44,7 @@ def same_weights(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("target, call", [("engine.distill:store", 2),                # frozen pass: 1 split cached
+@pytest.mark.parametrize("target, call", [("utils.cache:store", 2),                   # frozen pass: 1 split cached
                                           ("engine.distill:distillation_loss", 10)])  # head training, epoch 2 (7 calls an epoch)
 def test_stage2_killed_then_rerun_ends_as_an_uninterrupted_run(target, call, finished, trained_pipeline):
     from engine.stages import distill as train_distillation

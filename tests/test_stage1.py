@@ -216,7 +216,6 @@ def test_eval_only_loads_the_base_as_trained_and_accepts_a_moved_base(trained, t
                                                                      monkeypatch):
     import shutil
 
-    import models.vlm
     from engine.stages import vlm as train_vlm
     from models.vlm import base_model_path, load_trained_vlm, trained_quant
     from utils.errors import UserError
@@ -227,7 +226,7 @@ def test_eval_only_loads_the_base_as_trained_and_accepts_a_moved_base(trained, t
         calls.append(quant)
         raise UserError("stop")
 
-    monkeypatch.setattr(models.vlm, "load_trained_vlm", record)
+    monkeypatch.setattr(train_vlm, "load_trained_vlm", record)  # the name stage 1 calls
     for flags, expected in (((), None), (("--quant", "none"), "none")):
         with pytest.raises(UserError, match="stop"):
             train_vlm.main(stage1_argv(toy_root, trained.parents[1], tiny_vlm_dir, "--eval_only", *flags))

@@ -118,13 +118,11 @@ def test_checkpoint_reload_reproduces_the_test_predictions(trained_pipeline):
 def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monkeypatch, caplog):
     import engine.distill
     import engine.vlm_eval
-    import models.vlm
     from engine.stages import gate as train_gate
 
     def no_forward(*args, **kwargs):
         raise AssertionError("a rerun must not run the frozen VLM")
 
-    monkeypatch.setattr(models.vlm, "load_trained_vlm", no_forward)
     monkeypatch.setattr(train_gate, "load_trained_vlm", no_forward)  # the name stage 3 calls
     monkeypatch.setattr(engine.vlm_eval, "predict_vlm", no_forward)
     monkeypatch.setattr(engine.distill, "load_vlm", no_forward)
