@@ -24,9 +24,9 @@ import torch
 from bench import TARGETS_KEY, target_row
 from data.datasets import load_dataset, open_image
 from data.toy import make_toy_dataset, toy_class_names
-from engine.distill import cached_teacher_logits, cached_vlm_features, distillation_loss
+from engine.distill import cached_teacher_logits, cached_vlm_features
 from engine.stages import distill as train_distillation
-from models.heads import DistillHead
+from models.heads import DistillHead, distillation_loss
 from models.teacher import build_teacher, data_config, load_teacher, save_teacher, teacher_transforms
 from models.tiny import TINY_TEACHER_IMG_SIZE, TINY_TEACHER_MODEL, build_tiny_vlm
 from models.vlm import load_processor, load_vlm, pooled_image_features, vision_hidden_size

@@ -37,11 +37,11 @@ from bench.world import stages_1_and_2
 from data.datasets import load_dataset, open_image
 from engine.distill import cached_vlm_features, head_logits
 from engine.stages import gate as train_gate
-from engine.vlm_eval import categorical_prompt, load_trained_vlm, predict_samples
-from models.chat import encode_prompts
+from engine.vlm_eval import predict_samples
+from models.chat import categorical_prompt, encode_prompts
 from models.gates import build_gate
 from models.heads import load_head
-from models.vlm import pooled_image_features
+from models.vlm import load_trained_vlm, pooled_image_features
 
 EPOCHS = 10
 CLASSES, PER_CLASS, TEST_PER_CLASS = 4, 450, 50

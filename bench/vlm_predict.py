@@ -25,8 +25,8 @@ from PIL import Image
 
 from bench import TARGETS_KEY, print_results, target_row
 from data.toy import make_toy_dataset, toy_class_names
-from engine.vlm_eval import categorical_prompt, class_conversations, predict_vlm, score_classes
-from models.chat import IGNORE_INDEX, encode_conversations, encode_prompts
+from models.chat import IGNORE_INDEX, categorical_prompt, class_conversations, encode_conversations, encode_prompts
+from models.scorer import predict_vlm, score_classes
 from models.tiny import build_tiny_vlm
 from models.vlm import load_processor, load_vlm
 

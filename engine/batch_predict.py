@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from tqdm.auto import tqdm
+
 from data.datasets import is_image_file, open_image
 from utils.dist import barrier, distributed_rank, is_main_process, merge_part_files, part_file, run_sharded
 from utils.errors import UserError
@@ -132,8 +134,6 @@ def predict_folder(predictor, folder: str | Path, out: str | Path, fmt: str = "j
     ``predictor`` is an ``engine.predict.EmoVLMKD``. Under torchrun every rank calls this with
     its own predictor; records are appended batch by batch (a killed run keeps what was written).
     """
-    from tqdm.auto import tqdm
-
     folder, out = Path(folder), Path(out)
     rank, _, world = distributed_rank()
     images = list_images(folder)

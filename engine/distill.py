@@ -1,5 +1,5 @@
-"""Stage 2 library: teacher fine-tuning, the frozen-feature and teacher-logit caches, the
-distillation loss and head training (the head and its checkpoint: models/heads.py).
+"""Stage 2 library: teacher fine-tuning, the frozen-feature and teacher-logit caches and head
+training (the head, its loss and its checkpoint: models/heads.py).
 
 The VLM's visual encoder and the teacher are frozen during distillation, so each image is
 encoded once and cached under ``<output_dir>/<dataname>/distill/cache/``; the head then trains
@@ -13,67 +13,27 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from data.datasets import PIXELS, SPLITS, DatasetSplits, ImageDataset, Sample
 from engine.batches import shuffled_batches
 from engine.fit import EpochLog, fit
-from models.heads import DistillHead
+from models.heads import DistillHead, distillation_loss
 from models.teacher import load_teacher, teacher_transforms
 from models.vlm import load_processor, load_vlm, pooled_image_features
-from utils.cache import digest, image_list_id, load_cached, readable, store
+from utils.cache import digest, image_list_id, load_cached, load_or_build, readable, weights_fingerprint
 from utils.checkpoints import STAGE_COMMANDS, file_id
-from utils.dist import barrier, distributed_rank, shard_map
+from utils.dist import distributed_rank, shard_map
 from utils.errors import UserError
 from utils.metrics import save_curves_png
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- loss
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                      alpha: float, temperature: float) -> torch.Tensor:
-    """``alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, y)``.
-
-    KL is averaged over the batch; T^2 keeps the soft-target gradients on the scale of the CE term.
-    """
-    kd = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
-                  F.log_softmax(teacher_logits / temperature, dim=-1), reduction="batchmean", log_target=True)
-    ce = F.cross_entropy(student_logits, targets)
-    return alpha * temperature ** 2 * kd + (1 - alpha) * ce
-
-
-# ---------------------------------------------------------------- cache files
-
-def _weights_fingerprint(model_id: str) -> list | None:
-    """For a local folder: names, sizes and times of its weight files (a rebuilt model there differs)."""
-    folder = Path(model_id)
-    if not folder.is_dir():
-        return None  # a hub id: the id and config identify it
-    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()
-                  if f.suffix in (".safetensors", ".bin"))
-
-
-def _load_or_build(cache_dir: Path, name: str, keys: dict[str, dict],
-                   build: Callable[[list[str]], dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor]:
-    """Per split: reuse ``<name>_<split>.pt`` when its key matches, else build the missing splits
-    together (one model load); ``build`` None returns only the hits."""
-    result = {split: load_cached(cache_dir / f"{name}_{split}.pt", key) for split, key in keys.items()}
-    barrier()  # every rank has decided before rank 0 overwrites a file
-    missing = [split for split, values in result.items() if values is None]
-    if missing and build is not None:
-        built = build(missing)
-        if distributed_rank()[0] == 0:
-            for split in missing:
-                store(cache_dir / f"{name}_{split}.pt", keys[split], built[split])
-        result.update(built)
-    return result
 
 
 def _as_list(batch):
@@ -99,7 +59,7 @@ def feature_dtype(device: str | torch.device) -> torch.dtype:
 def vlm_feature_key(vlm_model: str, processor, config, dtype: torch.dtype) -> dict:
     size = processor.image_processor.size
     return {"vlm_model": str(vlm_model), "config": digest(config.to_dict()),
-            "weights": _weights_fingerprint(str(vlm_model)), "dtype": str(dtype),
+            "weights": weights_fingerprint(str(vlm_model)), "dtype": str(dtype),
             "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge, "pixels": PIXELS}
 
 
@@ -115,8 +75,6 @@ def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs:
     ``build=False`` (stage 3: the head must see the features it was trained on) turns a miss
     into a UserError naming stage 2's command instead.
     """
-    from transformers import AutoConfig
-
     device = torch.device(device)
     dtype = getattr(torch, dtype.removeprefix("torch.")) if dtype else feature_dtype(device)
     processor = load_processor(vlm_model, **(processor_kwargs or {}))
@@ -140,7 +98,7 @@ def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs:
         return out
 
     cache_dir = Path(cache_dir)
-    features = _load_or_build(cache_dir, "vlm_features", keys, encode_splits if build else None)
+    features = load_or_build(cache_dir, "vlm_features", keys, encode_splits if build else None)
     missing = [split for split in names if features[split] is None]
     if missing:
         command = STAGE_COMMANDS["distill"].format(dataname=splits.name)
@@ -193,7 +151,7 @@ def cached_teacher_logits(splits: DatasetSplits, teacher_path: str | Path, devic
             out[split] = shard_map(len(samples), run, unit=batch_size)
         return out
 
-    return _load_or_build(Path(cache_dir), "teacher_logits", keys, build)
+    return load_or_build(Path(cache_dir), "teacher_logits", keys, build)
 
 
 @torch.no_grad()

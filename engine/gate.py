@@ -20,9 +20,11 @@ from torch import nn
 from data.datasets import PIXELS, SPLITS
 from engine.batches import shuffled_batches
 from engine.fit import EpochLog, by_val_acc_then_loss, fit
+from engine.vlm_eval import predict_samples
 from models.gates import build_gate
-from utils.cache import image_list_id, load_cached, store
-from utils.dist import barrier, is_main_process, shard_map
+from models.scorer import VLMPredictions
+from utils.cache import image_list_id, load_or_build
+from utils.dist import shard_map
 from utils.errors import UserError
 from utils.metrics import NONE
 
@@ -92,8 +94,6 @@ def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_m
     rerun never loads the VLM. Under torchrun every rank must call this: the images of a missing
     split are sharded across the ranks and the answers gathered on each, in order.
     """
-    from engine.vlm_eval import VLMPredictions, predict_samples
-
     loaded = []  # (model, processor) once a split misses
 
     def predict(samples: Sequence, desc: str) -> dict:
@@ -103,23 +103,23 @@ def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_m
                                   mode, batch_size, max_new_tokens, desc=desc, parser=parser)
         return {"pred": answers.pred, "probs": answers.probs, "texts": answers.texts}
 
-    result = {}
-    for split in split_names:
-        samples = splits.split(split)
-        key = vlm_cache_key(vlm_meta, mode, max_new_tokens, quant, splits.class_names, splits.data_root, samples,
-                            parser)
-        log.info("VLM answers (%s) for %s", mode, split)
-        path = Path(cache_dir) / f"vlm_{mode}_{split}.pt"
-        values = load_cached(path, key)
-        barrier()  # every rank has read the file before rank 0 replaces it
-        if values is None:
+    def build(missing: list[str]) -> dict[str, dict]:
+        out = {}
+        for split in missing:
+            samples = splits.split(split)
             log.info("predicting %d %s images with the VLM (%s)", len(samples), split, mode)
             # Under torchrun each rank answers its block; the cache is written once, complete.
-            values = shard_map(len(samples), lambda block: predict(samples[block.start:block.stop],
-                                                                   f"VLM {mode} ({split})"), unit=batch_size)
-            if is_main_process():
-                store(path, key, values)
-        result[split] = VLMPredictions(**values)
+            out[split] = shard_map(len(samples), lambda block: predict(samples[block.start:block.stop],
+                                                                       f"VLM {mode} ({split})"), unit=batch_size)
+        return out
+
+    keys = {}
+    for split in split_names:
+        log.info("VLM answers (%s) for %s", mode, split)
+        keys[split] = vlm_cache_key(vlm_meta, mode, max_new_tokens, quant, splits.class_names, splits.data_root,
+                                    splits.split(split), parser)
+    values = load_or_build(Path(cache_dir), f"vlm_{mode}", keys, build)
+    result = {split: VLMPredictions(**values[split]) for split in split_names}
     if loaded:  # free the VLM now: a 7B model should not sit in memory while the gate trains
         loaded.clear()
         gc.collect()

@@ -17,12 +17,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
+from openai import OpenAI
 from PIL import Image
 
 from data.annotations import (ANNOTATIONS_FILE, Annotation, append_annotation, append_record,
                               read_annotations, repair_tail)
 from data.datasets import DatasetSplits, Sample, needs_normalising, open_image
 from data.prompts import generation_prompt, mentions_word, split_sections
+from models.chat import generate_texts
+from models.vlm import load_processor, load_vlm
 from utils.dist import merge_part_files, part_file
 from utils.errors import UserError
 from utils.io import write_text
@@ -292,8 +296,6 @@ class OpenAIBackend:
                  timeout: float = 120.0, max_new_tokens: int = 512, max_side: int = 1024,
                  max_attempts: int = 3, workers: int = 4, accept_unstructured: bool = False,
                  reject_label_mentions: bool = False):
-        from openai import OpenAI
-
         # Self-hosted servers (vLLM, Ollama) usually need no key, but the client wants one.
         self.client = OpenAI(api_key=api_key or "EMPTY", base_url=base_url, max_retries=max_retries,
                              timeout=timeout)
@@ -306,8 +308,6 @@ class OpenAIBackend:
     def answer(self, request: Request) -> Outcome:
         """Ask until the answer is usable or ``max_attempts`` answers were refused; then, unless
         ``reject_label_mentions``, keep the last usable answer that only named the emotion."""
-        import openai
-
         url, _ = image_data_url(request.path, self.max_side)
         messages = [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}},
@@ -397,8 +397,6 @@ class OpenAIBackend:
         return outcome
 
     def _fatal(self, err) -> UserError:
-        import openai
-
         where = str(self.client.base_url).rstrip("/")
         detail = f"{err.__class__.__name__}: {self._message(err)}"
         if isinstance(err, openai.AuthenticationError):
@@ -419,8 +417,6 @@ class LocalBackend:
 
     def __init__(self, model_id: str, device, batch_size: int = 4, max_new_tokens: int = 512,
                  max_side: int = 1024, accept_unstructured: bool = False, reject_label_mentions: bool = False):
-        from models.vlm import load_processor, load_vlm
-
         self.model = load_vlm(model_id, device)
         self.processor = load_processor(model_id)
         self.batch_size, self.max_new_tokens, self.max_side = batch_size, max_new_tokens, max_side
@@ -428,8 +424,6 @@ class LocalBackend:
         self.reject_label_mentions = reject_label_mentions
 
     def outcomes(self, requests: Sequence[Request]) -> Iterator[Outcome]:
-        from models.chat import generate_texts
-
         for start in range(0, len(requests), self.batch_size):
             batch = requests[start:start + self.batch_size]
             messages = [[{"role": "user", "content": [{"type": "image"},

@@ -9,17 +9,21 @@ prediction stage 3's evaluation gave it. No Gradio here: demo.py wraps this clas
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from data.annotations import prompt_messages
 from data.datasets import to_rgb
-from models.backbones import visual_modules
-from models.gates import load_gate
+from data.prompts import OBSERVATION_QUESTION, REASONING_QUESTION, categorical_answer
+from engine.gate import vlm_gate_inputs
+from models.chat import generate_texts
+from models.gates import gate_weights, load_gate
 from models.heads import load_head
+from models.scorer import predict_vlm
+from models.vlm import head_features, load_processor, load_trained_vlm
 from utils.checkpoints import STAGE_COMMANDS, read_meta
 from utils.errors import UserError
 
@@ -80,36 +84,6 @@ def check_parts(dataname: str, vlm: tuple[Path, dict], distill: tuple[Path, dict
                            f"({gate_meta['head_id']}, now {distill_meta.get('head_id')})")
 
 
-@contextmanager
-def vision_dtype(model, dtype: torch.dtype | None):
-    """Run the visual encoder in ``dtype`` inside the block, then restore it. A checkpoint stored in
-    bf16 loads in bf16 while stage 2 encoded it in float32 on CPU; the float32 upcast of bf16 weights
-    is exact, so the features equal stage 2's cache."""
-    modules = visual_modules(model)
-    original = next(modules[0].parameters()).dtype
-    if dtype is None or dtype == original:
-        yield
-        return
-    for module in modules:
-        module.to(dtype)
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.to(original)
-
-
-@torch.no_grad()
-def head_features(model, processor, images: Sequence[Image.Image], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The head's input: pooled visual features of the base VLM, as stage 2 cached them (in ``dtype``,
-    the one recorded with the cache), even when ``model`` carries stage 1's adapter (a LoRA may
-    touch the vision tower)."""
-    from models.vlm import pooled_image_features
-
-    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext(), vision_dtype(model, dtype):
-        return pooled_image_features(model, processor, images)
-
-
 def recorded_dtype(distill_meta: dict) -> torch.dtype | None:
     """The dtype stage 2 encoded its feature cache in (``"torch.float32"`` in meta.json)."""
     name = distill_meta.get("feature_dtype")
@@ -148,9 +122,6 @@ class EmoVLMKD:
         ``quant`` (``4bit`` or ``none``) overrides how the VLM is loaded; by default it is loaded as
         it was when stage 3 computed the gate's inputs.
         """
-        from engine.vlm_eval import load_trained_vlm
-        from models.vlm import load_processor
-
         root = Path(output_dir) / dataname
         vlm_dir, distill_dir, gate_dir = root / "vlm", root / "distill", root / "gate"
         vlm_meta = read_meta(vlm_dir, "vlm", dataname)
@@ -181,10 +152,6 @@ class EmoVLMKD:
     @torch.no_grad()
     def explain(self, images: Sequence[Image.Image], max_new_tokens: int = 128) -> list[tuple[str, str]]:
         """``(observation, reasoning)`` per image, greedy, with the questions stage 1 trained on."""
-        from data.annotations import prompt_messages
-        from data.prompts import OBSERVATION_QUESTION, REASONING_QUESTION
-        from models.chat import generate_texts
-
         messages = [prompt_messages(OBSERVATION_QUESTION), prompt_messages(REASONING_QUESTION)]
         texts = generate_texts(self.model, self.processor, messages * len(images),
                                [image for image in images for _ in messages], max_new_tokens,
@@ -195,11 +162,6 @@ class EmoVLMKD:
     def predict_batch(self, images: Sequence[Image.Image], max_new_tokens: int = 128,
                       explain: bool = False) -> list[dict]:
         """Every module's output per image (see :meth:`predict`)."""
-        from data.prompts import categorical_answer
-        from engine.gate import vlm_gate_inputs
-        from engine.vlm_eval import predict_vlm
-        from models.gates import gate_weights
-
         images = [to_rgb(image) for image in images]
         num_classes = len(self.class_names)
         scored = predict_vlm(self.model, self.processor, images, self.class_names, mode="score")

@@ -1,232 +1,21 @@
-"""The instruction-tuned VLM as a classifier: loading a stage-1 folder and predicting classes.
-
-``score`` (default) ranks the classes by the log-likelihood of each class's categorical answer
-(``{'emotion': '<class>'}``) given the image and question. The prompt (image included) is
-encoded once per image and its key/value cache serves all C candidate answers, which run
-together in one packed row (a token tree), so only the few class-specific answer tokens are added. ``generate`` decodes an answer greedily and parses it.
-Both are deterministic.
+"""Evaluating the instruction-tuned VLM as a classifier: the class scorer (``models.scorer``) over
+a split, decoded a chunk at a time and sharded across ranks, and the evaluation files it writes
+(``metrics.json``, the confusion PNG, ``predictions.jsonl``).
 """
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image
+from tqdm.auto import tqdm
 
-from data.annotations import prompt_messages
-from data.prompts import categorical_answer, categorical_question, parse_emotion
-from models.backbones import backbone_for
-from models.chat import answer_ids, encode_prompts, generate_texts
-from utils.checkpoints import read_meta
-from utils.errors import UserError
+from data.datasets import open_image
+from models.scorer import VLMPredictions, predict_vlm
+from utils.dist import is_main_process, shard_map
 from utils.io import write_text
 from utils.metrics import NONE, classification_metrics, write_metrics
-
-EVAL_MODES = ("score", "generate")
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class VLMPredictions:
-    pred: torch.Tensor            # (N,) long, -1 where no class could be read
-    probs: torch.Tensor | None    # (N, C) float, score mode only
-    texts: list[str] | None       # generated answers, generate mode only
-
-
-def categorical_prompt(class_names: Sequence[str]) -> list[dict]:
-    """System + user(image, categorical question) messages for one dataset's classes."""
-    return prompt_messages(categorical_question(class_names))
-
-
-def class_conversations(class_names: Sequence[str]) -> list[list[dict]]:
-    """The categorical prompt completed by each class's answer, one conversation per class."""
-    prompt = categorical_prompt(class_names)
-    return [prompt + [{"role": "assistant", "content": [{"type": "text", "text": categorical_answer(name)}]}]
-            for name in class_names]
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _candidate_tokens(processor, class_names: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each class's answer tokens (end-of-turn included), right-padded: ids (C, L), mask (C, L).
-
-    Rendered once per ``score_classes`` call, for all its batches (about 20 ms for 8 classes)."""
-    ids = [answer_ids(processor, conversation) for conversation in class_conversations(class_names)]
-    length = max(len(tokens) for tokens in ids)
-    pad = processor.tokenizer.pad_token_id
-    tokens = torch.tensor([t + [pad] * (length - len(t)) for t in ids], device=device)
-    mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in ids], device=device)
-    return tokens, mask
-
-
-def _shared_prefix_length(candidates: torch.Tensor, mask: torch.Tensor) -> int:
-    """Leading tokens all class answers share (``{'emotion': '``), leaving each at least one."""
-    limit = int(mask.sum(dim=1).min()) - 1
-    same = (candidates[:, :limit] == candidates[:1, :limit]).all(dim=0).tolist()
-    return same.index(False) if False in same else limit
-
-
-def _packed_continuations(candidates: torch.Tensor, mask: torch.Tensor):
-    """All classes' answer continuations side by side in one row (a token tree).
-
-    Returns per packed token: its id, class, offset inside its answer and the next token it
-    predicts (K,), plus the (K, K) mask letting a token see only earlier tokens of its own answer.
-    """
-    lengths = mask.sum(dim=1) - 1  # the last answer token is only predicted, never fed
-    tokens, classes, offsets, targets = [], [], [], []
-    for c, length in enumerate(lengths.tolist()):
-        tokens.append(candidates[c, :length])
-        targets.append(candidates[c, 1:length + 1])
-        classes.append(torch.full((length,), c, device=candidates.device))
-        offsets.append(torch.arange(length, device=candidates.device))
-    tokens, classes, offsets, targets = (torch.cat(t) for t in (tokens, classes, offsets, targets))
-    visible = (classes[:, None] == classes[None, :]) & (offsets[None, :] <= offsets[:, None])
-    return tokens, classes, offsets, targets, visible
-
-
-@torch.no_grad()
-def score_classes(model, processor, images: Sequence[Image.Image], class_names: Sequence[str],
-                  batch_size: int = 8) -> torch.Tensor:
-    """Summed log-likelihood of every class answer per image: (N, C) float32 on CPU.
-
-    One prompt forward per image with ``use_cache``; the answer prefix all classes share is
-    appended to the prompt, so it runs once too. The class-specific rest of the C answers then
-    runs as one packed row per image on that cache: a 4-D attention mask lets each answer see
-    the prompt and its own earlier tokens only. Positions are explicit on both passes: the
-    family's own rotary positions for the prompt (``models.backbones``; 3-D for the Qwen
-    families), and for each answer token the prompt's last position + 1 + its offset, so every
-    answer continues its own prompt whatever the left padding, and nothing depends on state an
-    earlier forward left on the model.
-    """
-    device = _device(model)
-    backbone = backbone_for(model)
-    candidates, candidate_mask = _candidate_tokens(processor, class_names, device)
-    shared = _shared_prefix_length(candidates, candidate_mask)
-    prefix = candidates[0, :shared]
-    candidates, candidate_mask = candidates[:, shared:], candidate_mask[:, shared:]
-    tokens, classes, offsets, targets, visible = _packed_continuations(candidates, candidate_mask)
-    num_classes, packed = len(class_names), len(tokens)
-    prompt = categorical_prompt(class_names)
-    scores = []
-    for start in range(0, len(images), batch_size):
-        batch_images = images[start:start + batch_size]
-        batch = len(batch_images)
-        inputs = encode_prompts(processor, [prompt] * batch, batch_images).to(device)
-        # Left padding: every prompt ends at the last column, so the prefix is appended there.
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], prefix.expand(batch, -1)], dim=1)
-        inputs["attention_mask"] = torch.cat(
-            [inputs["attention_mask"], torch.ones_like(inputs["attention_mask"][:, :shared])], dim=1)
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = torch.cat(
-                [inputs["mm_token_type_ids"], torch.zeros_like(inputs["mm_token_type_ids"][:, :shared])], dim=1)
-        prompt_positions = backbone.prompt_positions(model, inputs)
-        out = model(**inputs, position_ids=prompt_positions, use_cache=True, logits_to_keep=shared + 1)
-        log_probs = torch.log_softmax(out.logits.float(), dim=-1)              # (B, shared+1, V)
-        prefix_score = log_probs[:, :-1].gather(-1, prefix.expand(batch, -1).unsqueeze(-1)).sum(dim=(1, 2))
-        # The first class-specific token is predicted by the last prompt position.
-        total = prefix_score[:, None] + log_probs[:, -1][:, candidates[:, 0]]  # (B, C)
-        if packed:
-            prompt_mask = inputs["attention_mask"]
-            # (3, B, K) or (B, K): padding sits at position 0, so the maximum is the last real one.
-            positions = prompt_positions.amax(dim=-1, keepdim=True) + 1 + offsets
-            allowed = torch.cat([prompt_mask.bool()[:, None, :].expand(-1, packed, -1),
-                                 visible.expand(batch, -1, -1)], dim=2)[:, None]  # (B, 1, K, prompt+K)
-            dtype = out.logits.dtype if out.logits.is_floating_point() else torch.float32
-            attention = torch.zeros(allowed.shape, dtype=dtype, device=device)
-            attention.masked_fill_(~allowed, torch.finfo(dtype).min)
-            rest = model(input_ids=tokens.expand(batch, -1), attention_mask=attention, position_ids=positions,
-                         cache=out.cache, use_cache=True)
-            rest_log_probs = torch.log_softmax(rest.logits.float(), dim=-1)    # (B, K, V)
-            token_scores = rest_log_probs.gather(-1, targets.expand(batch, -1).unsqueeze(-1)).squeeze(-1)
-            total = total.index_add(1, classes, token_scores)
-        scores.append(total.cpu())
-    return torch.cat(scores) if scores else torch.empty(0, num_classes)
-
-
-def predict_vlm(model, processor, images: Sequence[Image.Image], class_names: Sequence[str],
-                mode: str = "score", batch_size: int = 8, max_new_tokens: int = 32,
-                parser: str = "lenient") -> VLMPredictions:
-    """The VLM's class for each image (``score`` or ``generate``; see the module docstring);
-    ``parser`` (``strict`` or ``lenient``, see ``data.prompts.parse_emotion``) reads generated answers."""
-    if mode == "score":
-        probs = torch.softmax(score_classes(model, processor, images, class_names, batch_size), dim=-1)
-        return VLMPredictions(pred=probs.argmax(dim=-1), probs=probs, texts=None)
-    if mode == "generate":
-        prompt = categorical_prompt(class_names)
-        texts = generate_texts(model, processor, [prompt] * len(images), images, max_new_tokens, batch_size)
-        parsed = [parse_emotion(text, class_names, parser) for text in texts]
-        pred = torch.tensor([NONE if index is None else index for index in parsed], dtype=torch.long)
-        return VLMPredictions(pred=pred, probs=None, texts=texts)
-    raise UserError(f"--eval_mode {mode}: choose one of {', '.join(EVAL_MODES)}")
-
-
-def trained_quant(meta: dict, quant: str | None, device: str | torch.device) -> str | None:
-    """How to load the base under a stage-1 adapter: ``quant`` None means as trained
-    (``meta["quant"]``), falling back to full precision, with a warning, where 4-bit cannot run
-    (no CUDA or no bitsandbytes); ``"none"`` full precision; ``"4bit"`` 4-bit NF4."""
-    from models.vlm import resolve_quant
-
-    if quant is not None:
-        return resolve_quant(quant, torch.device(device))
-    recorded = meta.get("quant")
-    if recorded is not None and resolve_quant("auto", torch.device(device)) != recorded:
-        log.warning("the adapter was trained on a %s base, which cannot load on %s here; "
-                    "using the full-precision base", recorded, device)
-        return None
-    return recorded
-
-
-def base_model_path(meta: dict, vlm_model: str | None, vlm_dir: str | Path) -> str:
-    """Where to read the base model of a stage-1 folder from.
-
-    ``--vlm_model`` is a consistency check, not a switch: it must name the base the adapter was
-    trained on (``meta["base_model"]``). The one exception is a local base folder that moved:
-    a folder whose ``config.json`` is identical to the recorded one (``meta["base_config_id"]``)
-    is taken as the same model.
-    """
-    from utils.checkpoints import file_id
-
-    recorded = meta["base_model"]
-    if vlm_model is None or vlm_model == recorded:
-        if vlm_model is None and _looks_local(recorded) and not Path(recorded).exists():
-            raise UserError(f"{vlm_dir}: its base model folder {recorded} is gone; if it moved, pass the "
-                            "new location with --vlm_model")
-        return recorded
-    config = Path(vlm_model) / "config.json"
-    if meta.get("base_config_id") and config.is_file() and file_id(config) == meta["base_config_id"]:
-        return str(vlm_model)
-    raise UserError(f"{vlm_dir}: adapter trained on --vlm_model {recorded!r}, not {vlm_model!r}; "
-                    "--vlm_model must name that same base model (or its moved local folder); "
-                    "leave it out or retrain stage 1")
-
-
-def _looks_local(model_id: str) -> bool:
-    # A hub id is "name" or "owner/name"; a short relative folder is indistinguishable from one.
-    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
-
-
-def load_trained_vlm(vlm_dir: str | Path, device: str | torch.device, vlm_model: str | None = None,
-                     quant: str | None = None):
-    """``(model, processor, meta)`` from a stage-1 folder: base VLM + LoRA adapter, eval mode.
-
-    ``vlm_model`` None reads the base from ``meta["base_model"]``; otherwise it must name that
-    same model (see :func:`base_model_path`). ``quant`` None loads the base as it was trained
-    (see :func:`trained_quant`), ``"none"`` in full precision, ``"4bit"`` in 4-bit.
-    """
-    from models.vlm import load_processor, load_vlm
-
-    vlm_dir = Path(vlm_dir)
-    meta = read_meta(vlm_dir, "vlm", vlm_dir.parent.name)
-    base = base_model_path(meta, vlm_model, vlm_dir)
-    processor = load_processor(str(vlm_dir), meta.get("min_pixels"), meta.get("max_pixels"))
-    model = load_vlm(base, device, quant=trained_quant(meta, quant, device), adapter=vlm_dir)
-    return model, processor, meta
 
 
 def predict_samples(model, processor, data_root: str | Path, samples: Sequence, class_names: Sequence[str],
@@ -234,11 +23,6 @@ def predict_samples(model, processor, data_root: str | Path, samples: Sequence, 
                     chunk: int = 64, parser: str = "lenient") -> VLMPredictions:
     """``predict_vlm`` over ``samples`` (data.datasets.Sample), decoding ``chunk`` images at a
     time, never the whole split at once."""
-    from tqdm.auto import tqdm
-
-    from data.datasets import open_image
-    from utils.dist import is_main_process
-
     chunk = max(batch_size, chunk // batch_size * batch_size)  # whole batches: see utils.dist.run_sharded
     parts = []
     for start in tqdm(range(0, len(samples), chunk), desc=desc, unit="chunk", disable=not is_main_process()):
@@ -257,8 +41,6 @@ def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: 
     """Predict ``samples`` (data.datasets.Sample), write metrics.json, confusion PNG and
     predictions.jsonl into ``out_dir``; return the metrics. Under torchrun the images are sharded
     across the ranks (each must call this) and only rank 0 writes."""
-    from utils.dist import is_main_process, shard_map
-
     # Under torchrun every rank predicts its block of the images; rank 0 writes the files.
     result = shard_map(len(samples), lambda block: predict_samples(
         model, processor, data_root, samples[block.start:block.stop], class_names, mode, batch_size,

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from data.annotations import TASKS, Annotation, categorical_conversation, to_conversations
 from data.datasets import DatasetSplits, open_image
@@ -88,8 +91,6 @@ def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules: Sequenc
 
     ``target_modules`` None takes the family's default; the family's visual encoder is never adapted.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     backbone = backbone_for(model)
     target_modules = target_modules or backbone.lora_targets
     if quantized:
@@ -108,16 +109,12 @@ def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules: Sequenc
 
 
 def last_checkpoint(trainer_dir: str | Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
     return get_last_checkpoint(str(trainer_dir)) if Path(trainer_dir).is_dir() else None
 
 
 def epoch_logger(log_path: str | Path, curves_path: str | Path, history: list[dict] | None = None):
     """A TrainerCallback appending one JSON line per epoch (mean loss, lr, grad norm) to log.txt
     and redrawing the loss curve; only the main process writes."""
-    from transformers import TrainerCallback
-
     class EpochLogger(TrainerCallback):
         def __init__(self):
             self.history = list(history or [])
@@ -159,8 +156,6 @@ def scheduler_name(lr_scheduler: str, warmup_ratio: float) -> str:
 def training_arguments(args, trainer_dir: str | Path, on_gpu: bool):
     """The Trainer's settings from the stage-1 flags (paper defaults; bf16 and gradient
     checkpointing only on a GPU)."""
-    from transformers import TrainingArguments
-
     return TrainingArguments(
         output_dir=str(trainer_dir),
         num_train_epochs=args.epochs,

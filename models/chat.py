@@ -1,6 +1,6 @@
 """Chat encoding for the processors of every supported VLM family (models/backbones.py):
-training batches with answer-only labels, left-padded generation prompts, and batched greedy
-generation.
+training batches with answer-only labels, left-padded generation prompts, batched greedy
+generation, and the categorical prompt with each class's answer (the class scorer's input).
 
 Messages are in the Hugging Face chat format (``data.annotations`` builds them); the
 processor's own chat template renders them, and ``processor(text=..., images=...)`` expands
@@ -14,6 +14,10 @@ from typing import Sequence
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
+
+from data.annotations import prompt_messages
+from data.prompts import categorical_answer, categorical_question
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -105,8 +109,6 @@ def generate_texts(model, processor, messages_list: Sequence[list[dict]],
     ``images`` holds one image per conversation (or None for text-only prompts); returns the
     decoded new text of each, special tokens removed.
     """
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     texts: list[str] = []
     starts = range(0, len(messages_list), batch_size)
@@ -120,3 +122,15 @@ def generate_texts(model, processor, messages_list: Sequence[list[dict]],
         texts += [text.strip() for text in
                   processor.batch_decode(new_tokens, skip_special_tokens=True)]
     return texts
+
+
+def categorical_prompt(class_names: Sequence[str]) -> list[dict]:
+    """System + user(image, categorical question) messages for one dataset's classes."""
+    return prompt_messages(categorical_question(class_names))
+
+
+def class_conversations(class_names: Sequence[str]) -> list[list[dict]]:
+    """The categorical prompt completed by each class's answer, one conversation per class."""
+    prompt = categorical_prompt(class_names)
+    return [prompt + [{"role": "assistant", "content": [{"type": "text", "text": categorical_answer(name)}]}]
+            for name in class_names]

@@ -1,11 +1,13 @@
-"""The distillation head: a small MLP on the VLM's mean-pooled, frozen visual features, and its
-checkpoint ``head.pt`` (:func:`save_head` writes it, :func:`load_head` reads it back)."""
+"""The distillation head: a small MLP on the VLM's mean-pooled, frozen visual features, the
+distillation loss it is trained with, and its checkpoint ``head.pt`` (:func:`save_head` writes it,
+:func:`load_head` reads it back)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from utils.checkpoints import check_compatible, file_id, read_checkpoint, read_meta, stamp
@@ -50,6 +52,18 @@ class DistillHead(nn.Module):
         """Constructor arguments, saved in the checkpoint so the head rebuilds without this script."""
         return {"in_dim": self.in_dim, "num_classes": self.num_classes, "depth": self.depth,
                 "dropout": self.dropout}
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                      alpha: float, temperature: float) -> torch.Tensor:
+    """``alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, y)``.
+
+    KL is averaged over the batch; T^2 keeps the soft-target gradients on the scale of the CE term.
+    """
+    kd = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
+                  F.log_softmax(teacher_logits / temperature, dim=-1), reduction="batchmean", log_target=True)
+    ce = F.cross_entropy(student_logits, targets)
+    return alpha * temperature ** 2 * kd + (1 - alpha) * ce
 
 
 def save_head(path: str | Path, head: DistillHead, class_names: Sequence[str], **fields) -> Path:

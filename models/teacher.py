@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import timm
 import torch
+from timm.data import create_transform, resolve_data_config
 
 from utils.checkpoints import read_checkpoint, stamp
 from utils.errors import UserError, first_line
@@ -26,8 +28,6 @@ REFERENCE_PREPROCESSING = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "int
 
 def default_img_size(model_name: str) -> int:
     """The input size the timm checkpoint was trained at (384 for the default teacher)."""
-    import timm
-
     if not timm.is_model(model_name):
         raise UserError(f"--teacher_model {model_name}: unknown timm model; list them with "
                         "`python -c \"import timm; print(timm.list_models('vit_*'))\"`")
@@ -37,8 +37,6 @@ def default_img_size(model_name: str) -> int:
 def build_teacher(model_name: str, num_classes: int, img_size: int | None = None,
                   pretrained: bool = True) -> torch.nn.Module:
     """A timm model with a fresh ``num_classes`` head; ``img_size`` resizes fixed-size models (ViT)."""
-    import timm
-
     default_img_size(model_name)  # refuses an unknown name
     kwargs = {"num_classes": num_classes}
     if img_size is not None and timm.models.get_pretrained_cfg(model_name).fixed_input_size:
@@ -56,8 +54,6 @@ def data_config(model: torch.nn.Module, img_size: int | None = None) -> dict:
     """The preprocessing at ``img_size``: the authors' for the reference teacher
     (:data:`REFERENCE_PREPROCESSING`), timm's own for this checkpoint (its mean/std/interpolation)
     for any other model."""
-    from timm.data import resolve_data_config
-
     pretrained = model.pretrained_cfg
     size = img_size or pretrained["input_size"][-1]
     # resolve_data_config ignores a model's custom img_size unless input_size is given explicitly.
@@ -69,8 +65,6 @@ def data_config(model: torch.nn.Module, img_size: int | None = None) -> dict:
 
 def teacher_transforms(config: dict):
     """``(train, eval)``: random resized crop + horizontal flip; resize + centre crop. Normalised."""
-    from timm.data import create_transform
-
     train = create_transform(**config, is_training=True, color_jitter=None)
     return train, create_transform(**config, is_training=False)
 

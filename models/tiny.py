@@ -18,6 +18,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, pre_tokenizers, trainers
+from tokenizers import models as tokenizer_models
+from transformers import (AutoModelForImageTextToText, LlavaOnevisionConfig, LlavaOnevisionImageProcessor,
+                          LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor, Qwen2_5_VLConfig,
+                          Qwen2_5_VLProcessor, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLImageProcessor,
+                          Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLConfig, Qwen3VLProcessor,
+                          Qwen3VLVideoProcessor)
+
 from utils.errors import UserError, run_cli
 
 ARCHES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
@@ -88,10 +97,7 @@ _CORPUS = (
 def _train_tokenizer(chat_template: str = CHAT_TEMPLATE, extra_tokens: tuple[str, ...] = (),
                      vocab_size: int = 512):
     """Byte-level BPE trained on ``_CORPUS``, wrapped as a Qwen2 tokenizer with Qwen's specials."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-
-    bpe = Tokenizer(models.BPE())
+    bpe = Tokenizer(tokenizer_models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -122,8 +128,6 @@ def _qwen_ids(tokenizer) -> dict:
 
 def _config(arch: str, tokenizer):
     """The family's config at toy size: the text recipe above, a 2-layer visual encoder."""
-    from transformers import LlavaOnevisionConfig, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
-
     # mrope_section splits head_dim/2 = 8 rotary pairs over (time, height, width).
     mrope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]}
     if arch == "qwen2_vl":
@@ -156,10 +160,6 @@ def _config(arch: str, tokenizer):
 
 def _processor(arch: str, tokenizer, chat_template: str):
     """The family's processor with a pixel budget of a handful of visual tokens per image."""
-    from transformers import (LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
-                              LlavaOnevisionVideoProcessor, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor)
-
     if arch == "llava_onevision":
         size = {"height": LLAVA_TILE, "width": LLAVA_TILE}
         return LlavaOnevisionProcessor(
@@ -180,9 +180,6 @@ def _processor(arch: str, tokenizer, chat_template: str):
 
 def build_tiny_vlm(out: str | Path, arch: str = "qwen2_vl", seed: int = 0) -> Path:
     """Build, seed and ``save_pretrained`` a tiny VLM with its processor into ``out``."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
     if arch not in ARCHES:
         raise UserError(f"--arch {arch}: choose one of {', '.join(ARCHES)}")
     out = Path(out)

@@ -1,19 +1,28 @@
 """Loading a VLM and reading its visual encoder: shared by every stage.
 
 A hub id (``Qwen/Qwen2-VL-7B-Instruct``) and a local ``save_pretrained`` folder (such as the tiny
-model from ``models/tiny.py``) load the same way. Prompt building lives elsewhere.
+model from ``models/tiny.py``) load the same way; ``load_trained_vlm`` loads a stage-1 folder
+(base + LoRA adapter, quantised as trained). Prompt building lives elsewhere.
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from peft import PeftModel
 from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers.image_utils import SizeDict
 
-from models.backbones import BACKBONES, backbone_for
+from models.backbones import BACKBONES, backbone_for, visual_modules
+from utils.checkpoints import file_id, read_meta
 from utils.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
 
 QUANT_CHOICES = ("4bit",)
 # The hub processor of Qwen2-VL-7B-Instruct allows 12,845,056 pixels (16,384 visual tokens) per
@@ -54,9 +63,6 @@ def load_processor(model_id: str | Path, min_pixels: int | None = None, max_pixe
     The pixel budget per image is ``[min_pixels, max_pixels]``; None keeps the checkpoint's own
     value, except that its upper bound is capped at ``DEFAULT_MAX_PIXELS``.
     """
-    from transformers import AutoProcessor
-    from transformers.image_utils import SizeDict
-
     _check_model_id(model_id)
     try:
         processor = AutoProcessor.from_pretrained(model_id)
@@ -86,8 +92,6 @@ def _quantization_config(quant: str, device: torch.device, keep_unquantised: Seq
         raise UserError(f"--quant {quant} needs a CUDA GPU (bitsandbytes); drop --quant to run in full precision")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(f"--quant {quant} needs bitsandbytes: pip install -r requirements-qlora.txt")
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=list(keep_unquantised))
 
@@ -98,8 +102,6 @@ def load_vlm(model_id: str | Path, device: str | torch.device = "cpu", dtype: st
 
     ``dtype`` None keeps transformers' default; the model is in eval mode unless ``trainable``.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
     device = torch.device(device)
     kwargs = {} if dtype is None else {"dtype": dtype}
     _check_model_id(model_id)
@@ -115,8 +117,6 @@ def load_vlm(model_id: str | Path, device: str | torch.device = "cpu", dtype: st
     if quant is None:
         model.to(device)
     if adapter is not None:
-        from peft import PeftModel
-
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError(f"adapter {adapter}: no adapter_config.json there; point to the folder "
                             "written by the instruction-tuning stage")
@@ -137,3 +137,88 @@ def pooled_image_features(model, processor, images: Sequence[Image.Image]) -> to
     Runs only the visual encoder (and its merger or projector); images may have different sizes.
     """
     return backbone_for(model).pooled_features(model, processor, images)
+
+
+@contextmanager
+def vision_dtype(model, dtype: torch.dtype | None):
+    """Run the visual encoder in ``dtype`` inside the block, then restore it. A checkpoint stored in
+    bf16 loads in bf16 while stage 2 encoded it in float32 on CPU; the float32 upcast of bf16 weights
+    is exact, so the features equal stage 2's cache."""
+    modules = visual_modules(model)
+    original = next(modules[0].parameters()).dtype
+    if dtype is None or dtype == original:
+        yield
+        return
+    for module in modules:
+        module.to(dtype)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to(original)
+
+
+@torch.no_grad()
+def head_features(model, processor, images: Sequence[Image.Image], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The head's input: pooled visual features of the base VLM, as stage 2 cached them (in ``dtype``,
+    the one recorded with the cache), even when ``model`` carries stage 1's adapter (a LoRA may
+    touch the vision tower)."""
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext(), vision_dtype(model, dtype):
+        return pooled_image_features(model, processor, images)
+
+
+def trained_quant(meta: dict, quant: str | None, device: str | torch.device) -> str | None:
+    """How to load the base under a stage-1 adapter: ``quant`` None means as trained
+    (``meta["quant"]``), falling back to full precision, with a warning, where 4-bit cannot run
+    (no CUDA or no bitsandbytes); ``"none"`` full precision; ``"4bit"`` 4-bit NF4."""
+    if quant is not None:
+        return resolve_quant(quant, torch.device(device))
+    recorded = meta.get("quant")
+    if recorded is not None and resolve_quant("auto", torch.device(device)) != recorded:
+        log.warning("the adapter was trained on a %s base, which cannot load on %s here; "
+                    "using the full-precision base", recorded, device)
+        return None
+    return recorded
+
+
+def base_model_path(meta: dict, vlm_model: str | None, vlm_dir: str | Path) -> str:
+    """Where to read the base model of a stage-1 folder from.
+
+    ``--vlm_model`` is a consistency check, not a switch: it must name the base the adapter was
+    trained on (``meta["base_model"]``). The one exception is a local base folder that moved:
+    a folder whose ``config.json`` is identical to the recorded one (``meta["base_config_id"]``)
+    is taken as the same model.
+    """
+    recorded = meta["base_model"]
+    if vlm_model is None or vlm_model == recorded:
+        if vlm_model is None and _looks_local(recorded) and not Path(recorded).exists():
+            raise UserError(f"{vlm_dir}: its base model folder {recorded} is gone; if it moved, pass the "
+                            "new location with --vlm_model")
+        return recorded
+    config = Path(vlm_model) / "config.json"
+    if meta.get("base_config_id") and config.is_file() and file_id(config) == meta["base_config_id"]:
+        return str(vlm_model)
+    raise UserError(f"{vlm_dir}: adapter trained on --vlm_model {recorded!r}, not {vlm_model!r}; "
+                    "--vlm_model must name that same base model (or its moved local folder); "
+                    "leave it out or retrain stage 1")
+
+
+def _looks_local(model_id: str) -> bool:
+    # A hub id is "name" or "owner/name"; a short relative folder is indistinguishable from one.
+    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
+
+
+def load_trained_vlm(vlm_dir: str | Path, device: str | torch.device, vlm_model: str | None = None,
+                     quant: str | None = None):
+    """``(model, processor, meta)`` from a stage-1 folder: base VLM + LoRA adapter, eval mode.
+
+    ``vlm_model`` None reads the base from ``meta["base_model"]``; otherwise it must name that
+    same model (see :func:`base_model_path`). ``quant`` None loads the base as it was trained
+    (see :func:`trained_quant`), ``"none"`` in full precision, ``"4bit"`` in 4-bit.
+    """
+    vlm_dir = Path(vlm_dir)
+    meta = read_meta(vlm_dir, "vlm", vlm_dir.parent.name)
+    base = base_model_path(meta, vlm_model, vlm_dir)
+    processor = load_processor(str(vlm_dir), meta.get("min_pixels"), meta.get("max_pixels"))
+    model = load_vlm(base, device, quant=trained_quant(meta, quant, device), adapter=vlm_dir)
+    return model, processor, meta

@@ -1,8 +1,8 @@
 """Run a stage script and SIGKILL it at a chosen point, as a power cut or OOM killer would.
 
-    python tests/kill_at.py engine.distill:store 2 train_distillation.py --dataname toy ...
+    python tests/kill_at.py utils.cache:store 2 train_distillation.py --dataname toy ...
 
-kills the process at the start of the 2nd call of ``engine.distill.store`` (a module global or
+kills the process at the start of the 2nd call of ``utils.cache.store`` (a module global or
 ``module:Class.method``); the script runs as ``__main__`` with the remaining arguments.
 """
 import importlib

@@ -6,14 +6,14 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from engine.vlm_eval import class_conversations
+from models.chat import class_conversations
 from models.chat import IGNORE_INDEX, encode_conversations
 
 
 @torch.no_grad()
 def score_classes_full(model, processor, images: Sequence[Image.Image],
                        class_names: Sequence[str]) -> torch.Tensor:
-    """Reference for ``engine.vlm_eval.score_classes``: every (image, class) conversation encoded
+    """Reference for ``models.scorer.score_classes``: every (image, class) conversation encoded
     and run whole, one at a time; the summed log-likelihood of the answer tokens, (N, C) on CPU."""
     device = next(model.parameters()).device
     conversations = class_conversations(class_names)

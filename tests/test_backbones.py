@@ -66,7 +66,7 @@ def test_every_builder_is_a_supported_family():
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_cached_scorer_equals_full_scoring_without_deprecated_api(arch, family_model):
-    from engine.vlm_eval import score_classes
+    from models.scorer import score_classes
     from tests.oracles import score_classes_full
 
     model, processor = family_model(arch)
@@ -84,7 +84,7 @@ def test_cached_scorer_equals_full_scoring_without_deprecated_api(arch, family_m
 def test_scorer_never_lets_the_model_infer_rotary_positions(arch, family_model, monkeypatch):
     """The model's own position inference reads and writes ``rope_deltas`` on the model; the
     scorer passes positions computed through ``get_rope_index`` instead."""
-    from engine.vlm_eval import score_classes
+    from models.scorer import score_classes
 
     model, processor = family_model(arch)
     expected = score_classes(model, processor, _images(), CLASSES, batch_size=3)
@@ -100,7 +100,7 @@ def test_scorer_never_lets_the_model_infer_rotary_positions(arch, family_model, 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_labels_cover_exactly_the_answer_under_the_family_template(arch, family_model):
     from data.prompts import categorical_answer
-    from engine.vlm_eval import class_conversations
+    from models.chat import class_conversations
     from models.chat import IGNORE_INDEX, encode_conversations, encode_prompts
 
     _, processor = family_model(arch)
@@ -210,7 +210,7 @@ def test_pipeline_end_to_end_above_chance(arch, family_dir, toy_root, tmp_path_f
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_train_on_prompt_labels_every_text_token_and_no_image_token(arch, family_model):
-    from engine.vlm_eval import class_conversations
+    from models.chat import class_conversations
     from models.chat import IGNORE_INDEX, encode_conversations
 
     _, processor = family_model(arch)

@@ -67,7 +67,7 @@ def test_gate_defaults_to_one_step_per_image_without_a_sync_per_step(counted):
 def test_head_epoch_loss_is_the_mean_of_its_step_losses():
     """Summing on the device loses nothing: with lr 0 every step sees the same head, so the
     epoch's loss equals the loss of the whole training split at once (dropout off: depth 0)."""
-    from engine.distill import distillation_loss
+    from models.heads import distillation_loss
     from models.heads import DistillHead
 
     features, teacher, labels = _head_data()

@@ -83,7 +83,7 @@ def stage3_test_outputs(pipeline) -> dict[str, torch.Tensor]:  # noqa: F811
     from models.heads import load_head
     from engine.gate import vlm_gate_inputs
     from models.gates import load_gate
-    from engine.vlm_eval import VLMPredictions
+    from models.scorer import VLMPredictions
 
     gate, meta = load_gate(pipeline.stage("gate"))
     head, _ = load_head(pipeline.stage("distill"))
@@ -101,7 +101,7 @@ def test_head_features_use_the_dtype_of_stage2s_cache(tiny_vlm_dir, test_images)
     """A checkpoint stored in bf16 loads in bf16, while stage 2 encoded it in float32 on CPU: the
     demo must encode in the recorded dtype to get stage 2's features, and leave the model as it was."""
     from data.datasets import open_image
-    from engine.predict import head_features
+    from models.vlm import head_features
     from models.backbones import visual_modules
     from models.vlm import load_processor, load_vlm, pooled_image_features
 
@@ -257,7 +257,7 @@ def test_cli_error_is_one_line(damage, trained_pipeline, tmp_path, capsys, monke
 def test_head_features_ignore_an_adapter_on_the_vision_tower(tiny_vlm_dir, test_images):
     from peft import LoraConfig, get_peft_model
 
-    from engine.predict import head_features
+    from models.vlm import head_features
     from models.vlm import load_processor, load_vlm, pooled_image_features
 
     images = [Image.open(path).convert("RGB") for path in test_images[1][:2]]

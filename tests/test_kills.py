@@ -63,7 +63,7 @@ STAGES = {"distill": ("train_distillation.py", train_distillation.main, STAGE2, 
 
 
 @pytest.mark.parametrize("stage, target, call", [
-    ("distill", "engine.distill:store", 2),                # frozen pass: 1 split cached
+    ("distill", "utils.cache:store", 2),                   # frozen pass: 1 split cached
     ("distill", "engine.distill:distillation_loss", 10),   # head training, epoch 2 (7 calls an epoch)
     ("gate", "utils.cache:store", 2),                      # VLM answers: 1 split cached
     ("gate", "engine.gate:_evaluate", 3)])                 # gate training, epoch 3

@@ -131,7 +131,7 @@ def test_stage0_local_backend_killed_rank_resumes_to_the_one_process_file(tiny_v
 
     # Rank 1 dies before writing; rank 0 may have written part of its block: a prefix of the
     # images, so the rerun's remaining images come after it and the order stays the one-process order.
-    killed = torchrun(*flags, "--output_dir", str(tmp_path / "two"), fault=("models.chat.generate_texts", 1))
+    killed = torchrun(*flags, "--output_dir", str(tmp_path / "two"), fault=("engine.instructions.generate_texts", 1))
     assert killed.returncode != 0 and not (folder / "meta.json").exists()
     rerun = torchrun(*flags, "--output_dir", str(tmp_path / "two"))
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -141,7 +141,8 @@ def _test_images(toy_root: Path, count: int = 6) -> tuple[list[Image.Image], lis
 
 
 def test_reloaded_adapter_reproduces_the_trained_predictions(trained):
-    from engine.vlm_eval import load_trained_vlm, predict_vlm
+    from models.scorer import predict_vlm
+    from models.vlm import load_trained_vlm
 
     from data.datasets import open_image
 
@@ -155,7 +156,8 @@ def test_reloaded_adapter_reproduces_the_trained_predictions(trained):
 
 
 def test_score_is_a_distribution_matching_one_class_at_a_time(trained, toy_root):
-    from engine.vlm_eval import load_trained_vlm, score_classes
+    from models.scorer import score_classes
+    from models.vlm import load_trained_vlm
     from tests.oracles import score_classes_full
 
     model, processor, meta = load_trained_vlm(trained, "cpu")
@@ -207,9 +209,8 @@ def test_eval_only_loads_the_base_as_trained_and_accepts_a_moved_base(trained, t
                                                                      monkeypatch):
     import shutil
 
-    import engine.vlm_eval
     from engine.stages import vlm as train_vlm
-    from engine.vlm_eval import base_model_path, load_trained_vlm, trained_quant
+    from models.vlm import base_model_path, load_trained_vlm, trained_quant
     from utils.errors import UserError
 
     calls = []
@@ -218,7 +219,7 @@ def test_eval_only_loads_the_base_as_trained_and_accepts_a_moved_base(trained, t
         calls.append(quant)
         raise UserError("stop")
 
-    monkeypatch.setattr(engine.vlm_eval, "load_trained_vlm", record)
+    monkeypatch.setattr(train_vlm, "load_trained_vlm", record)  # the name stage 1 calls
     for flags, expected in (((), None), (("--quant", "none"), "none")):
         with pytest.raises(UserError, match="stop"):
             train_vlm.main(stage1_argv(toy_root, trained.parents[1], tiny_vlm_dir, "--eval_only", *flags))

@@ -67,7 +67,7 @@ def test_loss_matches_the_formula():
                   for row, y in zip(student.double(), targets)) / len(student)
         return alpha * t * t * kl + (1 - alpha) * ce
 
-    from engine.distill import distillation_loss
+    from models.heads import distillation_loss
 
     for alpha in (0.0, 0.5, 1.0):
         for temperature in (1.0, 2.0, 4.0):

@@ -114,7 +114,6 @@ def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monke
     def no_forward(*args, **kwargs):
         raise AssertionError("a rerun must not run the frozen VLM")
 
-    monkeypatch.setattr(engine.vlm_eval, "load_trained_vlm", no_forward)
     monkeypatch.setattr(train_gate, "load_trained_vlm", no_forward)  # the name stage 3 calls
     monkeypatch.setattr(engine.vlm_eval, "predict_vlm", no_forward)
     monkeypatch.setattr(engine.distill, "load_vlm", no_forward)
@@ -131,10 +130,10 @@ def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monke
 
 
 def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
-    import engine.vlm_eval
+    import engine.gate
     from data.datasets import DatasetSplits, Sample
     from engine.gate import cached_vlm_predictions
-    from engine.vlm_eval import VLMPredictions
+    from models.scorer import VLMPredictions
 
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(b"x" * (i + 1))
@@ -146,7 +145,7 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
         calls.append(mode)
         return VLMPredictions(pred=torch.tensor([-1] * len(samples)), probs=None, texts=["?"] * len(samples))
 
-    monkeypatch.setattr(engine.vlm_eval, "predict_samples", fake_predict)
+    monkeypatch.setattr(engine.gate, "predict_samples", fake_predict)
     loads = []
     meta = {"base_model": "m", "adapter_id": "a1"}
 
@@ -171,13 +170,13 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
 @pytest.mark.parametrize("parser, unparseable", [("strict", 16), ("lenient", 0)])
 def test_parser_choice_is_applied_and_recorded(trained_pipeline, tmp_path, monkeypatch, parser, unparseable):
     """Half the (faked) decoded answers are a bare class word: strict reads none of them."""
-    import engine.vlm_eval
+    import models.scorer
     from engine.stages import gate as train_gate
 
     def answers(model, processor, prompts, images, max_new_tokens, batch_size):
         return [("{'emotion': 'awe'}" if i % 2 else "awe") for i in range(len(prompts))]
 
-    monkeypatch.setattr(engine.vlm_eval, "generate_texts", answers)
+    monkeypatch.setattr(models.scorer, "generate_texts", answers)
     pipeline = _copy_outputs(trained_pipeline, tmp_path)
     train_gate.main(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--vlm_answer", "generate",
                                   "--parser", parser, "--epochs", "1"))
@@ -189,7 +188,7 @@ def test_parser_choice_is_applied_and_recorded(trained_pipeline, tmp_path, monke
 
 def test_vlm_gate_inputs_onehot_zero_when_unparseable_and_probs():
     from engine.gate import vlm_gate_inputs
-    from engine.vlm_eval import VLMPredictions
+    from models.scorer import VLMPredictions
     from utils.errors import UserError
 
     probs = torch.tensor([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])

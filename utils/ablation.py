@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from utils.errors import UserError
 from utils.io import atomic_write, read_json
 from utils.stats import mean_std
@@ -106,12 +108,8 @@ def ablation_table(dataset: str, parameter: str, rows: list[dict]) -> str:
 
 def save_ablation_png(dataset: str, parameter: str, rows: list[dict], path: Path) -> Path:
     """Accuracy against the swept value, error bars = std over seeds (bars for the gate types)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     series = [("EmoVLM-KD", "fused")] if parameter == "gate" else [("distilled head", "head"), ("EmoVLM-KD", "fused")]
     for offset, (label, key) in enumerate(series):
         points = [(i, row) for i, row in enumerate(rows) if row[key]]
@@ -133,7 +131,6 @@ def save_ablation_png(dataset: str, parameter: str, rows: list[dict], path: Path
     ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
     return path
 
 

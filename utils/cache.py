@@ -12,6 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
+from utils.dist import barrier, distributed_rank
 from utils.io import torch_save
 
 log = logging.getLogger(__name__)
@@ -37,8 +40,6 @@ def _changed(old: dict, new: dict) -> list[str]:
 
 def load_cached(path: str | Path, key: dict) -> Any | None:
     """The values cached in ``path`` when it was built for ``key``; otherwise None, logging why."""
-    import torch
-
     path = Path(path)
     if not path.is_file():
         log.info("cache miss: %s does not exist", path)
@@ -59,8 +60,6 @@ def load_cached(path: str | Path, key: dict) -> Any | None:
 
 def readable(path: str | Path) -> bool:
     """Whether ``path`` is a cache file that loads (a truncated or overwritten file does not)."""
-    import torch
-
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
         return isinstance(stored, dict) and "key" in stored and "values" in stored
@@ -73,10 +72,27 @@ def store(path: str | Path, key: dict, values: Any) -> None:
     torch_save({"key": key, "values": values}, path)
 
 
-def load_or_build(path: str | Path, key: dict, build: Callable[[], Any]) -> Any:
-    """The cached values for ``key``, or ``build()``'s result, stored for next time."""
-    values = load_cached(path, key)
-    if values is None:
-        values = build()
-        store(path, key, values)
-    return values
+def weights_fingerprint(model_id: str) -> list | None:
+    """For a local folder: names, sizes and times of its weight files (a rebuilt model there differs)."""
+    folder = Path(model_id)
+    if not folder.is_dir():
+        return None  # a hub id: the id and config identify it
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()
+                  if f.suffix in (".safetensors", ".bin"))
+
+
+def load_or_build(cache_dir: Path, name: str, keys: dict[str, dict],
+                  build: Callable[[list[str]], dict[str, Any]] | None) -> dict[str, Any]:
+    """Per split: reuse ``<name>_<split>.pt`` when its key matches, else build the missing splits
+    together (one model load) and store them (rank 0 under a launcher; every rank must call
+    this); ``build`` None returns only the hits, None for a miss."""
+    result = {split: load_cached(cache_dir / f"{name}_{split}.pt", key) for split, key in keys.items()}
+    barrier()  # every rank has decided before rank 0 overwrites a file
+    missing = [split for split, values in result.items() if values is None]
+    if missing and build is not None:
+        built = build(missing)
+        if distributed_rank()[0] == 0:
+            for split in missing:
+                store(cache_dir / f"{name}_{split}.pt", keys[split], built[split])
+        result.update(built)
+    return result

@@ -7,6 +7,9 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import torch
+import yaml
+
 from utils.errors import UserError
 
 
@@ -51,8 +54,6 @@ def load_config(path: str) -> dict:
         if file.suffix.lower() == ".json":
             values = json.loads(text)
         else:
-            import yaml
-
             values = yaml.safe_load(text)
     except Exception as err:  # noqa: BLE001 - any parse error is the user's file
         # YAML's messages span several lines (the problem, then where); one line is enough.
@@ -174,10 +175,8 @@ def require_positive(args: argparse.Namespace, *names: str) -> None:
             raise UserError(f"--{name} must be at least 1 (got {value})")
 
 
-def resolve_device(gpu: int | None) -> "torch.device":  # noqa: F821
+def resolve_device(gpu: int | None) -> torch.device:
     """``--gpu N`` -> cuda:N; no flag -> cuda:0 if present; CPU when CUDA is absent."""
-    import torch
-
     if torch.cuda.is_available():
         index = 0 if gpu is None else gpu
         if index >= torch.cuda.device_count():

@@ -11,6 +11,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, MutableMapping, Sequence, TypeVar
 
+import torch
+import torch.distributed as dist
+
+from utils.cli import resolve_device
 from utils.errors import UserError, _last_line, first_line
 
 T = TypeVar("T")
@@ -25,12 +29,8 @@ def distributed_rank() -> tuple[int, int, int]:
             int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def training_device(gpu: int | None) -> "torch.device":  # noqa: F821
+def training_device(gpu: int | None) -> torch.device:
     """This process's device: its local rank's GPU under a launcher, else ``--gpu`` or the CPU."""
-    import torch
-
-    from utils.cli import resolve_device
-
     _, local_rank, world_size = distributed_rank()
     if world_size > 1 and torch.cuda.is_available():
         return torch.device("cuda", local_rank)
@@ -58,8 +58,6 @@ def pin_single_gpu(gpu: int | None, environ: MutableMapping[str, str] = os.envir
     NVML, which leaves the visible set open (where NVML is missing the set is fixed by then,
     and the Trainer's placement check reports the problem).
     """
-    import torch
-
     if distributed_rank()[2] > 1 or torch.cuda.is_initialized():
         return gpu
     count = torch.cuda.device_count()
@@ -78,8 +76,6 @@ def leave_process_group() -> None:
     process that exits with its gloo group still alive can abort in the group's destructor
     ("terminate called without an active exception") while the others are still running.
     """
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -99,11 +95,8 @@ def init_distributed() -> tuple[int, int]:
     """``(rank, world_size)``; joins the launcher's process group (gloo, unless one exists already:
     only small CPU objects are gathered)."""
     rank, _, world = distributed_rank()
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return rank, world
 
 
@@ -112,8 +105,6 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -144,8 +135,6 @@ def run_sharded(count: int, compute: Callable[[range], T], unit: int = 1) -> lis
     block = shard_range(count, rank, world, unit)
     if world == 1:
         return [compute(block)]
-    import torch.distributed as dist
-
     if rank == 0:
         log.info("%d items sharded over %d processes (%d-%d each)", count, world,
                  len(shard_range(count, world - 1, world, unit)), len(block))
@@ -173,8 +162,6 @@ def run_sharded(count: int, compute: Callable[[range], T], unit: int = 1) -> lis
 def concat_parts(parts: Sequence):
     """Per-rank results joined in order: tensors along dim 0, lists, dicts and dataclasses of
     those field by field; ints are summed. None parts (ranks without items) are left out."""
-    import torch
-
     parts = [part for part in parts if part is not None]  # None: a rank without items
     if not parts:
         return None

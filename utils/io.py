@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the result to ``path`` only when it succeeded."""
@@ -54,8 +56,6 @@ def torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` atomically. Written through a file object: given a path, torch names the
     archive inside the file after it (here a random temporary name), so the same tensors would
     give different bytes, and different file ids, on every run."""
-    import torch
-
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)

@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
 from utils.io import atomic_write, write_json
 
@@ -14,8 +16,6 @@ NONE = -1  # prediction index for "no parseable answer"
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
                            class_names: Sequence[str]) -> dict:
     """Accuracy, macro-F1, per-class report and confusion matrix; ``-1`` predictions count as wrong."""
-    from sklearn.metrics import classification_report, confusion_matrix, f1_score
-
     y_true = np.asarray(y_true, dtype=int)
     y_pred = np.asarray(y_pred, dtype=int)
     labels = list(range(len(class_names)))
@@ -35,14 +35,10 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
 
 def save_confusion_png(matrix: Sequence[Sequence[int]], class_names: Sequence[str],
                        path: str | Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     matrix = np.asarray(matrix)
     size = max(3.5, 0.6 * len(class_names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
@@ -56,7 +52,6 @@ def save_confusion_png(matrix: Sequence[Sequence[int]], class_names: Sequence[st
                 color="white" if value > peak / 2 else "black")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
     return Path(path)
 
 
@@ -74,11 +69,6 @@ def save_curves_png(history: Sequence[dict] | dict[str, Sequence[dict]], path: s
     ``history`` is one fit's rows (engine.fit's format, or stage 1's) or ``{name: rows}`` of several
     fits drawn together (the gates of one stage-3 run).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if isinstance(history, dict):
         history = _named_rows(history)
     keys = sorted({k for row in history for k, v in row.items()
@@ -86,8 +76,8 @@ def save_curves_png(history: Sequence[dict] | dict[str, Sequence[dict]], path: s
     loss_keys = [k for k in keys if "loss" in k]
     other_keys = [k for k in keys if "loss" not in k]
     panels = [ks for ks in (loss_keys, other_keys) if ks]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.5),
-                             squeeze=False)
+    fig = Figure(figsize=(5 * max(1, len(panels)), 3.5))
+    axes = fig.subplots(1, max(1, len(panels)), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for key in panel:
             points = [(row["epoch"], row[key]) for row in history if key in row]
@@ -99,7 +89,6 @@ def save_curves_png(history: Sequence[dict] | dict[str, Sequence[dict]], path: s
         fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
     return Path(path)
 
 

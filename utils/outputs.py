@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from filelock import FileLock, Timeout
+
+from utils.dist import distributed_rank
 from utils.errors import UserError
 from utils.io import read_json, write_json
 from utils.run import _redact
@@ -108,10 +111,6 @@ def lock_folder(*folders: str | Path) -> None:
     :func:`releases_locks`). A folder another live run holds stops this run at once, naming that
     run's PID and start time; the lock of a killed run dies with it (an OS file lock) and is
     taken over. Under a launcher only the first process locks."""
-    from filelock import FileLock, Timeout
-
-    from utils.dist import distributed_rank
-
     if distributed_rank()[0] != 0:
         return
     for folder in map(Path, folders):

@@ -10,6 +10,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from utils.io import write_json
 
 _PACKAGES = ("torch", "torchvision", "transformers", "peft", "accelerate", "timm", "openai",
@@ -17,9 +20,6 @@ _PACKAGES = ("torch", "torchvision", "transformers", "peft", "accelerate", "timm
 
 
 def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -12,6 +12,11 @@ from typing import Sequence
 
 import numpy as np
 
+try:  # optional: the same formulas are computed by hand without scipy
+    from scipy.stats import binomtest, chi2
+except ImportError:
+    binomtest = chi2 = None
+
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_RESAMPLES = 1000
 # Below this many discordant pairs McNemar uses the exact binomial test, above it the
@@ -48,17 +53,13 @@ def _chunks(total: int, size: int) -> list[int]:
 
 
 def _exact_binomial_p(smaller: int, n: int) -> float:
-    try:
-        from scipy.stats import binomtest
-    except ImportError:
+    if binomtest is None:
         return min(1.0, 2 * sum(math.comb(n, k) for k in range(smaller + 1)) / 2 ** n)
     return float(binomtest(smaller, n, 0.5).pvalue)
 
 
 def _chi_square_1df_p(statistic: float) -> float:
-    try:
-        from scipy.stats import chi2
-    except ImportError:
+    if chi2 is None:
         return math.erfc(math.sqrt(statistic / 2))  # survival function of chi-square, 1 degree of freedom
     return float(chi2.sf(statistic, 1))
 

@@ -21,7 +21,7 @@ log = logging.getLogger("demo")
 def _gradio():
     """The gradio module, with its usage analytics switched off before it is first imported."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    import gradio
+    import gradio  # lazy on purpose: only the app needs it, and the switch above must come first
 
     return gradio
 

@@ -16,9 +16,9 @@ from engine.distill import cached_vlm_features, head_logits, read_cached_teacher
 from engine.fit import EpochLog
 from engine.gate import (ANSWER_MODES, SIGNALS, GateData, cached_vlm_predictions, gate_training_data, predictions,
                          split_accuracies, train_gate, vlm_gate_inputs)
-from engine.vlm_eval import load_trained_vlm, trained_quant
 from models.gates import GATE_LABELS, GATES, save_gate
 from models.heads import load_head
+from models.vlm import load_trained_vlm, trained_quant
 from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
 from utils.cli import add_base_vlm_flag, base_parser, parse_args, require_positive, stage_dir
 from utils.dist import init_distributed, leave_process_group, training_device

@@ -6,6 +6,9 @@ import os
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from data.annotations import ANNOTATIONS_FILE, read_annotations
 from data.datasets import load_dataset
 from engine.instructions import (OpenAIBackend, LocalBackend, Tally, annotated_images, approx_image_tokens,
                                  compact_rejected, image_data_url, merge_parts, plan_requests, write_outcomes)
@@ -104,8 +107,6 @@ def dry_run(requests, args) -> None:
 
 def label_mentions(folder: Path, annotated: set[str]) -> int:
     """Annotations of current training images kept although they name their emotion."""
-    from data.annotations import ANNOTATIONS_FILE, read_annotations
-
     path = folder / ANNOTATIONS_FILE
     if not path.is_file():
         return 0
@@ -124,8 +125,6 @@ def make_backend(args, key: str | None):
 
 def run(args, argv=None) -> None:
     """Stage 0 on parsed flags; ``argv`` (default: the command line) is recorded, the key redacted."""
-    from tqdm.auto import tqdm
-
     check_args(args)
     key = api_key(args)
     if not args.dry_run:

@@ -6,9 +6,25 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
+from transformers import SchedulerType, Trainer
+
+from data.annotations import ANNOTATIONS_FILE, read_annotations
+from data.datasets import load_dataset
+from data.prompts import PARSERS
+from engine.vlm_eval import evaluate_vlm
+from engine.vlm_train import (DEFAULT_TARGET_MODULES, ConversationCollator, build_examples, check_placement,
+                              epoch_logger, example_counts, last_checkpoint, read_history, training_arguments,
+                              wrap_lora)
+from models.backbones import backbone_for
+from models.scorer import EVAL_MODES
+from models.vlm import DEFAULT_MAX_PIXELS, load_processor, load_trained_vlm, load_vlm, resolve_quant
+from utils.checkpoints import META_FILE, check_compatible, file_id, read_meta, write_meta
 from utils.cli import base_parser, parse_args, require_positive, stage_dir
+from utils.dist import distributed_rank, is_main_process, leave_process_group, pin_single_gpu, training_device
 from utils.errors import UserError
 from utils.outputs import StagedOutput, lock_folder, releases_locks, staging_dir
+from utils.run import record_run, seed_everything
 
 DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
 log = logging.getLogger("train_vlm")
@@ -22,13 +38,6 @@ FLAG_RULES = {"min_pixels": "count", "max_pixels": "count", "lora_r": "count", "
 
 
 def get_args_parser():
-    from transformers import SchedulerType
-
-    from data.prompts import PARSERS
-    from engine.vlm_eval import EVAL_MODES
-    from engine.vlm_train import DEFAULT_TARGET_MODULES
-    from models.vlm import DEFAULT_MAX_PIXELS
-
     parser = base_parser("Stage 1: LoRA/QLoRA instruction tuning of the VLM and its evaluation.",
                          batch_size=1)
     model = parser.add_argument_group("model")
@@ -83,9 +92,6 @@ def get_args_parser():
 
 def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
     """The test evaluation; under torchrun every rank runs it on its share of the images."""
-    from engine.vlm_eval import evaluate_vlm
-    from utils.dist import is_main_process
-
     model.eval()
     eval_dir = out_dir / f"eval_{args.eval_mode}"
     metrics = evaluate_vlm(model, processor, splits.data_root, splits.test, splits.class_names, eval_dir,
@@ -98,10 +104,6 @@ def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
 
 
 def eval_only(args, splits, out_dir: Path) -> dict:
-    from engine.vlm_eval import load_trained_vlm
-    from utils.checkpoints import check_compatible
-    from utils.dist import leave_process_group, training_device
-
     device = training_device(args.gpu)  # under torchrun: this rank's GPU
     # auto: the way stage 1 trained it (recorded in meta.json).
     quant = None if args.quant == "auto" else args.quant
@@ -113,9 +115,6 @@ def eval_only(args, splits, out_dir: Path) -> dict:
 
 
 def annotations_file(args, class_names) -> Path:
-    from data.annotations import ANNOTATIONS_FILE
-    from utils.checkpoints import META_FILE, check_compatible, read_meta
-
     if args.annotations:
         path = Path(args.annotations)
         if not path.is_file():
@@ -134,9 +133,6 @@ def annotations_file(args, class_names) -> Path:
 def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
     """Find the checkpoint to resume from; the new results go to a staging folder beside
     ``out_dir`` (kept when resuming), so the old adapter stays trusted until they replace it."""
-    from engine.vlm_train import last_checkpoint
-    from utils.dist import distributed_rank
-
     checkpoint = last_checkpoint(trainer_dir) if args.resume else None
     if args.resume and checkpoint is None:
         raise UserError(f"--resume: no checkpoint in {trainer_dir}; run without --resume")
@@ -151,10 +147,6 @@ def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
 def save_outputs(args, model, processor, class_names, out_dir: Path, counts: dict) -> None:
     """Adapter, processor, run record, then meta.json last (all staged), then swapped into
     ``out_dir``: only a complete folder has a meta.json."""
-    from engine.vlm_train import read_history
-    from utils.checkpoints import file_id, write_meta
-    from utils.run import record_run
-
     staged = StagedOutput(out_dir)
     final_dir, out_dir = out_dir, staged.staging
     model.save_pretrained(out_dir)
@@ -176,16 +168,6 @@ def save_outputs(args, model, processor, class_names, out_dir: Path, counts: dic
 
 
 def train(args, splits, out_dir: Path) -> None:
-    import torch
-    from transformers import Trainer
-
-    from data.annotations import read_annotations
-    from engine.vlm_train import (ConversationCollator, build_examples, check_placement, epoch_logger,
-                                  example_counts, read_history, training_arguments, wrap_lora)
-    from models.backbones import backbone_for
-    from models.vlm import load_processor, load_vlm, resolve_quant
-    from utils.dist import leave_process_group, training_device
-
     args.vlm_model = args.vlm_model or DEFAULT_VLM
     path = annotations_file(args, splits.class_names)
     examples = build_examples(read_annotations(path), splits, path)
@@ -239,9 +221,6 @@ def run(args) -> None:
         raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
     lock_folder(stage_dir(args, "vlm"))  # one run per folder, until main returns
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from data.datasets import load_dataset
-    from utils.dist import distributed_rank, pin_single_gpu
-    from utils.run import seed_everything
 
     # Before anything touches CUDA: a single process sees only its GPU (see pin_single_gpu).
     args.gpu = pin_single_gpu(args.gpu)
