@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from data.datasets import PIXELS, SPLITS, DatasetSplits, ImageDataset, Sample
-from engine.batches import shuffled_batches
+from engine.batches import per_step_adam, shuffled_batches
 from engine.fit import EpochLog, fit
 from models.heads import DistillHead, distillation_loss
 from models.teacher import load_teacher, teacher_transforms
@@ -225,7 +225,7 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
     if standardize:
         head.set_standardization(features["train"])
     head.to(device)
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = per_step_adam(head.parameters(), lr, weight_decay)
     x_all, t_all, y_all = (values["train"].to(device) for values in (features, teacher_logits, labels))
     x_val, t_val, y_val = (values["val"] for values in (features, teacher_logits, labels))  # picks the epoch
     generator = torch.Generator(device=device).manual_seed(seed)

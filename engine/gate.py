@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.datasets import PIXELS, SPLITS
-from engine.batches import shuffled_batches
+from engine.batches import per_step_adam, shuffled_batches
 from engine.fit import EpochLog, by_val_acc_then_loss, fit
 from engine.vlm_eval import predict_samples
 from models.gates import build_gate
@@ -198,7 +198,7 @@ def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epoc
     torch.manual_seed(seed)
     device = torch.device(device)
     gate = build_gate(name, num_classes).to(device)
-    optimizer = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = per_step_adam(gate.parameters(), lr, weight_decay)
     order = torch.Generator(device=device).manual_seed(seed)
     signal, logits_in, labels = train.vlm_signal.to(device), train.head_logits.to(device), train.labels.to(device)
 
