@@ -31,7 +31,6 @@ from utils.metrics import NONE
 log = logging.getLogger(__name__)
 
 SIGNALS = ("onehot", "probs")
-ANSWER_MODES = ("score", "generate")
 
 
 @dataclass

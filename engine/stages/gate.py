@@ -14,10 +14,11 @@ from data.datasets import load_dataset
 from data.prompts import PARSERS
 from engine.distill import cached_vlm_features, head_logits, read_cached_teacher_logits
 from engine.fit import EpochLog
-from engine.gate import (ANSWER_MODES, SIGNALS, GateData, cached_vlm_predictions, gate_training_data, predictions,
+from engine.gate import (SIGNALS, GateData, cached_vlm_predictions, gate_training_data, predictions,
                          split_accuracies, train_gate, vlm_gate_inputs)
 from models.gates import GATE_LABELS, GATES, save_gate
 from models.heads import load_head
+from models.scorer import EVAL_MODES
 from models.vlm import load_trained_vlm, trained_quant
 from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
 from utils.cli import add_base_vlm_flag, base_parser, parse_args, require_positive, stage_dir
@@ -47,7 +48,7 @@ def get_args_parser():
     inputs.add_argument("--vlm_signal", choices=SIGNALS, default="onehot",
                         help="onehot: the VLM's answer (zeros if unparseable), the paper's; "
                              "probs: its class distribution (needs --vlm_answer score)")
-    inputs.add_argument("--vlm_answer", choices=ANSWER_MODES, default="score",
+    inputs.add_argument("--vlm_answer", choices=EVAL_MODES, default="score",
                         help="score: most likely class answer; generate: greedy decoding, parsed")
     inputs.add_argument("--parser", choices=PARSERS, default="lenient",
                         help="--vlm_answer generate: how the decoded answer is read; strict: only the form "
