@@ -1,6 +1,6 @@
 """Cost of the whole depth x alpha ablation grid (5 x 5 heads, one seed) relative to one head run.
 
-``python -m bench.sweep_cost``: on the toy world of ``bench.distill_cost`` (2400 images, the tiny
+``python -m bench.sweep_cost``: on the toy world of ``bench.distill_cost`` (2000 images, the tiny
 VLM, an untrained tiny teacher checkpoint given with --teacher_checkpoint so teacher fine-tuning,
 the same for every setting, is left out) one process times
 (1) one head run: ``train_distillation.py`` with the paper's setting into a fresh folder, so it
@@ -18,6 +18,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from bench import TARGETS_KEY, print_results, target_row
 from bench.distill_cost import EPOCHS, stage_seconds, warm_world
 
 DEPTHS = ("1", "2", "3", "4", "5")
@@ -37,12 +38,10 @@ def run() -> dict:
     result = {"heads": len(DEPTHS) * len(ALPHAS), "kept_runs": kept, "head_epochs": EPOCHS,
               "one_run_s": round(one_run, 2), "grid_s": round(grid, 2), "grid_over_one_run": round(ratio, 3),
               "grid_over_separate": round(grid / (len(DEPTHS) * len(ALPHAS) * one_run), 3),
-              "target": TARGET, "target_met": ratio <= TARGET}
-    print(f"5 x 5 depth x alpha grid on cached features / one head run (features computed): {ratio:.2f}x "
-          f"(target <= {TARGET:g}x: {'met' if ratio <= TARGET else 'MISSED'}); {kept} runs kept; "
-          f"grid / 25 separate cold runs: {result['grid_over_separate']:.2f}x")
+              TARGETS_KEY: [target_row("5 x 5 depth x alpha grid on cached features / one head run (features computed)",
+                                       ratio, "<=", TARGET)]}
+    print_results(result)
     return result
 
-
 if __name__ == "__main__":
-    print(run())
+    run()
