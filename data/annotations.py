@@ -66,20 +66,6 @@ def read_annotations(path: str | Path) -> list[Annotation]:
     return list(iter_annotations(path))
 
 
-def repair_tail(path: str | Path) -> None:
-    """Cut an unfinished last line (no trailing newline) so appends start on a fresh line."""
-    path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    keep = data[: data.rfind(b"\n") + 1]
-    log.warning("%s: removing an unfinished last line left by an interrupted run", path)
-    with open(path, "r+b") as fh:
-        fh.truncate(len(keep))
-
-
 def append_record(fh: IO[str], record: dict) -> None:
     """Append one JSON line and make it durable before returning (one write per record)."""
     fh.write(json.dumps(record, ensure_ascii=False) + "\n")

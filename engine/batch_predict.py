@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from data.datasets import is_image_file, open_image
 from utils.dist import barrier, distributed_rank, is_main_process, merge_part_files, part_file, run_sharded
 from utils.errors import UserError
+from utils.io import repair_tail
 
 FORMATS = ("jsonl", "csv")
 log = logging.getLogger(__name__)
@@ -85,19 +86,11 @@ def render(record: dict, fmt: str, columns: Sequence[str]) -> str:
     return _csv_line(["" if flat.get(column) is None else flat[column] for column in columns])
 
 
-def _cut_unfinished_tail(path: Path) -> None:
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        log.warning("%s: removing an unfinished last line left by an interrupted run", path)
-        with open(path, "r+b") as fh:
-            fh.truncate(data.rfind(b"\n") + 1)
-
-
 def done_images(out: Path, fmt: str, columns: Sequence[str]) -> set[str]:
     """Images already in ``out``; a CSV file must have this run's header (classes, gate, --explain)."""
     if not out.is_file() or out.stat().st_size == 0:
         return set()
-    _cut_unfinished_tail(out)
+    repair_tail(out)
     lines = out.read_text(encoding="utf-8").splitlines()
     if fmt == "csv":
         header = next(csv.reader(lines[:1]), [])

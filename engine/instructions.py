@@ -22,14 +22,14 @@ from openai import OpenAI
 from PIL import Image
 
 from data.annotations import (ANNOTATIONS_FILE, Annotation, append_annotation, append_record,
-                              read_annotations, repair_tail)
+                              read_annotations)
 from data.datasets import DatasetSplits, Sample, needs_normalising, open_image
 from data.prompts import generation_prompt, mentions_word, split_sections
 from models.chat import generate_texts
 from models.vlm import load_processor, load_vlm
 from utils.dist import merge_part_files, part_file
 from utils.errors import UserError
-from utils.io import write_text
+from utils.io import repair_tail, write_text
 
 REJECTED_FILE = "rejected.jsonl"
 MIME_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}

@@ -7,13 +7,13 @@ import pytest
 from PIL import Image
 
 from conftest import run_script
-from data.annotations import (Annotation, append_annotation, read_annotations, repair_tail,
-                              to_conversations)
+from data.annotations import Annotation, append_annotation, read_annotations, to_conversations
 from data.datasets import ImageDataset, load_dataset
 from data.prompts import (categorical_answer, categorical_question, parse_emotion,
                           split_sections)
 from utils.cli import base_parser, parse_args, require_positive
 from utils.errors import UserError
+from utils.io import repair_tail
 from utils.metrics import classification_metrics, write_metrics
 
 CLASSES = ["amusement", "anger", "awe", "contentment"]

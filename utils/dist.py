@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from utils.cli import resolve_device
 from utils.errors import UserError, _last_line, first_line
+from utils.io import repair_tail
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -205,11 +206,11 @@ def merge_part_files(path: str | Path) -> int:
              if p.name.rsplit(".part", 1)[1].isdigit()}
     parts = [found[rank] for rank in sorted(found)]
     moved = 0
+    repair_tail(path)
     for part in parts:
         data = part.read_bytes()
         complete = data[: data.rfind(b"\n") + 1]
         if complete:
-            _cut_unfinished_tail(path)
             with open(path, "ab") as fh:
                 fh.write(complete)
                 fh.flush()
@@ -217,11 +218,3 @@ def merge_part_files(path: str | Path) -> int:
             moved += complete.count(b"\n")
         part.unlink()
     return moved
-
-
-def _cut_unfinished_tail(path: Path) -> None:
-    if path.is_file() and path.stat().st_size:
-        data = path.read_bytes()
-        if not data.endswith(b"\n"):
-            with open(path, "r+b") as fh:
-                fh.truncate(data.rfind(b"\n") + 1)

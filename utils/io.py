@@ -1,13 +1,17 @@
-"""Atomic file writes: a reader never sees a half-written file."""
+"""Atomic file writes (a reader never sees a half-written file) and the repair of an append-only
+file an interrupted run left with an unfinished last line."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -61,3 +65,16 @@ def torch_save(obj: Any, path: str | Path) -> Path:
             torch.save(obj, fh)
 
     return atomic_write(path, save)
+
+
+def repair_tail(path: str | Path) -> None:
+    """Cut an unfinished last line (no trailing newline) so appends start on a fresh line."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    log.warning("%s: removing an unfinished last line left by an interrupted run", path)
+    with open(path, "r+b") as fh:
+        fh.truncate(data.rfind(b"\n") + 1)
