@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data.annotations import prompt_messages
-from data.prompts import categorical_answer, categorical_question
+from data.annotations import categorical_conversation, prompt_messages
+from data.prompts import categorical_question
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -131,6 +131,4 @@ def categorical_prompt(class_names: Sequence[str]) -> list[dict]:
 
 def class_conversations(class_names: Sequence[str]) -> list[list[dict]]:
     """The categorical prompt completed by each class's answer, one conversation per class."""
-    prompt = categorical_prompt(class_names)
-    return [prompt + [{"role": "assistant", "content": [{"type": "text", "text": categorical_answer(name)}]}]
-            for name in class_names]
+    return [categorical_conversation(name, class_names) for name in class_names]
