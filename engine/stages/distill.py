@@ -194,8 +194,9 @@ def run(args) -> None:
     if len(sweep) > 1:
         print(f"sweep: {len(sweep)} heads on the cached features ({', '.join(run_name(**s) for s in sweep)})")
     inputs = {"features": features, "teacher_logits": teacher_logits, "labels": labels,
-              "teacher_test": teacher_test, "teacher_path": teacher_path, "encoding": encoding,
-              "vlm_meta": vlm_meta, "in_dim": in_dim, "world": world, "device": device}
+              "teacher_test": teacher_test, "teacher_path": teacher_path,
+              "teacher_id": file_id(teacher_path),  # hashed once for every head of a sweep
+              "encoding": encoding, "vlm_meta": vlm_meta, "in_dim": in_dim, "world": world, "device": device}
     for setting in sweep:
         train_one_head(args, setting, splits.class_names, out_dir, inputs)
     default = default_setting(args.depth, args.alpha, args.seeds)
@@ -214,14 +215,14 @@ def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict
     staged = StagedOutput(out_dir / RUNS / name)  # a run's old head stays until the new one is complete
     run_dir = staged.begin()
     features, teacher_logits, labels = inputs["features"], inputs["teacher_logits"], inputs["labels"]
-    teacher_test, teacher_path, in_dim = inputs["teacher_test"], inputs["teacher_path"], inputs["in_dim"]
+    teacher_test, teacher_path, teacher_id = inputs["teacher_test"], inputs["teacher_path"], inputs["teacher_id"]
+    in_dim = inputs["in_dim"]
     head, result = train_head(features, teacher_logits, labels, in_dim, len(class_names), depth=setting["depth"],
                               epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                               batch_size=args.batch_size, alpha=setting["alpha"], temperature=args.temperature,
                               standardize=args.standardize_features, seed=setting["seed"], device=inputs["device"],
                               log_path=run_dir / "log.txt")
     save_curves_png(result["history"], run_dir / "curves.png", f"stage 2: distillation head ({name})")
-    teacher_id = file_id(teacher_path)
     head_path = save_head(run_dir / HEAD_FILE, head, class_names, base_model=args.vlm_model,
                           teacher_id=teacher_id, best_val_acc=result["best_val_acc"], epoch=result["epoch"],
                           standardized=args.standardize_features, alpha=setting["alpha"], seed=setting["seed"],
