@@ -126,7 +126,8 @@ BACKBONES = {
 
 
 def supported() -> str:
-    return ", ".join(f"{b.family} ({b.name})" for b in BACKBONES.values())
+    """Each family with a hub checkpoint of it, for error messages."""
+    return ", ".join(f"{b.family} ({b.name}, e.g. {b.example})" for b in BACKBONES.values())
 
 
 def backbone_for(model_or_config) -> Backbone:

@@ -168,7 +168,7 @@ def test_unsupported_architecture_is_one_line_naming_the_supported(tmp_path):
         load_vlm(tmp_path)
     message = str(error.value)
     assert "\n" not in message and "'llava'" in message
-    assert all(family in message for family in BACKBONES)
+    assert all(family in message and backbone.example in message for family, backbone in BACKBONES.items())
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "llava_onevision"])

@@ -22,12 +22,12 @@ from typing import Callable, Iterable
 
 from filelock import FileLock, Timeout
 
+from utils.checkpoints import META_FILE
 from utils.dist import distributed_rank
 from utils.errors import UserError
 from utils.io import read_json, write_json
 from utils.run import _redact
 
-META_FILE = "meta.json"
 # Written into the staging folder just before the move starts: a commit interrupted half-way is
 # completed by the next run instead of being thrown away.
 COMMIT_MARKER = ".commit"

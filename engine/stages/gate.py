@@ -16,7 +16,7 @@ from engine.distill import cached_vlm_features, head_logits, read_cached_teacher
 from engine.fit import EpochLog
 from engine.gate import (SIGNALS, GateData, cached_vlm_predictions, gate_training_data, predictions,
                          split_accuracies, train_gate, vlm_gate_inputs)
-from models.gates import GATE_LABELS, GATES, save_gate
+from models.gates import GATE_FILE, GATE_LABELS, GATES, save_gate
 from models.heads import load_head
 from models.scorer import EVAL_MODES
 from models.vlm import load_trained_vlm, trained_quant
@@ -176,7 +176,7 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
     if len(results) > 1:
         for name, result in results.items():
             save(out_dir / f"gate_{name}.pt", result)
-    save(out_dir / "gate.pt", results[selected])
+    save(out_dir / GATE_FILE, results[selected])
 
     preds = gate_test_predictions(data, results, teacher_pred)
     labels = preds["labels"]
@@ -206,7 +206,7 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
     write_text(out_dir / "table.md", table)
     record_run(out_dir, args, selected_gate=selected)
     # The provenance is gate.pt's (the predictor reads it there); meta.json only names that file.
-    write_meta(out_dir, "gate", class_names, gate=selected, gate_id=file_id(out_dir / "gate.pt"))
+    write_meta(out_dir, "gate", class_names, gate=selected, gate_id=file_id(out_dir / GATE_FILE))
     return table
 
 
