@@ -51,11 +51,9 @@ def counted(monkeypatch):
 
 def test_head_defaults_to_one_step_per_image_without_a_sync_per_step(counted):
     features, teacher, labels = _head_data()
-    _, result = train_head(features, teacher, labels, DIM, CLASSES, epochs=EPOCHS, lr=1e-3)
+    train_head(features, teacher, labels, DIM, CLASSES, epochs=EPOCHS, lr=1e-3)
     assert counted["steps"] == EPOCHS * N_TRAIN
     assert counted["items"] <= 4 * EPOCHS  # a few per epoch (loss, val loss, val acc), none per step
-    # The epoch loss summed on the device is the mean of the per-step losses.
-    assert all(row["train_loss"] > 0 for row in result["history"])
 
 
 def test_gate_defaults_to_one_step_per_image_without_a_sync_per_step(counted):

@@ -39,3 +39,13 @@ def test_list_and_unknown_names(mutations, capsys):
     assert capsys.readouterr().out.startswith("kl_direction: ")
     assert mutations.main(["--only", "no_such_mutant"]) == 2
     assert "no_such_mutant: no such mutant" in capsys.readouterr().err
+
+
+def test_every_mutant_is_anchored_and_names_existing_tests(mutations):
+    """A refactor that moves a mutant's code shows up here, not only in the long `make mutations`."""
+    mutations.check_anchors(REPO, mutations.MUTANTS)
+    for mutant in mutations.MUTANTS:
+        for test in mutant.tests:
+            path, _, name = test.partition("::")
+            source = (REPO / path).read_text(encoding="utf-8")
+            assert f"def {name.split('[')[0]}(" in source, f"{mutant.name}: no test {test}"
