@@ -67,14 +67,24 @@ def torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, save)
 
 
-def repair_tail(path: str | Path) -> None:
-    """Cut an unfinished last line (no trailing newline) so appends start on a fresh line."""
+def repair_tail(path: str | Path, block: int = 1 << 16) -> None:
+    """Cut an unfinished last line (no trailing newline) so appends start on a fresh line.
+
+    Reads only the end of the file: the last byte, and on a cut, blocks backwards to the last newline."""
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
         return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    log.warning("%s: removing an unfinished last line left by an interrupted run", path)
     with open(path, "r+b") as fh:
-        fh.truncate(data.rfind(b"\n") + 1)
+        end = fh.seek(-1, os.SEEK_END) + 1
+        if fh.read(1) == b"\n":
+            return
+        start = end
+        while start > 0:
+            start = max(0, start - block)
+            fh.seek(start)
+            newline = fh.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                start += newline + 1
+                break
+        log.warning("%s: removing an unfinished last line left by an interrupted run", path)
+        fh.truncate(start)
