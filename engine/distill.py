@@ -228,6 +228,7 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
     optimizer = per_step_adam(head.parameters(), lr, weight_decay)
     x_all, t_all, y_all = (values["train"].to(device) for values in (features, teacher_logits, labels))
     x_val, t_val, y_val = (values["val"] for values in (features, teacher_logits, labels))  # picks the epoch
+    x_val = x_val.to(device)  # moved once, like the training tensors
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def train_epoch(epoch: int) -> dict:
@@ -241,7 +242,7 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
         return {"train_loss": total.item() / max(len(y_all), 1)}  # the epoch's one host sync
 
     def evaluate() -> dict:
-        val_logits = head(x_val.to(device)).float().cpu()
+        val_logits = head(x_val).float().cpu()
         val_loss = distillation_loss(val_logits, t_val, y_val, alpha, temperature)
         return {"val_loss": val_loss.item(), "val_acc": (val_logits.argmax(-1) == y_val).float().mean().item()}
 
