@@ -73,6 +73,18 @@ class StagedOutput:
         return self.folder
 
 
+def publish(run_dir: str | Path, folder: str | Path) -> Path:
+    """Copy the files of a finished run folder into ``folder`` (the top-level stage folder that later
+    stages, the demo and the predictor read), staged like every stage output: the old files stay
+    trusted until the copy is complete. Subfolders of ``run_dir`` are not copied."""
+    staged = StagedOutput(folder)
+    new_dir = staged.begin()
+    for path in sorted(Path(run_dir).iterdir()):
+        if path.is_file():
+            shutil.copyfile(path, new_dir / path.name)
+    return staged.commit()
+
+
 def finish_interrupted_commit(folder: str | Path) -> None:
     """Complete a commit that a kill interrupted (its staging folder holds the marker)."""
     staging = staging_dir(folder)

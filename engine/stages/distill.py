@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from utils.cli import add_base_vlm_flag, base_parser, parse_args, require_positi
 from utils.dist import barrier, distributed_rank, init_distributed, leave_process_group, training_device
 from utils.errors import UserError
 from utils.metrics import classification_metrics, save_curves_png, write_metrics
-from utils.outputs import StagedOutput, lock_folder, releases_locks
+from utils.outputs import StagedOutput, lock_folder, publish, releases_locks
 from utils.run import record_run, seed_everything
 from utils.sweeps import RUNS, as_list, default_setting, run_name, settings
 
@@ -201,7 +200,7 @@ def run(args) -> None:
         train_one_head(args, setting, splits.class_names, out_dir, inputs)
     default = default_setting(args.depth, args.alpha, args.seeds)
     if default is not None:
-        publish_default(out_dir, run_name(**default))
+        publish(out_dir / RUNS / run_name(**default), out_dir)
         print(f"default head (stage 3, demo): {run_name(**default)} -> {out_dir}")
     else:
         print(f"the default head in {out_dir} is unchanged (the sweep has no depth 1, alpha 0.5); fuse a run with "
@@ -246,18 +245,6 @@ def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict
           f"{result['best_val_acc']:.4f} at epoch {result['epoch']}; test accuracy {head_test['accuracy']:.4f}, "
           f"teacher {teacher_test['accuracy']:.4f}, agreement {agreement:.4f} -> {staged.folder}")
     return staged.folder
-
-
-def publish_default(out_dir: Path, name: str) -> None:
-    """Copy run ``name`` to the top-level ``distill/`` that stage 3, the demo and the predictor read,
-    staged like every stage output (the old default head stays trusted until the copy is complete)."""
-    run_dir = out_dir / RUNS / name
-    staged = StagedOutput(out_dir)
-    new_dir = staged.begin()
-    for path in sorted(run_dir.iterdir()):
-        if path.is_file():
-            shutil.copyfile(path, new_dir / path.name)
-    staged.commit()
 
 
 @releases_locks

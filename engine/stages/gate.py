@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from utils.dist import init_distributed, leave_process_group, training_device
 from utils.errors import UserError
 from utils.io import read_json, write_json, write_text
 from utils.metrics import classification_metrics, save_confusion_png, save_curves_png
-from utils.outputs import StagedOutput, lock_folder, releases_locks
+from utils.outputs import StagedOutput, lock_folder, publish, releases_locks
 from utils.report import complementarity_table, dataset_rows, markdown_table
 from utils.run import record_run, seed_everything
 from utils.stats import fusion_statistics
@@ -254,12 +253,7 @@ def run(args) -> None:
         run_dir = staged.commit(finite, "--lr")
         published = index == 0 and default_head  # the folder the demo, the predictor and the report read
         if published:
-            top = StagedOutput(out_dir)  # the old gate stays until the new one is complete
-            top_dir = top.begin()
-            shutil.copyfile(run_dir / "log.txt", top_dir / "log.txt")
-            write_results(run_args, top_dir, data, results, selected, splits.class_names, provenance,
-                          teacher_pred, distill_dir)
-            top.commit(finite, "--lr")
+            publish(run_dir, out_dir)
         print(table)
         print(f"saved gate {selected!r} (seed {seed}: val acc {results[selected].best_val_acc:.4f} at epoch "
               f"{results[selected].best_epoch}) to {run_dir / 'gate.pt'}"
