@@ -15,10 +15,200 @@ rejected.jsonl (answers refused after --max_attempts, with the reason), meta.jso
 Rerun the same command to resume: annotated images are skipped, rejected ones asked again
 (unless --skip_rejected), failed requests retried.
 """
-import sys
+from __future__ import annotations
 
-from engine.stages.instructions import main
-from utils.errors import run_cli
+import os
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from data.annotations import ANNOTATIONS_FILE, read_annotations
+from data.datasets import load_dataset
+from engine.instructions import (LocalBackend, OpenAIBackend, Tally, annotated_images, approx_image_tokens,
+                                 compact_rejected, image_data_url, merge_parts, plan_requests, write_outcomes)
+from utils.checkpoints import check_compatible, read_meta, write_meta
+from utils.cli import base_parser, parse_args, stage_dir
+from utils.dist import barrier, concat_parts, init_distributed, leave_process_group, run_sharded, training_device
+from utils.errors import UserError, run_cli
+from utils.outputs import lock_folder, releases_locks
+from utils.run import record_run
+
+SCRIPT = "generate_instructions.py"  # the command recorded in run.json
+
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"workers": "count", "max_retries": "index", "timeout": "positive",
+              "max_new_tokens": "count", "max_side": "count", "max_attempts": "count", "limit": "count"}
+
+
+def get_args_parser():
+    parser = base_parser("Stage 0: ask a multimodal LLM for key elements and reasoning per training image.",
+                         batch_size=4)
+    group = parser.add_argument_group("generator")
+    group.add_argument("--backend", choices=("openai", "local"), default="openai",
+                       help="openai: any OpenAI-compatible API; local: a Hugging Face VLM (--vlm_model)")
+    group.add_argument("--model", default="gpt-4o", help="model name on the API")
+    group.add_argument("--base_url", default=None,
+                       help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: OpenAI)")
+    group.add_argument("--api_key", default=None,
+                       help="prefer the OPENAI_API_KEY environment variable (a flag leaks into shell "
+                            "history); never written to any file")
+    group.add_argument("--vlm_model", default=None, help="--backend local: hub id or local model folder")
+    group.add_argument("--workers", type=int, default=4, help="concurrent API requests")
+    group.add_argument("--max_retries", type=int, default=5,
+                       help="client retries with backoff on rate limits, timeouts and 5xx")
+    group.add_argument("--timeout", type=float, default=120.0, help="seconds per API request")
+    group = parser.add_argument_group("answers")
+    group.add_argument("--max_new_tokens", type=int, default=512, help="answer length limit")
+    group.add_argument("--max_side", type=int, default=1024, help="downscale images to this longer side")
+    group.add_argument("--max_attempts", type=int, default=3,
+                       help="asks per image while the answer lacks a section or names the emotion")
+    group.add_argument("--reject_label_mentions", action="store_true",
+                       help="refuse an answer still naming the emotion after --max_attempts (default: keep it "
+                            "with \"mentions_label\": true and count it; the whole-word check also catches "
+                            "innocent words such as 'an amusement park')")
+    group.add_argument("--accept_unstructured", action="store_true",
+                       help="keep an answer without the two sections as both fields (weak local "
+                            "models, the toy quickstart)")
+    group.add_argument("--skip_rejected", action="store_true",
+                       help="do not ask again for images already in rejected.jsonl")
+    group.add_argument("--limit", type=int, default=None, help="ask for at most N images in this run")
+    group.add_argument("--dry_run", action="store_true",
+                       help="print one rendered prompt and the cost-estimate inputs; send nothing")
+    return parser
+
+
+def check_args(args) -> None:
+    for flag in ("workers", "max_attempts", "max_new_tokens", "max_side", "batch_size", "limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} {value}: must be at least 1")
+    if args.max_retries < 0 or args.timeout <= 0:
+        raise UserError("--max_retries must be >= 0 and --timeout > 0")
+    if args.backend == "local" and not args.vlm_model:
+        raise UserError("--backend local needs --vlm_model (a local model folder or a hub id)")
+
+
+def api_key(args) -> str | None:
+    key = args.api_key or os.environ.get("OPENAI_API_KEY") or None
+    if key is None and args.backend == "openai" and args.base_url is None and not args.dry_run:
+        raise UserError("no API key: export OPENAI_API_KEY=<key>, or point --base_url at an "
+                        "OpenAI-compatible server")
+    return key
+
+
+def redacted_command(argv, secret: str | None) -> str:
+    words = [SCRIPT, *(sys.argv[1:] if argv is None else argv)]
+    return " ".join(word.replace(secret, "***") if secret else word for word in words)
+
+
+def dry_run(requests, args) -> None:
+    if not requests:
+        print("dry run: nothing left to ask")
+        return
+    first = requests[0]
+    url, (width, height) = image_data_url(first.path, args.max_side)
+    text_tokens = len(first.prompt) // 4  # English averages about 4 characters per token
+    image_tokens = approx_image_tokens(width, height)
+    print(f"dry run: nothing is sent\n--- prompt for {first.sample.path} (label {first.emotion}) ---\n"
+          f"{first.prompt}\n[image: {url[5:url.index(';')]} data URL, {width}x{height} px, "
+          f"{len(url) // 1024} KiB]\n---")
+    print(f"images to ask: {len(requests)}\n"
+          f"approx prompt tokens per image: ~{text_tokens + image_tokens} "
+          f"(text ~{text_tokens}, image ~{image_tokens} by the GPT-4o high-detail rule)\n"
+          f"max output tokens per image: {args.max_new_tokens} "
+          f"(each refused answer costs one more request, up to --max_attempts {args.max_attempts})")
+
+
+def label_mentions(folder: Path, annotated: set[str]) -> int:
+    """Annotations of current training images kept although they name their emotion."""
+    path = folder / ANNOTATIONS_FILE
+    if not path.is_file():
+        return 0
+    return sum(a.mentions_label for a in read_annotations(path) if a.image in annotated)
+
+
+def make_backend(args, key: str | None):
+    if args.backend == "local":
+        return LocalBackend(args.vlm_model, training_device(args.gpu), args.batch_size,
+                            args.max_new_tokens, args.max_side, args.accept_unstructured,
+                            args.reject_label_mentions)
+    return OpenAIBackend(args.model, key, args.base_url, args.max_retries, args.timeout,
+                         args.max_new_tokens, args.max_side, args.max_attempts, args.workers,
+                         args.accept_unstructured, args.reject_label_mentions)
+
+
+@releases_locks
+def main(args, argv=None) -> None:
+    """Stage 0 on parsed flags; ``argv`` (default: the command line) is recorded, the key redacted."""
+    check_args(args)
+    key = api_key(args)
+    if not args.dry_run:
+        lock_folder(stage_dir(args, "instructions"))  # one run per folder, until main returns
+    if args.api_key:
+        print("note: a key given with --api_key shows in shell history and process lists; "
+              "prefer export OPENAI_API_KEY", file=sys.stderr)
+    splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
+    folder = stage_dir(args, "instructions")
+    if (folder / "meta.json").is_file():
+        check_compatible(read_meta(folder, "instructions", args.dataname), folder, splits.class_names)
+    # Under torchrun the requests are sharded: each rank appends to its own part files, which
+    # rank 0 merges in rank order (and, first, what a killed multi-process run left behind).
+    rank, world = (0, 1) if args.dry_run else init_distributed()
+    if rank == 0 and folder.is_dir():
+        merge_parts(folder)
+    barrier()
+    requests, tally = plan_requests(splits, folder, args.skip_rejected, args.limit)
+    if rank == 0:
+        print(splits.summary())
+        print(f"training images: {len(splits.train)}; already annotated or skipped: {tally.skipped}; "
+              f"to ask now: {len(requests)} (the {len(splits.val)} validation images are never sent)")
+    if args.dry_run:
+        dry_run(requests, args)
+        return
+
+    generator = args.vlm_model if args.backend == "local" else args.model
+
+    def ask(block: range) -> Tally:
+        share, counts = requests[block.start:block.stop], Tally()
+        backend = make_backend(args, key)
+        with tqdm(total=len(share), desc="instructions", unit="img", disable=rank != 0) as progress:
+            progress.set_postfix(counts.counts())
+            write_outcomes(backend.outcomes(share), folder, generator, counts, progress,
+                           part=rank if world > 1 else None)
+        return counts
+
+    try:
+        if requests:
+            tally = concat_parts([tally, *run_sharded(len(requests), ask, unit=args.batch_size)])
+    finally:  # also after a fatal error or Ctrl-C: rejected.jsonl keeps one line per open image
+        leave_process_group()
+        if rank == 0:
+            merge_parts(folder)
+            annotated = annotated_images(folder, splits.class_names) & {s.path for s in splits.train}
+            num_rejected = compact_rejected(folder, annotated)
+    if rank != 0:
+        return
+    mentions = label_mentions(folder, annotated)
+    print(f"this run: {tally.done} annotated ({tally.mentions_label} kept although naming the emotion), "
+          f"{tally.rejected} rejected, {tally.failed} failed (rerun to retry); {len(annotated)}/{len(splits.train)} "
+          f"training images annotated in {folder}, {mentions} of them marked \"mentions_label\" "
+          f"(--reject_label_mentions refuses those); {num_rejected} in rejected.jsonl")
+    usage = {"prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens}
+    if args.backend == "openai":
+        print(f"token usage: prompt {usage['prompt_tokens']}, completion {usage['completion_tokens']}, "
+              f"total {sum(usage.values())}")
+    write_meta(folder, "instructions", splits.class_names, generator=generator,
+               num_annotated=len(annotated), num_train=len(splits.train), num_rejected=num_rejected,
+               num_mentions_label=mentions,
+               complete=len(annotated) == len(splits.train))
+    record_run(folder, args, command=redacted_command(argv, key), counts=tally.counts(), usage=usage)
+
+
+def parse(argv=None):
+    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule checked."""
+    return parse_args(get_args_parser(), argv, FLAG_RULES)
+
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, parse=parse))

@@ -10,10 +10,64 @@ probabilities, the VLM's answer and probabilities, the distilled head's probabil
 gates that expose them, the gate's source weights; --explain adds the generated key elements
 and reasoning. Rerun the same command to resume: images already in --out are skipped.
 """
-import sys
+from __future__ import annotations
 
-from engine.stages.predict import main
-from utils.errors import run_cli
+import logging
+import sys
+from pathlib import Path
+
+from engine.predict_folder import FORMATS, list_images, output_format, predict_folder
+from engine.predictor import EmoVLMKD
+from utils.cli import base_parser, parse_args, require_positive
+from utils.dist import init_distributed, leave_process_group, training_device
+from utils.errors import UserError, run_cli
+from utils.outputs import releases_locks
+
+FLAG_RULES = {"max_new_tokens": "count"}
+
+
+def get_args_parser():
+    parser = base_parser("Predict every image of a folder with the trained EmoVLM-KD.", batch_size=8)
+    group = parser.add_argument_group("prediction")
+    group.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    group.add_argument("--out", required=True, help="output file: one record per image; appended to on a rerun")
+    group.add_argument("--format", choices=FORMATS, default=None,
+                       help="jsonl (one JSON object per line) or csv (one column per class probability); "
+                            "default: from the --out suffix, jsonl unless .csv")
+    group.add_argument("--explain", action="store_true",
+                       help="also generate the key elements and reasoning (slower: two greedy answers per image)")
+    group.add_argument("--max_new_tokens", type=int, default=128, help="length limit of each --explain text")
+    group.add_argument("--vlm_model", default=None, help="base VLM check (default: the one stage 1 trained on)")
+    group.add_argument("--quant", choices=("4bit", "none"), default=None,
+                       help="how to load the VLM (default: as stage 3 loaded it)")
+    return parser
+
+
+@releases_locks
+def main(args) -> None:
+    """Predict every image under ``args.images`` into ``args.out`` (rank 0 prints the counts)."""
+    require_positive(args, "batch_size", "max_new_tokens")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file name such as {out / 'predictions.jsonl'}")
+    list_images(args.images)  # a wrong folder fails before the models load
+    rank, _ = init_distributed()
+    predictor = EmoVLMKD.from_outputs(args.output_dir, args.dataname, training_device(args.gpu),
+                                      args.vlm_model, args.quant)
+    counts = predict_folder(predictor, args.images, out, output_format(out, args.format), args.batch_size,
+                            args.explain, args.max_new_tokens, args.skip_bad_images)
+    leave_process_group()
+    if rank == 0:
+        print(f"predicted {counts['done']} images, {counts['skipped']} were already in {out}"
+              + (f", {counts['bad']} undecodable skipped" if counts["bad"] else "")
+              + f": {counts['done'] + counts['skipped']}/{counts['total']} done")
+
+
+def parse(argv=None):
+    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule checked."""
+    return parse_args(get_args_parser(), argv, FLAG_RULES)
+
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, parse=parse))

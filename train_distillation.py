@@ -10,10 +10,257 @@ teacher logits are computed once and cached.
     torchrun --nproc_per_node 4 train_distillation.py --dataname emoset   # features sharded (or accelerate launch)
     python train_distillation.py --dataname toy --vlm_model checkpoints/tiny-qwen2-vl --config configs/toy_distill.yaml
 """
-import sys
+from __future__ import annotations
 
-from engine.stages.distill import main
-from utils.errors import run_cli
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from data.datasets import load_dataset
+from engine.distill import (cached_teacher_logits, cached_vlm_features, feature_dtype, head_logits, train_head,
+                            train_teacher)
+from models.heads import HEAD_FILE, save_head
+from models.teacher import (DEFAULT_TEACHER, build_teacher, data_config, default_img_size, read_teacher_checkpoint,
+                            save_teacher)
+from models.vlm import vision_hidden_size
+from utils.cache import image_list_id
+from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
+from utils.cli import add_base_vlm_flag, base_parser, parse_args, require_positive, stage_dir
+from utils.dist import barrier, distributed_rank, init_distributed, leave_process_group, training_device
+from utils.errors import UserError, run_cli
+from utils.metrics import classification_metrics, save_curves_png, write_metrics
+from utils.outputs import StagedOutput, lock_folder, publish, releases_locks
+from utils.run import record_run, seed_everything
+from utils.sweeps import RUNS, as_list, default_setting, run_name, settings
+
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"feature_batch_size": "count", "teacher_img_size": "count", "teacher_lr": "positive",
+              "teacher_weight_decay": "nonnegative", "teacher_batch_size": "count", "teacher_epochs": "count",
+              "depth": "index", "alpha": "fraction", "temperature": "positive", "lr": "positive",
+              "weight_decay": "nonnegative", "epochs": "count", "seeds": "seed"}
+
+
+def get_args_parser():
+    parser = base_parser("Stage 2: ViT teacher and the distilled head on the VLM's frozen visual features.",
+                         batch_size=1)
+    model = parser.add_argument_group("frozen VLM features")
+    add_base_vlm_flag(model)
+    model.add_argument("--feature_batch_size", type=int, default=8,
+                       help="images per batch of the frozen passes (visual encoder, teacher logits)")
+    teacher = parser.add_argument_group("teacher (timm)")
+    teacher.add_argument("--teacher_model", default=DEFAULT_TEACHER, help="timm model name")
+    teacher.add_argument("--no_teacher_pretrained", action="store_true", help="train the teacher from scratch")
+    teacher.add_argument("--teacher_img_size", type=int, default=None,
+                         help="teacher input size (default: the timm checkpoint's own, 384 for the default)")
+    teacher.add_argument("--teacher_checkpoint", default=None,
+                         help="use this trained teacher.pt (from this script) instead of training one")
+    teacher.add_argument("--retrain_teacher", action="store_true",
+                         help="train a new teacher even if <output_dir>/<dataname>/teacher/ holds one")
+    teacher.add_argument("--teacher_lr", type=float, default=3e-5)
+    teacher.add_argument("--teacher_weight_decay", type=float, default=1e-5)
+    teacher.add_argument("--teacher_batch_size", type=int, default=10)
+    teacher.add_argument("--teacher_epochs", type=int, default=10)
+    head = parser.add_argument_group("distillation head (--batch_size is its mini-batch)")
+    head.add_argument("--depth", type=int, nargs="+", default=[1], choices=range(6),
+                      help="hidden layers, widths [1024, 512, 256, 128, 64][:depth]; several values: "
+                           "one head per value (a sweep, each kept in distill/runs/)")
+    head.add_argument("--alpha", type=float, nargs="+", default=[0.5],
+                      help="weight of the distillation (KL) term; several values: one head per value")
+    head.add_argument("--seeds", type=int, nargs="+", default=None,
+                      help="train each head once per seed (default: --seed); tables show mean and std")
+    head.add_argument("--temperature", type=float, default=2.0)
+    head.add_argument("--lr", type=float, default=1e-5)
+    head.add_argument("--weight_decay", type=float, default=1e-4)
+    head.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=5)
+    head.add_argument("--standardize_features", action="store_true",
+                      help="standardise features with the training mean/std (saved in the head)")
+    return parser
+
+
+def split_ids(splits) -> dict:
+    """Identities of the images a teacher is trained and selected on (a changed split changes them)."""
+    return {"train_images": image_list_id(splits.data_root, splits.train),
+            "val_images": image_list_id(splits.data_root, splits.val)}
+
+
+def existing_teacher(args, splits, folder: Path) -> Path | None:
+    """``teacher/teacher.pt`` when it fits this run; a teacher for other classes, another model or
+    other training images is refused."""
+    path = folder / "teacher.pt"
+    if args.retrain_teacher or not (folder / "meta.json").is_file() or not path.is_file():
+        return None
+    meta = read_meta(folder, "teacher", args.dataname)
+    try:
+        check_compatible(meta, folder, class_names=splits.class_names)
+    except UserError as err:
+        raise UserError(f"{err}; or pass --retrain_teacher") from None
+    size = args.teacher_img_size or default_img_size(args.teacher_model)
+    if (meta.get("model"), meta.get("img_size")) != (args.teacher_model, size):
+        raise UserError(f"{folder}: holds teacher {meta.get('model')} at {meta.get('img_size')} px, but this run "
+                        f"asks for --teacher_model {args.teacher_model} at {size} px; pass those flags, "
+                        "or --retrain_teacher to replace it")
+    changed = [name for name, value in split_ids(splits).items() if meta.get(name) != value]
+    if changed:
+        raise UserError(f"{folder}: the teacher was trained on other {' and '.join(changed)} (the data split "
+                        "changed); pass --retrain_teacher to replace it")
+    return path
+
+
+def fit_teacher(args, splits, folder: Path, device) -> Path:
+    """Fine-tune the stage's own teacher into ``folder/teacher.pt`` (with its run record and
+    meta.json), staged so the old teacher stays until the new one is complete."""
+    staged = StagedOutput(folder)  # the old teacher stays until the new one is complete
+    new_dir = staged.begin()
+    pretrained = not args.no_teacher_pretrained
+    model = build_teacher(args.teacher_model, len(splits.class_names), args.teacher_img_size, pretrained)
+    config = data_config(model, args.teacher_img_size)
+    size = config["input_size"][-1]
+    print(f"training teacher {args.teacher_model} ({'pretrained' if pretrained else 'from scratch'}, {size} px, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) for {args.teacher_epochs} epochs")
+    result = train_teacher(model, splits, config, device, args.teacher_epochs, args.teacher_lr,
+                           args.teacher_weight_decay, args.teacher_batch_size, args.num_workers, args.seed, new_dir)
+    path = save_teacher(new_dir / "teacher.pt", model, args.teacher_model, size, splits.class_names, config,
+                        pretrained, result["best_val_acc"], result["epoch"])
+    record_run(new_dir, args)
+    write_meta(new_dir, "teacher", splits.class_names, model=args.teacher_model, img_size=size,
+               pretrained=pretrained, teacher_id=file_id(path), best_val_acc=result["best_val_acc"],
+               epoch=result["epoch"], **split_ids(splits))
+    staged.commit([("the teacher's final training loss", result["history"][-1]["train_loss"])], "--teacher_lr")
+    path = folder / "teacher.pt"
+    print(f"teacher: best val acc {result['best_val_acc']:.4f} at epoch {result['epoch']} -> {path}")
+    return path
+
+
+def teacher_checkpoint(args, splits, device, rank: int) -> Path:
+    """The teacher to distil: --teacher_checkpoint, the stage's own trained one, or a new one (rank 0
+    trains while the other processes wait)."""
+    if args.teacher_checkpoint:
+        path = Path(args.teacher_checkpoint)
+        read_teacher_checkpoint(path, splits.class_names, args.dataname)  # refuses a missing file or other classes now
+        return path
+    folder = stage_dir(args, "teacher")
+    if existing_teacher(args, splits, folder) is not None:
+        if rank == 0:
+            print(f"reusing the trained teacher in {folder}; --retrain_teacher replaces it")
+    elif rank == 0:
+        fit_teacher(args, splits, folder, device)
+    barrier()
+    return folder / "teacher.pt"
+
+
+@releases_locks
+def main(args) -> None:
+    """Stage 2 on parsed flags: the teacher, the cached frozen passes, then the heads of the sweep."""
+    require_positive(args, "batch_size", "feature_batch_size", "teacher_batch_size", "teacher_epochs", "epochs",
+                     "teacher_img_size")
+    args.depth, args.alpha = as_list(args.depth), as_list(args.alpha)
+    args.seeds = as_list(args.seeds) if args.seeds is not None else [args.seed]
+    if not all(0.0 <= alpha <= 1.0 for alpha in args.alpha):
+        raise UserError(f"--alpha {' '.join(f'{a:g}' for a in args.alpha)}: each value must lie in [0, 1]")
+    # Under a launcher only the first process reports progress.
+    logging.basicConfig(level=logging.INFO if distributed_rank()[0] == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    seed_everything(args.seed)
+    vlm_dir = stage_dir(args, "vlm")
+    vlm_meta = read_meta(vlm_dir, "vlm", args.dataname)
+    splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
+    check_compatible(vlm_meta, vlm_dir, class_names=splits.class_names, base_model=args.vlm_model)
+    # One run per folder, until main returns (utils.outputs.releases_locks).
+    lock_folder(*([] if args.teacher_checkpoint else [stage_dir(args, "teacher")]), stage_dir(args, "distill"))
+    args.vlm_model = args.vlm_model or vlm_meta["base_model"]
+    rank, world = init_distributed()
+    if rank == 0:
+        print(splits.summary() + (f"; {world} processes" if world > 1 else ""))
+    device = training_device(args.gpu)
+    out_dir = stage_dir(args, "distill")
+    cache_dir = out_dir / "cache"
+
+    teacher_path = teacher_checkpoint(args, splits, device, rank)
+    # The head's pixel budget must be the one stage 1 (and so stage 3 and the demo) use.
+    pixels = {"min_pixels": vlm_meta.get("min_pixels"), "max_pixels": vlm_meta.get("max_pixels")}
+    # Recorded so stage 3 asks the cache for exactly these features, whatever its own device.
+    encoding = {**pixels, "feature_dtype": str(feature_dtype(device))}
+    features = cached_vlm_features(splits, args.vlm_model, pixels, device, args.feature_batch_size, cache_dir,
+                                   args.num_workers)
+    teacher_logits = cached_teacher_logits(splits, teacher_path, device, args.feature_batch_size, cache_dir,
+                                           args.num_workers)
+    leave_process_group()  # the rest (head training, metrics) is rank 0's alone
+    if rank != 0:
+        return
+    labels = {split: torch.tensor([s.label for s in splits.split(split)]) for split in features}
+    teacher_test = classification_metrics(labels["test"], teacher_logits["test"].argmax(-1), splits.class_names)
+    if not args.teacher_checkpoint:  # the stage's own teacher: its test metrics live beside it
+        write_metrics(teacher_path.parent, {"dataset": args.dataname, "split": "test", **teacher_test},
+                      f"{args.dataname}: teacher {args.teacher_model}")
+        print(f"teacher test accuracy {teacher_test['accuracy']:.4f}")
+
+    in_dim = vision_hidden_size(AutoConfig.from_pretrained(args.vlm_model))
+    sweep = settings(args.depth, args.alpha, args.seeds)
+    if len(sweep) > 1:
+        print(f"sweep: {len(sweep)} heads on the cached features ({', '.join(run_name(**s) for s in sweep)})")
+    inputs = {"features": features, "teacher_logits": teacher_logits, "labels": labels,
+              "teacher_test": teacher_test, "teacher_path": teacher_path,
+              "teacher_id": file_id(teacher_path),  # hashed once for every head of a sweep
+              "encoding": encoding, "vlm_meta": vlm_meta, "in_dim": in_dim, "world": world, "device": device}
+    for setting in sweep:
+        train_one_head(args, setting, splits.class_names, out_dir, inputs)
+    default = default_setting(args.depth, args.alpha, args.seeds)
+    if default is not None:
+        publish(out_dir / RUNS / run_name(**default), out_dir)
+        print(f"default head (stage 3, demo): {run_name(**default)} -> {out_dir}")
+    else:
+        print(f"the default head in {out_dir} is unchanged (the sweep has no depth 1, alpha 0.5); fuse a run with "
+              f"`python train_gate.py --dataname {args.dataname} --head depth=..,alpha=..`")
+
+
+def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict) -> Path:
+    """Train the head of one (depth, alpha, seed) setting into ``distill/runs/<setting>/`` with its
+    checkpoint, metrics.json, curves, log and run record, swapped in (meta.json last) once finite."""
+    name = run_name(**setting)
+    staged = StagedOutput(out_dir / RUNS / name)  # a run's old head stays until the new one is complete
+    run_dir = staged.begin()
+    features, teacher_logits, labels = inputs["features"], inputs["teacher_logits"], inputs["labels"]
+    teacher_test, teacher_path, teacher_id = inputs["teacher_test"], inputs["teacher_path"], inputs["teacher_id"]
+    in_dim = inputs["in_dim"]
+    head, result = train_head(features, teacher_logits, labels, in_dim, len(class_names), depth=setting["depth"],
+                              epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                              batch_size=args.batch_size, alpha=setting["alpha"], temperature=args.temperature,
+                              standardize=args.standardize_features, seed=setting["seed"], device=inputs["device"],
+                              log_path=run_dir / "log.txt")
+    save_curves_png(result["history"], run_dir / "curves.png", f"stage 2: distillation head ({name})")
+    head_path = save_head(run_dir / HEAD_FILE, head, class_names, base_model=args.vlm_model,
+                          teacher_id=teacher_id, best_val_acc=result["best_val_acc"], epoch=result["epoch"],
+                          standardized=args.standardize_features, alpha=setting["alpha"], seed=setting["seed"],
+                          **inputs["encoding"])
+
+    head_pred = head_logits(head, features["test"]).argmax(-1)
+    head_test = classification_metrics(labels["test"], head_pred, class_names)
+    agreement = (head_pred == teacher_logits["test"].argmax(-1)).float().mean().item()
+    write_metrics(run_dir, {"dataset": args.dataname, "split": "test", **head_test, **setting, "run": name,
+                            "best_val_acc": result["best_val_acc"], "teacher_accuracy": teacher_test["accuracy"],
+                            "agreement": agreement, "teacher": teacher_test}, f"{args.dataname}: distilled head ({name})")
+    run_args = argparse.Namespace(**{**vars(args), **setting})  # this run's own depth, alpha and seed
+    record_run(run_dir, run_args, in_dim=in_dim, processes=inputs["world"], run=name)
+    write_meta(run_dir, "distill", class_names, base_model=args.vlm_model, head_id=file_id(head_path),
+               teacher_id=teacher_id, teacher_checkpoint=str(teacher_path),
+               adapter_id=inputs["vlm_meta"].get("adapter_id"), in_dim=in_dim, run=name, **setting,
+               **inputs["encoding"])
+    staged.commit([(f"the head's final training loss ({name})", result["history"][-1]["train_loss"])],
+                  "--lr (or --temperature)")
+    print(f"head {name} ({setting['depth']} hidden layer(s), {in_dim}-d input): best val acc "
+          f"{result['best_val_acc']:.4f} at epoch {result['epoch']}; test accuracy {head_test['accuracy']:.4f}, "
+          f"teacher {teacher_test['accuracy']:.4f}, agreement {agreement:.4f} -> {staged.folder}")
+    return staged.folder
+
+
+def parse(argv=None):
+    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule checked."""
+    return parse_args(get_args_parser(), argv, FLAG_RULES)
+
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, parse=parse))

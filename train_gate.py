@@ -18,10 +18,302 @@ With ``--gate all`` every variant is saved as ``gate_<name>.pt`` and the one bes
 Every seed's outputs are also kept in ``gate/runs/<head run>/seed=<seed>/``; the top-level
 ``gate/`` holds the first seed's, and only when the fused head is stage 2's default head.
 """
-import sys
+from __future__ import annotations
 
-from engine.stages.gate import main
-from utils.errors import run_cli
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from data.datasets import load_dataset
+from data.prompts import PARSERS
+from engine.distill import cached_vlm_features, head_logits, read_cached_teacher_logits
+from engine.fit import EpochLog
+from engine.gate import (SIGNALS, GateData, cached_vlm_predictions, gate_training_data, predictions, split_accuracies,
+                         train_gate, vlm_gate_inputs)
+from models.gates import GATE_FILE, GATE_LABELS, GATES, save_gate
+from models.heads import load_head
+from models.scorer import EVAL_MODES
+from models.vlm import load_trained_vlm, trained_quant
+from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
+from utils.cli import add_base_vlm_flag, base_parser, parse_args, require_positive, stage_dir
+from utils.dist import init_distributed, leave_process_group, training_device
+from utils.errors import UserError, run_cli
+from utils.io import read_json, write_json, write_text
+from utils.metrics import classification_metrics, save_confusion_png, save_curves_png
+from utils.outputs import StagedOutput, lock_folder, publish, releases_locks
+from utils.report import complementarity_table, dataset_rows, markdown_table
+from utils.run import record_run, seed_everything
+from utils.stats import fusion_statistics
+from utils.sweeps import RUNS, as_list, resolve_head
+
+log = logging.getLogger("train_gate")
+
+
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"vlm_batch_size": "count", "max_new_tokens": "count", "epochs": "count", "lr": "positive", "seeds": "seed",
+              "weight_decay": "nonnegative"}
+
+
+def get_args_parser():
+    parser = base_parser("Stage 3: train the gate fusing the VLM's answer and the distilled head.",
+                         batch_size=1)
+    inputs = parser.add_argument_group("gate inputs")
+    add_base_vlm_flag(inputs)
+    inputs.add_argument("--vlm_signal", choices=SIGNALS, default="onehot",
+                        help="onehot: the VLM's answer (zeros if unparseable), the paper's; "
+                             "probs: its class distribution (needs --vlm_answer score)")
+    inputs.add_argument("--vlm_answer", choices=EVAL_MODES, default="score",
+                        help="score: most likely class answer; generate: greedy decoding, parsed")
+    inputs.add_argument("--parser", choices=PARSERS, default="lenient",
+                        help="--vlm_answer generate: how the decoded answer is read; strict: only the form "
+                             "{'emotion': '<class>'} (the reference code's reading), lenient: also a lone class word")
+    inputs.add_argument("--head", default=None,
+                        help="the stage-2 head run to fuse, e.g. depth=2,alpha=0.5[,seed=0] (lowest seed when "
+                             "omitted); default: stage 2's default head (the paper's depth 1, alpha 0.5)")
+    inputs.add_argument("--vlm_batch_size", type=int, default=8, help="images per VLM forward")
+    inputs.add_argument("--max_new_tokens", type=int, default=32, help="--vlm_answer generate")
+    inputs.add_argument("--quant", choices=("4bit", "none"), default=None,
+                        help="how the VLM answering is loaded: 4bit (CUDA) or none (full precision); "
+                             "default: as stage 1 trained it")
+    gate = parser.add_argument_group("gate (--batch_size: images per optimiser step; 1, as the reference code)")
+    gate.add_argument("--gate", choices=[*GATES, "all"], default="concat_linear",
+                      help="gate variant; all: train every variant and tabulate them")
+    gate.add_argument("--gate_train_split", choices=("train", "val"), default="train",
+                      help="train: fit on the training split, pick the epoch on validation (the paper); "
+                           "val: fit on a stratified half of validation, pick the epoch on the other half "
+                           "(the VLM was instruction-tuned on the training images, so its answers there "
+                           "are better than on unseen ones)")
+    gate.add_argument("--seeds", type=int, nargs="+", default=None,
+                      help="train every gate once per seed (default: --seed); tables show mean and std")
+    gate.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=10)
+    gate.add_argument("--lr", type=float, default=1e-4)
+    gate.add_argument("--weight_decay", type=float, default=1e-4)
+    return parser
+
+
+def read_inputs(args):
+    """Stage 1 and 2 metadata (read before anything else: a missing stage fails at once)."""
+    vlm_dir = stage_dir(args, "vlm")
+    vlm_meta = read_meta(vlm_dir, "vlm", args.dataname)
+    head_dir = resolve_head(stage_dir(args, "distill"), getattr(args, "head", None))
+    head_meta = read_meta(head_dir, "distill", args.dataname)
+    args.head_run = head_meta["run"]
+    return vlm_dir, vlm_meta, head_dir, head_meta
+
+
+def check_inputs(args, class_names, vlm_dir, vlm_meta, distill_dir, head_meta) -> None:
+    """Both stages trained for these classes, the head on the VLM stage 1 tuned."""
+    check_compatible(vlm_meta, vlm_dir, class_names=class_names, base_model=args.vlm_model)
+    check_compatible(head_meta, distill_dir, class_names=class_names)
+    if head_meta["base_model"] != vlm_meta["base_model"]:
+        raise UserError(f"{distill_dir}: head trained on features of VLM {head_meta['base_model']!r}, but the "
+                        f"stage-1 adapter in {vlm_dir} is on {vlm_meta['base_model']!r}; rerun "
+                        f"`python train_distillation.py --dataname {args.dataname} "
+                        f"--vlm_model {vlm_meta['base_model']}`")
+
+
+def vlm_quant(args, vlm_meta: dict, device) -> str:
+    """How the VLM answering is loaded, ``4bit`` or ``none``: --quant, by default as stage 1 trained
+    it (in full precision where 4-bit cannot run)."""
+    return trained_quant(vlm_meta, args.quant, device) or "none"
+
+
+def gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device) -> dict:
+    """``{split: GateData}``: the cached VLM answers and the frozen head on stage 2's cached features
+    (exactly those the head was trained on: a mismatch asks to rerun stage 2, never re-encodes)."""
+    head, _ = load_head(distill_dir, splits.class_names, dataname=args.dataname)
+    pixels = {"min_pixels": head_meta.get("min_pixels"), "max_pixels": head_meta.get("max_pixels")}
+    features = cached_vlm_features(splits, head_meta["base_model"], pixels, device, args.vlm_batch_size,
+                                   stage_dir(args, "distill") / "cache", dtype=head_meta.get("feature_dtype"), build=False)
+
+    quant = vlm_quant(args, vlm_meta, device)
+
+    def load_model():
+        model, processor, _ = load_trained_vlm(vlm_dir, device, quant=quant)
+        return model, processor
+
+    answers = cached_vlm_predictions(splits, vlm_meta, stage_dir(args, "gate") / "cache", load_model,
+                                     args.vlm_answer, args.vlm_batch_size, args.max_new_tokens, quant,
+                                     parser=args.parser)
+    num_classes = len(splits.class_names)
+    return {split: GateData(vlm_pred=answers[split].pred,
+                            vlm_signal=vlm_gate_inputs(answers[split], num_classes, args.vlm_signal),
+                            head_logits=head_logits(head, features[split]),
+                            labels=torch.tensor([s.label for s in splits.split(split)], dtype=torch.long))
+            for split in ("train", "val", "test")}
+
+
+def teacher_metrics(args, class_names, num_test: int, head_dir: Path | None = None) -> dict | None:
+    """The test metrics of the teacher the head was distilled from (the head's metrics.json)."""
+    path = (head_dir or stage_dir(args, "distill")) / "metrics.json"
+    metrics = read_json(path).get("teacher") if path.is_file() else None
+    if not metrics:
+        return None
+    if metrics.get("class_names") != list(class_names) or metrics.get("n") != num_test:
+        log.warning("teacher metrics in %s are for other classes or another test split; row left out", path)
+        return None
+    return metrics
+
+
+def gate_test_predictions(data: dict, results: dict, teacher_pred) -> dict:
+    """Every model's test predictions, stored in metrics.json: the table's accuracies, intervals,
+    p-values and oracle are all computed from these lists."""
+    test = data["test"]
+    return {"labels": test.labels.tolist(), "vlm": test.vlm_pred.tolist(),
+            "head": test.head_logits.argmax(1).tolist(),
+            "teacher": None if teacher_pred is None else teacher_pred.tolist(),
+            "gates": {name: predictions(result.gate, test).tolist() for name, result in results.items()}}
+
+
+def add_statistics(metrics: dict, preds: dict) -> None:
+    """Bootstrap intervals into each accuracy's row, McNemar p-values into each gate's, and the
+    complementarity counts with the oracle beside the selected gate's accuracy."""
+    stats = fusion_statistics(preds["labels"], {key: value for key, value in preds.items() if key != "labels"})
+    for key in ("vlm", "head", "teacher"):
+        if metrics.get(key) and key in stats["ci95"]:
+            metrics[key]["ci95"] = stats["ci95"][key]
+    for name, row in metrics["gates"].items():
+        row.update(ci95=stats["ci95"]["gates"][name], mcnemar_vs_vlm=stats["mcnemar"][name]["vs_vlm"],
+                   mcnemar_vs_head=stats["mcnemar"][name]["vs_head"])
+    metrics["complementarity"] = {**stats["complementarity"],
+                                  "gate_accuracy": metrics["gates"][metrics["gate"]]["accuracy"]}
+    metrics["bootstrap"] = stats["bootstrap"]
+
+
+def write_results(args, out_dir: Path, data: dict, results: dict, selected: str, class_names, provenance,
+                  teacher_pred=None, head_dir: Path | None = None) -> str:
+    """gate.pt (and gate_<name>.pt), metrics.json, pictures, table.md, run.json; meta.json last."""
+    def save(path: Path, result) -> Path:
+        return save_gate(path, result.name, result.gate, class_names, best_val_acc=result.best_val_acc,
+                         epoch=result.best_epoch, **provenance)
+
+    if len(results) > 1:
+        for name, result in results.items():
+            save(out_dir / f"gate_{name}.pt", result)
+    save(out_dir / GATE_FILE, results[selected])
+
+    preds = gate_test_predictions(data, results, teacher_pred)
+    labels = preds["labels"]
+    metrics = {
+        "dataset": args.dataname, "split": "test", "n": len(labels), "class_names": class_names,
+        "vlm": classification_metrics(labels, preds["vlm"], class_names),
+        "head": classification_metrics(labels, preds["head"], class_names),
+        "teacher": teacher_metrics(args, class_names, len(labels), head_dir),
+        "gates": {name: {**classification_metrics(labels, preds["gates"][name], class_names),
+                         "best_epoch": result.best_epoch, "val_accuracy": result.best_val_acc}
+                  for name, result in results.items()},
+        "gate": selected, "gate_train_split": args.gate_train_split, "splits": split_accuracies(data),
+        # Test answers no class could be read from (with --vlm_answer generate; `parser` says how).
+        "vlm_unparseable": int((data["test"].vlm_pred < 0).sum()),
+        "seed": args.seed, **provenance,
+    }
+    add_statistics(metrics, preds)
+    metrics["test_predictions"] = preds
+    write_json(out_dir / "metrics.json", metrics)
+    save_confusion_png(metrics["gates"][selected]["confusion_matrix"], class_names,
+                       out_dir / "confusion_matrix.png", f"{args.dataname}: EmoVLM-KD ({selected})")
+    save_curves_png({name: result.history for name, result in results.items()}, out_dir / "curves.png",
+                    f"{args.dataname}: gate training")
+    table = markdown_table(dataset_rows(args.dataname, metrics)) + "\n\nGates: " + "; ".join(
+        f"`{name}` = {GATE_LABELS[name]}" for name in results) + f". Head fused: `{provenance['head_run']}`.\n\n" \
+        + complementarity_table(metrics) + "\n"
+    write_text(out_dir / "table.md", table)
+    record_run(out_dir, args, selected_gate=selected)
+    # The provenance is gate.pt's (the predictor reads it there); meta.json only names that file.
+    write_meta(out_dir, "gate", class_names, gate=selected, gate_id=file_id(out_dir / GATE_FILE))
+    return table
+
+
+@releases_locks
+def main(args) -> None:
+    """Stage 3 on parsed flags: the frozen inputs (cached), then every gate once per seed."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.vlm_signal == "probs" and args.vlm_answer != "score":
+        raise UserError("--vlm_signal probs needs class probabilities: use --vlm_answer score")
+    require_positive(args, "epochs", "batch_size", "vlm_batch_size", "max_new_tokens")
+    seeds = as_list(args.seeds) if args.seeds is not None else [args.seed]
+    seed_everything(args.seed)
+    vlm_dir, vlm_meta, distill_dir, head_meta = read_inputs(args)
+    splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
+    print(splits.summary())
+    check_inputs(args, splits.class_names, vlm_dir, vlm_meta, distill_dir, head_meta)
+    out_dir = stage_dir(args, "gate")
+    lock_folder(out_dir)  # one run per folder, until main returns (rank 0 only)
+    default_head = is_default_head(args, head_meta)
+    rank, _ = init_distributed()  # under torchrun the VLM-answer pass is sharded across the ranks
+    device = training_device(args.gpu)
+    args.quant = vlm_quant(args, vlm_meta, device)  # resolved once: recorded in run.json and gate.pt
+    data = gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device)
+    leave_process_group()  # the frozen passes are over: the gate trains on rank 0 alone
+    if rank != 0:
+        return
+
+    for split, row in split_accuracies(data).items():
+        print(f"{split}: VLM accuracy {row['vlm_accuracy']:.4f}, head accuracy {row['head_accuracy']:.4f} "
+              f"({row['n']} images)")
+    names = list(GATES) if args.gate == "all" else [args.gate]
+    provenance = {"vlm_signal": args.vlm_signal, "vlm_answer": args.vlm_answer, "parser": args.parser,
+                  "max_new_tokens": args.max_new_tokens, "quant": args.quant,
+                  "adapter_id": vlm_meta["adapter_id"], "head_id": head_meta["head_id"],
+                  "base_model": vlm_meta["base_model"], "head_run": args.head_run}
+    teacher_pred = teacher_test_predictions(args, splits, head_meta)
+    print(f"fusing head {args.head_run} ({distill_dir})")
+    for index, seed in enumerate(seeds):
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed})  # this run's own seed in run.json
+        staged = StagedOutput(out_dir / RUNS / args.head_run / f"seed={seed}")  # swapped in once finite
+        run_dir = staged.begin()
+        results, selected = fit_gates(run_args, names, data, len(splits.class_names), device, run_dir / "log.txt")
+        finite = [(f"the {name} gate's validation loss", results[name].history[-1]["val_loss"]) for name in names]
+        table = write_results(run_args, run_dir, data, results, selected, splits.class_names, provenance,
+                              teacher_pred, distill_dir)
+        run_dir = staged.commit(finite, "--lr")
+        published = index == 0 and default_head  # the folder the demo, the predictor and the report read
+        if published:
+            publish(run_dir, out_dir)
+        print(table)
+        print(f"saved gate {selected!r} (seed {seed}: val acc {results[selected].best_val_acc:.4f} at epoch "
+              f"{results[selected].best_epoch}) to {run_dir / 'gate.pt'}"
+              + (f" and {out_dir / 'gate.pt'}" if published else ""))
+
+
+def fit_gates(args, names: list[str], data: dict, num_classes: int, device, log_path: Path) -> tuple[dict, str]:
+    """Train every gate in ``names`` with ``args.seed``; ``(results, the name best on validation)``."""
+    seed_everything(args.seed)
+    epoch_log = EpochLog(log_path)  # one JSON line per gate and epoch
+    fit, select = gate_training_data(data, args.gate_train_split, args.seed)
+    print(f"training {', '.join(f'{name} ({GATE_LABELS[name]})' for name in names)} on {len(fit.labels)} cached "
+          f"{args.gate_train_split} examples, picking the epoch on {len(select.labels)} other validation examples "
+          f"({args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr:g}, wd {args.weight_decay:g}, "
+          f"seed {args.seed})")
+    results = {name: train_gate(name, num_classes, fit, select, args.epochs,
+                                args.lr, args.weight_decay, args.batch_size, args.seed, device, epoch_log)
+               for name in names}
+    return results, max(names, key=lambda name: results[name].best_val_acc)  # the first of equals wins
+
+
+def teacher_test_predictions(args, splits, head_meta: dict):
+    """The teacher's test predictions from stage 2's logit cache, or None (with a warning) when the
+    cache holds none for this teacher and these images: the statistics then leave the teacher out."""
+    logits = read_cached_teacher_logits(splits, head_meta.get("teacher_id"), stage_dir(args, "distill") / "cache")
+    if logits is None:
+        log.warning("no cached teacher logits for this head's teacher: complementarity with the teacher left out")
+        return None
+    return logits.argmax(-1)
+
+
+def is_default_head(args, head_meta: dict) -> bool:
+    """Whether the fused head is stage 2's default (the top-level distill/ folder's)."""
+    path = stage_dir(args, "distill") / "meta.json"
+    return path.is_file() and read_json(path).get("head_id") == head_meta["head_id"]
+
+
+def parse(argv=None):
+    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule checked."""
+    return parse_args(get_args_parser(), argv, FLAG_RULES)
+
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, parse=parse))

@@ -10,10 +10,247 @@ writes the adapter, processor, log and ``meta.json`` to ``<output_dir>/<dataname
     python train_vlm.py --dataname toy --vlm_model checkpoints/tiny-qwen2-vl --config configs/toy_vlm.yaml
     python train_vlm.py --dataname emoset --eval_only --eval_mode generate
 """
-import sys
+from __future__ import annotations
 
-from engine.stages.vlm import main
-from utils.errors import run_cli
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from transformers import SchedulerType, Trainer
+
+from data.annotations import ANNOTATIONS_FILE, read_annotations
+from data.datasets import load_dataset
+from data.prompts import PARSERS
+from engine.vlm_eval import evaluate_vlm
+from engine.vlm_train import (DEFAULT_TARGET_MODULES, ConversationCollator, build_examples, check_placement,
+                              epoch_logger, example_counts, last_checkpoint, read_history, training_arguments,
+                              wrap_lora)
+from models.backbones import backbone_for
+from models.scorer import EVAL_MODES
+from models.vlm import DEFAULT_MAX_PIXELS, load_processor, load_trained_vlm, load_vlm, resolve_quant
+from utils.checkpoints import META_FILE, check_compatible, file_id, read_meta, write_meta
+from utils.cli import base_parser, parse_args, require_positive, stage_dir
+from utils.dist import distributed_rank, is_main_process, leave_process_group, pin_single_gpu, training_device
+from utils.errors import UserError, run_cli
+from utils.outputs import StagedOutput, lock_folder, releases_locks, staging_dir
+from utils.run import record_run, seed_everything
+
+DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
+log = logging.getLogger("train_vlm")
+
+
+# What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
+FLAG_RULES = {"min_pixels": "count", "max_pixels": "count", "lora_r": "count", "lora_alpha": "count",
+              "lora_dropout": "fraction_open", "epochs": "count", "lr": "positive", "warmup_ratio": "fraction_open",
+              "max_grad_norm": "nonnegative", "weight_decay": "nonnegative", "grad_accum": "count",
+              "eval_batch_size": "count", "max_new_tokens": "count"}
+
+
+def get_args_parser():
+    parser = base_parser("Stage 1: LoRA/QLoRA instruction tuning of the VLM and its evaluation.",
+                         batch_size=1)
+    model = parser.add_argument_group("model")
+    model.add_argument("--vlm_model", default=None,
+                       help=f"hub id or local folder (default {DEFAULT_VLM}); with --eval_only only a check: it must "
+                            "name the base the adapter was trained on (or that local folder, moved)")
+    model.add_argument("--min_pixels", type=int, default=None, help="image pixel budget, lower bound")
+    model.add_argument("--max_pixels", type=int, default=None,
+                       help="image pixel budget, upper bound (fewer visual tokens, less memory); default: "
+                            f"the checkpoint's own, capped at {DEFAULT_MAX_PIXELS} (1280 visual tokens)")
+    model.add_argument("--quant", choices=("auto", "4bit", "none"), default="auto",
+                       help="4bit: QLoRA, NF4 base with double quantisation (CUDA + bitsandbytes); "
+                            "auto: 4bit on a CUDA GPU when bitsandbytes is installed, else full precision; "
+                            "with --eval_only, auto loads the base as it was trained")
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora_r", type=int, default=8)
+    lora.add_argument("--lora_alpha", type=int, default=8)
+    lora.add_argument("--lora_dropout", type=float, default=0.05)
+    lora.add_argument("--target_modules", nargs="+", default=None,
+                      help="module names LoRA adapts; default: the backbone family's language-model attention "
+                           f"projections ({' '.join(DEFAULT_TARGET_MODULES)} on every supported family)")
+    lora.add_argument("--modules_to_save", nargs="*", default=[],
+                      help="modules trained fully next to LoRA (the tiny random model needs lm_head)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--annotations", default=None,
+                       help="stage 0 output (default <output_dir>/<dataname>/instructions/annotations_train.jsonl)")
+    train.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=5)
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--lr_scheduler", default="constant", choices=[s.value for s in SchedulerType],
+                       metavar="NAME", help="transformers scheduler name, e.g. constant, linear, cosine; constant "
+                                            "with --warmup_ratio > 0 becomes constant_with_warmup")
+    train.add_argument("--warmup_ratio", type=float, default=0.0,
+                       help="fraction of the steps spent warming up (the reference asked for 0.03 with a constant "
+                            "schedule, which transformers ignores: its run had no warm-up)")
+    train.add_argument("--max_grad_norm", type=float, default=0.3)
+    train.add_argument("--weight_decay", type=float, default=0.0)
+    train.add_argument("--grad_accum", type=int, default=1, help="gradient accumulation steps")
+    train.add_argument("--train_on_prompt", action="store_true",
+                       help="loss on every text token, not only the answers (the reference code's way)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in vlm/trainer/")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval_only", action="store_true", help="evaluate the trained adapter, no training")
+    evaluation.add_argument("--eval_mode", choices=EVAL_MODES, default="score")
+    evaluation.add_argument("--skip_eval", action="store_true", help="train only")
+    evaluation.add_argument("--eval_batch_size", type=int, default=8)
+    evaluation.add_argument("--max_new_tokens", type=int, default=32, help="generate mode")
+    evaluation.add_argument("--parser", choices=PARSERS, default="lenient",
+                            help="generate mode: strict reads only {'emotion': '<class>'} (the reference code's "
+                                 "reading); lenient also a lone class word")
+    return parser
+
+
+def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
+    """The test evaluation; under torchrun every rank runs it on its share of the images."""
+    model.eval()
+    eval_dir = out_dir / f"eval_{args.eval_mode}"
+    metrics = evaluate_vlm(model, processor, splits.data_root, splits.test, splits.class_names, eval_dir,
+                           args.eval_mode, args.eval_batch_size, args.max_new_tokens,
+                           title=f"{args.dataname}: VLM ({args.eval_mode})", parser=args.parser)
+    if is_main_process():
+        print(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+              f"unparseable {metrics['unparseable']} of {metrics['n']} -> {eval_dir}")
+    return metrics
+
+
+def eval_only(args, splits, out_dir: Path) -> dict:
+    device = training_device(args.gpu)  # under torchrun: this rank's GPU
+    # auto: the way stage 1 trained it (recorded in meta.json).
+    quant = None if args.quant == "auto" else args.quant
+    model, processor, meta = load_trained_vlm(out_dir, device, args.vlm_model, quant)
+    check_compatible(meta, out_dir, class_names=splits.class_names)
+    metrics = evaluate(args, model, processor, splits, out_dir)
+    leave_process_group()
+    return metrics
+
+
+def annotations_file(args, class_names) -> Path:
+    if args.annotations:
+        path = Path(args.annotations)
+        if not path.is_file():
+            raise UserError(f"--annotations {path}: no such file")
+        return path
+    folder = stage_dir(args, "instructions")
+    path = folder / ANNOTATIONS_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: no instruction annotations; run "
+                        f"`python generate_instructions.py --dataname {args.dataname}` first")
+    if (folder / META_FILE).is_file():
+        check_compatible(read_meta(folder, "instructions", args.dataname), folder, class_names=class_names)
+    return path
+
+
+def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
+    """Find the checkpoint to resume from; the new results go to a staging folder beside
+    ``out_dir`` (kept when resuming), so the old adapter stays trusted until they replace it."""
+    checkpoint = last_checkpoint(trainer_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        raise UserError(f"--resume: no checkpoint in {trainer_dir}; run without --resume")
+    if distributed_rank()[0] == 0:
+        StagedOutput(out_dir).begin(keep=args.resume)
+        if not args.resume and trainer_dir.exists():
+            print(f"starting afresh: removing old checkpoints in {trainer_dir}")
+            shutil.rmtree(trainer_dir)
+    return checkpoint
+
+
+def save_outputs(args, model, processor, class_names, out_dir: Path, counts: dict) -> None:
+    """Adapter, processor, run record, then meta.json last (all staged), then swapped into
+    ``out_dir``: only a complete folder has a meta.json."""
+    staged = StagedOutput(out_dir)
+    final_dir, out_dir = out_dir, staged.staging
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    size = processor.image_processor.size
+    record_run(out_dir, args, train_examples=sum(counts["conversations"].values()), counts=counts)
+    # Lets a later stage accept the same local base folder after it moved.
+    config = Path(args.vlm_model) / "config.json"
+    write_meta(out_dir, "vlm", class_names, base_model=args.vlm_model,
+               base_config_id=file_id(config) if config.is_file() else None,
+               adapter_id=file_id(out_dir / "adapter_model.safetensors"),
+               min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
+               modules_to_save=list(args.modules_to_save), target_modules=list(args.target_modules),
+               lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=args.quant,
+               train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts)
+    history = read_history(out_dir / "log.txt")
+    staged.commit([("the final training loss", history[-1]["train_loss"])] if history else [], "--lr")
+    print(f"saved adapter and processor to {final_dir}")
+
+
+def train(args, splits, out_dir: Path) -> None:
+    args.vlm_model = args.vlm_model or DEFAULT_VLM
+    path = annotations_file(args, splits.class_names)
+    examples = build_examples(read_annotations(path), splits, path)
+    counts = example_counts(examples, len(splits.train))
+    device = training_device(args.gpu)
+    on_gpu = device.type == "cuda"
+    args.quant = resolve_quant(args.quant, device)
+    print(f"base model {args.vlm_model}: " + ("4-bit NF4 (QLoRA)" if args.quant else
+                                                "full precision" + (" (bf16)" if on_gpu else "")))
+    processor = load_processor(args.vlm_model, args.min_pixels, args.max_pixels)
+    size = processor.image_processor.size
+    print(f"pixel budget per image: {size.shortest_edge}..{size.longest_edge} "
+          f"(--min_pixels/--max_pixels)")
+    model = load_vlm(args.vlm_model, device, dtype=torch.bfloat16 if on_gpu else None, quant=args.quant,
+                     trainable=True)
+    args.target_modules = list(args.target_modules or backbone_for(model).lora_targets)
+    model = wrap_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.target_modules,
+                      args.modules_to_save, quantized=args.quant is not None, gradient_checkpointing=on_gpu)
+
+    trainer_dir = out_dir / "trainer"
+    checkpoint = prepare_folder(args, out_dir, trainer_dir)
+    training_args = training_arguments(args, trainer_dir, on_gpu)
+    check_placement(training_args, device)
+    batches = -(-len(examples) // (args.batch_size * training_args.world_size))
+    tasks = ", ".join(f"{number} {task}" for task, number in counts["conversations"].items())
+    print(f"{counts['train_images']} training images ({counts['with_text']} with stage-0 text, "
+          f"{counts['without_text']} without: categorical only); {len(examples)} conversations ({tasks}); "
+          f"effective batch "
+          f"{args.batch_size * args.grad_accum * training_args.world_size} "
+          f"({training_args.world_size} process(es)); ~{-(-batches // args.grad_accum)} optimizer steps per epoch"
+          + (f"; resuming from {checkpoint}" if checkpoint else ""))
+    staging = staging_dir(out_dir)
+    logger = epoch_logger(staging / "log.txt", staging / "curves.png",
+                          (read_history(staging / "log.txt") or read_history(out_dir / "log.txt"))
+                          if checkpoint else None)
+    trainer = Trainer(model=model, args=training_args, train_dataset=examples,
+                      data_collator=ConversationCollator(processor, args.train_on_prompt), callbacks=[logger])
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.is_world_process_zero():  # saving is rank 0's alone
+        save_outputs(args, model, processor, splits.class_names, out_dir, counts)
+    if not args.skip_eval:
+        evaluate(args, model, processor, splits, out_dir)  # sharded across the ranks
+    leave_process_group()
+
+
+@releases_locks
+def main(args) -> None:
+    """Stage 1 on parsed flags: check them, lock the folder, then train (and evaluate) or only evaluate."""
+    require_positive(args, "batch_size", "epochs", "grad_accum", "eval_batch_size", "max_new_tokens",
+                     "lora_r", "lora_alpha", "min_pixels", "max_pixels")
+    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
+        raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
+    lock_folder(stage_dir(args, "vlm"))  # one run per folder, until main returns
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    # Before anything touches CUDA: a single process sees only its GPU (see pin_single_gpu).
+    args.gpu = pin_single_gpu(args.gpu)
+    seed_everything(args.seed)
+    splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
+    if distributed_rank()[0] == 0:
+        print(splits.summary())
+    out_dir = stage_dir(args, "vlm")
+    if args.eval_only:
+        eval_only(args, splits, out_dir)
+    else:
+        train(args, splits, out_dir)
+
+
+def parse(argv=None):
+    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule checked."""
+    return parse_args(get_args_parser(), argv, FLAG_RULES)
+
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, parse=parse))

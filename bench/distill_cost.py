@@ -25,7 +25,7 @@ from bench import TARGETS_KEY, target_row
 from data.datasets import load_dataset, open_image
 from data.toy import make_toy_dataset, toy_class_names
 from engine.distill import cached_teacher_logits, cached_vlm_features
-from engine.stages import distill as train_distillation
+import train_distillation
 from models.heads import DistillHead, distillation_loss
 from models.teacher import build_teacher, data_config, load_teacher, save_teacher, teacher_transforms
 from models.tiny import TINY_TEACHER_IMG_SIZE, TINY_TEACHER_MODEL, build_tiny_vlm
@@ -85,9 +85,9 @@ def stage_seconds(images: Path, vlm: Path, teacher: Path, output_dir: Path, *ext
     into ``output_dir``; stage 1's meta.json is written first, as the stage needs it."""
     write_meta(output_dir / "toy" / "vlm", "vlm", toy_class_names(4), base_model=str(vlm), adapter_id="bench")
     start = time.perf_counter()
-    train_distillation.main(["--dataname", "toy", "--data_root", str(images), "--output_dir", str(output_dir),
+    train_distillation.main(train_distillation.parse(["--dataname", "toy", "--data_root", str(images), "--output_dir", str(output_dir),
                              "--config", str(CONFIGS / "toy_distill.yaml"), "--teacher_checkpoint", str(teacher),
-                             "--epochs", str(EPOCHS), *extra])
+                             "--epochs", str(EPOCHS), *extra]))
     return time.perf_counter() - start
 
 

@@ -36,7 +36,7 @@ from bench import TARGETS_KEY, best_of, print_results, target_row
 from bench.world import stages_1_and_2
 from data.datasets import load_dataset, open_image
 from engine.distill import cached_vlm_features, head_logits
-from engine.stages import gate as train_gate
+import train_gate
 from engine.vlm_eval import predict_samples
 from models.chat import categorical_prompt, encode_prompts
 from models.gates import build_gate
@@ -70,7 +70,7 @@ def gate_stage(pipeline, cold: bool, *extra: str) -> None:
     emptied first, so it makes the frozen pass itself."""
     if cold:
         shutil.rmtree(pipeline.stage("gate") / "cache", ignore_errors=True)
-    train_gate.main(pipeline.argv("--epochs", str(EPOCHS), "--num_workers", "0", *extra))
+    train_gate.main(train_gate.parse(pipeline.argv("--epochs", str(EPOCHS), "--num_workers", "0", *extra)))
 
 
 def _reference(pipeline, splits) -> tuple[float, float]:

@@ -10,9 +10,9 @@ from pathlib import Path
 from data.annotations import ANNOTATIONS_FILE, Annotation, append_annotation
 from data.datasets import load_dataset
 from data.toy import make_toy_dataset
-from engine.stages import distill as train_distillation
-from engine.stages import gate as train_gate
-from engine.stages import vlm as train_vlm
+import train_distillation
+import train_gate
+import train_vlm
 from models.tiny import build_tiny_vlm
 from utils.checkpoints import write_meta
 
@@ -55,12 +55,12 @@ def run_stages(run: ToyRun, vlm_epochs: int, teacher_epochs: int, head_epochs: i
                gate_args: tuple[str, ...] | None = None) -> ToyRun:
     """Stages 0 (synthetic), 1 and 2 into ``run.output_dir``, then stage 3 with ``gate_args`` unless None."""
     write_annotations(run)
-    train_vlm.main(run.argv("--vlm_model", str(run.vlm_model), "--config", str(CONFIGS / "toy_vlm.yaml"),
-                            "--epoch", str(vlm_epochs), "--skip_eval"))
-    train_distillation.main(run.argv("--config", str(CONFIGS / "toy_distill.yaml"),
-                                     "--teacher_epochs", str(teacher_epochs), "--epochs", str(head_epochs)))
+    train_vlm.main(train_vlm.parse(run.argv("--vlm_model", str(run.vlm_model), "--config", str(CONFIGS / "toy_vlm.yaml"),
+                            "--epoch", str(vlm_epochs), "--skip_eval")))
+    train_distillation.main(train_distillation.parse(run.argv("--config", str(CONFIGS / "toy_distill.yaml"),
+                                     "--teacher_epochs", str(teacher_epochs), "--epochs", str(head_epochs))))
     if gate_args is not None:
-        train_gate.main(run.argv("--config", str(CONFIGS / "toy_gate.yaml"), *gate_args))
+        train_gate.main(train_gate.parse(run.argv("--config", str(CONFIGS / "toy_gate.yaml"), *gate_args)))
     return run
 
 

@@ -42,9 +42,9 @@ def test_page_uploads_an_image_and_shows_the_prediction(trained_pipeline, browse
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from engine.stages import demo
+    import demo
     from data.datasets import open_image
-    from engine.predict import EmoVLMKD
+    from engine.predictor import EmoVLMKD
 
     predictor = EmoVLMKD.from_outputs(trained_pipeline.output_dir, "toy")
     examples = demo.example_images(trained_pipeline.data_root, "toy", trained_pipeline.output_dir, 4)

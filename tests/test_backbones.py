@@ -178,7 +178,7 @@ def test_pipeline_end_to_end_above_chance(arch, family_dir, toy_root, tmp_path_f
     Measured test accuracy (32 images, chance 0.25): VLM 0.75 / 0.97 / 1.0, head 0.88 / 0.91 /
     1.0, gate 0.94 / 0.94 / 1.0 (Qwen2.5-VL / Qwen3-VL / LLaVA-OneVision); bars are 0.5 and 0.75."""
     from data.datasets import load_dataset
-    from engine.predict import EmoVLMKD
+    from engine.predictor import EmoVLMKD
 
     pipeline = run_pipeline(ToyRun(toy_root, tmp_path_factory.mktemp(f"pipeline-{arch}"), family_dir(arch)),
                             vlm_epochs=5, gate_args=())
@@ -195,12 +195,12 @@ def test_pipeline_end_to_end_above_chance(arch, family_dir, toy_root, tmp_path_f
     final_accuracy = np.mean([result["final_label"] == label for result, label in zip(results, labels)])
     assert final_accuracy == pytest.approx(metrics["gates"][metrics["gate"]]["accuracy"])
     # Stage 0 with the family as the local generator (greedy generation), on two images.
-    from engine.stages import instructions as generate_instructions
+    import generate_instructions
     from data.annotations import ANNOTATIONS_FILE
 
     stage0 = ToyRun(toy_root, tmp_path_factory.mktemp(f"stage0-{arch}"), family_dir(arch))
-    generate_instructions.main(stage0.argv("--backend", "local", "--vlm_model", str(family_dir(arch)),
-                                           "--accept_unstructured", "--max_new_tokens", "8", "--limit", "2"))
+    generate_instructions.main(generate_instructions.parse(stage0.argv("--backend", "local", "--vlm_model", str(family_dir(arch)),
+                                           "--accept_unstructured", "--max_new_tokens", "8", "--limit", "2")))
     # The random generator's answers may fail stage 0's checks; each one is kept or rejected, none lost.
     folder = stage0.stage("instructions")
     kept = (folder / ANNOTATIONS_FILE).read_text().splitlines()

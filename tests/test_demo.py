@@ -26,7 +26,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def predictor(trained_pipeline):  # noqa: F811
-    from engine.predict import EmoVLMKD
+    from engine.predictor import EmoVLMKD
 
     return EmoVLMKD.from_outputs(trained_pipeline.output_dir, "toy", "cpu", str(trained_pipeline.vlm_model))
 
@@ -119,7 +119,7 @@ def test_head_features_use_the_dtype_of_stage2s_cache(tiny_vlm_dir, test_images)
 
 def test_gate_weights_are_reported_for_gates_that_expose_them(predictor, test_images):
     from data.datasets import open_image
-    from engine.predict import EmoVLMKD
+    from engine.predictor import EmoVLMKD
     from models.gates import build_gate
 
     torch.manual_seed(0)
@@ -137,7 +137,7 @@ def test_app_over_http_returns_every_field(predictor, test_images, tmp_path):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    from engine.stages import demo
+    import demo
     from data.datasets import open_image
 
     _, paths = test_images
@@ -168,7 +168,7 @@ def test_app_over_http_returns_every_field(predictor, test_images, tmp_path):
 
 
 def test_upload_checks(tmp_path):
-    from engine.predict import open_upload
+    from engine.predictor import open_upload
 
     text = tmp_path / "a.jpg"
     text.write_text("hello")
@@ -206,7 +206,7 @@ def _edit_json(path: Path, **changes) -> None:
     ("gate_without_format", "train_gate.py"),
 ])
 def test_missing_or_mismatched_parts_name_the_stage(trained_pipeline, tmp_path, damage, command):  # noqa: F811
-    from engine.predict import EmoVLMKD
+    from engine.predictor import EmoVLMKD
 
     out = _copy_outputs(trained_pipeline, tmp_path)
     stage = out / "toy"
@@ -234,7 +234,7 @@ def test_missing_or_mismatched_parts_name_the_stage(trained_pipeline, tmp_path, 
 
 @pytest.mark.parametrize("damage", ["no_gate", "format_missing", "format_unknown"])
 def test_cli_error_is_one_line(damage, trained_pipeline, tmp_path, capsys, monkeypatch):  # noqa: F811
-    from engine.stages import demo
+    import demo
     from utils.errors import run_cli
 
     out = _copy_outputs(trained_pipeline, tmp_path)
@@ -248,7 +248,7 @@ def test_cli_error_is_one_line(damage, trained_pipeline, tmp_path, capsys, monke
         checkpoint.pop("format_version")
         torch.save(checkpoint if damage == "format_missing" else {"format_version": 99, **checkpoint}, path)
     monkeypatch.setattr(demo, "build_app", lambda *a, **k: pytest.fail("the app must not start"))
-    code = run_cli(demo.main, ["--dataname", "toy", "--output_dir", str(out)])
+    code = run_cli(demo.main, ["--dataname", "toy", "--output_dir", str(out)], parse=demo.parse)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and found in err[0], err
     assert "python train_gate.py --dataname toy" in err[0], err
@@ -272,17 +272,17 @@ def test_head_features_ignore_an_adapter_on_the_vision_tower(tiny_vlm_dir, test_
 
 @pytest.mark.parametrize("flag", ["--max_new_tokens", "--max_image_side", "--max_upload_pixels"])
 def test_counts_below_one_are_one_line_errors(flag, tmp_path, capsys):
-    from engine.stages import demo
+    import demo
     from utils.errors import run_cli
 
-    assert run_cli(demo.main, ["--dataname", "toy", "--output_dir", str(tmp_path), flag, "0"]) == 2
+    assert run_cli(demo.main, ["--dataname", "toy", "--output_dir", str(tmp_path), flag, "0"], parse=demo.parse) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {flag} must be at least 1 (got 0)"]
 
 
 def test_importing_the_demo_changes_nothing_until_gradio_is_needed():
     """No import-time side effect: gradio's analytics switch is set only when the app needs gradio,
     and then before gradio is imported."""
-    check = ("import os, sys; import engine.stages.demo as demo; "
+    check = ("import os, sys; import demo as demo; "
              "assert 'GRADIO_ANALYTICS_ENABLED' not in os.environ and 'gradio' not in sys.modules; "
              "demo._gradio(); assert os.environ['GRADIO_ANALYTICS_ENABLED'] == 'False'")
     env = {key: value for key, value in os.environ.items() if key != "GRADIO_ANALYTICS_ENABLED"}

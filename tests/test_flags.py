@@ -10,7 +10,7 @@ import pytest
 from utils.cli import COMMON_RULES
 from utils.errors import UserError
 
-STAGES = ("engine.stages.instructions", "engine.stages.vlm", "engine.stages.distill", "engine.stages.gate", "engine.stages.demo", "engine.stages.predict",
+STAGES = ("generate_instructions", "train_vlm", "train_distillation", "train_gate", "demo", "predict",
           "data.__main__")
 # Values each rule must refuse (for int flags only the ones argparse can parse as int).
 BAD_VALUES = {"count": ["0", "-3"], "index": ["-1"], "positive": ["0", "-1e-4", "nan", "inf"],
@@ -29,7 +29,7 @@ def numeric_flags(module):
 def refuses(module, argv, capsys) -> str:
     from utils.errors import run_cli
 
-    assert run_cli(module.main, argv) == 2
+    assert run_cli(module.main, argv, parse=getattr(module, "parse", None)) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
@@ -39,7 +39,7 @@ def refuses(module, argv, capsys) -> str:
 def test_every_numeric_flag_is_range_checked_in_one_line(stage, tmp_path, capsys):
     module = importlib.import_module(stage)
     base = ["--dataname", "toy", "--data_root", str(tmp_path / "images"), "--output_dir", str(tmp_path / "out")]
-    if stage == "engine.stages.predict":  # its required flags
+    if stage == "predict":  # its required flags
         base += ["--images", str(tmp_path / "photos"), "--out", str(tmp_path / "out" / "predictions.jsonl")]
     checked = 0
     for action, rule in numeric_flags(module):
@@ -66,7 +66,7 @@ def test_every_numeric_flag_is_range_checked_in_one_line(stage, tmp_path, capsys
     ("lr: [1\nepochs: 2\n", "cannot parse"),
 ])
 def test_config_values_are_checked_like_flags(text, message, tmp_path, capsys):
-    from engine.stages import vlm as train_vlm
+    import train_vlm
 
     config = tmp_path / "bad.yaml"
     config.write_text(text)
@@ -76,7 +76,7 @@ def test_config_values_are_checked_like_flags(text, message, tmp_path, capsys):
 
 
 def test_pixel_budget_min_above_max_is_refused(tmp_path, capsys):
-    from engine.stages import vlm as train_vlm
+    import train_vlm
 
     line = refuses(train_vlm, ["--dataname", "toy", "--min_pixels", "5000", "--max_pixels", "4000"], capsys)
     assert line == "error: --min_pixels 5000 is above --max_pixels 4000"

@@ -10,8 +10,8 @@ import signal
 import pytest
 import torch
 
-from engine.stages import distill as train_distillation
-from engine.stages import gate as train_gate
+import train_distillation
+import train_gate
 from tests.conftest import run_script
 from tests.pipeline import (CONFIGS, PIPELINE_GATE_ARGS, PIPELINE_HEAD_EPOCHS, ToyRun,  # noqa: F401
                             finished, trained_pipeline, write_annotations)
@@ -57,9 +57,9 @@ def same_gates(gate, reference) -> None:
 
 # Per stage: its script, its main, the flags of the uninterrupted run, the files a killed run must
 # leave as they were, and the check that the rerun equals the uninterrupted run.
-STAGES = {"distill": ("train_distillation.py", train_distillation.main, STAGE2, ("meta.json", "head.pt", "metrics.json"),
+STAGES = {"distill": ("train_distillation.py", train_distillation, STAGE2, ("meta.json", "head.pt", "metrics.json"),
                       same_head),
-          "gate": ("train_gate.py", train_gate.main, STAGE3, ("meta.json", "gate.pt", "table.md"), same_gates)}
+          "gate": ("train_gate.py", train_gate, STAGE3, ("meta.json", "gate.pt", "table.md"), same_gates)}
 
 
 @pytest.mark.parametrize("stage, target, call", [
@@ -68,7 +68,7 @@ STAGES = {"distill": ("train_distillation.py", train_distillation.main, STAGE2, 
     ("gate", "utils.cache:store", 2),                      # VLM answers: 1 split cached
     ("gate", "engine.gate:_evaluate", 3)])                 # gate training, epoch 3
 def test_killed_then_rerun_ends_as_an_uninterrupted_run(stage, target, call, finished, trained_pipeline):
-    script, main, argv, kept_files, same_as_uninterrupted = STAGES[stage]
+    script, module, argv, kept_files, same_as_uninterrupted = STAGES[stage]
     folder = finished.stage(stage)
     if target.endswith(":store"):  # killed while caching: start with no cache, so there is one to write
         shutil.rmtree(folder / "cache")
@@ -76,7 +76,7 @@ def test_killed_then_rerun_ends_as_an_uninterrupted_run(stage, target, call, fin
     kill_during(target, call, script, *finished.argv(*argv))
     assert files(folder, *kept_files) == kept  # the old results are still the trusted ones
 
-    main(finished.argv(*argv))
+    module.main(module.parse(finished.argv(*argv)))
     same_as_uninterrupted(folder, trained_pipeline.stage(stage))
 
 

@@ -30,7 +30,7 @@ def test_trainer_batches_label_only_the_answers(toy_root, tiny_vlm_dir, tmp_path
     loader, has labels on the assistant answers (and their end token) only."""
     from transformers import Trainer
 
-    from engine.stages import vlm as train_vlm
+    import train_vlm
     from data.annotations import read_annotations, to_conversations
     from data.datasets import load_dataset
     from models.chat import IGNORE_INDEX
@@ -46,8 +46,8 @@ def test_trainer_batches_label_only_the_answers(toy_root, tiny_vlm_dir, tmp_path
     pipeline = ToyRun(toy_root, tmp_path, tiny_vlm_dir)
     annotations = read_annotations(write_annotations(pipeline))
     with pytest.raises(FirstBatch):
-        train_vlm.main(pipeline.argv("--vlm_model", str(tiny_vlm_dir), "--config", str(CONFIGS / "toy_vlm.yaml"),
-                                     "--skip_eval"))
+        train_vlm.main(train_vlm.parse(pipeline.argv("--vlm_model", str(tiny_vlm_dir), "--config", str(CONFIGS / "toy_vlm.yaml"),
+                                     "--skip_eval")))
     batch = seen[0]
     assert len(batch["labels"]) == 4  # configs/toy_vlm.yaml: batch 4
 
@@ -67,7 +67,7 @@ def test_trainer_batches_label_only_the_answers(toy_root, tiny_vlm_dir, tmp_path
 
 def _pipeline_gate_data(pipeline: ToyRun) -> dict:
     """The gate's inputs per split exactly as train_gate.py builds them (from its caches)."""
-    from engine.stages import gate as train_gate
+    import train_gate
     from data.datasets import load_dataset
     from utils.cli import parse_args
 

@@ -52,7 +52,7 @@ def test_16_bit_values_are_scaled_not_clipped(png16):
 
 @pytest.mark.parametrize("name", ["rotated_jpeg", "png16"])
 def test_the_demo_and_batch_prediction_see_the_dataset_pixels(name, request):
-    from engine.predict import open_upload
+    from engine.predictor import open_upload
 
     path = request.getfixturevalue(name)
     expected = np.asarray(open_image(path))
@@ -76,7 +76,7 @@ def test_stage_0_sends_the_same_pixels_without_an_orientation_tag(name, request)
 def test_demo_refuses_an_oversized_upload_from_its_header(tmp_path):
     import gradio as gr
 
-    from engine.stages.demo import readable_upload_errors
+    from demo import readable_upload_errors
 
     class Component:  # stands in for gr.Image: its preprocessing would decode the pixels
         def preprocess(self, payload):

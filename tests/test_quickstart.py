@@ -77,9 +77,9 @@ def test_reproduce_refuses_bad_usage_before_running_anything(tmp_path, argv, mes
 
 def stage_parser(config: Path):
     """The argument parser of the stage script a config belongs to (by the file name's suffix)."""
-    from engine.stages import distill as train_distillation
-    from engine.stages import gate as train_gate
-    from engine.stages import vlm as train_vlm
+    import train_distillation
+    import train_gate
+    import train_vlm
 
     scripts = {"vlm": train_vlm, "distill": train_distillation, "gate": train_gate}
     suffix = config.stem.rsplit("_", 1)[-1]
@@ -107,13 +107,13 @@ NOT_DEFAULT = {
 def resolved_default(script, key: str, default):
     if default is not None:
         return default
-    if script.__name__ == "engine.stages.vlm" and key == "vlm_model":
+    if script.__name__ == "train_vlm" and key == "vlm_model":
         return script.DEFAULT_VLM
-    if script.__name__ == "engine.stages.vlm" and key == "target_modules":  # the default VLM's family's
+    if script.__name__ == "train_vlm" and key == "target_modules":  # the default VLM's family's
         from models.backbones import BACKBONES
 
         return list(BACKBONES["qwen2_vl"].lora_targets)
-    if script.__name__ == "engine.stages.distill" and key == "teacher_img_size":
+    if script.__name__ == "train_distillation" and key == "teacher_img_size":
         from models.teacher import DEFAULT_TEACHER, default_img_size
 
         return default_img_size(DEFAULT_TEACHER)

@@ -97,16 +97,16 @@ def test_a_non_finite_number_is_never_committed(tmp_path):
 
 @pytest.mark.parametrize("stage", ["distill", "gate"])
 def test_a_diverged_run_stops_in_one_line_and_keeps_the_old_results(stage, finished, capsys):
-    from engine.stages import distill as train_distillation
-    from engine.stages import gate as train_gate
+    import train_distillation
+    import train_gate
     from utils.errors import run_cli
 
     before = snapshot(finished)
     if stage == "distill":
         argv = finished.argv("--config", str(CONFIGS / "toy_distill.yaml"), "--epochs", "2", "--lr", "1e30")
-        code = run_cli(train_distillation.main, argv)
+        code = run_cli(train_distillation.main, argv, parse=train_distillation.parse)
     else:
-        code = run_cli(train_gate.main, finished.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--lr", "1e30"))
+        code = run_cli(train_gate.main, finished.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--lr", "1e30"), parse=train_gate.parse)
     assert code == 2
     line = one_error_line(capsys)
     assert "diverged" in line and "--lr" in line
@@ -114,26 +114,26 @@ def test_a_diverged_run_stops_in_one_line_and_keeps_the_old_results(stage, finis
 
 
 def test_a_diverged_vlm_run_keeps_the_old_adapter(finished, capsys):
-    from engine.stages import vlm as train_vlm
+    import train_vlm
     from utils.errors import run_cli
 
     before = snapshot(finished)
     argv = finished.argv("--vlm_model", str(finished.vlm_model), "--config", str(CONFIGS / "toy_vlm.yaml"),
                          "--epoch", "1", "--skip_eval", "--lr", "1e30")
-    assert run_cli(train_vlm.main, argv) == 2
+    assert run_cli(train_vlm.main, argv, parse=train_vlm.parse) == 2
     line = one_error_line(capsys)
     assert "diverged" in line and "--lr" in line
     assert snapshot(finished) == before
 
 
 def test_a_damaged_feature_cache_is_named_with_the_command_that_rebuilds_it(finished, capsys):
-    from engine.stages import gate as train_gate
+    import train_gate
     from utils.errors import run_cli
 
     cache = finished.stage("distill") / "cache" / "vlm_features_test.pt"
     cache.write_bytes(cache.read_bytes()[:100])  # truncated
     before = snapshot(finished)
-    assert run_cli(train_gate.main, finished.argv("--config", str(CONFIGS / "toy_gate.yaml"))) == 2
+    assert run_cli(train_gate.main, finished.argv("--config", str(CONFIGS / "toy_gate.yaml")), parse=train_gate.parse) == 2
     line = one_error_line(capsys)
     assert "vlm_features_test.pt cannot be read (damaged)" in line and "do not match" not in line
     assert "rerun `python train_distillation.py --dataname toy` to rebuild the feature cache" in line
@@ -157,13 +157,13 @@ def hold_lock(folder: Path) -> subprocess.Popen:
 
 
 def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_first(finished, capsys):
-    from engine.stages import gate as train_gate
+    import train_gate
     from utils.errors import run_cli
 
     before = snapshot(finished)
     holder = hold_lock(finished.stage("gate"))
     try:
-        assert run_cli(train_gate.main, finished.argv("--config", str(CONFIGS / "toy_gate.yaml"))) == 2
+        assert run_cli(train_gate.main, finished.argv("--config", str(CONFIGS / "toy_gate.yaml")), parse=train_gate.parse) == 2
         line = one_error_line(capsys)
     finally:
         holder.kill()
@@ -217,16 +217,17 @@ def unwritable(tmp_path) -> Path:
     pytest.skip("no unwritable folder available")
 
 
-@pytest.mark.parametrize("stage", ["data.__main__", "engine.stages.instructions", "engine.stages.vlm"])
+@pytest.mark.parametrize("stage", ["data.__main__", "generate_instructions", "train_vlm"])
 def test_an_unwritable_output_dir_is_one_line(stage, unwritable, toy_root, tiny_vlm_dir, capsys):
     import importlib
 
     from utils.errors import run_cli
 
     argv = ["--dataname", "toy", "--data_root", str(toy_root), "--output_dir", str(unwritable)]
-    argv += {"engine.stages.instructions": ["--base_url", "http://127.0.0.1:9/v1", "--api_key", "x"],
-             "engine.stages.vlm": ["--vlm_model", str(tiny_vlm_dir)]}.get(stage, [])
-    assert run_cli(importlib.import_module(stage).main, argv) == 2
+    argv += {"generate_instructions": ["--base_url", "http://127.0.0.1:9/v1", "--api_key", "x"],
+             "train_vlm": ["--vlm_model", str(tiny_vlm_dir)]}.get(stage, [])
+    module = importlib.import_module(stage)
+    assert run_cli(module.main, argv, parse=getattr(module, "parse", None)) == 2
     line = one_error_line(capsys)
     assert str(unwritable) in line and "--output_dir" in line
 
@@ -234,15 +235,14 @@ def test_an_unwritable_output_dir_is_one_line(stage, unwritable, toy_root, tiny_
 @pytest.mark.parametrize("stage", ["teacher", "gate"])
 def test_an_output_folder_that_cannot_be_created_is_one_line(stage, finished, capsys):
     """Stages 2 and 3 (they need earlier outputs; as root, no folder mode stops a write)."""
-    from engine.stages import distill as train_distillation
-    from engine.stages import gate as train_gate
+    import train_distillation
+    import train_gate
     from utils.errors import run_cli
 
     folder = finished.stage(stage)
     shutil.rmtree(folder)
     folder.write_text("a file where a folder belongs")
-    main, config = ((train_gate.main, "toy_gate.yaml") if stage == "gate"
-                    else (train_distillation.main, "toy_distill.yaml"))
-    assert run_cli(main, finished.argv("--config", str(CONFIGS / config))) == 2
+    script, config = ((train_gate, "toy_gate.yaml") if stage == "gate" else (train_distillation, "toy_distill.yaml"))
+    assert run_cli(script.main, finished.argv("--config", str(CONFIGS / config)), parse=script.parse) == 2
     line = one_error_line(capsys)
     assert str(folder) in line and "--output_dir" in line

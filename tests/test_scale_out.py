@@ -75,12 +75,12 @@ def test_blocks_cover_every_item_once_and_join_in_order(tmp_path):
 # ---------------------------------------------------------------- stage 1 evaluation
 
 def test_stage1_eval_two_processes_equal_one(trained_pipeline, tmp_path):  # noqa: F811
-    from engine.stages import vlm as train_vlm
+    import train_vlm
 
     one, two = (copy_stages(trained_pipeline, tmp_path / name, "vlm") for name in ("one", "two"))
     flags = ["--dataname", "toy", "--data_root", str(trained_pipeline.data_root), "--eval_only",
              "--eval_batch_size", "3"]
-    train_vlm.main([*flags, "--output_dir", str(one)])
+    train_vlm.main(train_vlm.parse([*flags, "--output_dir", str(one)]))
     result = torchrun("train_vlm.py", *flags, "--output_dir", str(two))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("test accuracy") == 1  # printed by rank 0 only
@@ -119,14 +119,14 @@ def test_stage3_killed_rank_keeps_caches_valid_and_sharded_rerun_equals_one(trai
 def test_stage0_local_backend_killed_rank_resumes_to_the_one_process_file(tiny_vlm_dir, tmp_path):
     from data.annotations import ANNOTATIONS_FILE
     from data.toy import make_toy_dataset
-    from engine.stages.instructions import main
+    from generate_instructions import main, parse
 
     root = tmp_path / "images"
     make_toy_dataset(root / "toy", num_classes=2, per_class=6, test_per_class=1, seed=0, size=64)
     flags = ["generate_instructions.py", "--dataname", "toy", "--data_root", str(root), "--backend", "local",
              "--vlm_model", str(tiny_vlm_dir), "--accept_unstructured", "--max_new_tokens", "6",
              "--batch_size", "2"]
-    main([*flags[1:], "--output_dir", str(tmp_path / "one")])
+    main(parse([*flags[1:], "--output_dir", str(tmp_path / "one")]))
     folder = tmp_path / "two/toy/instructions"
 
     # Rank 1 dies before writing; rank 0 may have written part of its block: a prefix of the
@@ -144,7 +144,7 @@ def test_stage0_local_backend_killed_rank_resumes_to_the_one_process_file(tiny_v
 
 def stage3_test_predictions(pipeline) -> dict[str, dict]:
     """Stage 3's evaluation per test image (from its caches and gate.pt): labels and final probabilities."""
-    from engine.stages import gate as train_gate
+    import train_gate
     from data.datasets import load_dataset
     from engine.gate import gate_logits
     from models.gates import load_gate
@@ -166,14 +166,14 @@ def stage3_test_predictions(pipeline) -> dict[str, dict]:
 
 
 def test_predict_folder_sharded_failing_rank_rerun_and_agreement_with_stage3(trained_pipeline, tmp_path):  # noqa: F811
-    from engine.stages import predict
-    from engine.batch_predict import list_images
+    import predict
+    from engine.predict_folder import list_images
 
     images = tmp_path / "photos"
     shutil.copytree(trained_pipeline.data_root / "toy" / "test", images)
     flags = ["predict.py", "--dataname", "toy", "--output_dir", str(trained_pipeline.output_dir),
              "--images", str(images), "--batch_size", "4"]
-    predict.main([*flags[1:], "--out", str(tmp_path / "one.jsonl")])
+    predict.main(predict.parse([*flags[1:], "--out", str(tmp_path / "one.jsonl")]))
     one = (tmp_path / "one.jsonl").read_text()
     records = [json.loads(line) for line in one.splitlines()]
     assert [r["image"] for r in records] == list_images(images)
@@ -209,7 +209,7 @@ def test_predict_folder_sharded_failing_rank_rerun_and_agreement_with_stage3(tra
 def test_predict_csv_resumes_and_explains(trained_pipeline, tmp_path):  # noqa: F811
     import csv
 
-    from engine.stages import predict
+    import predict
 
     images = tmp_path / "photos"
     for path in sorted((trained_pipeline.data_root / "toy" / "test").rglob("*.png"))[:3]:
@@ -218,13 +218,13 @@ def test_predict_csv_resumes_and_explains(trained_pipeline, tmp_path):  # noqa: 
     out = tmp_path / "p.csv"
     argv = ["--dataname", "toy", "--output_dir", str(trained_pipeline.output_dir), "--images", str(images),
             "--out", str(out), "--explain", "--max_new_tokens", "4"]
-    predict.main(argv)
+    predict.main(predict.parse(argv))
     first = out.read_text()
     with open(out, "a") as fh:  # a killed run's unfinished line
         fh.write("amusement/x.png,amu")
     (images / "more").mkdir()
     shutil.copy(next(images.rglob("*.png")), images / "more" / "new.png")
-    predict.main(argv)
+    predict.main(predict.parse(argv))
     rows = list(csv.DictReader(out.open()))
     assert out.read_text().startswith(first) and len(rows) == 4 and rows[-1]["image"] == "more/new.png"
     assert {"final_label", "final_probs.anger", "head_probs.awe", "key_elements", "reasoning"} <= set(rows[0])
@@ -233,7 +233,7 @@ def test_predict_csv_resumes_and_explains(trained_pipeline, tmp_path):  # noqa: 
 
 @pytest.mark.parametrize("case", ["no_folder", "no_images", "out_is_folder", "csv_of_another_run"])
 def test_predict_bad_inputs_are_one_line_errors(case, trained_pipeline, tmp_path, capsys):  # noqa: F811
-    from engine.stages import predict
+    import predict
     from utils.errors import run_cli
 
     images, out = tmp_path / "photos", tmp_path / "p.csv"
@@ -252,7 +252,7 @@ def test_predict_bad_inputs_are_one_line_errors(case, trained_pipeline, tmp_path
     before = out.read_bytes() if out.is_file() else None
     argv = ["--dataname", "toy", "--output_dir", str(trained_pipeline.output_dir), "--images", str(images),
             "--out", str(out)]
-    assert run_cli(predict.main, argv) == 2
+    assert run_cli(predict.main, argv, parse=predict.parse) == 2
     err = capsys.readouterr().err
     lines = error_lines(err)
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, err[-2000:]

@@ -17,7 +17,7 @@ from data.annotations import ANNOTATIONS_FILE, read_annotations
 from data.datasets import load_dataset
 from fake_openai_server import (FakeOpenAIServer, Reply, good_answer, image_urls, leaking_answer, prompt_text,
                                 refusing_key)
-from engine.stages.instructions import main
+import generate_instructions
 from utils.errors import UserError
 
 KEY = "sk-test-Zq81secretvalue"
@@ -26,6 +26,11 @@ KEY = "sk-test-Zq81secretvalue"
 def argv(root, out, server=None, *extra):
     args = ["--dataname", "toy", "--data_root", str(root), "--output_dir", str(out)]
     return args + (["--base_url", server.url] if server else []) + [str(e) for e in extra]
+
+
+def stage0(argv):
+    """``python generate_instructions.py <argv>`` in this process (the command is recorded in run.json)."""
+    generate_instructions.main(generate_instructions.parse(argv), argv)
 
 
 def folder(out):
@@ -53,7 +58,7 @@ def assert_key_nowhere(out, *texts):
 def test_normal_run_covers_training_images_only(toy_root, tmp_path, capsys):
     out = tmp_path / "out"
     with FakeOpenAIServer() as server:
-        main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 4))
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--workers", 4))
         printed = capsys.readouterr()
         splits = load_dataset(toy_root, "toy", out)
         words = len(good_answer({}, {}).content.split())  # the fake's completion_tokens
@@ -80,7 +85,7 @@ def test_normal_run_covers_training_images_only(toy_root, tmp_path, capsys):
             assert ", ".join(splits.class_names) in prompt_text(body)
         assert sorted(sent) == sorted(by_path)
 
-        main(argv(toy_root, out, server, "--api_key", KEY))  # resume: nothing left to ask
+        stage0(argv(toy_root, out, server, "--api_key", KEY))  # resume: nothing left to ask
         assert len(server.chat_bodies()) == len(splits.train)
     assert len(annotations(out)) == len(splits.train)
     meta = json.loads((folder(out) / "meta.json").read_text())
@@ -97,14 +102,14 @@ def test_rate_limit_retried_by_client_and_failed_requests_retried_next_run(toy_r
     limit = argv(toy_root, out, None, "--limit", 1, "--workers", 1, "--max_retries", 1)
     with FakeOpenAIServer() as server:
         server.queue(Reply(status=429, headers={"retry-after-ms": "10"}))
-        main(limit + ["--base_url", server.url])
+        stage0(limit + ["--base_url", server.url])
         assert len(server.chat_bodies()) == 2 and len(annotations(out)) == 1
 
         # Rate limited beyond --max_retries: counted as failed, nothing written, asked again next run.
         server.queue(*[Reply(status=429, headers={"retry-after-ms": "10"})] * 2)
-        main(limit + ["--base_url", server.url])
+        stage0(limit + ["--base_url", server.url])
         assert len(server.chat_bodies()) == 4 and len(annotations(out)) == 1 and rejected(out) == []
-        main(limit + ["--base_url", server.url])
+        stage0(limit + ["--base_url", server.url])
         assert len(server.chat_bodies()) == 5 and len(annotations(out)) == 2
         assert server.chat_bodies()[2] == server.chat_bodies()[4]  # the failed image came back
 
@@ -113,11 +118,11 @@ def test_malformed_answers_are_asked_again(toy_root, tmp_path):
     out = tmp_path / "out"
     with FakeOpenAIServer() as server:
         server.queue(Reply("A lovely picture without any sections."), Reply(raw=b"<html>proxy error</html>"))
-        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1))
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1))
         # first image: unstructured answer, then a good one; second image: a body that is not JSON
         assert len(server.chat_bodies()) == 3
         assert len(annotations(out)) == 1 and rejected(out) == []
-        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1))
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1))
     assert len(annotations(out)) == 3
 
 
@@ -127,7 +132,7 @@ def test_answers_naming_the_emotion_are_asked_again_then_kept_marked_and_counted
     out = tmp_path / "out"
     with FakeOpenAIServer(default=leaking_answer) as server:
         server.queue(Reply("1. Key elements: a shape.\n2. Reasoning: calm colours."))  # first image, 1st ask: clean
-        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 3, "--workers", 1, "--max_attempts", 2))
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--limit", 3, "--workers", 1, "--max_attempts", 2))
         assert len(server.chat_bodies()) == 1 + 2 + 2
     kept = annotations(out)
     assert [a.mentions_label for a in kept] == [False, True, True] and rejected(out) == []
@@ -142,7 +147,7 @@ def test_answers_naming_the_emotion_are_asked_again_then_kept_marked_and_counted
 def test_answers_naming_the_emotion_are_rejected_then_retried_on_rerun(toy_root, tmp_path):
     out = tmp_path / "out"
     with FakeOpenAIServer(default=leaking_answer) as server:
-        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1, "--max_attempts", 2,
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1, "--max_attempts", 2,
                   "--reject_label_mentions"))
         assert len(server.chat_bodies()) == 4
     assert annotations(out) == []
@@ -151,9 +156,9 @@ def test_answers_naming_the_emotion_are_rejected_then_retried_on_rerun(toy_root,
     assert all(r["reason"] == f"names the emotion {r['label']!r}" and r["label"] in r["answer"] for r in refused)
 
     with FakeOpenAIServer() as server:
-        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 1, "--skip_rejected"))
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--limit", 1, "--skip_rejected"))
         assert annotations(out)[0].image not in {r["image"] for r in refused}
-        main(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2))
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2))
     assert {a.image for a in annotations(out)} >= {r["image"] for r in refused}
     assert rejected(out) == []  # answered images leave rejected.jsonl
 
@@ -163,7 +168,7 @@ def test_bad_key_stops_with_one_line_and_exit_2(toy_root, tmp_path):
     with FakeOpenAIServer(default=refusing_key) as server:
         server.queue(*[Reply(f"1. Key elements: shapes {i}.\n2. Reasoning: colours.") for i in range(3)])
         with pytest.raises(UserError):
-            main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 1))
+            stage0(argv(toy_root, out, server, "--api_key", KEY, "--workers", 1))
         before = (folder(out) / ANNOTATIONS_FILE).read_bytes()
         assert len(annotations(out)) == 3
 
@@ -185,13 +190,13 @@ def test_fatal_error_mid_run_stops_and_a_rerun_resumes(toy_root, tmp_path):
                      Reply(status=403, error="model not allowed"))
         # The key loses access half-way: stop at once, keep what was written.
         with pytest.raises(UserError, match="may not use --model"):
-            main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 3, "--max_retries", 0))
+            stage0(argv(toy_root, out, server, "--api_key", KEY, "--workers", 3, "--max_retries", 0))
         first = annotations(out)
         assert 7 <= len(first) <= 10  # at most the requests in flight are lost
         with open(folder(out) / ANNOTATIONS_FILE, "a") as fh:  # a write cut off by a kill
             fh.write('{"image": "toy/train/awe/half')
         server.default = good_answer
-        main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 3))
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--workers", 3))
     splits = load_dataset(toy_root, "toy", out)
     images = [a.image for a in annotations(out)]
     assert sorted(images) == sorted(s.path for s in splits.train)  # each once, no val image
@@ -221,7 +226,7 @@ def test_ctrl_c_then_resume(toy_root, tmp_path):
         assert child.returncode == 130 and "rerun the same command to resume" in stderr
         assert len(annotations(out)) == 5
         server.default = good_answer
-        main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 3))
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--workers", 3))
     splits = load_dataset(toy_root, "toy", out)
     assert sorted(a.image for a in annotations(out)) == sorted(s.path for s in splits.train)
 
@@ -230,7 +235,7 @@ def test_every_request_failing_stops_the_run(toy_root, tmp_path):
     out = tmp_path / "out"
     with FakeOpenAIServer(default=lambda body, headers: Reply(status=400, error="image input not supported")) as server:
         with pytest.raises(UserError, match="last 20 requests all failed.*image input not supported"):
-            main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 1))
+            stage0(argv(toy_root, out, server, "--api_key", KEY, "--workers", 1))
         # the one worker may already have sent the next request when the 20th failure stops the run
         assert 20 <= len(server.chat_bodies()) <= 21
     assert annotations(out) == [] and rejected(out) == []
@@ -241,7 +246,7 @@ def test_unreachable_server_stops_at_once(toy_root, tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(UserError, match=f"cannot reach http://127.0.0.1:{port}/v1"):
-        main(argv(toy_root, tmp_path / "out", None, "--api_key", KEY, "--max_retries", 0,
+        stage0(argv(toy_root, tmp_path / "out", None, "--api_key", KEY, "--max_retries", 0,
                   "--base_url", f"http://127.0.0.1:{port}/v1"))
 
 
@@ -270,8 +275,8 @@ def test_dry_run_and_missing_key(toy_root, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     out = tmp_path / "out"
     with pytest.raises(UserError, match="OPENAI_API_KEY"):
-        main(argv(toy_root, out))
-    main(argv(toy_root, out, None, "--dry_run", "--limit", 5))
+        stage0(argv(toy_root, out))
+    stage0(argv(toy_root, out, None, "--dry_run", "--limit", 5))
     printed = capsys.readouterr().out
     assert "Write two numbered sections" in printed and "image/png data URL, 64x64 px" in printed
     assert "images to ask: 5" in printed and "max output tokens per image: 512" in printed
@@ -283,7 +288,7 @@ def test_local_backend_on_tiny_vlm(tiny_vlm_dir, tmp_path):
 
     root, out = tmp_path / "images", tmp_path / "out"
     make_toy_dataset(root / "toy", num_classes=2, per_class=4, test_per_class=1, seed=0, size=64)
-    main(argv(root, out, None, "--backend", "local", "--vlm_model", tiny_vlm_dir, "--accept_unstructured",
+    stage0(argv(root, out, None, "--backend", "local", "--vlm_model", tiny_vlm_dir, "--accept_unstructured",
               "--max_new_tokens", 8, "--batch_size", 4))
     splits = load_dataset(root, "toy", out)
     records = annotations(out)
@@ -301,8 +306,8 @@ def test_sigkill_between_records_then_rerun_loses_and_duplicates_nothing(toy_roo
         assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
         first = annotations(out)
         assert len(first) == 5 and not (folder(out) / "meta.json").exists()
-        main(argv(toy_root, out, server, "--api_key", KEY, "--workers", 2))
-        main(argv(toy_root, whole, server, "--api_key", KEY, "--workers", 2))
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--workers", 2))
+        stage0(argv(toy_root, whole, server, "--api_key", KEY, "--workers", 2))
     resumed = annotations(out)
     assert resumed[:5] == first  # kept as written
     key = lambda a: (a.image, a.label, a.key_elements, a.reasoning)  # noqa: E731

@@ -108,11 +108,11 @@ def test_examples_skip_val_images_and_refuse_missing_ones(toy_root, tmp_path, ca
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, toy_root, tiny_vlm_dir) -> Path:
     """Stage 1 run in-process with the documented toy settings; returns the vlm/ folder."""
-    from engine.stages import vlm as train_vlm
+    import train_vlm
 
     output_dir = tmp_path_factory.mktemp("outputs")
     write_annotations(toy_root, output_dir)
-    train_vlm.main(stage1_argv(toy_root, output_dir, tiny_vlm_dir, "--config", TOY_CONFIG))
+    train_vlm.main(train_vlm.parse(stage1_argv(toy_root, output_dir, tiny_vlm_dir, "--config", TOY_CONFIG)))
     return output_dir / "toy" / "vlm"
 
 
@@ -172,14 +172,14 @@ def test_score_is_a_distribution_matching_one_class_at_a_time(trained, toy_root)
 
 
 def test_generate_mode_and_unparseable_answers(trained, tiny_vlm_dir, toy_root, tmp_path):
-    from engine.stages import vlm as train_vlm
+    import train_vlm
     from data.datasets import load_dataset
     from engine.vlm_eval import evaluate_vlm
     from models.vlm import load_processor, load_vlm
 
     # The trained adapter answers in the dictionary form.
     output_dir = trained.parents[1]
-    train_vlm.main(stage1_argv(toy_root, output_dir, tiny_vlm_dir, "--eval_only", "--eval_mode", "generate"))
+    train_vlm.main(train_vlm.parse(stage1_argv(toy_root, output_dir, tiny_vlm_dir, "--eval_only", "--eval_mode", "generate")))
     metrics = json.loads((trained / "eval_generate" / "metrics.json").read_text())
     rows = [json.loads(line) for line in (trained / "eval_generate" / "predictions.jsonl").read_text().splitlines()]
     assert metrics["mode"] == "generate" and len(rows) == metrics["n"] == 32
@@ -198,18 +198,18 @@ def test_generate_mode_and_unparseable_answers(trained, tiny_vlm_dir, toy_root, 
 
 
 def test_eval_only_refuses_another_base_model(trained, toy_root):
-    from engine.stages import vlm as train_vlm
+    import train_vlm
     from utils.errors import UserError
 
     with pytest.raises(UserError, match="adapter trained on --vlm_model"):
-        train_vlm.main(stage1_argv(toy_root, trained.parents[1], Path("elsewhere"), "--eval_only"))
+        train_vlm.main(train_vlm.parse(stage1_argv(toy_root, trained.parents[1], Path("elsewhere"), "--eval_only")))
 
 
 def test_eval_only_loads_the_base_as_trained_and_accepts_a_moved_base(trained, toy_root, tiny_vlm_dir, tmp_path,
                                                                      monkeypatch):
     import shutil
 
-    from engine.stages import vlm as train_vlm
+    import train_vlm
     from models.vlm import base_model_path, load_trained_vlm, trained_quant
     from utils.errors import UserError
 
@@ -222,7 +222,7 @@ def test_eval_only_loads_the_base_as_trained_and_accepts_a_moved_base(trained, t
     monkeypatch.setattr(train_vlm, "load_trained_vlm", record)  # the name stage 1 calls
     for flags, expected in (((), None), (("--quant", "none"), "none")):
         with pytest.raises(UserError, match="stop"):
-            train_vlm.main(stage1_argv(toy_root, trained.parents[1], tiny_vlm_dir, "--eval_only", *flags))
+            train_vlm.main(train_vlm.parse(stage1_argv(toy_root, trained.parents[1], tiny_vlm_dir, "--eval_only", *flags)))
         assert calls.pop() == expected  # auto -> None: as recorded in meta.json
     monkeypatch.undo()
 
@@ -273,7 +273,7 @@ def test_trainer_placement_is_checked(gpus, monkeypatch, tmp_path):
     would become DataParallel (n_gpu 3, batch x3); one visible GPU is cuda:0 only."""
     from accelerate.state import AcceleratorState
 
-    from engine.stages import vlm as train_vlm
+    import train_vlm
     from engine.vlm_train import check_placement, training_arguments
     from utils.cli import parse_args
     from utils.errors import UserError
@@ -296,14 +296,14 @@ def test_trainer_placement_is_checked(gpus, monkeypatch, tmp_path):
 
 
 def test_flag_mistakes_stop_before_loading(toy_root, tmp_path, capsys):
-    from engine.stages import vlm as train_vlm
+    import train_vlm
     from utils.errors import run_cli
 
     argv = stage1_argv(toy_root, tmp_path, tmp_path / "no-model")
-    assert run_cli(train_vlm.main, argv + ["--batch_size", "0"]) == 2
+    assert run_cli(train_vlm.main, argv + ["--batch_size", "0"], parse=train_vlm.parse) == 2
     assert "error: --batch_size must be at least 1 (got 0)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        train_vlm.main(argv + ["--lr_scheduler", "bogus"])
+        train_vlm.main(train_vlm.parse(argv + ["--lr_scheduler", "bogus"]))
     assert exit_info.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
 
 
@@ -322,14 +322,14 @@ def test_two_process_cpu_run_saves_one_adapter(tiny_vlm_dir, toy_root, tmp_path)
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_vlm_dir, toy_root, tmp_path, capsys):
-    from engine.stages import vlm as train_vlm
+    import train_vlm
 
     write_annotations(toy_root, tmp_path)
     argv = stage1_argv(toy_root, tmp_path, tiny_vlm_dir, "--config", TOY_CONFIG, "--skip_eval")
-    train_vlm.main(argv + ["--epoch", "1"])
+    train_vlm.main(train_vlm.parse(argv + ["--epoch", "1"]))
     folder = tmp_path / "toy" / "vlm"
     first_adapter = (folder / "adapter_model.safetensors").read_bytes()
-    train_vlm.main(argv + ["--epoch", "2", "--resume"])
+    train_vlm.main(train_vlm.parse(argv + ["--epoch", "2", "--resume"]))
     assert "resuming from" in capsys.readouterr().out
     history = [json.loads(line) for line in (folder / "log.txt").read_text().splitlines()]
     assert [row["epoch"] for row in history] == [1, 2]
@@ -347,7 +347,7 @@ def test_missing_annotations_exit_2_naming_stage_0(tiny_vlm_dir, toy_root, tmp_p
 
 @pytest.mark.parametrize("case", ["image_gone", "quant_without_cuda", "unknown_model"])
 def test_bad_inputs_are_one_line_errors(case, tiny_vlm_dir, toy_root, tmp_path, capsys):
-    from engine.stages import vlm as train_vlm
+    import train_vlm
     from utils.errors import run_cli
 
     extra = ("toy/train/awe/deleted.png",) if case == "image_gone" else ()
@@ -359,7 +359,7 @@ def test_bad_inputs_are_one_line_errors(case, tiny_vlm_dir, toy_root, tmp_path, 
         flags = ("--quant", "4bit")
     if case == "unknown_model":
         vlm = tmp_path / "no-such-model"
-    assert run_cli(train_vlm.main, stage1_argv(toy_root, tmp_path, vlm, *flags)) == 2
+    assert run_cli(train_vlm.main, stage1_argv(toy_root, tmp_path, vlm, *flags), parse=train_vlm.parse) == 2
     err = capsys.readouterr().err.strip().splitlines()
     expected = {"image_gone": "deleted.png no longer exists", "quant_without_cuda": "--quant 4bit needs a CUDA GPU",
                 "unknown_model": "no-such-model"}[case]
@@ -375,7 +375,7 @@ def test_stage1_schedule_is_constant_without_warmup_unless_asked(tmp_path, extra
     """The first optimiser step runs at the full lr by default; ``--warmup_ratio`` > 0 ramps it up."""
     from transformers import get_scheduler
 
-    from engine.stages import vlm as train_vlm
+    import train_vlm
     from engine.vlm_train import training_arguments
 
     args = train_vlm.get_args_parser().parse_args(["--dataname", "x", *extra])

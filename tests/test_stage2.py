@@ -43,11 +43,11 @@ def read_metrics(output_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def stage2(tmp_path_factory, toy_root, tiny_vlm_dir) -> Path:
     """One full in-process stage-2 run on the toy data; returns its --output_dir."""
-    from engine.stages.distill import main
+    from train_distillation import main, parse
 
     output_dir = tmp_path_factory.mktemp("stage2")
     stage1_meta(output_dir, tiny_vlm_dir)
-    main(stage2_argv(toy_root, output_dir))
+    main(parse(stage2_argv(toy_root, output_dir)))
     return output_dir
 
 
@@ -149,7 +149,7 @@ def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path)
 
 def test_second_run_reuses_the_caches_and_gives_the_same_metrics(stage2, toy_root, monkeypatch, caplog):
     import engine.distill
-    from engine.stages.distill import main
+    from train_distillation import main, parse
 
     calls = []
     for name in ("load_vlm", "pooled_image_features", "load_teacher"):
@@ -158,7 +158,7 @@ def test_second_run_reuses_the_caches_and_gives_the_same_metrics(stage2, toy_roo
                             lambda *a, _name=name, _f=original, **k: calls.append(_name) or _f(*a, **k))
     before = read_metrics(stage2)
     caplog.set_level(logging.INFO, logger="utils.cache")
-    main(stage2_argv(toy_root, stage2))
+    main(parse(stage2_argv(toy_root, stage2)))
     assert calls == []  # no VLM load, no encoder forward, no teacher forward
     assert sum("cache hit" in record.message for record in caplog.records) == 6
     assert read_metrics(stage2) == before
@@ -226,7 +226,7 @@ def test_missing_stage1_output_exits_2_naming_train_vlm(toy_root, tmp_path):
 def test_bad_inputs_are_one_line_errors(case, stage2, tiny_vlm_dir, toy_root, tmp_path, capsys):
     from data.toy import toy_class_names
     from models.teacher import build_teacher, save_teacher
-    from engine.stages.distill import main
+    from train_distillation import main, parse
     from utils.checkpoints import write_meta
     from utils.errors import run_cli
 
@@ -269,7 +269,7 @@ def test_bad_inputs_are_one_line_errors(case, stage2, tiny_vlm_dir, toy_root, tm
         expected = "trained on other val_images (the data split changed); pass --retrain_teacher"
     else:
         extra, expected = ["--vlm_model", str(tmp_path / "elsewhere")], "--vlm_model"
-    assert run_cli(main, stage2_argv(toy_root, tmp_path, *extra)) == 2
+    assert run_cli(main, stage2_argv(toy_root, tmp_path, *extra), parse=parse) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
 
@@ -277,10 +277,10 @@ def test_bad_inputs_are_one_line_errors(case, stage2, tiny_vlm_dir, toy_root, tm
 @pytest.mark.parametrize("flag", ["--epochs", "--teacher_epochs", "--batch_size", "--feature_batch_size",
                                   "--teacher_batch_size"])
 def test_counts_below_one_are_one_line_errors(flag, toy_root, tmp_path, capsys):
-    from engine.stages.distill import main
+    from train_distillation import main, parse
     from utils.errors import run_cli
 
-    assert run_cli(main, stage2_argv(toy_root, tmp_path, flag, "0")) == 2
+    assert run_cli(main, stage2_argv(toy_root, tmp_path, flag, "0"), parse=parse) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"error: {flag} must be at least 1 (got 0)"]
 
@@ -294,7 +294,7 @@ def test_reference_teacher_uses_the_authors_preprocessing_and_other_models_their
     from torchvision import transforms as T
 
     from models.teacher import DEFAULT_TEACHER, data_config, teacher_transforms
-    from engine.stages import distill as train_distillation
+    import train_distillation
 
     assert DEFAULT_TEACHER == "vit_base_patch16_384.orig_in21k_ft_in1k"
     assert train_distillation.get_args_parser().get_default("teacher_model") == DEFAULT_TEACHER

@@ -25,7 +25,7 @@ MARGIN = 0.10
 
 def _gate_data(pipeline: ToyRun, *extra: str) -> dict:
     """The gate's inputs per split, as train_gate.py builds them (from the caches after a run)."""
-    from engine.stages import gate as train_gate
+    import train_gate
     from utils.checkpoints import read_meta
     from utils.cli import parse_args
 
@@ -109,7 +109,7 @@ def test_checkpoint_reload_reproduces_the_test_predictions(trained_pipeline):
 def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monkeypatch, caplog):
     import engine.distill
     import engine.vlm_eval
-    from engine.stages import gate as train_gate
+    import train_gate
 
     def no_forward(*args, **kwargs):
         raise AssertionError("a rerun must not run the frozen VLM")
@@ -121,7 +121,7 @@ def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monke
     before = json.loads((gate_dir / "metrics.json").read_text())
     weights = torch.load(gate_dir / "gate.pt", weights_only=True)["state_dict"]
     caplog.set_level("INFO")
-    train_gate.main(trained_pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), *PIPELINE_GATE_ARGS))
+    train_gate.main(train_gate.parse(trained_pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), *PIPELINE_GATE_ARGS)))
     # 3 feature and 3 VLM-answer caches, plus stage 2's teacher test logits read for the statistics.
     assert caplog.text.count("VLM answers (score) for") == 3 and caplog.text.count("cache hit") == 7
     assert json.loads((gate_dir / "metrics.json").read_text()) == before
@@ -171,15 +171,15 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
 def test_parser_choice_is_applied_and_recorded(trained_pipeline, tmp_path, monkeypatch, parser, unparseable):
     """Half the (faked) decoded answers are a bare class word: strict reads none of them."""
     import models.scorer
-    from engine.stages import gate as train_gate
+    import train_gate
 
     def answers(model, processor, prompts, images, max_new_tokens, batch_size):
         return [("{'emotion': 'awe'}" if i % 2 else "awe") for i in range(len(prompts))]
 
     monkeypatch.setattr(models.scorer, "generate_texts", answers)
     pipeline = _copy_outputs(trained_pipeline, tmp_path)
-    train_gate.main(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--vlm_answer", "generate",
-                                  "--parser", parser, "--epochs", "1"))
+    train_gate.main(train_gate.parse(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--vlm_answer", "generate",
+                                  "--parser", parser, "--epochs", "1")))
     metrics = json.loads((pipeline.stage("gate") / "metrics.json").read_text())
     assert metrics["parser"] == parser and metrics["vlm_answer"] == "generate"
     assert metrics["vlm_unparseable"] == metrics["vlm"]["unparseable"] == unparseable  # of 32 test images
@@ -233,7 +233,7 @@ def _edit_meta(pipeline: ToyRun, stage: str, **fields) -> None:
 
 @pytest.mark.parametrize("case", ["no_distill", "other_classes", "other_vlm", "probs_of_generate"])
 def test_bad_inputs_are_one_line_errors(case, trained_pipeline, tmp_path, capsys):
-    from engine.stages import gate as train_gate
+    import train_gate
     from utils.errors import run_cli
 
     pipeline = _copy_metas(trained_pipeline, tmp_path, ("vlm",) if case == "no_distill" else ("vlm", "distill"))
@@ -244,7 +244,7 @@ def test_bad_inputs_are_one_line_errors(case, trained_pipeline, tmp_path, capsys
         _edit_meta(pipeline, "distill", base_model="Qwen/Qwen2-VL-7B-Instruct")
     if case == "probs_of_generate":
         flags = ("--vlm_signal", "probs", "--vlm_answer", "generate")
-    assert run_cli(train_gate.main, pipeline.argv(*flags)) == 2
+    assert run_cli(train_gate.main, pipeline.argv(*flags), parse=train_gate.parse) == 2
     err = capsys.readouterr().err.strip().splitlines()
     expected = {"no_distill": "run `python train_distillation.py --dataname toy` first",
                 "other_classes": "trained for classes",
@@ -258,7 +258,7 @@ def test_bad_inputs_are_one_line_errors(case, trained_pipeline, tmp_path, capsys
 def test_a_head_of_another_format_is_a_one_line_error(version, trained_pipeline, tmp_path, capsys):
     """A head.pt without format_version (an older one) or with one this code does not know, even
     when meta.json names it, stops stage 3 with one line naming the file and stage 2's command."""
-    from engine.stages import gate as train_gate
+    import train_gate
     from utils.checkpoints import file_id
     from utils.errors import run_cli
 
@@ -268,7 +268,7 @@ def test_a_head_of_another_format_is_a_one_line_error(version, trained_pipeline,
     checkpoint.pop("format_version")
     torch.save(checkpoint if version is None else {"format_version": version, **checkpoint}, head_path)
     _edit_meta(pipeline, "distill", head_id=file_id(head_path))
-    assert run_cli(train_gate.main, pipeline.argv()) == 2
+    assert run_cli(train_gate.main, pipeline.argv(), parse=train_gate.parse) == 2
     err = capsys.readouterr().err.strip().splitlines()
     found = "no format_version" if version is None else "format_version 99, but this code reads 1"
     assert len(err) == 1 and err[0].startswith(f"error: {head_path}: {found}"), err
@@ -325,7 +325,7 @@ def _copy_outputs(pipeline: ToyRun, output_dir: Path, ignore=()) -> ToyRun:
 def test_feature_cache_mismatch_asks_for_stage2_and_leaves_it_alone(case, trained_pipeline, tmp_path, capsys,
                                                                     monkeypatch):
     import engine.distill
-    from engine.stages import gate as train_gate
+    import train_gate
     from utils.errors import run_cli
 
     pipeline = _copy_outputs(trained_pipeline, tmp_path, ["gate", "cache"] if case == "missing" else ["gate"])
@@ -334,7 +334,7 @@ def test_feature_cache_mismatch_asks_for_stage2_and_leaves_it_alone(case, traine
         _edit_meta(pipeline, "distill", feature_dtype="torch.bfloat16")
     before = {path.name: path.stat().st_mtime_ns for path in cache.glob("*")}
     monkeypatch.setattr(engine.distill, "load_vlm", lambda *a, **k: pytest.fail("stage 3 must not encode"))
-    assert run_cli(train_gate.main, pipeline.argv()) == 2
+    assert run_cli(train_gate.main, pipeline.argv(), parse=train_gate.parse) == 2
     err = capsys.readouterr().err.strip().splitlines()
     expected = "features are missing" if case == "missing" else "features do not match"
     assert len(err) == 1 and expected in err[0], err
@@ -343,7 +343,7 @@ def test_feature_cache_mismatch_asks_for_stage2_and_leaves_it_alone(case, traine
 
 
 def test_gate_trained_on_validation_halves(trained_pipeline, tmp_path):
-    from engine.stages import gate as train_gate
+    import train_gate
     from engine.gate import predictions, stratified_halves, subset
 
     labels = torch.tensor([0] * 5 + [1] * 4 + [2] * 3)
@@ -354,7 +354,7 @@ def test_gate_trained_on_validation_halves(trained_pipeline, tmp_path):
     assert not torch.equal(stratified_halves(labels, seed=4)[0], first)
 
     pipeline = _copy_outputs(trained_pipeline, tmp_path)  # caches included: no VLM forward
-    train_gate.main(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--gate_train_split", "val"))
+    train_gate.main(train_gate.parse(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--gate_train_split", "val")))
     metrics = json.loads((pipeline.stage("gate") / "metrics.json").read_text())
     assert metrics["gate_train_split"] == "val" and list(metrics["gates"]) == ["concat_linear"]
     # Measured 0.656 (fitted on 4 validation images; chance 0.25): asserted minus 10 points.
@@ -371,9 +371,9 @@ def test_gate_trained_on_validation_halves(trained_pipeline, tmp_path):
 
 @pytest.mark.parametrize("flag", ["--epochs", "--batch_size", "--vlm_batch_size", "--max_new_tokens"])
 def test_counts_below_one_are_one_line_errors(flag, toy_root, tmp_path, capsys):
-    from engine.stages import gate as train_gate
+    import train_gate
     from utils.errors import run_cli
 
     argv = ["--dataname", "toy", "--data_root", str(toy_root), "--output_dir", str(tmp_path), flag, "0"]
-    assert run_cli(train_gate.main, argv) == 2
+    assert run_cli(train_gate.main, argv, parse=train_gate.parse) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {flag} must be at least 1 (got 0)"]

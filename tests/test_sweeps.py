@@ -91,8 +91,8 @@ def test_head_spec_is_parsed_and_checked():
 def swept(trained_pipeline, tmp_path_factory) -> Swept:  # noqa: F811
     """A copy of the trained toy pipeline with a depth sweep and an alpha sweep of stage 2 (3 head
     epochs each) and stage 3 on the paper's head with two seeds; stage 1 and the caches are reused."""
-    from engine.stages import distill as train_distillation
-    from engine.stages import gate as train_gate
+    import train_distillation
+    import train_gate
 
     root = tmp_path_factory.mktemp("swept")
     shutil.copytree(trained_pipeline.output_dir, root, dirs_exist_ok=True)
@@ -100,10 +100,10 @@ def swept(trained_pipeline, tmp_path_factory) -> Swept:  # noqa: F811
     cache = pipeline.stage("distill") / "cache"
     before = {path.name: path.stat().st_mtime_ns for path in cache.iterdir()}
     stage2 = pipeline.argv("--config", str(CONFIGS / "toy_distill.yaml"), "--epochs", "3")
-    train_distillation.main([*stage2, "--depth", "1", "2", "3"])
+    train_distillation.main(train_distillation.parse([*stage2, "--depth", "1", "2", "3"]))
     default_id = json.loads((pipeline.stage("distill") / "meta.json").read_text())["head_id"]
-    train_distillation.main([*stage2, "--alpha", "0", "1"])  # no paper setting: the default stays
-    train_gate.main(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--gate", "all", "--seeds", "0", "1"))
+    train_distillation.main(train_distillation.parse([*stage2, "--alpha", "0", "1"]))  # no paper setting: the default stays
+    train_gate.main(train_gate.parse(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--gate", "all", "--seeds", "0", "1")))
     return Swept(pipeline.data_root, root, pipeline.vlm_model, cache_before=before, default_id=default_id)
 
 
@@ -173,13 +173,13 @@ def test_statistics_come_from_the_tabled_predictions(swept):
 
 
 def test_stage3_fuses_a_chosen_head_and_refuses_a_missing_one(swept, capsys):
-    from engine.stages import gate as train_gate
+    import train_gate
     from utils.errors import run_cli
 
     gate = swept.stage("gate")
     top_before = (gate / "metrics.json").read_bytes()
     argv = swept.argv("--config", str(CONFIGS / "toy_gate.yaml"))
-    train_gate.main([*argv, "--head", "depth=2,alpha=0.5"])
+    train_gate.main(train_gate.parse([*argv, "--head", "depth=2,alpha=0.5"]))
     chosen = json.loads((gate / "runs" / "depth=2,alpha=0.5,seed=42" / "seed=42" / "metrics.json").read_text())
     head_meta = json.loads((swept.stage("distill") / "runs" / "depth=2,alpha=0.5,seed=42" / "meta.json").read_text())
     assert chosen["head_run"] == "depth=2,alpha=0.5,seed=42" and chosen["head_id"] == head_meta["head_id"]
@@ -187,7 +187,7 @@ def test_stage3_fuses_a_chosen_head_and_refuses_a_missing_one(swept, capsys):
     assert "Head fused: `depth=2,alpha=0.5,seed=42`" in (gate / "runs/depth=2,alpha=0.5,seed=42/seed=42/table.md").read_text()
 
     capsys.readouterr()
-    assert run_cli(train_gate.main, [*argv, "--head", "depth=4,alpha=0.5"]) == 2
+    assert run_cli(train_gate.main, [*argv, "--head", "depth=4,alpha=0.5"], parse=train_gate.parse) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --head depth=4,alpha=0.5: no such head run") and len(err.splitlines()) == 1
     assert "depth=2,alpha=0.5,seed=42" in err and PAPER_RUN in err

@@ -14,10 +14,11 @@ class UserError(Exception):
     """A mistake the user can fix (bad flag, missing file, wrong data layout)."""
 
 
-def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run a stage's ``main(argv)``; turn UserError into ``error: ...`` plus exit code 2."""
+def run_cli(main: Callable, argv: Sequence[str] | None = None, parse: Callable | None = None) -> int:
+    """Run ``main(argv)``, or ``main(parse(argv))`` for a stage script (``parse`` turns the command
+    line into the arguments its ``main`` takes); turn UserError into ``error: ...`` plus exit code 2."""
     try:
-        main(argv)
+        main(argv if parse is None else parse(argv))
     except UserError as err:
         print(f"error: {_last_line(str(err))}", file=sys.stderr)
         return 2

@@ -124,7 +124,7 @@ def predict_folder(predictor, folder: str | Path, out: str | Path, fmt: str = "j
                    explain: bool = False, max_new_tokens: int = 128, skip_bad_images: bool = False) -> dict:
     """Predict every image under ``folder`` not yet in ``out``; returns counts ``{done, skipped, bad, total}``.
 
-    ``predictor`` is an ``engine.predict.EmoVLMKD``. Under torchrun every rank calls this with
+    ``predictor`` is an ``engine.predictor.EmoVLMKD``. Under torchrun every rank calls this with
     its own predictor; records are appended batch by batch (a killed run keeps what was written).
     """
     folder, out = Path(folder), Path(out)
