@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_script
-from data import prepare as prep
+import data.prepare
 from data.datasets import load_dataset
 from data.hygiene import check_layout, difference_hash
 from utils.errors import UserError
@@ -40,7 +40,7 @@ def make_folders(root: Path, sizes: dict[str, int], seed0=0) -> Path:
 
 
 def prepare(*argv: str) -> None:
-    prep.main([str(a) for a in argv])
+    data.prepare.main([str(a) for a in argv])
 
 
 def manifest(out: Path) -> dict:
@@ -235,7 +235,7 @@ def test_tiny_images_imbalance_and_the_check_command(tmp_path, capsys):
     assert check["tiny"] == [["test/small/thumb.jpg", 20, 16]]
     assert check["imbalance"]["train"] == {"largest": ["big", 12], "smallest": ["small", 1], "ratio": 12.0}
     assert check["imbalanced"] and check["cross_split_duplicates"] == [["train/big/img00.jpg", "test/big/dup.jpg"]]
-    prep.main(["check", str(layout), "--drop_cross_split_duplicates"])
+    data.prepare.main(["check", str(layout), "--drop_cross_split_duplicates"])
     assert not (layout / "test/big/dup.jpg").exists() and (layout / "train/big/img00.jpg").exists()
     assert "dropped 1 later-split duplicate(s)" in capsys.readouterr().out
 
@@ -266,17 +266,17 @@ def test_difference_hash_is_the_documented_bits():
 
 def test_link_falls_back_to_symlink_then_copy(tmp_path, monkeypatch):
     source = photo(tmp_path / "s.jpg", 0)
-    assert prep.link_file(source, tmp_path / "h.jpg", copy=False) == "hardlink"
-    assert prep.link_file(source, tmp_path / "c.jpg", copy=True) == "copy"
+    assert data.prepare.link_file(source, tmp_path / "h.jpg", copy=False) == "hardlink"
+    assert data.prepare.link_file(source, tmp_path / "c.jpg", copy=True) == "copy"
     assert os.stat(tmp_path / "c.jpg").st_ino != os.stat(source).st_ino
 
     def refuse(*_):
         raise OSError("cross-device link")
     monkeypatch.setattr(os, "link", refuse)
-    assert prep.link_file(source, tmp_path / "l.jpg", copy=False) == "symlink"
+    assert data.prepare.link_file(source, tmp_path / "l.jpg", copy=False) == "symlink"
     assert (tmp_path / "l.jpg").is_symlink() and (tmp_path / "l.jpg").resolve() == source.resolve()
     monkeypatch.setattr(os, "symlink", refuse)
-    assert prep.link_file(source, tmp_path / "k.jpg", copy=False) == "copy"
+    assert data.prepare.link_file(source, tmp_path / "k.jpg", copy=False) == "copy"
 
 
 def test_check_reports_links_whose_source_is_gone(tmp_path):
@@ -301,7 +301,7 @@ def test_failed_overwrite_keeps_the_old_layout(tmp_path, monkeypatch):
         if len(calls) == 5:
             raise KeyboardInterrupt
         return "hardlink" if os.link(source, target) is None else None
-    monkeypatch.setattr(prep, "link_file", fail_later)
+    monkeypatch.setattr(data.prepare, "link_file", fail_later)
     with pytest.raises(KeyboardInterrupt):
         prepare("folders", "--src", src, "--out", out, "--split", 0.5, 0.0, 0.5, "--seed", 1, "--overwrite")
     assert manifest(out) == old and class_counts(out) == {"train": {"a": 3, "b": 3}, "test": {"a": 3, "b": 3}}

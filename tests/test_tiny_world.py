@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.toy import main as toy_main
+from data import toy
 from data.toy import make_toy_dataset
 from models.tiny import TINY_TEACHER_IMG_SIZE, TINY_TEACHER_MODEL, build_tiny_vlm
 from models.vlm import load_processor, load_vlm, pooled_image_features, vision_hidden_size
@@ -53,7 +53,7 @@ def test_toy_dataset_layout_and_same_bytes_for_a_seed(tmp_path):
 
 
 def test_toy_class_names_and_user_errors(tmp_path, capsys):
-    toy_main(["--out", str(tmp_path / "bin"), "--num_classes", "2", "--per_class", "1",
+    toy.main(["--out", str(tmp_path / "bin"), "--num_classes", "2", "--per_class", "1",
               "--test_per_class", "1"])
     assert "['negative', 'positive']" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "bin" / "train").iterdir()) == ["negative", "positive"]
