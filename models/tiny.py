@@ -8,7 +8,7 @@ Qwen3-VL writes no default system message; LLaVA-OneVision puts an ``<image>`` l
 text) and the family's processor, keeping images to a handful of visual tokens.
 ``AutoModelForImageTextToText`` and ``AutoProcessor`` load it like the hub checkpoints (e.g.
 ``Qwen/Qwen2-VL-7B-Instruct``), so every stage runs end to end on a CPU in seconds. Its answers
-are noise until trained (see the toy settings in the README).
+are noise until trained (see the toy settings in docs/stages.md).
 """
 from __future__ import annotations
 
