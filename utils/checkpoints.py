@@ -60,11 +60,15 @@ def check_format(record, path: str | Path, kind: str, stage: str | None = None,
         found = f"a {record.get('kind')!r} record where a {kind!r} one belongs"
     else:
         return record
+    raise UserError(f"{path}: {found}; {rewrite_hint(stage, dataname)}")
+
+
+def rewrite_hint(stage: str, dataname: str = "<dataname>") -> str:
+    """How to replace a record of ``stage`` this code cannot read: the command that rewrites it."""
     command = STAGE_COMMANDS[stage].format(dataname=dataname)
-    hint = f"rerun `{command}` to rewrite it"
     if stage == "instructions":  # stage 0 reads its own meta.json when it resumes
-        hint = f"delete it and rerun `{command}` (the annotations are kept)"
-    raise UserError(f"{path}: {found}; {hint}")
+        return f"delete it and rerun `{command}` (the annotations are kept)"
+    return f"rerun `{command}` to rewrite it"
 
 
 def read_checkpoint(path: str | Path, kind: str, dataname: str = "<dataname>") -> dict:
