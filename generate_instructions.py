@@ -79,12 +79,7 @@ def get_args_parser():
 
 
 def check_args(args) -> None:
-    for flag in ("workers", "max_attempts", "max_new_tokens", "max_side", "batch_size", "limit"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} {value}: must be at least 1")
-    if args.max_retries < 0 or args.timeout <= 0:
-        raise UserError("--max_retries must be >= 0 and --timeout > 0")
+    """The rules across flags (each flag's own range is in FLAG_RULES)."""
     if args.backend == "local" and not args.vlm_model:
         raise UserError("--backend local needs --vlm_model (a local model folder or a hub id)")
 
@@ -141,7 +136,6 @@ def make_backend(args, key: str | None):
 @releases_locks
 def main(args, argv=None) -> None:
     """Stage 0 on parsed flags; ``argv`` (default: the command line) is recorded, the key redacted."""
-    check_args(args)
     key = api_key(args)
     if not args.dry_run:
         lock_folder(stage_dir(args, "instructions"))  # one run per folder, until main returns
@@ -206,8 +200,11 @@ def main(args, argv=None) -> None:
 
 
 def parse(argv=None):
-    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule checked."""
-    return parse_args(get_args_parser(), argv, FLAG_RULES)
+    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule and the
+    rules across flags checked."""
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
+    check_args(args)
+    return args
 
 
 if __name__ == "__main__":

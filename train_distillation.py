@@ -29,7 +29,7 @@ from models.teacher import (DEFAULT_TEACHER, build_teacher, data_config, default
 from models.vlm import vision_hidden_size
 from utils.cache import image_list_id
 from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
-from utils.cli import add_base_vlm_flag, base_parser, parse_args, require_positive, stage_dir
+from utils.cli import add_base_vlm_flag, base_parser, parse_args, stage_dir
 from utils.dist import barrier, distributed_rank, init_distributed, leave_process_group, training_device
 from utils.errors import UserError, run_cli
 from utils.metrics import classification_metrics, save_curves_png, write_metrics
@@ -155,12 +155,8 @@ def teacher_checkpoint(args, splits, device, rank: int) -> Path:
 @releases_locks
 def main(args) -> None:
     """Stage 2 on parsed flags: the teacher, the cached frozen passes, then the heads of the sweep."""
-    require_positive(args, "batch_size", "feature_batch_size", "teacher_batch_size", "teacher_epochs", "epochs",
-                     "teacher_img_size")
     args.depth, args.alpha = as_list(args.depth), as_list(args.alpha)
     args.seeds = as_list(args.seeds) if args.seeds is not None else [args.seed]
-    if not all(0.0 <= alpha <= 1.0 for alpha in args.alpha):
-        raise UserError(f"--alpha {' '.join(f'{a:g}' for a in args.alpha)}: each value must lie in [0, 1]")
     # Under a launcher only the first process reports progress.
     logging.basicConfig(level=logging.INFO if distributed_rank()[0] == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -38,7 +38,7 @@ from models.heads import load_head
 from models.scorer import EVAL_MODES
 from models.vlm import load_trained_vlm, trained_quant
 from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
-from utils.cli import add_base_vlm_flag, base_parser, parse_args, require_positive, stage_dir
+from utils.cli import add_base_vlm_flag, base_parser, parse_args, stage_dir
 from utils.dist import init_distributed, leave_process_group, training_device
 from utils.errors import UserError, run_cli
 from utils.io import read_json, write_json, write_text
@@ -92,6 +92,12 @@ def get_args_parser():
     gate.add_argument("--lr", type=float, default=1e-4)
     gate.add_argument("--weight_decay", type=float, default=1e-4)
     return parser
+
+
+def check_args(args) -> None:
+    """The rules across flags (each flag's own range is in FLAG_RULES)."""
+    if args.vlm_signal == "probs" and args.vlm_answer != "score":
+        raise UserError("--vlm_signal probs needs class probabilities: use --vlm_answer score")
 
 
 def read_inputs(args):
@@ -231,9 +237,6 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
 def main(args) -> None:
     """Stage 3 on parsed flags: the frozen inputs (cached), then every gate once per seed."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.vlm_signal == "probs" and args.vlm_answer != "score":
-        raise UserError("--vlm_signal probs needs class probabilities: use --vlm_answer score")
-    require_positive(args, "epochs", "batch_size", "vlm_batch_size", "max_new_tokens")
     seeds = as_list(args.seeds) if args.seeds is not None else [args.seed]
     seed_everything(args.seed)
     vlm_dir, vlm_meta, distill_dir, head_meta = read_inputs(args)
@@ -311,8 +314,11 @@ def is_default_head(args, head_meta: dict) -> bool:
 
 
 def parse(argv=None):
-    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule checked."""
-    return parse_args(get_args_parser(), argv, FLAG_RULES)
+    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule and the
+    rules across flags checked."""
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
+    check_args(args)
+    return args
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from models.backbones import backbone_for
 from models.scorer import EVAL_MODES
 from models.vlm import DEFAULT_MAX_PIXELS, load_processor, load_trained_vlm, load_vlm, resolve_quant
 from utils.checkpoints import META_FILE, check_compatible, file_id, read_meta, write_meta
-from utils.cli import base_parser, parse_args, require_positive, stage_dir
+from utils.cli import base_parser, parse_args, stage_dir
 from utils.dist import distributed_rank, is_main_process, leave_process_group, pin_single_gpu, training_device
 from utils.errors import UserError, run_cli
 from utils.outputs import StagedOutput, lock_folder, releases_locks, staging_dir
@@ -99,6 +99,12 @@ def get_args_parser():
                             help="generate mode: strict reads only {'emotion': '<class>'} (the reference code's "
                                  "reading); lenient also a lone class word")
     return parser
+
+
+def check_args(args) -> None:
+    """The rules across flags (each flag's own range is in FLAG_RULES)."""
+    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
+        raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
 
 
 def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
@@ -226,11 +232,7 @@ def train(args, splits, out_dir: Path) -> None:
 
 @releases_locks
 def main(args) -> None:
-    """Stage 1 on parsed flags: check them, lock the folder, then train (and evaluate) or only evaluate."""
-    require_positive(args, "batch_size", "epochs", "grad_accum", "eval_batch_size", "max_new_tokens",
-                     "lora_r", "lora_alpha", "min_pixels", "max_pixels")
-    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
-        raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
+    """Stage 1 on parsed flags (checked by ``parse``): lock the folder, then train (and evaluate) or only evaluate."""
     lock_folder(stage_dir(args, "vlm"))  # one run per folder, until main returns
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -248,8 +250,11 @@ def main(args) -> None:
 
 
 def parse(argv=None):
-    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule checked."""
-    return parse_args(get_args_parser(), argv, FLAG_RULES)
+    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule and the
+    rules across flags checked."""
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
+    check_args(args)
+    return args
 
 
 if __name__ == "__main__":

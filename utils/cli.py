@@ -167,14 +167,6 @@ def flags_without_rules(parser: argparse.ArgumentParser, rules: dict[str, str]) 
             if action.type in (int, float) and action.dest not in rules]
 
 
-def require_positive(args: argparse.Namespace, *names: str) -> None:
-    """UserError unless every named integer flag (dest name, e.g. ``"batch_size"``) is >= 1."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1 (got {value})")
-
-
 def resolve_device(gpu: int | None) -> torch.device:
     """``--gpu N`` -> cuda:N; no flag -> cuda:0 if present; CPU when CUDA is absent."""
     if torch.cuda.is_available():
