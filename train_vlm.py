@@ -30,11 +30,12 @@ from engine.vlm_train import (DEFAULT_TARGET_MODULES, ConversationCollator, buil
 from models.backbones import backbone_for
 from models.scorer import EVAL_MODES
 from models.vlm import DEFAULT_MAX_PIXELS, load_processor, load_trained_vlm, load_vlm, resolve_quant
-from utils.checkpoints import META_FILE, check_compatible, file_id, read_meta, write_meta
+from utils.checkpoints import META_FILE, file_id
 from utils.cli import base_parser, parse_args, stage_dir
 from utils.dist import distributed_rank, is_main_process, leave_process_group, pin_single_gpu, training_device
 from utils.errors import UserError, run_cli
 from utils.outputs import StagedOutput, lock_folder, releases_locks, staging_dir
+from utils.records import InstructionsRecord, VLMRecord
 from utils.run import record_run, seed_everything
 
 DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
@@ -124,8 +125,8 @@ def eval_only(args, splits, out_dir: Path) -> dict:
     device = training_device(args.gpu)  # under torchrun: this rank's GPU
     # auto: the way stage 1 trained it (recorded in meta.json).
     quant = None if args.quant == "auto" else args.quant
-    model, processor, meta = load_trained_vlm(out_dir, device, args.vlm_model, quant)
-    check_compatible(meta, out_dir, class_names=splits.class_names)
+    model, processor, vlm_record = load_trained_vlm(out_dir, device, args.vlm_model, quant)
+    vlm_record.check_run(out_dir, class_names=splits.class_names)
     metrics = evaluate(args, model, processor, splits, out_dir)
     leave_process_group()
     return metrics
@@ -143,7 +144,7 @@ def annotations_file(args, class_names) -> Path:
         raise UserError(f"{path}: no instruction annotations; run "
                         f"`python generate_instructions.py --dataname {args.dataname}` first")
     if (folder / META_FILE).is_file():
-        check_compatible(read_meta(folder, "instructions", args.dataname), folder, class_names=class_names)
+        InstructionsRecord.load(folder, args.dataname).check_run(folder, class_names=class_names)
     return path
 
 
@@ -172,13 +173,13 @@ def save_outputs(args, model, processor, class_names, out_dir: Path, counts: dic
     record_run(out_dir, args, train_examples=sum(counts["conversations"].values()), counts=counts)
     # Lets a later stage accept the same local base folder after it moved.
     config = Path(args.vlm_model) / "config.json"
-    write_meta(out_dir, "vlm", class_names, base_model=args.vlm_model,
-               base_config_id=file_id(config) if config.is_file() else None,
-               adapter_id=file_id(out_dir / "adapter_model.safetensors"),
-               min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
-               modules_to_save=list(args.modules_to_save), target_modules=list(args.target_modules),
-               lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=args.quant,
-               train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts)
+    VLMRecord(class_names=class_names, base_model=args.vlm_model,
+              base_config_id=file_id(config) if config.is_file() else None,
+              adapter_id=file_id(out_dir / "adapter_model.safetensors"),
+              min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
+              modules_to_save=list(args.modules_to_save), target_modules=list(args.target_modules),
+              lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=args.quant,
+              train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts).write(out_dir)
     history = read_history(out_dir / "log.txt")
     staged.commit([("the final training loss", history[-1]["train_loss"])] if history else [], "--lr")
     print(f"saved adapter and processor to {final_dir}")

@@ -39,7 +39,7 @@ def base_parser(description: str, batch_size: int | None = None) -> argparse.Arg
 
 def add_base_vlm_flag(group) -> None:
     """``--vlm_model`` of a stage built on stage 1's adapter (stages 2 and 3): by default the base
-    stage 1 recorded; a given one must be that same id (``utils.checkpoints.check_compatible``)."""
+    stage 1 recorded; a given one must be that same id (``utils.records.VLMRecord.check_run``)."""
     group.add_argument("--vlm_model", default=None,
                        help="base VLM (hub id or folder); default: the one stage 1 was trained on, "
                             "which a given one must match")
