@@ -145,8 +145,8 @@ def teacher_checkpoint(args, splits, device, rank: int) -> Path:
 @releases_locks
 def main(args) -> None:
     """Stage 2 on parsed flags: the teacher, the cached frozen passes, then the heads of the sweep."""
-    args.depth, args.alpha = as_list(args.depth), as_list(args.alpha)
-    args.seeds = as_list(args.seeds) if args.seeds is not None else [args.seed]
+    depths, alphas = as_list(args.depth), as_list(args.alpha)
+    seeds = as_list(args.seeds) if args.seeds is not None else [args.seed]
     # Under a launcher only the first process reports progress.
     logging.basicConfig(level=logging.INFO if distributed_rank()[0] == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -157,7 +157,9 @@ def main(args) -> None:
     vlm_record.check_run(vlm_dir, class_names=splits.class_names, base_model=args.vlm_model)
     # One run per folder, until main returns (utils.outputs.releases_locks).
     lock_folder(*([] if args.teacher_checkpoint else [stage_dir(args, "teacher")]), stage_dir(args, "distill"))
-    args.vlm_model = args.vlm_model or vlm_record.base_model
+    base_model = args.vlm_model or vlm_record.base_model
+    # Recorded in each run's run.json, whose args hold what was given.
+    resolved = {"vlm_model": base_model, "depth": depths, "alpha": alphas, "seeds": seeds}
     rank, world = init_distributed()
     if rank == 0:
         print(splits.summary() + (f"; {world} processes" if world > 1 else ""))
@@ -170,7 +172,7 @@ def main(args) -> None:
     pixels = {"min_pixels": vlm_record.min_pixels, "max_pixels": vlm_record.max_pixels}
     # Recorded so stage 3 asks the cache for exactly these features, whatever its own device.
     encoding = {**pixels, "feature_dtype": str(feature_dtype(device))}
-    features = cached_vlm_features(splits, args.vlm_model, pixels, device, args.feature_batch_size, cache_dir,
+    features = cached_vlm_features(splits, base_model, pixels, device, args.feature_batch_size, cache_dir,
                                    args.num_workers)
     teacher_logits = cached_teacher_logits(splits, teacher_path, device, args.feature_batch_size, cache_dir,
                                            args.num_workers)
@@ -184,17 +186,18 @@ def main(args) -> None:
                       f"{args.dataname}: teacher {args.teacher_model}")
         print(f"teacher test accuracy {teacher_test['accuracy']:.4f}")
 
-    in_dim = vision_hidden_size(AutoConfig.from_pretrained(args.vlm_model))
-    sweep = settings(args.depth, args.alpha, args.seeds)
+    in_dim = vision_hidden_size(AutoConfig.from_pretrained(base_model))
+    sweep = settings(depths, alphas, seeds)
     if len(sweep) > 1:
         print(f"sweep: {len(sweep)} heads on the cached features ({', '.join(run_name(**s) for s in sweep)})")
     inputs = {"features": features, "teacher_logits": teacher_logits, "labels": labels,
               "teacher_test": teacher_test, "teacher_path": teacher_path,
               "teacher_id": file_id(teacher_path),  # hashed once for every head of a sweep
-              "encoding": encoding, "adapter_id": vlm_record.adapter_id, "in_dim": in_dim, "world": world, "device": device}
+              "encoding": encoding, "adapter_id": vlm_record.adapter_id, "base_model": base_model,
+              "resolved": resolved, "in_dim": in_dim, "world": world, "device": device}
     for setting in sweep:
         train_one_head(args, setting, splits.class_names, out_dir, inputs)
-    default = default_setting(args.depth, args.alpha, args.seeds)
+    default = default_setting(depths, alphas, seeds)
     if default is not None:
         publish(out_dir / RUNS / run_name(**default), out_dir)
         print(f"default head (stage 3, demo): {run_name(**default)} -> {out_dir}")
@@ -218,7 +221,7 @@ def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict
                               standardize=args.standardize_features, seed=setting["seed"], device=inputs["device"],
                               log_path=run_dir / "log.txt")
     save_curves_png(result["history"], run_dir / "curves.png", f"stage 2: distillation head ({name})")
-    head_path = save_head(run_dir / HEAD_FILE, head, class_names, base_model=args.vlm_model,
+    head_path = save_head(run_dir / HEAD_FILE, head, class_names, base_model=inputs["base_model"],
                           teacher_id=teacher_id, best_val_acc=result["best_val_acc"], epoch=result["epoch"],
                           standardized=args.standardize_features, alpha=setting["alpha"], seed=setting["seed"],
                           **inputs["encoding"])
@@ -230,8 +233,8 @@ def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict
                             "best_val_acc": result["best_val_acc"], "teacher_accuracy": teacher_test["accuracy"],
                             "agreement": agreement, "teacher": teacher_test}, f"{args.dataname}: distilled head ({name})")
     run_args = argparse.Namespace(**{**vars(args), **setting})  # this run's own depth, alpha and seed
-    record_run(run_dir, run_args, in_dim=in_dim, processes=inputs["world"], run=name)
-    DistillRecord(class_names=class_names, base_model=args.vlm_model, head_id=file_id(head_path),
+    record_run(run_dir, run_args, in_dim=in_dim, processes=inputs["world"], run=name, resolved=inputs["resolved"])
+    DistillRecord(class_names=class_names, base_model=inputs["base_model"], head_id=file_id(head_path),
                   teacher_id=teacher_id, teacher_checkpoint=str(teacher_path), adapter_id=inputs["adapter_id"],
                   in_dim=in_dim, run=name, **setting, **inputs["encoding"]).write(run_dir)
     staged.commit([(f"the head's final training loss ({name})", result["history"][-1]["train_loss"])],

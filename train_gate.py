@@ -108,7 +108,6 @@ def read_inputs(args) -> tuple[Path, VLMRecord, Path, DistillRecord]:
     vlm_record = VLMRecord.load(vlm_dir, args.dataname)
     head_dir = resolve_head(stage_dir(args, "distill"), getattr(args, "head", None))
     head_record = DistillRecord.load(head_dir, args.dataname)
-    args.head_run = head_record.run
     return vlm_dir, vlm_record, head_dir, head_record
 
 
@@ -118,15 +117,15 @@ def vlm_quant(args, vlm_record: VLMRecord, device) -> str:
     return trained_quant(vlm_record.quant, args.quant, device) or "none"
 
 
-def gate_inputs(args, splits, vlm_dir, vlm_record: VLMRecord, distill_dir, head_record: DistillRecord, device) -> dict:
-    """``{split: GateData}``: the cached VLM answers and the frozen head on stage 2's cached features
-    (exactly those the head was trained on: a mismatch asks to rerun stage 2, never re-encodes)."""
+def gate_inputs(args, splits, vlm_dir, vlm_record: VLMRecord, distill_dir, head_record: DistillRecord, device,
+                quant: str) -> dict:
+    """``{split: GateData}``: the cached VLM answers (the VLM loaded as ``quant`` says) and the frozen
+    head on stage 2's cached features (exactly those the head was trained on: a mismatch asks to rerun
+    stage 2, never re-encodes)."""
     head, _ = load_head(distill_dir, splits.class_names, dataname=args.dataname)
     pixels = {"min_pixels": head_record.min_pixels, "max_pixels": head_record.max_pixels}
     features = cached_vlm_features(splits, head_record.base_model, pixels, device, args.vlm_batch_size,
                                    stage_dir(args, "distill") / "cache", dtype=head_record.feature_dtype, build=False)
-
-    quant = vlm_quant(args, vlm_record, device)
 
     def load_model():
         model, processor, _ = load_trained_vlm(vlm_dir, device, quant=quant)
@@ -181,7 +180,7 @@ def add_statistics(metrics: dict, preds: dict) -> None:
 
 
 def write_results(args, out_dir: Path, data: dict, results: dict, selected: str, class_names,
-                  provenance: GateProvenance, teacher_pred=None, head_dir: Path | None = None) -> str:
+                  provenance: GateProvenance, resolved: dict, teacher_pred=None, head_dir: Path | None = None) -> str:
     """gate.pt (and gate_<name>.pt), metrics.json, pictures, table.md, run.json; meta.json last."""
     def save(path: Path, result) -> Path:
         return save_gate(path, result.name, result.gate, class_names, best_val_acc=result.best_val_acc,
@@ -218,7 +217,7 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
         f"`{name}` = {GATE_LABELS[name]}" for name in results) + f". Head fused: `{provenance.head_run}`.\n\n" \
         + complementarity_table(metrics) + "\n"
     write_text(out_dir / "table.md", table)
-    record_run(out_dir, args, selected_gate=selected)
+    record_run(out_dir, args, selected_gate=selected, resolved=resolved)
     # The provenance is gate.pt's (the predictor reads it there); meta.json only names that file.
     GateRecord(class_names=class_names, gate=selected, gate_id=file_id(out_dir / GATE_FILE)).write(out_dir)
     return table
@@ -242,8 +241,8 @@ def main(args) -> None:
     default_head = is_default_head(args, head_record)
     rank, _ = init_distributed()  # under torchrun the VLM-answer pass is sharded across the ranks
     device = training_device(args.gpu)
-    args.quant = vlm_quant(args, vlm_record, device)  # resolved once: recorded in run.json and gate.pt
-    data = gate_inputs(args, splits, vlm_dir, vlm_record, distill_dir, head_record, device)
+    quant = vlm_quant(args, vlm_record, device)  # resolved once: recorded in run.json and gate.pt
+    data = gate_inputs(args, splits, vlm_dir, vlm_record, distill_dir, head_record, device, quant)
     leave_process_group()  # the frozen passes are over: the gate trains on rank 0 alone
     if rank != 0:
         return
@@ -253,18 +252,19 @@ def main(args) -> None:
               f"({row['n']} images)")
     names = list(GATES) if args.gate == "all" else [args.gate]
     provenance = GateProvenance(vlm_signal=args.vlm_signal, vlm_answer=args.vlm_answer, parser=args.parser,
-                                max_new_tokens=args.max_new_tokens, quant=args.quant, adapter_id=vlm_record.adapter_id,
+                                max_new_tokens=args.max_new_tokens, quant=quant, adapter_id=vlm_record.adapter_id,
                                 head_id=head_record.head_id, base_model=vlm_record.base_model,
-                                head_run=args.head_run)
+                                head_run=head_record.run)
+    resolved = {"quant": quant, "head_run": head_record.run, "seeds": seeds}  # run.json's args hold what was given
     teacher_pred = teacher_test_predictions(args, splits, head_record)
-    print(f"fusing head {args.head_run} ({distill_dir})")
+    print(f"fusing head {head_record.run} ({distill_dir})")
     for index, seed in enumerate(seeds):
         run_args = argparse.Namespace(**{**vars(args), "seed": seed})  # this run's own seed in run.json
-        staged = StagedOutput(out_dir / RUNS / args.head_run / f"seed={seed}")  # swapped in once finite
+        staged = StagedOutput(out_dir / RUNS / head_record.run / f"seed={seed}")  # swapped in once finite
         run_dir = staged.begin()
         results, selected = fit_gates(run_args, names, data, len(splits.class_names), device, run_dir / "log.txt")
         finite = [(f"the {name} gate's validation loss", results[name].history[-1]["val_loss"]) for name in names]
-        table = write_results(run_args, run_dir, data, results, selected, splits.class_names, provenance,
+        table = write_results(run_args, run_dir, data, results, selected, splits.class_names, provenance, resolved,
                               teacher_pred, distill_dir)
         run_dir = staged.commit(finite, "--lr")
         published = index == 0 and default_head  # the folder the demo, the predictor and the report read

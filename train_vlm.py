@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -108,6 +109,16 @@ def check_args(args) -> None:
         raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
 
 
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The settings stage 1 trains with that the flags leave open (their defaults depend on the
+    machine or the model): recorded in run.json under ``resolved``, and all but ``gpu`` in meta.json."""
+    vlm_model: str
+    quant: str | None  # "4bit" or None (full precision)
+    target_modules: list[str]
+    gpu: int | None  # --gpu as this process sees it (pin_single_gpu)
+
+
 def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
     """The test evaluation; under torchrun every rank runs it on its share of the images."""
     model.eval()
@@ -121,8 +132,8 @@ def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
     return metrics
 
 
-def eval_only(args, splits, out_dir: Path) -> dict:
-    device = training_device(args.gpu)  # under torchrun: this rank's GPU
+def eval_only(args, splits, out_dir: Path, gpu: int | None) -> dict:
+    device = training_device(gpu)  # under torchrun: this rank's GPU
     # auto: the way stage 1 trained it (recorded in meta.json).
     quant = None if args.quant == "auto" else args.quant
     model, processor, vlm_record = load_trained_vlm(out_dir, device, args.vlm_model, quant)
@@ -162,7 +173,8 @@ def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
     return checkpoint
 
 
-def save_outputs(args, model, processor, class_names, out_dir: Path, counts: dict) -> None:
+def save_outputs(args, settings: TrainingSettings, model, processor, class_names, out_dir: Path,
+                 counts: dict) -> None:
     """Adapter, processor, run record, then meta.json last (all staged), then swapped into
     ``out_dir``: only a complete folder has a meta.json."""
     staged = StagedOutput(out_dir)
@@ -170,40 +182,42 @@ def save_outputs(args, model, processor, class_names, out_dir: Path, counts: dic
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     size = processor.image_processor.size
-    record_run(out_dir, args, train_examples=sum(counts["conversations"].values()), counts=counts)
+    record_run(out_dir, args, train_examples=sum(counts["conversations"].values()), counts=counts,
+               resolved=asdict(settings))
     # Lets a later stage accept the same local base folder after it moved.
-    config = Path(args.vlm_model) / "config.json"
-    VLMRecord(class_names=class_names, base_model=args.vlm_model,
+    config = Path(settings.vlm_model) / "config.json"
+    VLMRecord(class_names=class_names, base_model=settings.vlm_model,
               base_config_id=file_id(config) if config.is_file() else None,
               adapter_id=file_id(out_dir / "adapter_model.safetensors"),
               min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
-              modules_to_save=list(args.modules_to_save), target_modules=list(args.target_modules),
-              lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=args.quant,
+              modules_to_save=list(args.modules_to_save), target_modules=list(settings.target_modules),
+              lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=settings.quant,
               train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts).write(out_dir)
     history = read_history(out_dir / "log.txt")
     staged.commit([("the final training loss", history[-1]["train_loss"])] if history else [], "--lr")
     print(f"saved adapter and processor to {final_dir}")
 
 
-def train(args, splits, out_dir: Path) -> None:
-    args.vlm_model = args.vlm_model or DEFAULT_VLM
+def train(args, splits, out_dir: Path, gpu: int | None) -> None:
+    vlm_model = args.vlm_model or DEFAULT_VLM
     path = annotations_file(args, splits.class_names)
     examples = build_examples(read_annotations(path), splits, path)
     counts = example_counts(examples, len(splits.train))
-    device = training_device(args.gpu)
+    device = training_device(gpu)
     on_gpu = device.type == "cuda"
-    args.quant = resolve_quant(args.quant, device)
-    print(f"base model {args.vlm_model}: " + ("4-bit NF4 (QLoRA)" if args.quant else
-                                                "full precision" + (" (bf16)" if on_gpu else "")))
-    processor = load_processor(args.vlm_model, args.min_pixels, args.max_pixels)
+    quant = resolve_quant(args.quant, device)
+    print(f"base model {vlm_model}: " + ("4-bit NF4 (QLoRA)" if quant else
+                                           "full precision" + (" (bf16)" if on_gpu else "")))
+    processor = load_processor(vlm_model, args.min_pixels, args.max_pixels)
     size = processor.image_processor.size
     print(f"pixel budget per image: {size.shortest_edge}..{size.longest_edge} "
           f"(--min_pixels/--max_pixels)")
-    model = load_vlm(args.vlm_model, device, dtype=torch.bfloat16 if on_gpu else None, quant=args.quant,
+    model = load_vlm(vlm_model, device, dtype=torch.bfloat16 if on_gpu else None, quant=quant,
                      trainable=True)
-    args.target_modules = list(args.target_modules or backbone_for(model).lora_targets)
-    model = wrap_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.target_modules,
-                      args.modules_to_save, quantized=args.quant is not None, gradient_checkpointing=on_gpu)
+    settings = TrainingSettings(vlm_model=vlm_model, quant=quant, gpu=gpu,
+                                target_modules=list(args.target_modules or backbone_for(model).lora_targets))
+    model = wrap_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, settings.target_modules,
+                      args.modules_to_save, quantized=quant is not None, gradient_checkpointing=on_gpu)
 
     trainer_dir = out_dir / "trainer"
     checkpoint = prepare_folder(args, out_dir, trainer_dir)
@@ -225,7 +239,7 @@ def train(args, splits, out_dir: Path) -> None:
                       data_collator=ConversationCollator(processor, args.train_on_prompt), callbacks=[logger])
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():  # saving is rank 0's alone
-        save_outputs(args, model, processor, splits.class_names, out_dir, counts)
+        save_outputs(args, settings, model, processor, splits.class_names, out_dir, counts)
     if not args.skip_eval:
         evaluate(args, model, processor, splits, out_dir)  # sharded across the ranks
     leave_process_group()
@@ -238,16 +252,16 @@ def main(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     # Before anything touches CUDA: a single process sees only its GPU (see pin_single_gpu).
-    args.gpu = pin_single_gpu(args.gpu)
+    gpu = pin_single_gpu(args.gpu)
     seed_everything(args.seed)
     splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
     if distributed_rank()[0] == 0:
         print(splits.summary())
     out_dir = stage_dir(args, "vlm")
     if args.eval_only:
-        eval_only(args, splits, out_dir)
+        eval_only(args, splits, out_dir, gpu)
     else:
-        train(args, splits, out_dir)
+        train(args, splits, out_dir, gpu)
 
 
 def parse(argv=None):

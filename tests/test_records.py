@@ -1,7 +1,7 @@
 """Typed stage records (utils/records.py): each meta.json round-trips through its record with the
 keys on disk unchanged; a record this code cannot read is one error line naming the file and the
 command rewriting it; each check refuses outputs that were not built on each other, naming the
-stage to rerun."""
+stage to rerun; and a stage's ``main`` leaves the parsed flags as the user gave them."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 
 import pytest
 
+from tests.pipeline import PIPELINE_GATE_ARGS, CONFIGS, finished, trained_pipeline  # noqa: F401
 from utils.checkpoints import FORMAT_VERSION
 from utils.errors import UserError
 from utils.records import (DistillRecord, GateProvenance, GateRecord, InstructionsRecord, TeacherRecord,
@@ -182,3 +183,19 @@ def test_gate_provenance_round_trips_through_gate_pt(tmp_path):
                                         r"to rewrite it$"):
         GateProvenance.from_checkpoint(checkpoint, tmp_path / "gate.pt", "toy")
 
+
+def test_stage3_leaves_the_flags_as_given_and_records_what_it_resolved(finished):  # noqa: F811
+    """train_gate.main on the toy pipeline (its caches: no VLM forward): ``args`` is unchanged, run.json's
+    ``args`` holds the flags as given and ``resolved`` what the stage derived; gate.pt keeps the resolved quant."""
+    import torch
+
+    import train_gate
+
+    args = train_gate.parse(finished.argv("--config", str(CONFIGS / "toy_gate.yaml"), *PIPELINE_GATE_ARGS))
+    given = vars(args).copy()
+    train_gate.main(args)
+    assert vars(args) == given
+    run = json.loads((finished.stage("gate") / "run.json").read_text())
+    assert run["args"]["quant"] is None and run["args"]["seeds"] is None and "head_run" not in run["args"]
+    assert run["resolved"] == {"quant": "none", "head_run": "depth=1,alpha=0.5,seed=42", "seeds": [42]}
+    assert torch.load(finished.stage("gate") / "gate.pt", weights_only=True)["quant"] == "none"

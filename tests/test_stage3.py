@@ -26,15 +26,15 @@ MARGIN = 0.10
 def _gate_data(pipeline: ToyRun, *extra: str) -> dict:
     """The gate's inputs per split, as train_gate.py builds them (from the caches after a run)."""
     import train_gate
-    from utils.checkpoints import read_meta
     from utils.cli import parse_args
 
     args = parse_args(train_gate.get_args_parser(), pipeline.argv(*extra))
     from data.datasets import load_dataset
 
     splits = load_dataset(args.data_root, args.dataname, args.output_dir)
-    vlm_dir, vlm_meta, distill_dir, head_meta = train_gate.read_inputs(args)
-    return train_gate.gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, "cpu")
+    vlm_dir, vlm_record, distill_dir, head_record = train_gate.read_inputs(args)
+    return train_gate.gate_inputs(args, splits, vlm_dir, vlm_record, distill_dir, head_record, "cpu",
+                                  train_gate.vlm_quant(args, vlm_record, "cpu"))
 
 
 def test_pipeline_outputs_table_and_accuracy(trained_pipeline):
