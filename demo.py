@@ -22,7 +22,7 @@ from PIL import Image
 
 from data.datasets import load_dataset
 from engine.predictor import DEFAULT_MAX_IMAGE_SIDE, DEFAULT_MAX_UPLOAD_PIXELS, EmoVLMKD, open_upload
-from utils.cli import base_parser, parse_args, require_positive, resolve_device
+from utils.cli import base_parser, parse_args, resolve_device
 from utils.errors import UserError, run_cli
 from utils.outputs import releases_locks
 
@@ -187,7 +187,6 @@ def build_app(predictor, examples: Sequence[str] = (), max_new_tokens: int = 128
 @releases_locks
 def main(args) -> None:
     """Load the trained stages and serve the app until interrupted."""
-    require_positive(args, "max_new_tokens", "max_image_side", "max_upload_pixels")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _gradio()  # a missing gradio fails here, before the models load
     predictor = EmoVLMKD.from_outputs(args.output_dir, args.dataname, resolve_device(args.gpu),

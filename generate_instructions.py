@@ -27,11 +27,11 @@ from data.annotations import ANNOTATIONS_FILE, read_annotations
 from data.datasets import load_dataset
 from engine.instructions import (LocalBackend, OpenAIBackend, Tally, annotated_images, approx_image_tokens,
                                  compact_rejected, image_data_url, merge_parts, plan_requests, write_outcomes)
-from utils.checkpoints import check_compatible, read_meta, write_meta
 from utils.cli import base_parser, parse_args, stage_dir
 from utils.dist import barrier, concat_parts, init_distributed, leave_process_group, run_sharded, training_device
 from utils.errors import UserError, run_cli
 from utils.outputs import lock_folder, releases_locks
+from utils.records import InstructionsRecord
 from utils.run import record_run
 
 SCRIPT = "generate_instructions.py"  # the command recorded in run.json
@@ -79,12 +79,7 @@ def get_args_parser():
 
 
 def check_args(args) -> None:
-    for flag in ("workers", "max_attempts", "max_new_tokens", "max_side", "batch_size", "limit"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} {value}: must be at least 1")
-    if args.max_retries < 0 or args.timeout <= 0:
-        raise UserError("--max_retries must be >= 0 and --timeout > 0")
+    """The rules across flags (each flag's own range is in FLAG_RULES)."""
     if args.backend == "local" and not args.vlm_model:
         raise UserError("--backend local needs --vlm_model (a local model folder or a hub id)")
 
@@ -141,7 +136,6 @@ def make_backend(args, key: str | None):
 @releases_locks
 def main(args, argv=None) -> None:
     """Stage 0 on parsed flags; ``argv`` (default: the command line) is recorded, the key redacted."""
-    check_args(args)
     key = api_key(args)
     if not args.dry_run:
         lock_folder(stage_dir(args, "instructions"))  # one run per folder, until main returns
@@ -151,7 +145,7 @@ def main(args, argv=None) -> None:
     splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
     folder = stage_dir(args, "instructions")
     if (folder / "meta.json").is_file():
-        check_compatible(read_meta(folder, "instructions", args.dataname), folder, splits.class_names)
+        InstructionsRecord.load(folder, args.dataname).check_run(folder, splits.class_names)
     # Under torchrun the requests are sharded: each rank appends to its own part files, which
     # rank 0 merges in rank order (and, first, what a killed multi-process run left behind).
     rank, world = (0, 1) if args.dry_run else init_distributed()
@@ -198,16 +192,18 @@ def main(args, argv=None) -> None:
     if args.backend == "openai":
         print(f"token usage: prompt {usage['prompt_tokens']}, completion {usage['completion_tokens']}, "
               f"total {sum(usage.values())}")
-    write_meta(folder, "instructions", splits.class_names, generator=generator,
-               num_annotated=len(annotated), num_train=len(splits.train), num_rejected=num_rejected,
-               num_mentions_label=mentions,
-               complete=len(annotated) == len(splits.train))
+    InstructionsRecord(class_names=splits.class_names, generator=generator, num_annotated=len(annotated),
+                       num_train=len(splits.train), num_rejected=num_rejected, num_mentions_label=mentions,
+                       complete=len(annotated) == len(splits.train)).write(folder)
     record_run(folder, args, command=redacted_command(argv, key), counts=tally.counts(), usage=usage)
 
 
 def parse(argv=None):
-    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule checked."""
-    return parse_args(get_args_parser(), argv, FLAG_RULES)
+    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule and the
+    rules across flags checked."""
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
+    check_args(args)
+    return args
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engine.predict_folder import FORMATS, list_images, output_format, predict_folder
 from engine.predictor import EmoVLMKD
-from utils.cli import base_parser, parse_args, require_positive
+from utils.cli import base_parser, parse_args
 from utils.dist import init_distributed, leave_process_group, training_device
 from utils.errors import UserError, run_cli
 from utils.outputs import releases_locks
@@ -46,7 +46,6 @@ def get_args_parser():
 @releases_locks
 def main(args) -> None:
     """Predict every image under ``args.images`` into ``args.out`` (rank 0 prints the counts)."""
-    require_positive(args, "batch_size", "max_new_tokens")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     if out.is_dir():

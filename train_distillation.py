@@ -28,12 +28,13 @@ from models.teacher import (DEFAULT_TEACHER, build_teacher, data_config, default
                             save_teacher)
 from models.vlm import vision_hidden_size
 from utils.cache import image_list_id
-from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
-from utils.cli import add_base_vlm_flag, base_parser, parse_args, require_positive, stage_dir
+from utils.checkpoints import file_id
+from utils.cli import add_base_vlm_flag, base_parser, parse_args, stage_dir
 from utils.dist import barrier, distributed_rank, init_distributed, leave_process_group, training_device
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
 from utils.metrics import classification_metrics, save_curves_png, write_metrics
 from utils.outputs import StagedOutput, lock_folder, publish, releases_locks
+from utils.records import DistillRecord, TeacherRecord, VLMRecord
 from utils.run import record_run, seed_everything
 from utils.sweeps import RUNS, as_list, default_setting, run_name, settings
 
@@ -93,20 +94,9 @@ def existing_teacher(args, splits, folder: Path) -> Path | None:
     path = folder / "teacher.pt"
     if args.retrain_teacher or not (folder / "meta.json").is_file() or not path.is_file():
         return None
-    meta = read_meta(folder, "teacher", args.dataname)
-    try:
-        check_compatible(meta, folder, class_names=splits.class_names)
-    except UserError as err:
-        raise UserError(f"{err}; or pass --retrain_teacher") from None
+    teacher_record = TeacherRecord.load(folder, args.dataname)
     size = args.teacher_img_size or default_img_size(args.teacher_model)
-    if (meta.get("model"), meta.get("img_size")) != (args.teacher_model, size):
-        raise UserError(f"{folder}: holds teacher {meta.get('model')} at {meta.get('img_size')} px, but this run "
-                        f"asks for --teacher_model {args.teacher_model} at {size} px; pass those flags, "
-                        "or --retrain_teacher to replace it")
-    changed = [name for name, value in split_ids(splits).items() if meta.get(name) != value]
-    if changed:
-        raise UserError(f"{folder}: the teacher was trained on other {' and '.join(changed)} (the data split "
-                        "changed); pass --retrain_teacher to replace it")
+    teacher_record.check_reusable(folder, splits.class_names, args.teacher_model, size, split_ids(splits))
     return path
 
 
@@ -126,9 +116,9 @@ def fit_teacher(args, splits, folder: Path, device) -> Path:
     path = save_teacher(new_dir / "teacher.pt", model, args.teacher_model, size, splits.class_names, config,
                         pretrained, result["best_val_acc"], result["epoch"])
     record_run(new_dir, args)
-    write_meta(new_dir, "teacher", splits.class_names, model=args.teacher_model, img_size=size,
-               pretrained=pretrained, teacher_id=file_id(path), best_val_acc=result["best_val_acc"],
-               epoch=result["epoch"], **split_ids(splits))
+    TeacherRecord(class_names=splits.class_names, model=args.teacher_model, img_size=size, pretrained=pretrained,
+                  teacher_id=file_id(path), best_val_acc=result["best_val_acc"], epoch=result["epoch"],
+                  **split_ids(splits)).write(new_dir)
     staged.commit([("the teacher's final training loss", result["history"][-1]["train_loss"])], "--teacher_lr")
     path = folder / "teacher.pt"
     print(f"teacher: best val acc {result['best_val_acc']:.4f} at epoch {result['epoch']} -> {path}")
@@ -155,23 +145,21 @@ def teacher_checkpoint(args, splits, device, rank: int) -> Path:
 @releases_locks
 def main(args) -> None:
     """Stage 2 on parsed flags: the teacher, the cached frozen passes, then the heads of the sweep."""
-    require_positive(args, "batch_size", "feature_batch_size", "teacher_batch_size", "teacher_epochs", "epochs",
-                     "teacher_img_size")
-    args.depth, args.alpha = as_list(args.depth), as_list(args.alpha)
-    args.seeds = as_list(args.seeds) if args.seeds is not None else [args.seed]
-    if not all(0.0 <= alpha <= 1.0 for alpha in args.alpha):
-        raise UserError(f"--alpha {' '.join(f'{a:g}' for a in args.alpha)}: each value must lie in [0, 1]")
+    depths, alphas = as_list(args.depth), as_list(args.alpha)
+    seeds = as_list(args.seeds) if args.seeds is not None else [args.seed]
     # Under a launcher only the first process reports progress.
     logging.basicConfig(level=logging.INFO if distributed_rank()[0] == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     seed_everything(args.seed)
     vlm_dir = stage_dir(args, "vlm")
-    vlm_meta = read_meta(vlm_dir, "vlm", args.dataname)
+    vlm_record = VLMRecord.load(vlm_dir, args.dataname)
     splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
-    check_compatible(vlm_meta, vlm_dir, class_names=splits.class_names, base_model=args.vlm_model)
+    vlm_record.check_run(vlm_dir, class_names=splits.class_names, base_model=args.vlm_model)
     # One run per folder, until main returns (utils.outputs.releases_locks).
     lock_folder(*([] if args.teacher_checkpoint else [stage_dir(args, "teacher")]), stage_dir(args, "distill"))
-    args.vlm_model = args.vlm_model or vlm_meta["base_model"]
+    base_model = args.vlm_model or vlm_record.base_model
+    # Recorded in each run's run.json, whose args hold what was given.
+    resolved = {"vlm_model": base_model, "depth": depths, "alpha": alphas, "seeds": seeds}
     rank, world = init_distributed()
     if rank == 0:
         print(splits.summary() + (f"; {world} processes" if world > 1 else ""))
@@ -181,10 +169,10 @@ def main(args) -> None:
 
     teacher_path = teacher_checkpoint(args, splits, device, rank)
     # The head's pixel budget must be the one stage 1 (and so stage 3 and the demo) use.
-    pixels = {"min_pixels": vlm_meta.get("min_pixels"), "max_pixels": vlm_meta.get("max_pixels")}
+    pixels = {"min_pixels": vlm_record.min_pixels, "max_pixels": vlm_record.max_pixels}
     # Recorded so stage 3 asks the cache for exactly these features, whatever its own device.
     encoding = {**pixels, "feature_dtype": str(feature_dtype(device))}
-    features = cached_vlm_features(splits, args.vlm_model, pixels, device, args.feature_batch_size, cache_dir,
+    features = cached_vlm_features(splits, base_model, pixels, device, args.feature_batch_size, cache_dir,
                                    args.num_workers)
     teacher_logits = cached_teacher_logits(splits, teacher_path, device, args.feature_batch_size, cache_dir,
                                            args.num_workers)
@@ -198,17 +186,18 @@ def main(args) -> None:
                       f"{args.dataname}: teacher {args.teacher_model}")
         print(f"teacher test accuracy {teacher_test['accuracy']:.4f}")
 
-    in_dim = vision_hidden_size(AutoConfig.from_pretrained(args.vlm_model))
-    sweep = settings(args.depth, args.alpha, args.seeds)
+    in_dim = vision_hidden_size(AutoConfig.from_pretrained(base_model))
+    sweep = settings(depths, alphas, seeds)
     if len(sweep) > 1:
         print(f"sweep: {len(sweep)} heads on the cached features ({', '.join(run_name(**s) for s in sweep)})")
     inputs = {"features": features, "teacher_logits": teacher_logits, "labels": labels,
               "teacher_test": teacher_test, "teacher_path": teacher_path,
               "teacher_id": file_id(teacher_path),  # hashed once for every head of a sweep
-              "encoding": encoding, "vlm_meta": vlm_meta, "in_dim": in_dim, "world": world, "device": device}
+              "encoding": encoding, "adapter_id": vlm_record.adapter_id, "base_model": base_model,
+              "resolved": resolved, "in_dim": in_dim, "world": world, "device": device}
     for setting in sweep:
         train_one_head(args, setting, splits.class_names, out_dir, inputs)
-    default = default_setting(args.depth, args.alpha, args.seeds)
+    default = default_setting(depths, alphas, seeds)
     if default is not None:
         publish(out_dir / RUNS / run_name(**default), out_dir)
         print(f"default head (stage 3, demo): {run_name(**default)} -> {out_dir}")
@@ -232,7 +221,7 @@ def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict
                               standardize=args.standardize_features, seed=setting["seed"], device=inputs["device"],
                               log_path=run_dir / "log.txt")
     save_curves_png(result["history"], run_dir / "curves.png", f"stage 2: distillation head ({name})")
-    head_path = save_head(run_dir / HEAD_FILE, head, class_names, base_model=args.vlm_model,
+    head_path = save_head(run_dir / HEAD_FILE, head, class_names, base_model=inputs["base_model"],
                           teacher_id=teacher_id, best_val_acc=result["best_val_acc"], epoch=result["epoch"],
                           standardized=args.standardize_features, alpha=setting["alpha"], seed=setting["seed"],
                           **inputs["encoding"])
@@ -244,11 +233,10 @@ def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict
                             "best_val_acc": result["best_val_acc"], "teacher_accuracy": teacher_test["accuracy"],
                             "agreement": agreement, "teacher": teacher_test}, f"{args.dataname}: distilled head ({name})")
     run_args = argparse.Namespace(**{**vars(args), **setting})  # this run's own depth, alpha and seed
-    record_run(run_dir, run_args, in_dim=in_dim, processes=inputs["world"], run=name)
-    write_meta(run_dir, "distill", class_names, base_model=args.vlm_model, head_id=file_id(head_path),
-               teacher_id=teacher_id, teacher_checkpoint=str(teacher_path),
-               adapter_id=inputs["vlm_meta"].get("adapter_id"), in_dim=in_dim, run=name, **setting,
-               **inputs["encoding"])
+    record_run(run_dir, run_args, in_dim=in_dim, processes=inputs["world"], run=name, resolved=inputs["resolved"])
+    DistillRecord(class_names=class_names, base_model=inputs["base_model"], head_id=file_id(head_path),
+                  teacher_id=teacher_id, teacher_checkpoint=str(teacher_path), adapter_id=inputs["adapter_id"],
+                  in_dim=in_dim, run=name, **setting, **inputs["encoding"]).write(run_dir)
     staged.commit([(f"the head's final training loss ({name})", result["history"][-1]["train_loss"])],
                   "--lr (or --temperature)")
     print(f"head {name} ({setting['depth']} hidden layer(s), {in_dim}-d input): best val acc "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,13 +38,14 @@ from models.gates import GATE_FILE, GATE_LABELS, GATES, save_gate
 from models.heads import load_head
 from models.scorer import EVAL_MODES
 from models.vlm import load_trained_vlm, trained_quant
-from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
-from utils.cli import add_base_vlm_flag, base_parser, parse_args, require_positive, stage_dir
+from utils.checkpoints import META_FILE, file_id
+from utils.cli import add_base_vlm_flag, base_parser, parse_args, stage_dir
 from utils.dist import init_distributed, leave_process_group, training_device
 from utils.errors import UserError, run_cli
 from utils.io import read_json, write_json, write_text
 from utils.metrics import classification_metrics, save_confusion_png, save_curves_png
 from utils.outputs import StagedOutput, lock_folder, publish, releases_locks
+from utils.records import DistillRecord, GateProvenance, GateRecord, VLMRecord
 from utils.report import complementarity_table, dataset_rows, markdown_table
 from utils.run import record_run, seed_everything
 from utils.stats import fusion_statistics
@@ -94,48 +96,42 @@ def get_args_parser():
     return parser
 
 
-def read_inputs(args):
-    """Stage 1 and 2 metadata (read before anything else: a missing stage fails at once)."""
+def check_args(args) -> None:
+    """The rules across flags (each flag's own range is in FLAG_RULES)."""
+    if args.vlm_signal == "probs" and args.vlm_answer != "score":
+        raise UserError("--vlm_signal probs needs class probabilities: use --vlm_answer score")
+
+
+def read_inputs(args) -> tuple[Path, VLMRecord, Path, DistillRecord]:
+    """Stage 1's and the fused head's records (read before anything else: a missing stage fails at once)."""
     vlm_dir = stage_dir(args, "vlm")
-    vlm_meta = read_meta(vlm_dir, "vlm", args.dataname)
+    vlm_record = VLMRecord.load(vlm_dir, args.dataname)
     head_dir = resolve_head(stage_dir(args, "distill"), getattr(args, "head", None))
-    head_meta = read_meta(head_dir, "distill", args.dataname)
-    args.head_run = head_meta["run"]
-    return vlm_dir, vlm_meta, head_dir, head_meta
+    head_record = DistillRecord.load(head_dir, args.dataname)
+    return vlm_dir, vlm_record, head_dir, head_record
 
 
-def check_inputs(args, class_names, vlm_dir, vlm_meta, distill_dir, head_meta) -> None:
-    """Both stages trained for these classes, the head on the VLM stage 1 tuned."""
-    check_compatible(vlm_meta, vlm_dir, class_names=class_names, base_model=args.vlm_model)
-    check_compatible(head_meta, distill_dir, class_names=class_names)
-    if head_meta["base_model"] != vlm_meta["base_model"]:
-        raise UserError(f"{distill_dir}: head trained on features of VLM {head_meta['base_model']!r}, but the "
-                        f"stage-1 adapter in {vlm_dir} is on {vlm_meta['base_model']!r}; rerun "
-                        f"`python train_distillation.py --dataname {args.dataname} "
-                        f"--vlm_model {vlm_meta['base_model']}`")
-
-
-def vlm_quant(args, vlm_meta: dict, device) -> str:
+def vlm_quant(args, vlm_record: VLMRecord, device) -> str:
     """How the VLM answering is loaded, ``4bit`` or ``none``: --quant, by default as stage 1 trained
     it (in full precision where 4-bit cannot run)."""
-    return trained_quant(vlm_meta, args.quant, device) or "none"
+    return trained_quant(vlm_record.quant, args.quant, device) or "none"
 
 
-def gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device) -> dict:
-    """``{split: GateData}``: the cached VLM answers and the frozen head on stage 2's cached features
-    (exactly those the head was trained on: a mismatch asks to rerun stage 2, never re-encodes)."""
+def gate_inputs(args, splits, vlm_dir, vlm_record: VLMRecord, distill_dir, head_record: DistillRecord, device,
+                quant: str) -> dict:
+    """``{split: GateData}``: the cached VLM answers (the VLM loaded as ``quant`` says) and the frozen
+    head on stage 2's cached features (exactly those the head was trained on: a mismatch asks to rerun
+    stage 2, never re-encodes)."""
     head, _ = load_head(distill_dir, splits.class_names, dataname=args.dataname)
-    pixels = {"min_pixels": head_meta.get("min_pixels"), "max_pixels": head_meta.get("max_pixels")}
-    features = cached_vlm_features(splits, head_meta["base_model"], pixels, device, args.vlm_batch_size,
-                                   stage_dir(args, "distill") / "cache", dtype=head_meta.get("feature_dtype"), build=False)
-
-    quant = vlm_quant(args, vlm_meta, device)
+    pixels = {"min_pixels": head_record.min_pixels, "max_pixels": head_record.max_pixels}
+    features = cached_vlm_features(splits, head_record.base_model, pixels, device, args.vlm_batch_size,
+                                   stage_dir(args, "distill") / "cache", dtype=head_record.feature_dtype, build=False)
 
     def load_model():
         model, processor, _ = load_trained_vlm(vlm_dir, device, quant=quant)
         return model, processor
 
-    answers = cached_vlm_predictions(splits, vlm_meta, stage_dir(args, "gate") / "cache", load_model,
+    answers = cached_vlm_predictions(splits, vlm_record, stage_dir(args, "gate") / "cache", load_model,
                                      args.vlm_answer, args.vlm_batch_size, args.max_new_tokens, quant,
                                      parser=args.parser)
     num_classes = len(splits.class_names)
@@ -183,12 +179,12 @@ def add_statistics(metrics: dict, preds: dict) -> None:
     metrics["bootstrap"] = stats["bootstrap"]
 
 
-def write_results(args, out_dir: Path, data: dict, results: dict, selected: str, class_names, provenance,
-                  teacher_pred=None, head_dir: Path | None = None) -> str:
+def write_results(args, out_dir: Path, data: dict, results: dict, selected: str, class_names,
+                  provenance: GateProvenance, resolved: dict, teacher_pred=None, head_dir: Path | None = None) -> str:
     """gate.pt (and gate_<name>.pt), metrics.json, pictures, table.md, run.json; meta.json last."""
     def save(path: Path, result) -> Path:
         return save_gate(path, result.name, result.gate, class_names, best_val_acc=result.best_val_acc,
-                         epoch=result.best_epoch, **provenance)
+                         epoch=result.best_epoch, **asdict(provenance))
 
     if len(results) > 1:
         for name, result in results.items():
@@ -208,7 +204,7 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
         "gate": selected, "gate_train_split": args.gate_train_split, "splits": split_accuracies(data),
         # Test answers no class could be read from (with --vlm_answer generate; `parser` says how).
         "vlm_unparseable": int((data["test"].vlm_pred < 0).sum()),
-        "seed": args.seed, **provenance,
+        "seed": args.seed, **asdict(provenance),
     }
     add_statistics(metrics, preds)
     metrics["test_predictions"] = preds
@@ -218,12 +214,12 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
     save_curves_png({name: result.history for name, result in results.items()}, out_dir / "curves.png",
                     f"{args.dataname}: gate training")
     table = markdown_table(dataset_rows(args.dataname, metrics)) + "\n\nGates: " + "; ".join(
-        f"`{name}` = {GATE_LABELS[name]}" for name in results) + f". Head fused: `{provenance['head_run']}`.\n\n" \
+        f"`{name}` = {GATE_LABELS[name]}" for name in results) + f". Head fused: `{provenance.head_run}`.\n\n" \
         + complementarity_table(metrics) + "\n"
     write_text(out_dir / "table.md", table)
-    record_run(out_dir, args, selected_gate=selected)
+    record_run(out_dir, args, selected_gate=selected, resolved=resolved)
     # The provenance is gate.pt's (the predictor reads it there); meta.json only names that file.
-    write_meta(out_dir, "gate", class_names, gate=selected, gate_id=file_id(out_dir / GATE_FILE))
+    GateRecord(class_names=class_names, gate=selected, gate_id=file_id(out_dir / GATE_FILE)).write(out_dir)
     return table
 
 
@@ -231,22 +227,22 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
 def main(args) -> None:
     """Stage 3 on parsed flags: the frozen inputs (cached), then every gate once per seed."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.vlm_signal == "probs" and args.vlm_answer != "score":
-        raise UserError("--vlm_signal probs needs class probabilities: use --vlm_answer score")
-    require_positive(args, "epochs", "batch_size", "vlm_batch_size", "max_new_tokens")
     seeds = as_list(args.seeds) if args.seeds is not None else [args.seed]
     seed_everything(args.seed)
-    vlm_dir, vlm_meta, distill_dir, head_meta = read_inputs(args)
+    vlm_dir, vlm_record, distill_dir, head_record = read_inputs(args)
     splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
     print(splits.summary())
-    check_inputs(args, splits.class_names, vlm_dir, vlm_meta, distill_dir, head_meta)
+    # Both stages trained for these classes, stage 1 on --vlm_model, the head on stage 1's base VLM.
+    vlm_record.check_run(vlm_dir, class_names=splits.class_names, base_model=args.vlm_model)
+    head_record.check_run(distill_dir, class_names=splits.class_names)
+    head_record.check_built_on(vlm_record, distill_dir, vlm_dir, args.dataname)
     out_dir = stage_dir(args, "gate")
     lock_folder(out_dir)  # one run per folder, until main returns (rank 0 only)
-    default_head = is_default_head(args, head_meta)
+    default_head = is_default_head(args, head_record)
     rank, _ = init_distributed()  # under torchrun the VLM-answer pass is sharded across the ranks
     device = training_device(args.gpu)
-    args.quant = vlm_quant(args, vlm_meta, device)  # resolved once: recorded in run.json and gate.pt
-    data = gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device)
+    quant = vlm_quant(args, vlm_record, device)  # resolved once: recorded in run.json and gate.pt
+    data = gate_inputs(args, splits, vlm_dir, vlm_record, distill_dir, head_record, device, quant)
     leave_process_group()  # the frozen passes are over: the gate trains on rank 0 alone
     if rank != 0:
         return
@@ -255,19 +251,20 @@ def main(args) -> None:
         print(f"{split}: VLM accuracy {row['vlm_accuracy']:.4f}, head accuracy {row['head_accuracy']:.4f} "
               f"({row['n']} images)")
     names = list(GATES) if args.gate == "all" else [args.gate]
-    provenance = {"vlm_signal": args.vlm_signal, "vlm_answer": args.vlm_answer, "parser": args.parser,
-                  "max_new_tokens": args.max_new_tokens, "quant": args.quant,
-                  "adapter_id": vlm_meta["adapter_id"], "head_id": head_meta["head_id"],
-                  "base_model": vlm_meta["base_model"], "head_run": args.head_run}
-    teacher_pred = teacher_test_predictions(args, splits, head_meta)
-    print(f"fusing head {args.head_run} ({distill_dir})")
+    provenance = GateProvenance(vlm_signal=args.vlm_signal, vlm_answer=args.vlm_answer, parser=args.parser,
+                                max_new_tokens=args.max_new_tokens, quant=quant, adapter_id=vlm_record.adapter_id,
+                                head_id=head_record.head_id, base_model=vlm_record.base_model,
+                                head_run=head_record.run)
+    resolved = {"quant": quant, "head_run": head_record.run, "seeds": seeds}  # run.json's args hold what was given
+    teacher_pred = teacher_test_predictions(args, splits, head_record)
+    print(f"fusing head {head_record.run} ({distill_dir})")
     for index, seed in enumerate(seeds):
         run_args = argparse.Namespace(**{**vars(args), "seed": seed})  # this run's own seed in run.json
-        staged = StagedOutput(out_dir / RUNS / args.head_run / f"seed={seed}")  # swapped in once finite
+        staged = StagedOutput(out_dir / RUNS / head_record.run / f"seed={seed}")  # swapped in once finite
         run_dir = staged.begin()
         results, selected = fit_gates(run_args, names, data, len(splits.class_names), device, run_dir / "log.txt")
         finite = [(f"the {name} gate's validation loss", results[name].history[-1]["val_loss"]) for name in names]
-        table = write_results(run_args, run_dir, data, results, selected, splits.class_names, provenance,
+        table = write_results(run_args, run_dir, data, results, selected, splits.class_names, provenance, resolved,
                               teacher_pred, distill_dir)
         run_dir = staged.commit(finite, "--lr")
         published = index == 0 and default_head  # the folder the demo, the predictor and the report read
@@ -294,25 +291,28 @@ def fit_gates(args, names: list[str], data: dict, num_classes: int, device, log_
     return results, max(names, key=lambda name: results[name].best_val_acc)  # the first of equals wins
 
 
-def teacher_test_predictions(args, splits, head_meta: dict):
+def teacher_test_predictions(args, splits, head_record: DistillRecord):
     """The teacher's test predictions from stage 2's logit cache, or None (with a warning) when the
     cache holds none for this teacher and these images: the statistics then leave the teacher out."""
-    logits = read_cached_teacher_logits(splits, head_meta.get("teacher_id"), stage_dir(args, "distill") / "cache")
+    logits = read_cached_teacher_logits(splits, head_record.teacher_id, stage_dir(args, "distill") / "cache")
     if logits is None:
         log.warning("no cached teacher logits for this head's teacher: complementarity with the teacher left out")
         return None
     return logits.argmax(-1)
 
 
-def is_default_head(args, head_meta: dict) -> bool:
+def is_default_head(args, head_record: DistillRecord) -> bool:
     """Whether the fused head is stage 2's default (the top-level distill/ folder's)."""
-    path = stage_dir(args, "distill") / "meta.json"
-    return path.is_file() and read_json(path).get("head_id") == head_meta["head_id"]
+    folder = stage_dir(args, "distill")
+    return (folder / META_FILE).is_file() and DistillRecord.load(folder, args.dataname).head_id == head_record.head_id
 
 
 def parse(argv=None):
-    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule checked."""
-    return parse_args(get_args_parser(), argv, FLAG_RULES)
+    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule and the
+    rules across flags checked."""
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
+    check_args(args)
+    return args
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,11 +31,12 @@ from engine.vlm_train import (DEFAULT_TARGET_MODULES, ConversationCollator, buil
 from models.backbones import backbone_for
 from models.scorer import EVAL_MODES
 from models.vlm import DEFAULT_MAX_PIXELS, load_processor, load_trained_vlm, load_vlm, resolve_quant
-from utils.checkpoints import META_FILE, check_compatible, file_id, read_meta, write_meta
-from utils.cli import base_parser, parse_args, require_positive, stage_dir
+from utils.checkpoints import META_FILE, file_id
+from utils.cli import base_parser, parse_args, stage_dir
 from utils.dist import distributed_rank, is_main_process, leave_process_group, pin_single_gpu, training_device
 from utils.errors import UserError, run_cli
 from utils.outputs import StagedOutput, lock_folder, releases_locks, staging_dir
+from utils.records import InstructionsRecord, VLMRecord
 from utils.run import record_run, seed_everything
 
 DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
@@ -101,6 +103,22 @@ def get_args_parser():
     return parser
 
 
+def check_args(args) -> None:
+    """The rules across flags (each flag's own range is in FLAG_RULES)."""
+    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
+        raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The settings stage 1 trains with that the flags leave open (their defaults depend on the
+    machine or the model): recorded in run.json under ``resolved``, and all but ``gpu`` in meta.json."""
+    vlm_model: str
+    quant: str | None  # "4bit" or None (full precision)
+    target_modules: list[str]
+    gpu: int | None  # --gpu as this process sees it (pin_single_gpu)
+
+
 def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
     """The test evaluation; under torchrun every rank runs it on its share of the images."""
     model.eval()
@@ -114,12 +132,12 @@ def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
     return metrics
 
 
-def eval_only(args, splits, out_dir: Path) -> dict:
-    device = training_device(args.gpu)  # under torchrun: this rank's GPU
+def eval_only(args, splits, out_dir: Path, gpu: int | None) -> dict:
+    device = training_device(gpu)  # under torchrun: this rank's GPU
     # auto: the way stage 1 trained it (recorded in meta.json).
     quant = None if args.quant == "auto" else args.quant
-    model, processor, meta = load_trained_vlm(out_dir, device, args.vlm_model, quant)
-    check_compatible(meta, out_dir, class_names=splits.class_names)
+    model, processor, vlm_record = load_trained_vlm(out_dir, device, args.vlm_model, quant)
+    vlm_record.check_run(out_dir, class_names=splits.class_names)
     metrics = evaluate(args, model, processor, splits, out_dir)
     leave_process_group()
     return metrics
@@ -137,7 +155,7 @@ def annotations_file(args, class_names) -> Path:
         raise UserError(f"{path}: no instruction annotations; run "
                         f"`python generate_instructions.py --dataname {args.dataname}` first")
     if (folder / META_FILE).is_file():
-        check_compatible(read_meta(folder, "instructions", args.dataname), folder, class_names=class_names)
+        InstructionsRecord.load(folder, args.dataname).check_run(folder, class_names=class_names)
     return path
 
 
@@ -155,7 +173,8 @@ def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
     return checkpoint
 
 
-def save_outputs(args, model, processor, class_names, out_dir: Path, counts: dict) -> None:
+def save_outputs(args, settings: TrainingSettings, model, processor, class_names, out_dir: Path,
+                 counts: dict) -> None:
     """Adapter, processor, run record, then meta.json last (all staged), then swapped into
     ``out_dir``: only a complete folder has a meta.json."""
     staged = StagedOutput(out_dir)
@@ -163,40 +182,42 @@ def save_outputs(args, model, processor, class_names, out_dir: Path, counts: dic
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     size = processor.image_processor.size
-    record_run(out_dir, args, train_examples=sum(counts["conversations"].values()), counts=counts)
+    record_run(out_dir, args, train_examples=sum(counts["conversations"].values()), counts=counts,
+               resolved=asdict(settings))
     # Lets a later stage accept the same local base folder after it moved.
-    config = Path(args.vlm_model) / "config.json"
-    write_meta(out_dir, "vlm", class_names, base_model=args.vlm_model,
-               base_config_id=file_id(config) if config.is_file() else None,
-               adapter_id=file_id(out_dir / "adapter_model.safetensors"),
-               min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
-               modules_to_save=list(args.modules_to_save), target_modules=list(args.target_modules),
-               lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=args.quant,
-               train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts)
+    config = Path(settings.vlm_model) / "config.json"
+    VLMRecord(class_names=class_names, base_model=settings.vlm_model,
+              base_config_id=file_id(config) if config.is_file() else None,
+              adapter_id=file_id(out_dir / "adapter_model.safetensors"),
+              min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
+              modules_to_save=list(args.modules_to_save), target_modules=list(settings.target_modules),
+              lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=settings.quant,
+              train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts).write(out_dir)
     history = read_history(out_dir / "log.txt")
     staged.commit([("the final training loss", history[-1]["train_loss"])] if history else [], "--lr")
     print(f"saved adapter and processor to {final_dir}")
 
 
-def train(args, splits, out_dir: Path) -> None:
-    args.vlm_model = args.vlm_model or DEFAULT_VLM
+def train(args, splits, out_dir: Path, gpu: int | None) -> None:
+    vlm_model = args.vlm_model or DEFAULT_VLM
     path = annotations_file(args, splits.class_names)
     examples = build_examples(read_annotations(path), splits, path)
     counts = example_counts(examples, len(splits.train))
-    device = training_device(args.gpu)
+    device = training_device(gpu)
     on_gpu = device.type == "cuda"
-    args.quant = resolve_quant(args.quant, device)
-    print(f"base model {args.vlm_model}: " + ("4-bit NF4 (QLoRA)" if args.quant else
-                                                "full precision" + (" (bf16)" if on_gpu else "")))
-    processor = load_processor(args.vlm_model, args.min_pixels, args.max_pixels)
+    quant = resolve_quant(args.quant, device)
+    print(f"base model {vlm_model}: " + ("4-bit NF4 (QLoRA)" if quant else
+                                           "full precision" + (" (bf16)" if on_gpu else "")))
+    processor = load_processor(vlm_model, args.min_pixels, args.max_pixels)
     size = processor.image_processor.size
     print(f"pixel budget per image: {size.shortest_edge}..{size.longest_edge} "
           f"(--min_pixels/--max_pixels)")
-    model = load_vlm(args.vlm_model, device, dtype=torch.bfloat16 if on_gpu else None, quant=args.quant,
+    model = load_vlm(vlm_model, device, dtype=torch.bfloat16 if on_gpu else None, quant=quant,
                      trainable=True)
-    args.target_modules = list(args.target_modules or backbone_for(model).lora_targets)
-    model = wrap_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.target_modules,
-                      args.modules_to_save, quantized=args.quant is not None, gradient_checkpointing=on_gpu)
+    settings = TrainingSettings(vlm_model=vlm_model, quant=quant, gpu=gpu,
+                                target_modules=list(args.target_modules or backbone_for(model).lora_targets))
+    model = wrap_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, settings.target_modules,
+                      args.modules_to_save, quantized=quant is not None, gradient_checkpointing=on_gpu)
 
     trainer_dir = out_dir / "trainer"
     checkpoint = prepare_folder(args, out_dir, trainer_dir)
@@ -218,7 +239,7 @@ def train(args, splits, out_dir: Path) -> None:
                       data_collator=ConversationCollator(processor, args.train_on_prompt), callbacks=[logger])
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():  # saving is rank 0's alone
-        save_outputs(args, model, processor, splits.class_names, out_dir, counts)
+        save_outputs(args, settings, model, processor, splits.class_names, out_dir, counts)
     if not args.skip_eval:
         evaluate(args, model, processor, splits, out_dir)  # sharded across the ranks
     leave_process_group()
@@ -226,30 +247,29 @@ def train(args, splits, out_dir: Path) -> None:
 
 @releases_locks
 def main(args) -> None:
-    """Stage 1 on parsed flags: check them, lock the folder, then train (and evaluate) or only evaluate."""
-    require_positive(args, "batch_size", "epochs", "grad_accum", "eval_batch_size", "max_new_tokens",
-                     "lora_r", "lora_alpha", "min_pixels", "max_pixels")
-    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
-        raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
+    """Stage 1 on parsed flags (checked by ``parse``): lock the folder, then train (and evaluate) or only evaluate."""
     lock_folder(stage_dir(args, "vlm"))  # one run per folder, until main returns
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     # Before anything touches CUDA: a single process sees only its GPU (see pin_single_gpu).
-    args.gpu = pin_single_gpu(args.gpu)
+    gpu = pin_single_gpu(args.gpu)
     seed_everything(args.seed)
     splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
     if distributed_rank()[0] == 0:
         print(splits.summary())
     out_dir = stage_dir(args, "vlm")
     if args.eval_only:
-        eval_only(args, splits, out_dir)
+        eval_only(args, splits, out_dir, gpu)
     else:
-        train(args, splits, out_dir)
+        train(args, splits, out_dir, gpu)
 
 
 def parse(argv=None):
-    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule checked."""
-    return parse_args(get_args_parser(), argv, FLAG_RULES)
+    """The command line as ``main`` takes it: ``--config`` defaults, then every flag rule and the
+    rules across flags checked."""
+    args = parse_args(get_args_parser(), argv, FLAG_RULES)
+    check_args(args)
+    return args
 
 
 if __name__ == "__main__":

@@ -54,10 +54,10 @@ def frozen_pass(pipeline, splits) -> None:
     """What stage 3 cannot avoid: every image through the trained VLM, and the head on stage 2's
     cached features (also batch_one's stage-3 yardstick)."""
     model, processor, _ = load_trained_vlm(pipeline.stage("vlm"), "cpu")
-    head, meta = load_head(pipeline.stage("distill"))
-    pixels = {"min_pixels": meta.get("min_pixels"), "max_pixels": meta.get("max_pixels")}
-    features = cached_vlm_features(splits, meta["base_model"], pixels, "cpu", 8,
-                                   pipeline.stage("distill") / "cache", dtype=meta.get("feature_dtype"),
+    head, head_record = load_head(pipeline.stage("distill"))
+    pixels = {"min_pixels": head_record.min_pixels, "max_pixels": head_record.max_pixels}
+    features = cached_vlm_features(splits, head_record.base_model, pixels, "cpu", 8,
+                                   pipeline.stage("distill") / "cache", dtype=head_record.feature_dtype,
                                    build=False)
     for split in ("train", "val", "test"):
         predict_samples(model, processor, splits.data_root, splits.split(split), splits.class_names,

@@ -27,6 +27,7 @@ from utils.cache import image_list_id, load_or_build
 from utils.dist import shard_map
 from utils.errors import UserError
 from utils.metrics import NONE
+from utils.records import VLMRecord
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +69,21 @@ def vlm_gate_inputs(predictions, num_classes: int, kind: str = "onehot") -> torc
 
 # ---------------------------------------------------------------- VLM answers, cached per split
 
-def vlm_cache_key(vlm_meta: dict, mode: str, max_new_tokens: int, quant: str | None,
+def vlm_cache_key(vlm_record: VLMRecord, mode: str, max_new_tokens: int, quant: str | None,
                   class_names: Sequence[str], data_root: str | Path, samples: Sequence,
                   parser: str = "lenient") -> dict:
     """Everything that decides the VLM's answers for these images (a changed image file changes
     it: ``image_list_id`` hashes each file's path, size and modification time)."""
     return {
-        "base_model": vlm_meta["base_model"], "adapter_id": vlm_meta["adapter_id"],
-        "min_pixels": vlm_meta.get("min_pixels"), "max_pixels": vlm_meta.get("max_pixels"),
+        "base_model": vlm_record.base_model, "adapter_id": vlm_record.adapter_id,
+        "min_pixels": vlm_record.min_pixels, "max_pixels": vlm_record.max_pixels,
         "mode": mode, "max_new_tokens": max_new_tokens if mode == "generate" else None, "quant": quant,
         "class_names": list(class_names), "images": image_list_id(data_root, samples), "pixels": PIXELS,
         "parser": parser if mode == "generate" else None,
     }
 
 
-def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_model: Callable[[], tuple],
+def cached_vlm_predictions(splits, vlm_record: VLMRecord, cache_dir: str | Path, load_model: Callable[[], tuple],
                            mode: str = "score", batch_size: int = 8, max_new_tokens: int = 32,
                            quant: str | None = None, split_names: Sequence[str] = SPLITS,
                            parser: str = "lenient") -> dict:
@@ -115,7 +116,7 @@ def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_m
     keys = {}
     for split in split_names:
         log.info("VLM answers (%s) for %s", mode, split)
-        keys[split] = vlm_cache_key(vlm_meta, mode, max_new_tokens, quant, splits.class_names, splits.data_root,
+        keys[split] = vlm_cache_key(vlm_record, mode, max_new_tokens, quant, splits.class_names, splits.data_root,
                                     splits.split(split), parser)
     values = load_or_build(Path(cache_dir), f"vlm_{mode}", keys, build)
     result = {split: VLMPredictions(**values[split]) for split in split_names}

@@ -20,12 +20,12 @@ from data.datasets import to_rgb
 from data.prompts import OBSERVATION_QUESTION, REASONING_QUESTION, categorical_answer
 from engine.gate import vlm_gate_inputs
 from models.chat import generate_texts
-from models.gates import gate_weights, load_gate
+from models.gates import GATE_FILE, gate_weights, load_gate
 from models.heads import load_head
 from models.scorer import predict_vlm
 from models.vlm import head_features, load_processor, load_trained_vlm
-from utils.checkpoints import STAGE_COMMANDS, read_meta
 from utils.errors import UserError
+from utils.records import DistillRecord, GateProvenance, GateRecord, VLMRecord
 
 DEFAULT_MAX_IMAGE_SIDE = 4096
 DEFAULT_MAX_UPLOAD_PIXELS = 64_000_000
@@ -55,38 +55,9 @@ def open_upload(path: str | Path, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
         raise UserError(f"{Path(path).name}: {reason}; upload a JPEG, PNG, WebP, BMP or GIF image") from None
 
 
-def _stage_error(folder: Path, stage: str, dataname: str, problem: str) -> UserError:
-    command = STAGE_COMMANDS[stage].format(dataname=dataname)
-    return UserError(f"{folder}: {problem}; rerun `{command}`")
-
-
-def check_parts(dataname: str, vlm: tuple[Path, dict], distill: tuple[Path, dict],
-                gate: tuple[Path, dict]) -> None:
-    """Refuse stage outputs that were not built on each other; the error names the stage to rerun.
-
-    Each pair is ``(folder, meta)``; for the gate the meta is ``gate.pt``'s contents. A later
-    stage is blamed for a mismatch with an earlier one, since it is the one to retrain.
-    """
-    (vlm_dir, vlm_meta), (distill_dir, distill_meta), (gate_dir, gate_meta) = vlm, distill, gate
-    classes = list(vlm_meta["class_names"])
-    for folder, meta, stage in ((distill_dir, distill_meta, "distill"), (gate_dir, gate_meta, "gate")):
-        if list(meta["class_names"]) != classes:
-            raise _stage_error(folder, stage, dataname, f"trained for classes {list(meta['class_names'])}, "
-                               f"but stage 1 ({vlm_dir}) has {classes}")
-        if meta.get("base_model") != vlm_meta["base_model"]:
-            raise _stage_error(folder, stage, dataname, f"built on VLM {meta.get('base_model')!r}, but "
-                               f"stage 1 ({vlm_dir}) trained {vlm_meta['base_model']!r}")
-    if gate_meta["adapter_id"] != vlm_meta.get("adapter_id"):
-        raise _stage_error(gate_dir, "gate", dataname, f"trained on the answers of another stage-1 adapter "
-                           f"({gate_meta['adapter_id']}, now {vlm_meta.get('adapter_id')})")
-    if gate_meta["head_id"] != distill_meta.get("head_id"):
-        raise _stage_error(gate_dir, "gate", dataname, f"trained on another distilled head "
-                           f"({gate_meta['head_id']}, now {distill_meta.get('head_id')})")
-
-
-def recorded_dtype(distill_meta: dict) -> torch.dtype | None:
+def recorded_dtype(distill_record: DistillRecord) -> torch.dtype | None:
     """The dtype stage 2 encoded its feature cache in (``"torch.float32"`` in meta.json)."""
-    name = distill_meta.get("feature_dtype")
+    name = distill_record.feature_dtype
     return getattr(torch, name.removeprefix("torch.")) if name else None
 
 
@@ -124,26 +95,29 @@ class EmoVLMKD:
         """
         root = Path(output_dir) / dataname
         vlm_dir, distill_dir, gate_dir = root / "vlm", root / "distill", root / "gate"
-        vlm_meta = read_meta(vlm_dir, "vlm", dataname)
-        distill_meta = read_meta(distill_dir, "distill", dataname)
-        read_meta(gate_dir, "gate", dataname)
-        gate, gate_meta = load_gate(gate_dir, dataname)
-        check_parts(dataname, (vlm_dir, vlm_meta), (distill_dir, distill_meta), (gate_dir, gate_meta))
+        vlm_record = VLMRecord.load(vlm_dir, dataname)
+        distill_record = DistillRecord.load(distill_dir, dataname)
+        GateRecord.load(gate_dir, dataname)
+        gate, checkpoint = load_gate(gate_dir, dataname)
+        provenance = GateProvenance.from_checkpoint(checkpoint, gate_dir / GATE_FILE, dataname)
+        # A later stage is blamed for a mismatch with an earlier one: it is the one to retrain.
+        distill_record.check_built_on(vlm_record, distill_dir, vlm_dir, dataname)
+        provenance.check_built_on(checkpoint["class_names"], vlm_record, distill_record, gate_dir, vlm_dir, dataname)
         head, _ = load_head(distill_dir, dataname=dataname)
         # By default the VLM loads as stage 3 loaded it for the gate's inputs; when that was as
         # trained, load_trained_vlm's own default also covers a machine where 4-bit cannot run.
-        quant = quant or gate_meta["quant"]
-        if quant == (vlm_meta.get("quant") or "none"):
+        quant = quant or provenance.quant
+        if quant == (vlm_record.quant or "none"):
             quant = None
         model, processor, _ = load_trained_vlm(vlm_dir, device, vlm_model, quant)
         # The head's features are pooled as stage 2 pooled them: the base model's processor with
         # the pixel budget recorded in the distill folder.
-        feature_processor = load_processor(vlm_meta["base_model"], distill_meta.get("min_pixels"),
-                                           distill_meta.get("max_pixels"))
-        return cls(model, processor, head.to(device), gate.to(device), vlm_meta["class_names"],
-                   gate_meta["gate"], gate_meta["vlm_signal"], gate_meta["vlm_answer"],
-                   gate_meta["max_new_tokens"], feature_processor, recorded_dtype(distill_meta),
-                   gate_meta["parser"])
+        feature_processor = load_processor(vlm_record.base_model, distill_record.min_pixels,
+                                           distill_record.max_pixels)
+        return cls(model, processor, head.to(device), gate.to(device), vlm_record.class_names,
+                   checkpoint["gate"], provenance.vlm_signal, provenance.vlm_answer,
+                   provenance.max_new_tokens, feature_processor, recorded_dtype(distill_record),
+                   provenance.parser)
 
     @property
     def device(self) -> torch.device:

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.checkpoints import check_compatible, file_id, read_checkpoint, read_meta, stamp
+from utils.checkpoints import file_id, read_checkpoint, stamp
 from utils.errors import UserError
 from utils.io import torch_save
+from utils.records import DistillRecord
 
 HIDDEN_WIDTHS = (1024, 512, 256, 128, 64)
 HEAD_FILE = "head.pt"
@@ -75,22 +76,22 @@ def save_head(path: str | Path, head: DistillHead, class_names: Sequence[str], *
 
 
 def load_head(distill_dir: str | Path, class_names: Sequence[str] | None = None,
-              base_model: str | None = None, dataname: str = "<dataname>") -> tuple[DistillHead, dict]:
+              base_model: str | None = None, dataname: str = "<dataname>") -> tuple[DistillHead, DistillRecord]:
     """Rebuild the trained head (eval mode, CPU) from a stage-2 folder (or its ``head.pt``);
-    returns ``(head, meta)``.
+    returns ``(head, the folder's record)``.
 
     The folder's ``meta.json`` must fit ``class_names`` and ``base_model`` (when given) and name
     this very ``head.pt`` (``head_id``)."""
     distill_dir = Path(distill_dir)
     if distill_dir.name == HEAD_FILE:
         distill_dir = distill_dir.parent
-    meta = read_meta(distill_dir, "distill", dataname)
-    check_compatible(meta, distill_dir, class_names, base_model)
+    record = DistillRecord.load(distill_dir, dataname)
+    record.check_run(distill_dir, class_names, base_model)
     path = distill_dir / HEAD_FILE
-    if not path.is_file() or file_id(path) != meta.get("head_id"):
+    if not path.is_file() or file_id(path) != record.head_id:
         raise UserError(f"{path}: missing or not the head meta.json describes; rerun "
                         f"`python train_distillation.py --dataname {dataname}`")
     checkpoint = read_checkpoint(path, "head", dataname)
     head = DistillHead(checkpoint["in_dim"], checkpoint["num_classes"], checkpoint["depth"], checkpoint["dropout"])
     head.load_state_dict(checkpoint["state_dict"])
-    return head.eval(), meta
+    return head.eval(), record

@@ -19,8 +19,9 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from transformers.image_utils import SizeDict
 
 from models.backbones import BACKBONES, backbone_for, visual_modules
-from utils.checkpoints import file_id, read_meta
+from utils.checkpoints import file_id
 from utils.errors import UserError, first_line
+from utils.records import VLMRecord
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +168,12 @@ def head_features(model, processor, images: Sequence[Image.Image], dtype: torch.
         return pooled_image_features(model, processor, images)
 
 
-def trained_quant(meta: dict, quant: str | None, device: str | torch.device) -> str | None:
-    """How to load the base under a stage-1 adapter: ``quant`` None means as trained
-    (``meta["quant"]``), falling back to full precision, with a warning, where 4-bit cannot run
-    (no CUDA or no bitsandbytes); ``"none"`` full precision; ``"4bit"`` 4-bit NF4."""
+def trained_quant(recorded: str | None, quant: str | None, device: str | torch.device) -> str | None:
+    """How to load the base under a stage-1 adapter trained on a ``recorded`` base (``VLMRecord.quant``):
+    ``quant`` None means as trained, falling back to full precision, with a warning, where 4-bit cannot
+    run (no CUDA or no bitsandbytes); ``"none"`` full precision; ``"4bit"`` 4-bit NF4."""
     if quant is not None:
         return resolve_quant(quant, torch.device(device))
-    recorded = meta.get("quant")
     if recorded is not None and resolve_quant("auto", torch.device(device)) != recorded:
         log.warning("the adapter was trained on a %s base, which cannot load on %s here; "
                     "using the full-precision base", recorded, device)
@@ -181,22 +181,22 @@ def trained_quant(meta: dict, quant: str | None, device: str | torch.device) -> 
     return recorded
 
 
-def base_model_path(meta: dict, vlm_model: str | None, vlm_dir: str | Path) -> str:
-    """Where to read the base model of a stage-1 folder from.
+def base_model_path(vlm: VLMRecord, vlm_model: str | None, vlm_dir: str | Path) -> str:
+    """Where to read the base model of a stage-1 folder (its record ``vlm``) from.
 
     ``--vlm_model`` is a consistency check, not a switch: it must name the base the adapter was
-    trained on (``meta["base_model"]``). The one exception is a local base folder that moved:
-    a folder whose ``config.json`` is identical to the recorded one (``meta["base_config_id"]``)
+    trained on (``vlm.base_model``). The one exception is a local base folder that moved:
+    a folder whose ``config.json`` is identical to the recorded one (``vlm.base_config_id``)
     is taken as the same model.
     """
-    recorded = meta["base_model"]
+    recorded = vlm.base_model
     if vlm_model is None or vlm_model == recorded:
         if vlm_model is None and _looks_local(recorded) and not Path(recorded).exists():
             raise UserError(f"{vlm_dir}: its base model folder {recorded} is gone; if it moved, pass the "
                             "new location with --vlm_model")
         return recorded
     config = Path(vlm_model) / "config.json"
-    if meta.get("base_config_id") and config.is_file() and file_id(config) == meta["base_config_id"]:
+    if vlm.base_config_id and config.is_file() and file_id(config) == vlm.base_config_id:
         return str(vlm_model)
     raise UserError(f"{vlm_dir}: adapter trained on --vlm_model {recorded!r}, not {vlm_model!r}; "
                     "--vlm_model must name that same base model (or its moved local folder); "
@@ -210,15 +210,16 @@ def _looks_local(model_id: str) -> bool:
 
 def load_trained_vlm(vlm_dir: str | Path, device: str | torch.device, vlm_model: str | None = None,
                      quant: str | None = None):
-    """``(model, processor, meta)`` from a stage-1 folder: base VLM + LoRA adapter, eval mode.
+    """``(model, processor, record)`` from a stage-1 folder: base VLM + LoRA adapter, eval mode, and
+    the folder's :class:`utils.records.VLMRecord`.
 
-    ``vlm_model`` None reads the base from ``meta["base_model"]``; otherwise it must name that
+    ``vlm_model`` None reads the base from the record's ``base_model``; otherwise it must name that
     same model (see :func:`base_model_path`). ``quant`` None loads the base as it was trained
     (see :func:`trained_quant`), ``"none"`` in full precision, ``"4bit"`` in 4-bit.
     """
     vlm_dir = Path(vlm_dir)
-    meta = read_meta(vlm_dir, "vlm", vlm_dir.parent.name)
-    base = base_model_path(meta, vlm_model, vlm_dir)
-    processor = load_processor(str(vlm_dir), meta.get("min_pixels"), meta.get("max_pixels"))
-    model = load_vlm(base, device, quant=trained_quant(meta, quant, device), adapter=vlm_dir)
-    return model, processor, meta
+    vlm = VLMRecord.load(vlm_dir, vlm_dir.parent.name)
+    base = base_model_path(vlm, vlm_model, vlm_dir)
+    processor = load_processor(str(vlm_dir), vlm.min_pixels, vlm.max_pixels)
+    model = load_vlm(base, device, quant=trained_quant(vlm.quant, quant, device), adapter=vlm_dir)
+    return model, processor, vlm

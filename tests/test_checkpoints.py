@@ -39,13 +39,13 @@ def test_head_round_trip_reproduces_its_logits_and_metadata(tmp_path):
     head = DistillHead(16, len(CLASSES), depth=2).eval()
     head.set_standardization(torch.randn(10, 16) * 3 + 1)
     path = save_head(tmp_path / "head.pt", head, CLASSES, base_model="tiny", teacher_id="t" * 12)
-    write_meta(tmp_path, "distill", CLASSES, base_model="tiny", head_id=file_id(path))
-    reloaded, meta = load_head(tmp_path, CLASSES, "tiny")
+    write_meta(tmp_path, "distill", CLASSES, base_model="tiny", head_id=file_id(path), run="test")
+    reloaded, head_record = load_head(tmp_path, CLASSES, "tiny")
     features = torch.randn(5, 16)
     with torch.no_grad():
         assert torch.equal(reloaded(features), head(features))
     assert (reloaded.depth, reloaded.dropout) == (2, head.dropout)
-    assert meta["head_id"] == file_id(path) and meta["format_version"] == FORMAT_VERSION
+    assert head_record.head_id == file_id(path)
     assert torch.equal(load_head(path)[0](features), head(features))  # the file itself works too
     saved = torch.load(path, weights_only=True)
     assert (saved["kind"], saved["class_names"], saved["base_model"], saved["teacher_id"]) == \

@@ -11,7 +11,7 @@ from data.annotations import Annotation, append_annotation, read_annotations, to
 from data.datasets import ImageDataset, load_dataset
 from data.prompts import (categorical_answer, categorical_question, parse_emotion,
                           split_sections)
-from utils.cli import base_parser, parse_args, require_positive
+from utils.cli import base_parser, parse_args
 from utils.errors import UserError
 from utils.io import repair_tail
 from utils.metrics import classification_metrics, write_metrics
@@ -231,14 +231,6 @@ def test_config_values_are_checked_like_flags(tmp_path):
         config.write_text(text)
         with pytest.raises(UserError, match=message):
             parse_args(parser, ["--dataname", "x", "--config", str(config)])
-
-
-def test_require_positive_names_the_flag():
-    from argparse import Namespace
-
-    require_positive(Namespace(batch_size=1, max_pixels=None), "batch_size", "max_pixels")
-    with pytest.raises(UserError, match="--epochs must be at least 1 \\(got 0\\)"):
-        require_positive(Namespace(batch_size=2, epochs=0), "batch_size", "epochs")
 
 
 def test_metrics_match_hand_counts(tmp_path):

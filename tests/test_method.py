@@ -73,8 +73,9 @@ def _pipeline_gate_data(pipeline: ToyRun) -> dict:
 
     args = parse_args(train_gate.get_args_parser(), pipeline.argv())
     splits = load_dataset(args.data_root, args.dataname, args.output_dir)
-    vlm_dir, vlm_meta, distill_dir, head_meta = train_gate.read_inputs(args)
-    return train_gate.gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, "cpu")
+    vlm_dir, vlm_record, distill_dir, head_record = train_gate.read_inputs(args)
+    return train_gate.gate_inputs(args, splits, vlm_dir, vlm_record, distill_dir, head_record, "cpu",
+                                  train_gate.vlm_quant(args, vlm_record, "cpu"))
 
 
 @pytest.mark.parametrize("gate_file", ["gate.pt", "gate_concat_linear.pt"])

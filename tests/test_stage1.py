@@ -146,11 +146,11 @@ def test_reloaded_adapter_reproduces_the_trained_predictions(trained):
 
     from data.datasets import open_image
 
-    model, processor, meta = load_trained_vlm(trained, "cpu")
+    model, processor, vlm_record = load_trained_vlm(trained, "cpu")
     rows = [json.loads(line) for line in (trained / "eval_score" / "predictions.jsonl").read_text().splitlines()]
     root = Path(json.loads((trained / "run.json").read_text())["args"]["data_root"])
     images = [open_image(root / row["image"]) for row in rows[:8]]
-    result = predict_vlm(model, processor, images, meta["class_names"], "score", batch_size=4)
+    result = predict_vlm(model, processor, images, vlm_record.class_names, "score", batch_size=4)
     saved = torch.tensor([row["probs"] for row in rows[:8]])
     assert torch.allclose(result.probs, saved, atol=2e-6)
 
@@ -160,11 +160,11 @@ def test_score_is_a_distribution_matching_one_class_at_a_time(trained, toy_root)
     from models.vlm import load_trained_vlm
     from tests.oracles import score_classes_full
 
-    model, processor, meta = load_trained_vlm(trained, "cpu")
+    model, processor, vlm_record = load_trained_vlm(trained, "cpu")
     images, _ = _test_images(toy_root)
     images[1] = images[1].resize((90, 40))  # another size: another number of visual tokens
-    cached = score_classes(model, processor, images, meta["class_names"], batch_size=4)
-    full = score_classes_full(model, processor, images, meta["class_names"])
+    cached = score_classes(model, processor, images, vlm_record.class_names, batch_size=4)
+    full = score_classes_full(model, processor, images, vlm_record.class_names)
     assert torch.allclose(cached, full, atol=1e-3)
     assert torch.equal(cached.argmax(1), full.argmax(1))
     probs = torch.softmax(cached, dim=-1)
@@ -208,10 +208,12 @@ def test_eval_only_refuses_another_base_model(trained, toy_root):
 def test_eval_only_loads_the_base_as_trained_and_accepts_a_moved_base(trained, toy_root, tiny_vlm_dir, tmp_path,
                                                                      monkeypatch):
     import shutil
+    from dataclasses import replace
 
     import train_vlm
     from models.vlm import base_model_path, load_trained_vlm, trained_quant
     from utils.errors import UserError
+    from utils.records import VLMRecord
 
     calls = []
 
@@ -226,22 +228,22 @@ def test_eval_only_loads_the_base_as_trained_and_accepts_a_moved_base(trained, t
         assert calls.pop() == expected  # auto -> None: as recorded in meta.json
     monkeypatch.undo()
 
-    assert trained_quant({"quant": None}, None, "cpu") is None
-    assert trained_quant({"quant": "4bit"}, "4bit", "cpu") == "4bit"  # asked for: load_vlm then refuses on CPU
-    assert trained_quant({"quant": "4bit"}, None, "cpu") is None      # as trained is impossible here: warn
-    assert trained_quant({"quant": "4bit"}, "none", "cpu") is None
+    assert trained_quant(None, None, "cpu") is None
+    assert trained_quant("4bit", "4bit", "cpu") == "4bit"  # asked for: load_vlm then refuses on CPU
+    assert trained_quant("4bit", None, "cpu") is None      # as trained is impossible here: warn
+    assert trained_quant("4bit", "none", "cpu") is None
 
     moved = shutil.copytree(tiny_vlm_dir, tmp_path / "moved")
-    meta = json.loads((trained / "meta.json").read_text())
-    assert base_model_path(meta, str(moved), trained) == str(moved)
+    vlm_record = VLMRecord.load(trained, "toy")
+    assert base_model_path(vlm_record, str(moved), trained) == str(moved)
     model, _, _ = load_trained_vlm(trained, "cpu", vlm_model=str(moved))
     assert hasattr(model, "peft_config")
     config = json.loads((moved / "config.json").read_text())
     (moved / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
     with pytest.raises(UserError, match="must name that same base model"):
-        base_model_path(meta, str(moved), trained)
+        base_model_path(vlm_record, str(moved), trained)
     with pytest.raises(UserError, match="base model folder /gone/tiny is gone; .* --vlm_model"):
-        base_model_path({**meta, "base_model": "/gone/tiny"}, None, trained)
+        base_model_path(replace(vlm_record, base_model="/gone/tiny"), None, trained)
 
 
 def test_single_process_sees_only_its_gpu(monkeypatch):

@@ -129,8 +129,8 @@ def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path)
     head, _ = train_head(features, teacher, labels, 64, 4, depth=2, epochs=3, lr=1e-3, batch_size=16,
                          standardize=True)
     path = save_head(tmp_path / "head.pt", head, ["a", "b", "c", "d"], base_model="tiny", teacher_id="t")
-    write_meta(tmp_path, "distill", ["a", "b", "c", "d"], base_model="tiny", head_id=file_id(path))
-    reloaded, meta = load_head(tmp_path)
+    write_meta(tmp_path, "distill", ["a", "b", "c", "d"], base_model="tiny", head_id=file_id(path), run="test")
+    reloaded, _ = load_head(tmp_path)
     assert torch.equal(head_logits(reloaded, features["test"]), head_logits(head, features["test"]))
     assert torch.equal(reloaded.feature_std, head.feature_std) and not torch.all(reloaded.feature_std == 1)
 
@@ -138,10 +138,10 @@ def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path)
     from data.datasets import load_dataset
     from utils.metrics import classification_metrics
 
-    script_head, meta = load_head(stage2 / "toy" / "distill")
+    script_head, head_record = load_head(stage2 / "toy" / "distill")
     truth = [sample.label for sample in load_dataset(toy_root, "toy", stage2).test]
     recomputed = classification_metrics(truth, head_logits(script_head, features["test"]).argmax(-1),
-                                        meta["class_names"])
+                                        head_record.class_names)
     metrics = read_metrics(stage2)
     assert recomputed["accuracy"] == metrics["accuracy"]
     assert recomputed["confusion_matrix"] == metrics["confusion_matrix"]

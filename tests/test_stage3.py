@@ -26,15 +26,15 @@ MARGIN = 0.10
 def _gate_data(pipeline: ToyRun, *extra: str) -> dict:
     """The gate's inputs per split, as train_gate.py builds them (from the caches after a run)."""
     import train_gate
-    from utils.checkpoints import read_meta
     from utils.cli import parse_args
 
     args = parse_args(train_gate.get_args_parser(), pipeline.argv(*extra))
     from data.datasets import load_dataset
 
     splits = load_dataset(args.data_root, args.dataname, args.output_dir)
-    vlm_dir, vlm_meta, distill_dir, head_meta = train_gate.read_inputs(args)
-    return train_gate.gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, "cpu")
+    vlm_dir, vlm_record, distill_dir, head_record = train_gate.read_inputs(args)
+    return train_gate.gate_inputs(args, splits, vlm_dir, vlm_record, distill_dir, head_record, "cpu",
+                                  train_gate.vlm_quant(args, vlm_record, "cpu"))
 
 
 def test_pipeline_outputs_table_and_accuracy(trained_pipeline):
@@ -132,8 +132,11 @@ def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monke
 def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
     import engine.gate
     from data.datasets import DatasetSplits, Sample
+    from dataclasses import replace
+
     from engine.gate import cached_vlm_predictions
     from models.scorer import VLMPredictions
+    from utils.records import VLMRecord
 
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(b"x" * (i + 1))
@@ -147,22 +150,22 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine.gate, "predict_samples", fake_predict)
     loads = []
-    meta = {"base_model": "m", "adapter_id": "a1"}
+    vlm_record = VLMRecord(class_names=["a", "b"], base_model="m", adapter_id="a1")
 
-    def run(meta=meta, mode="generate"):
-        return cached_vlm_predictions(splits, meta, tmp_path / "cache", lambda: loads.append(1) or (None, None), mode)
+    def run(vlm_record=vlm_record, mode="generate"):
+        return cached_vlm_predictions(splits, vlm_record, tmp_path / "cache", lambda: loads.append(1) or (None, None), mode)
 
     assert run()["val"].texts == ["?"] and len(calls) == 3 and len(loads) == 1
     run()
     assert len(calls) == 3 and len(loads) == 1                   # all hits: the VLM is not even loaded
-    run({**meta, "adapter_id": "a2"})
+    run(replace(vlm_record, adapter_id="a2"))
     assert len(calls) == 6                                        # another adapter: every split again
-    run({**meta, "adapter_id": "a2"}, mode="score")
+    run(replace(vlm_record, adapter_id="a2"), mode="score")
     assert calls[-3:] == ["score"] * 3                            # modes have their own files
     os.utime(tmp_path / "2.png", ns=(1, 1))
-    run({**meta, "adapter_id": "a2"})
+    run(replace(vlm_record, adapter_id="a2"))
     assert len(calls) == 10                                       # only the changed test split
-    cached_vlm_predictions(splits, {**meta, "adapter_id": "a2"}, tmp_path / "cache", lambda: (None, None),
+    cached_vlm_predictions(splits, replace(vlm_record, adapter_id="a2"), tmp_path / "cache", lambda: (None, None),
                            "generate", parser="strict")
     assert len(calls) == 13                                       # answers read another way: asked again
 

@@ -16,8 +16,9 @@ from matplotlib.figure import Figure
 
 from utils.errors import UserError
 from utils.io import atomic_write, read_json
+from utils.records import DistillRecord
 from utils.stats import mean_std
-from utils.sweeps import PAPER_SETTING, RUNS, list_runs
+from utils.sweeps import PAPER_SETTING, RUNS, list_runs, setting_of
 
 ABLATIONS = ("depth", "alpha", "gate")
 PAPER_GATE = "concat_linear"
@@ -53,21 +54,23 @@ def head_rows(root: Path, parameter: str) -> list[dict]:
     test accuracies over seeds and EmoVLM-KD's over every gate run on those heads."""
     held = "alpha" if parameter == "depth" else "depth"
     groups: dict = {}
-    for name, meta in list_runs(root / "distill").items():
-        if meta.get(held) != PAPER_SETTING[held] or meta.get(parameter) is None:
+    for name, record in list_runs(root / "distill").items():
+        setting = setting_of(record)
+        if setting[held] != PAPER_SETTING[held] or setting[parameter] is None:
             continue
-        group = groups.setdefault(meta[parameter], {"head": [], "fused": []})
+        group = groups.setdefault(setting[parameter], {"head": [], "fused": []})
         group["head"].append(read_json(root / "distill" / RUNS / name / "metrics.json")["accuracy"])
-        group["fused"] += [_fused_accuracy(m) for m in gate_runs(root, name, meta.get("head_id"))]
+        group["fused"] += [_fused_accuracy(m) for m in gate_runs(root, name, record.head_id)]
     return [{"value": value, **groups[value], "paper": value == PAPER_SETTING[parameter]} for value in sorted(groups)]
 
 
 def gate_rows(root: Path) -> list[dict]:
     """Per gate variant: test accuracies over the seeds of the default head's gate runs (the
     top-level gate/metrics.json when no runs are kept), with the largest McNemar p over seeds."""
-    meta_path = root / "distill" / "meta.json"
-    head_meta = read_json(meta_path) if meta_path.is_file() else {}
-    runs = gate_runs(root, head_meta["run"], head_meta.get("head_id")) if head_meta.get("run") else []
+    runs = []
+    if (root / "distill" / "meta.json").is_file():
+        default_head = DistillRecord.load(root / "distill", root.name)
+        runs = gate_runs(root, default_head.run, default_head.head_id)
     if not runs and (root / "gate" / "metrics.json").is_file():
         runs = [read_json(root / "gate" / "metrics.json")]
     rows: dict = {}

@@ -1,8 +1,8 @@
 """One checkpoint schema: every saved artefact says what it is and in which format.
 
 Every stage writes ``meta.json`` (class names in order, the base VLM, the ids of what it was
-built on); the next stage reads it through :func:`read_meta`, which names the command to run
-when the folder is missing, and :func:`check_compatible`, which refuses a mismatch. The weights
+built on) through its typed record in ``utils/records.py``; the next stage reads it back there,
+through :func:`read_meta`, which names the command to run when the folder is missing. The weights
 files (``teacher.pt``, ``head.pt``, ``gate.pt``) are written and read by a pair of functions
 beside their module (``models/teacher.py``, ``models/heads.py``, ``models/gates.py``).
 
@@ -60,11 +60,15 @@ def check_format(record, path: str | Path, kind: str, stage: str | None = None,
         found = f"a {record.get('kind')!r} record where a {kind!r} one belongs"
     else:
         return record
+    raise UserError(f"{path}: {found}; {rewrite_hint(stage, dataname)}")
+
+
+def rewrite_hint(stage: str, dataname: str = "<dataname>") -> str:
+    """How to replace a record of ``stage`` this code cannot read: the command that rewrites it."""
     command = STAGE_COMMANDS[stage].format(dataname=dataname)
-    hint = f"rerun `{command}` to rewrite it"
     if stage == "instructions":  # stage 0 reads its own meta.json when it resumes
-        hint = f"delete it and rerun `{command}` (the annotations are kept)"
-    raise UserError(f"{path}: {found}; {hint}")
+        return f"delete it and rerun `{command}` (the annotations are kept)"
+    return f"rerun `{command}` to rewrite it"
 
 
 def read_checkpoint(path: str | Path, kind: str, dataname: str = "<dataname>") -> dict:
@@ -95,17 +99,6 @@ def read_meta(folder: str | Path, stage: str, dataname: str = "<dataname>") -> d
     if meta.get("stage") != stage:
         raise UserError(f"{path}: written by stage {meta.get('stage')!r}, expected {stage!r}")
     return meta
-
-
-def check_compatible(meta: dict, folder: str | Path, class_names: Sequence[str] | None = None,
-                     base_model: str | None = None) -> None:
-    """Refuse a stage output trained for other classes or on another base VLM."""
-    if class_names is not None and list(meta["class_names"]) != list(class_names):
-        raise UserError(f"{folder}: trained for classes {meta['class_names']}, but this run has "
-                        f"{list(class_names)}; retrain that stage for this dataset")
-    if base_model is not None and meta.get("base_model") not in (None, base_model):
-        raise UserError(f"{folder}: built on VLM {meta['base_model']!r}, but --vlm_model is "
-                        f"{base_model!r}; pass the same --vlm_model or retrain that stage")
 
 
 def file_id(*paths: str | Path) -> str:

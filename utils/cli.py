@@ -39,7 +39,7 @@ def base_parser(description: str, batch_size: int | None = None) -> argparse.Arg
 
 def add_base_vlm_flag(group) -> None:
     """``--vlm_model`` of a stage built on stage 1's adapter (stages 2 and 3): by default the base
-    stage 1 recorded; a given one must be that same id (``utils.checkpoints.check_compatible``)."""
+    stage 1 recorded; a given one must be that same id (``utils.records.VLMRecord.check_run``)."""
     group.add_argument("--vlm_model", default=None,
                        help="base VLM (hub id or folder); default: the one stage 1 was trained on, "
                             "which a given one must match")
@@ -165,14 +165,6 @@ def flags_without_rules(parser: argparse.ArgumentParser, rules: dict[str, str]) 
     rules = {**COMMON_RULES, **rules}
     return [action.option_strings[0] for action in parser._actions
             if action.type in (int, float) and action.dest not in rules]
-
-
-def require_positive(args: argparse.Namespace, *names: str) -> None:
-    """UserError unless every named integer flag (dest name, e.g. ``"batch_size"``) is >= 1."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1 (got {value})")
 
 
 def resolve_device(gpu: int | None) -> torch.device:

@@ -13,7 +13,7 @@ import itertools
 from pathlib import Path
 
 from utils.errors import UserError
-from utils.io import read_json
+from utils.records import DistillRecord
 
 RUNS = "runs"
 # The paper's best head (depth 1, alpha 0.5): the default head of a sweep that includes it.
@@ -48,17 +48,20 @@ def default_setting(depths, alphas, seeds) -> dict | None:
     return None
 
 
-def list_runs(distill_dir: str | Path) -> dict[str, dict]:
-    """``{run name: meta}`` of the finished head runs in ``distill_dir/runs`` (meta.json present)."""
-    folder = Path(distill_dir) / RUNS
+def list_runs(distill_dir: str | Path) -> dict[str, DistillRecord]:
+    """``{run name: record}`` of the finished head runs in ``distill_dir/runs`` (meta.json present)."""
+    distill_dir = Path(distill_dir)
     runs = {}
-    for meta_path in sorted(folder.glob("*/meta.json")):
+    for meta_path in sorted((distill_dir / RUNS).glob("*/meta.json")):
         if meta_path.parent.name.startswith("."):  # a run's staging folder (utils.outputs)
             continue
-        meta = read_json(meta_path)
-        if meta.get("stage") == "distill":
-            runs[meta_path.parent.name] = meta
+        runs[meta_path.parent.name] = DistillRecord.load(meta_path.parent, distill_dir.parent.name)
     return runs
+
+
+def setting_of(record: DistillRecord) -> dict:
+    """A head run's ``{"depth", "alpha", "seed"}`` (None where its meta.json does not say)."""
+    return {"depth": record.depth, "alpha": record.alpha, "seed": record.seed}
 
 
 def parse_head_spec(spec: str) -> dict:
@@ -87,8 +90,8 @@ def resolve_head(distill_dir: str | Path, spec: str | None) -> Path:
         return distill_dir
     wanted = parse_head_spec(spec)
     runs = list_runs(distill_dir)
-    matches = [(meta.get("seed", 0), name) for name, meta in runs.items()
-               if all(meta.get(key) == value for key, value in wanted.items())]
+    matches = [(record.seed or 0, name) for name, record in runs.items()
+               if all(setting_of(record)[key] == value for key, value in wanted.items())]
     if not matches:
         have = "; ".join(runs) if runs else "none (train some with python train_distillation.py --depth ...)"
         raise UserError(f"--head {spec}: no such head run in {distill_dir / RUNS}; runs there: {have}")
