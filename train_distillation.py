@@ -21,9 +21,8 @@ import torch
 from transformers import AutoConfig
 
 from data.datasets import load_dataset
-from engine.distill import (cached_teacher_logits, cached_vlm_features, feature_dtype, head_logits, train_head,
-                            train_teacher)
-from models.heads import HEAD_FILE, save_head
+from engine.distill import cached_teacher_logits, cached_vlm_features, feature_dtype, train_head, train_teacher
+from models.heads import HEAD_FILE, head_logits, save_head
 from models.teacher import (DEFAULT_TEACHER, build_teacher, data_config, default_img_size, read_teacher_checkpoint,
                             save_teacher)
 from models.vlm import vision_hidden_size

@@ -29,12 +29,12 @@ import torch
 
 from data.datasets import load_dataset
 from data.prompts import PARSERS
-from engine.distill import cached_vlm_features, head_logits, read_cached_teacher_logits
+from engine.distill import cached_vlm_features, read_cached_teacher_logits
 from engine.fit import EpochLog
-from engine.gate import (SIGNALS, GateData, cached_vlm_predictions, gate_training_data, predictions, split_accuracies,
-                         train_gate, vlm_gate_inputs)
-from models.gates import GATE_FILE, GATE_LABELS, GATES, save_gate
-from models.heads import load_head
+from engine.gate import (GateData, cached_vlm_predictions, gate_training_data, predictions, split_accuracies,
+                         train_gate)
+from models.gates import GATE_FILE, GATE_LABELS, GATES, SIGNALS, save_gate, vlm_gate_inputs
+from models.heads import head_logits, load_head
 from models.scorer import EVAL_MODES
 from models.vlm import load_trained_vlm, trained_quant
 from utils.checkpoints import check_compatible, file_id, read_meta, write_meta

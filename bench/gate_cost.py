@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from bench import TARGETS_KEY, best_of, print_results, target_row
 from bench.world import stages_1_and_2
 from data.datasets import load_dataset, open_image
-from engine.distill import cached_vlm_features, head_logits
+from engine.distill import cached_vlm_features
 import train_gate
 from engine.vlm_eval import predict_samples
 from models.chat import categorical_prompt, encode_prompts
 from models.gates import build_gate
-from models.heads import load_head
+from models.heads import head_logits, load_head
 from models.vlm import load_trained_vlm, pooled_image_features
 
 EPOCHS = 10

@@ -251,8 +251,3 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
     return head.cpu().eval(), {"epoch": fitted.best_epoch, "best_val_acc": fitted.best["val_acc"],
                                "history": fitted.history}
 
-
-@torch.no_grad()
-def head_logits(head: DistillHead, features: torch.Tensor) -> torch.Tensor:
-    head.eval()
-    return head(features.to(next(head.parameters()).device)).cpu()

@@ -26,11 +26,8 @@ from models.scorer import VLMPredictions
 from utils.cache import image_list_id, load_or_build
 from utils.dist import shard_map
 from utils.errors import UserError
-from utils.metrics import NONE
 
 log = logging.getLogger(__name__)
-
-SIGNALS = ("onehot", "probs")
 
 
 @dataclass
@@ -49,21 +46,6 @@ class GateResult:
     best_epoch: int
     best_val_acc: float
     history: list[dict] = field(default_factory=list)
-
-
-def vlm_gate_inputs(predictions, num_classes: int, kind: str = "onehot") -> torch.Tensor:
-    """The gate's VLM input from ``VLMPredictions``: one-hot of the answer (the zero vector when
-    it could not be parsed) or, for ``probs``, the class distribution of ``score`` mode."""
-    if kind == "onehot":
-        signal = torch.zeros(len(predictions.pred), num_classes)
-        known = predictions.pred != NONE
-        signal[known, predictions.pred[known]] = 1.0
-        return signal
-    if kind == "probs":
-        if predictions.probs is None:
-            raise UserError("--vlm_signal probs needs class probabilities: use --vlm_answer score")
-        return predictions.probs.float()
-    raise UserError(f"--vlm_signal {kind}: choose one of {', '.join(SIGNALS)}")
 
 
 # ---------------------------------------------------------------- VLM answers, cached per split

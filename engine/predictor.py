@@ -18,9 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from data.annotations import prompt_messages
 from data.datasets import to_rgb
 from data.prompts import OBSERVATION_QUESTION, REASONING_QUESTION, categorical_answer
-from engine.gate import vlm_gate_inputs
 from models.chat import generate_texts
-from models.gates import gate_weights, load_gate
+from models.gates import gate_weights, load_gate, vlm_gate_inputs
 from models.heads import load_head
 from models.scorer import predict_vlm
 from models.vlm import head_features, load_processor, load_trained_vlm

@@ -116,7 +116,7 @@ MUTANTS = (
            "if True:",
            ("tests/test_fit.py::test_fit_keeps_the_state_best_on_validation_and_one_row_per_epoch",),
            "engine.fit reports and keeps the last epoch as the best"),
-    Mutant("onehot_off_by_one", "engine/gate.py",
+    Mutant("onehot_off_by_one", "models/gates.py",
            "        signal[known, predictions.pred[known]] = 1.0",
            "        signal[known, (predictions.pred[known] + 1) % num_classes] = 1.0",
            ("tests/test_stage3.py::test_vlm_gate_inputs_onehot_zero_when_unparseable_and_probs",),

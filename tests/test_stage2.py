@@ -117,8 +117,8 @@ def test_teacher_and_head_beat_chance_and_the_folders_describe_themselves(stage2
 
 
 def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path):
-    from engine.distill import head_logits, train_head
-    from models.heads import load_head, save_head
+    from engine.distill import train_head
+    from models.heads import head_logits, load_head, save_head
     from utils.checkpoints import file_id, write_meta
 
     cache = stage2 / "toy" / "distill" / "cache"

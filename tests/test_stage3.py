@@ -187,7 +187,7 @@ def test_parser_choice_is_applied_and_recorded(trained_pipeline, tmp_path, monke
 
 
 def test_vlm_gate_inputs_onehot_zero_when_unparseable_and_probs():
-    from engine.gate import vlm_gate_inputs
+    from models.gates import vlm_gate_inputs
     from models.scorer import VLMPredictions
     from utils.errors import UserError
 
