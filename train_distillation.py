@@ -21,7 +21,8 @@ import torch
 from transformers import AutoConfig
 
 from data.datasets import load_dataset
-from engine.distill import cached_teacher_logits, cached_vlm_features, feature_dtype, train_head, train_teacher
+from engine.distill import train_head, train_teacher
+from engine.features import cached_teacher_logits, cached_vlm_features, feature_dtype
 from models.heads import HEAD_FILE, head_logits, save_head
 from models.teacher import (DEFAULT_TEACHER, build_teacher, data_config, default_img_size, read_teacher_checkpoint,
                             save_teacher)

@@ -29,7 +29,7 @@ import torch
 
 from data.datasets import load_dataset
 from data.prompts import PARSERS
-from engine.distill import cached_vlm_features, read_cached_teacher_logits
+from engine.features import read_cached_teacher_logits, read_vlm_features
 from engine.fit import EpochLog
 from engine.gate import (GateData, cached_vlm_predictions, gate_training_data, predictions, split_accuracies,
                          train_gate)
@@ -125,9 +125,7 @@ def gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device)
     """``{split: GateData}``: the cached VLM answers and the frozen head on stage 2's cached features
     (exactly those the head was trained on: a mismatch asks to rerun stage 2, never re-encodes)."""
     head, _ = load_head(distill_dir, splits.class_names, dataname=args.dataname)
-    pixels = {"min_pixels": head_meta.get("min_pixels"), "max_pixels": head_meta.get("max_pixels")}
-    features = cached_vlm_features(splits, head_meta["base_model"], pixels, device, args.vlm_batch_size,
-                                   stage_dir(args, "distill") / "cache", dtype=head_meta.get("feature_dtype"), build=False)
+    features = read_vlm_features(splits, head_meta, stage_dir(args, "distill") / "cache", device)
 
     quant = vlm_quant(args, vlm_meta, device)
 

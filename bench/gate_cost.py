@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from bench import TARGETS_KEY, best_of, print_results, target_row
 from bench.world import stages_1_and_2
 from data.datasets import load_dataset, open_image
-from engine.distill import cached_vlm_features
+from engine.features import read_vlm_features
 import train_gate
 from engine.vlm_eval import predict_samples
 from models.chat import categorical_prompt, encode_prompts
@@ -55,10 +55,7 @@ def frozen_pass(pipeline, splits) -> None:
     cached features (also batch_one's stage-3 yardstick)."""
     model, processor, _ = load_trained_vlm(pipeline.stage("vlm"), "cpu")
     head, meta = load_head(pipeline.stage("distill"))
-    pixels = {"min_pixels": meta.get("min_pixels"), "max_pixels": meta.get("max_pixels")}
-    features = cached_vlm_features(splits, meta["base_model"], pixels, "cpu", 8,
-                                   pipeline.stage("distill") / "cache", dtype=meta.get("feature_dtype"),
-                                   build=False)
+    features = read_vlm_features(splits, meta, pipeline.stage("distill") / "cache", "cpu")
     for split in ("train", "val", "test"):
         predict_samples(model, processor, splits.data_root, splits.split(split), splits.class_names,
                         "score", 8, 32)

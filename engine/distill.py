@@ -1,157 +1,22 @@
-"""Stage 2 library: teacher fine-tuning, the frozen-feature and teacher-logit caches and head
-training (the head, its loss and its checkpoint: models/heads.py).
-
-The VLM's visual encoder and the teacher are frozen during distillation, so each image is
-encoded once and cached under ``<output_dir>/<dataname>/distill/cache/``; the head then trains
-from tensors. A cache file stores the key it was built for (model, config, weights, image list,
-preprocessing) and is rebuilt, with a log line, when the key differs (utils/cache.py); stage 3
-reads the features without ever rebuilding them, since the head must see the ones it was trained
-on. Under ``torchrun`` / ``accelerate launch`` the images are sharded across processes and the
-results gathered in order (utils.dist.shard_map).
+"""Stage 2's training: the teacher's fine-tuning and the head's training on cached tensors (the
+head, its loss and its checkpoint: models/heads.py; the frozen-feature and teacher-logit caches
+it trains from: engine/features.py).
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import AutoConfig
 
-from data.datasets import PIXELS, SPLITS, DatasetSplits, ImageDataset, Sample
+from data.datasets import DatasetSplits, ImageDataset
 from engine.batches import per_step_adam, shuffled_batches
 from engine.fit import EpochLog, fit
 from models.heads import DistillHead, distillation_loss
-from models.teacher import load_teacher, teacher_transforms
-from models.vlm import load_processor, load_vlm, pooled_image_features
-from utils.cache import digest, image_list_id, load_cached, load_or_build, readable, weights_fingerprint
-from utils.checkpoints import STAGE_COMMANDS, file_id
-from utils.dist import distributed_rank, shard_map
-from utils.errors import UserError
+from models.teacher import teacher_transforms
 from utils.metrics import save_curves_png
-
-log = logging.getLogger(__name__)
-
-
-def _as_list(batch):
-    return [image for image, _ in batch]
-
-
-def _image_batches(splits: DatasetSplits, samples: Sequence[Sample], batch_size: int, num_workers: int,
-                   transform=None, desc: str = ""):
-    """Batches of PIL images (no ``transform``) or of tensors, with a progress bar on rank 0."""
-    dataset = ImageDataset(splits.data_root, samples, transform)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=None if transform else _as_list)
-    return tqdm(loader, desc=desc, disable=distributed_rank()[0] != 0, leave=False)
-
-
-# ---------------------------------------------------------------- frozen VLM features
-
-def feature_dtype(device: str | torch.device) -> torch.dtype:
-    """The dtype the frozen VLM encodes in: bfloat16 on CUDA (as trained), float32 on CPU."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def vlm_feature_key(vlm_model: str, processor, config, dtype: torch.dtype) -> dict:
-    size = processor.image_processor.size
-    return {"vlm_model": str(vlm_model), "config": digest(config.to_dict()),
-            "weights": weights_fingerprint(str(vlm_model)), "dtype": str(dtype),
-            "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge, "pixels": PIXELS}
-
-
-def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs: dict | None,
-                        device: str | torch.device, batch_size: int, cache_dir: str | Path,
-                        num_workers: int = 0, names: Sequence[str] = SPLITS, dtype: str | None = None,
-                        build: bool = True) -> dict[str, torch.Tensor]:
-    """Mean-pooled visual features (after the patch merger) per split: ``{split: (N, in_dim)}``.
-
-    Reuses ``cache_dir/vlm_features_<split>.pt`` when built for the same model, config, weights,
-    dtype (``dtype`` e.g. ``"torch.bfloat16"``; default :func:`feature_dtype` of ``device``),
-    image list and pixel budget; otherwise loads the VLM once and encodes the missing splits.
-    ``build=False`` (stage 3: the head must see the features it was trained on) turns a miss
-    into a UserError naming stage 2's command instead.
-    """
-    device = torch.device(device)
-    dtype = getattr(torch, dtype.removeprefix("torch.")) if dtype else feature_dtype(device)
-    processor = load_processor(vlm_model, **(processor_kwargs or {}))
-    base = vlm_feature_key(vlm_model, processor, AutoConfig.from_pretrained(vlm_model), dtype)
-    keys = {split: {**base, "images": image_list_id(splits.data_root, splits.split(split))} for split in names}
-
-    def encode_splits(missing: list[str]) -> dict[str, torch.Tensor]:
-        model = load_vlm(vlm_model, device, dtype=dtype)
-        out = {}
-        for split in missing:
-            samples = splits.split(split)
-
-            def encode(indices: range) -> torch.Tensor:
-                chunks = [pooled_image_features(model, processor, images) for images in _image_batches(
-                    splits, [samples[i] for i in indices], batch_size, num_workers, desc=f"VLM features {split}")]
-                return torch.cat(chunks)
-
-            out[split] = shard_map(len(samples), encode, unit=batch_size)
-            log.info("encoded %d %s images with the frozen visual encoder -> %s", len(samples), split,
-                     tuple(out[split].shape))
-        return out
-
-    cache_dir = Path(cache_dir)
-    features = load_or_build(cache_dir, "vlm_features", keys, encode_splits if build else None)
-    missing = [split for split in names if features[split] is None]
-    if missing:
-        command = STAGE_COMMANDS["distill"].format(dataname=splits.name)
-        files = [cache_dir / f"vlm_features_{split}.pt" for split in missing]
-        absent = [split for split, f in zip(missing, files) if not f.is_file()]
-        damaged = [f.name for f in files if f.is_file() and not readable(f)]
-        if absent or damaged:
-            what = (f"{', '.join(damaged)} cannot be read (damaged)" if damaged
-                    else f"the cached {'/'.join(absent)} features are missing")
-            raise UserError(f"{cache_dir}: {what}; rerun `{command}` to rebuild the feature cache")
-        raise UserError(f"{cache_dir}: the cached {'/'.join(missing)} features do not match these images, the "
-                        f"VLM or the pixel budget the head was trained with; rerun `{command}`")
-    return features
-
-
-# ---------------------------------------------------------------- teacher
-
-def _teacher_key(splits: DatasetSplits, teacher_id: str, split: str) -> dict:
-    return {"teacher_id": teacher_id, "images": image_list_id(splits.data_root, splits.split(split)),
-            "pixels": PIXELS}
-
-
-def read_cached_teacher_logits(splits: DatasetSplits, teacher_id: str, cache_dir: str | Path,
-                               split: str = "test") -> torch.Tensor | None:
-    """Stage 2's cached teacher logits of one split, or None when the cache holds no matching ones
-    (stage 3 reads them for its statistics and never runs the teacher)."""
-    return load_cached(Path(cache_dir) / f"teacher_logits_{split}.pt", _teacher_key(splits, teacher_id, split))
-
-
-@torch.no_grad()
-def cached_teacher_logits(splits: DatasetSplits, teacher_path: str | Path, device: str | torch.device,
-                          batch_size: int, cache_dir: str | Path, num_workers: int = 0,
-                          names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
-    """The teacher's logits (eval transform) per split, cached by teacher file and image list."""
-    teacher_id = file_id(teacher_path)
-    keys = {split: _teacher_key(splits, teacher_id, split) for split in names}
-
-    def build(missing: list[str]) -> dict[str, torch.Tensor]:
-        model, checkpoint = load_teacher(teacher_path, splits.class_names, device)
-        _, eval_transform = teacher_transforms(checkpoint["data_config"])
-        out = {}
-        for split in missing:
-            samples = splits.split(split)
-
-            def run(indices: range) -> torch.Tensor:
-                batches = _image_batches(splits, [samples[i] for i in indices], batch_size, num_workers,
-                                         eval_transform, desc=f"teacher logits {split}")
-                return torch.cat([model(images.to(device)).float().cpu() for images, _ in batches])
-
-            out[split] = shard_map(len(samples), run, unit=batch_size)
-        return out
-
-    return load_or_build(Path(cache_dir), "teacher_logits", keys, build)
 
 
 @torch.no_grad()

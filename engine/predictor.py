@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from data.annotations import prompt_messages
 from data.datasets import to_rgb
 from data.prompts import OBSERVATION_QUESTION, REASONING_QUESTION, categorical_answer
+from engine.features import recorded_dtype
 from models.chat import generate_texts
 from models.gates import gate_weights, load_gate, vlm_gate_inputs
 from models.heads import load_head
@@ -81,12 +82,6 @@ def check_parts(dataname: str, vlm: tuple[Path, dict], distill: tuple[Path, dict
     if gate_meta["head_id"] != distill_meta.get("head_id"):
         raise _stage_error(gate_dir, "gate", dataname, f"trained on another distilled head "
                            f"({gate_meta['head_id']}, now {distill_meta.get('head_id')})")
-
-
-def recorded_dtype(distill_meta: dict) -> torch.dtype | None:
-    """The dtype stage 2 encoded its feature cache in (``"torch.float32"`` in meta.json)."""
-    name = distill_meta.get("feature_dtype")
-    return getattr(torch, name.removeprefix("torch.")) if name else None
 
 
 def _as_dict(probs: torch.Tensor, class_names: Sequence[str]) -> dict[str, float]:

@@ -81,7 +81,7 @@ MUTANTS = (
            "return alpha * temperature ** 2 * kd + alpha * ce",
            ("tests/test_stage2.py::test_loss_matches_the_formula",),
            "CE weighted alpha instead of (1 - alpha) (the same at the default 0.5)"),
-    Mutant("teacher_logits_train_augmentation", "engine/distill.py",
+    Mutant("teacher_logits_train_augmentation", "engine/features.py",
            '        _, eval_transform = teacher_transforms(checkpoint["data_config"])',
            '        eval_transform, _ = teacher_transforms(checkpoint["data_config"])',
            (METHOD + "test_teacher_cache_equals_a_direct_pass_with_the_evaluation_transform",),

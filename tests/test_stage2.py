@@ -148,13 +148,13 @@ def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path)
 
 
 def test_second_run_reuses_the_caches_and_gives_the_same_metrics(stage2, toy_root, monkeypatch, caplog):
-    import engine.distill
+    import engine.features
     from train_distillation import main, parse
 
     calls = []
     for name in ("load_vlm", "pooled_image_features", "load_teacher"):
-        original = getattr(engine.distill, name)
-        monkeypatch.setattr(engine.distill, name,
+        original = getattr(engine.features, name)
+        monkeypatch.setattr(engine.features, name,
                             lambda *a, _name=name, _f=original, **k: calls.append(_name) or _f(*a, **k))
     before = read_metrics(stage2)
     caplog.set_level(logging.INFO, logger="utils.cache")
@@ -166,7 +166,7 @@ def test_second_run_reuses_the_caches_and_gives_the_same_metrics(stage2, toy_roo
 
 def test_stale_cache_is_rebuilt_with_a_log_line(stage2, tiny_vlm_dir, toy_root, tmp_path, caplog):
     from data.datasets import load_dataset
-    from engine.distill import cached_vlm_features
+    from engine.features import cached_vlm_features
 
     cache = tmp_path / "cache"
     splits = load_dataset(toy_root, "toy", stage2)

@@ -107,7 +107,7 @@ def test_checkpoint_reload_reproduces_the_test_predictions(trained_pipeline):
 
 
 def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monkeypatch, caplog):
-    import engine.distill
+    import engine.features
     import engine.vlm_eval
     import train_gate
 
@@ -116,7 +116,7 @@ def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monke
 
     monkeypatch.setattr(train_gate, "load_trained_vlm", no_forward)  # the name stage 3 calls
     monkeypatch.setattr(engine.vlm_eval, "predict_vlm", no_forward)
-    monkeypatch.setattr(engine.distill, "load_vlm", no_forward)
+    monkeypatch.setattr(engine.features, "load_vlm", no_forward)
     gate_dir = trained_pipeline.stage("gate")
     before = json.loads((gate_dir / "metrics.json").read_text())
     weights = torch.load(gate_dir / "gate.pt", weights_only=True)["state_dict"]
@@ -324,7 +324,7 @@ def _copy_outputs(pipeline: ToyRun, output_dir: Path, ignore=()) -> ToyRun:
 @pytest.mark.parametrize("case", ["missing", "stale"])
 def test_feature_cache_mismatch_asks_for_stage2_and_leaves_it_alone(case, trained_pipeline, tmp_path, capsys,
                                                                     monkeypatch):
-    import engine.distill
+    import engine.features
     import train_gate
     from utils.errors import run_cli
 
@@ -333,7 +333,7 @@ def test_feature_cache_mismatch_asks_for_stage2_and_leaves_it_alone(case, traine
     if case == "stale":  # as if stage 2 had encoded in another dtype than stage 3 now asks for
         _edit_meta(pipeline, "distill", feature_dtype="torch.bfloat16")
     before = {path.name: path.stat().st_mtime_ns for path in cache.glob("*")}
-    monkeypatch.setattr(engine.distill, "load_vlm", lambda *a, **k: pytest.fail("stage 3 must not encode"))
+    monkeypatch.setattr(engine.features, "load_vlm", lambda *a, **k: pytest.fail("stage 3 must not encode"))
     assert run_cli(train_gate.main, pipeline.argv(), parse=train_gate.parse) == 2
     err = capsys.readouterr().err.strip().splitlines()
     expected = "features are missing" if case == "missing" else "features do not match"

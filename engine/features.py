@@ -1,0 +1,173 @@
+"""Stage 2's caches of frozen passes, the contract between stage 2 and its readers: the VLM's
+pooled visual features (the head's input) and the teacher's logits, per split.
+
+The VLM's visual encoder and the teacher are frozen during distillation, so each image is
+encoded once and cached under ``<output_dir>/<dataname>/distill/cache/``; the head then trains
+from tensors. A cache file stores the key it was built for (model, config, weights, dtype, image
+list, preprocessing) and is rebuilt, with a log line, when the key differs (utils/cache.py).
+Stage 2 builds the caches (:func:`cached_vlm_features`, :func:`cached_teacher_logits`); stage 3
+reads them without ever building (:func:`read_vlm_features`, :func:`read_cached_teacher_logits`),
+since the head must see the features it was trained on; the predictor encodes new images in the
+dtype stage 2 recorded (:func:`recorded_dtype`). Under ``torchrun`` / ``accelerate launch`` the
+images are sharded across processes and the results gathered in order (utils.dist.shard_map).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import AutoConfig
+
+from data.datasets import PIXELS, SPLITS, DatasetSplits, ImageDataset, Sample
+from models.teacher import load_teacher, teacher_transforms
+from models.vlm import load_processor, load_vlm, pooled_image_features
+from utils.cache import digest, image_list_id, load_cached, load_or_build, readable, weights_fingerprint
+from utils.checkpoints import STAGE_COMMANDS, file_id
+from utils.dist import distributed_rank, shard_map
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _as_list(batch):
+    return [image for image, _ in batch]
+
+
+def _image_batches(splits: DatasetSplits, samples: Sequence[Sample], batch_size: int, num_workers: int,
+                   transform=None, desc: str = ""):
+    """Batches of PIL images (no ``transform``) or of tensors, with a progress bar on rank 0."""
+    dataset = ImageDataset(splits.data_root, samples, transform)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=None if transform else _as_list)
+    return tqdm(loader, desc=desc, disable=distributed_rank()[0] != 0, leave=False)
+
+
+# ---------------------------------------------------------------- frozen VLM features
+
+def feature_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype the frozen VLM encodes in: bfloat16 on CUDA (as trained), float32 on CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def vlm_feature_key(vlm_model: str, processor, config, dtype: torch.dtype) -> dict:
+    size = processor.image_processor.size
+    return {"vlm_model": str(vlm_model), "config": digest(config.to_dict()),
+            "weights": weights_fingerprint(str(vlm_model)), "dtype": str(dtype),
+            "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge, "pixels": PIXELS}
+
+
+def recorded_dtype(meta: dict) -> torch.dtype | None:
+    """The dtype stage 2 encoded its feature cache in, as its meta.json and head.pt record it
+    (``"feature_dtype": "torch.float32"``); None where not recorded."""
+    name = meta.get("feature_dtype")
+    return getattr(torch, name.removeprefix("torch.")) if name else None
+
+
+def _feature_keys(splits: DatasetSplits, vlm_model: str, processor, dtype: torch.dtype,
+                  names: Sequence[str]) -> dict[str, dict]:
+    base = vlm_feature_key(vlm_model, processor, AutoConfig.from_pretrained(vlm_model), dtype)
+    return {split: {**base, "images": image_list_id(splits.data_root, splits.split(split))} for split in names}
+
+
+def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs: dict | None,
+                        device: str | torch.device, batch_size: int, cache_dir: str | Path,
+                        num_workers: int = 0, names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
+    """Mean-pooled visual features (after the patch merger) per split: ``{split: (N, in_dim)}``.
+
+    Reuses ``cache_dir/vlm_features_<split>.pt`` when built for the same model, config, weights,
+    dtype (:func:`feature_dtype` of ``device``), image list and pixel budget; otherwise loads the
+    VLM once and encodes the missing splits.
+    """
+    device = torch.device(device)
+    dtype = feature_dtype(device)
+    processor = load_processor(vlm_model, **(processor_kwargs or {}))
+    keys = _feature_keys(splits, vlm_model, processor, dtype, names)
+
+    def encode_splits(missing: list[str]) -> dict[str, torch.Tensor]:
+        model = load_vlm(vlm_model, device, dtype=dtype)
+        out = {}
+        for split in missing:
+            samples = splits.split(split)
+
+            def encode(indices: range) -> torch.Tensor:
+                chunks = [pooled_image_features(model, processor, images) for images in _image_batches(
+                    splits, [samples[i] for i in indices], batch_size, num_workers, desc=f"VLM features {split}")]
+                return torch.cat(chunks)
+
+            out[split] = shard_map(len(samples), encode, unit=batch_size)
+            log.info("encoded %d %s images with the frozen visual encoder -> %s", len(samples), split,
+                     tuple(out[split].shape))
+        return out
+
+    return load_or_build(Path(cache_dir), "vlm_features", keys, encode_splits)
+
+
+def read_vlm_features(splits: DatasetSplits, distill_meta: dict, cache_dir: str | Path,
+                      device: str | torch.device, names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
+    """The features a head was trained on, ``{split: (N, in_dim)}``, read from stage 2's cache and
+    never built: the VLM, pixel budget and dtype are the ones the head's ``meta.json`` records (a
+    dtype it does not record: :func:`feature_dtype` of ``device``). A missing, damaged or
+    mismatched file is a UserError naming stage 2's command."""
+    dtype = recorded_dtype(distill_meta) or feature_dtype(device)
+    vlm_model = distill_meta["base_model"]
+    processor = load_processor(vlm_model, distill_meta.get("min_pixels"), distill_meta.get("max_pixels"))
+    cache_dir = Path(cache_dir)
+    features = load_or_build(cache_dir, "vlm_features", _feature_keys(splits, vlm_model, processor, dtype, names),
+                             None)
+    missing = [split for split in names if features[split] is None]
+    if missing:
+        command = STAGE_COMMANDS["distill"].format(dataname=splits.name)
+        files = [cache_dir / f"vlm_features_{split}.pt" for split in missing]
+        absent = [split for split, f in zip(missing, files) if not f.is_file()]
+        damaged = [f.name for f in files if f.is_file() and not readable(f)]
+        if absent or damaged:
+            what = (f"{', '.join(damaged)} cannot be read (damaged)" if damaged
+                    else f"the cached {'/'.join(absent)} features are missing")
+            raise UserError(f"{cache_dir}: {what}; rerun `{command}` to rebuild the feature cache")
+        raise UserError(f"{cache_dir}: the cached {'/'.join(missing)} features do not match these images, the "
+                        f"VLM or the pixel budget the head was trained with; rerun `{command}`")
+    return features
+
+
+# ---------------------------------------------------------------- teacher
+
+def _teacher_key(splits: DatasetSplits, teacher_id: str, split: str) -> dict:
+    return {"teacher_id": teacher_id, "images": image_list_id(splits.data_root, splits.split(split)),
+            "pixels": PIXELS}
+
+
+def read_cached_teacher_logits(splits: DatasetSplits, teacher_id: str, cache_dir: str | Path,
+                               split: str = "test") -> torch.Tensor | None:
+    """Stage 2's cached teacher logits of one split, or None when the cache holds no matching ones
+    (stage 3 reads them for its statistics and never runs the teacher)."""
+    return load_cached(Path(cache_dir) / f"teacher_logits_{split}.pt", _teacher_key(splits, teacher_id, split))
+
+
+@torch.no_grad()
+def cached_teacher_logits(splits: DatasetSplits, teacher_path: str | Path, device: str | torch.device,
+                          batch_size: int, cache_dir: str | Path, num_workers: int = 0,
+                          names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
+    """The teacher's logits (eval transform) per split, cached by teacher file and image list."""
+    teacher_id = file_id(teacher_path)
+    keys = {split: _teacher_key(splits, teacher_id, split) for split in names}
+
+    def build(missing: list[str]) -> dict[str, torch.Tensor]:
+        model, checkpoint = load_teacher(teacher_path, splits.class_names, device)
+        _, eval_transform = teacher_transforms(checkpoint["data_config"])
+        out = {}
+        for split in missing:
+            samples = splits.split(split)
+
+            def run(indices: range) -> torch.Tensor:
+                batches = _image_batches(splits, [samples[i] for i in indices], batch_size, num_workers,
+                                         eval_transform, desc=f"teacher logits {split}")
+                return torch.cat([model(images.to(device)).float().cpu() for images, _ in batches])
+
+            out[split] = shard_map(len(samples), run, unit=batch_size)
+        return out
+
+    return load_or_build(Path(cache_dir), "teacher_logits", keys, build)
