@@ -31,12 +31,12 @@ from data.datasets import load_dataset
 from data.prompts import PARSERS
 from engine.features import read_cached_teacher_logits, read_vlm_features
 from engine.fit import EpochLog
-from engine.gate import (GateData, cached_vlm_predictions, gate_training_data, predictions, split_accuracies,
-                         train_gate)
+from engine.gate import GateData, gate_training_data, predictions, split_accuracies, train_gate
+from engine.vlm_answers import cached_vlm_predictions
 from models.gates import GATE_FILE, GATE_LABELS, GATES, SIGNALS, save_gate, vlm_gate_inputs
 from models.heads import head_logits, load_head
 from models.scorer import EVAL_MODES
-from models.vlm import load_trained_vlm, trained_quant
+from models.vlm import trained_quant
 from utils.checkpoints import check_compatible, file_id, read_meta, write_meta
 from utils.cli import add_base_vlm_flag, base_parser, parse_args, require_positive, stage_dir
 from utils.dist import init_distributed, leave_process_group, training_device
@@ -128,12 +128,7 @@ def gate_inputs(args, splits, vlm_dir, vlm_meta, distill_dir, head_meta, device)
     features = read_vlm_features(splits, head_meta, stage_dir(args, "distill") / "cache", device)
 
     quant = vlm_quant(args, vlm_meta, device)
-
-    def load_model():
-        model, processor, _ = load_trained_vlm(vlm_dir, device, quant=quant)
-        return model, processor
-
-    answers = cached_vlm_predictions(splits, vlm_meta, stage_dir(args, "gate") / "cache", load_model,
+    answers = cached_vlm_predictions(splits, vlm_meta, stage_dir(args, "gate") / "cache", vlm_dir, device,
                                      args.vlm_answer, args.vlm_batch_size, args.max_new_tokens, quant,
                                      parser=args.parser)
     num_classes = len(splits.class_names)

@@ -37,7 +37,7 @@ from bench.world import stages_1_and_2
 from data.datasets import load_dataset, open_image
 from engine.features import read_vlm_features
 import train_gate
-from engine.vlm_eval import predict_samples
+from engine.vlm_answers import predict_samples
 from models.chat import categorical_prompt, encode_prompts
 from models.gates import build_gate
 from models.heads import head_logits, load_head

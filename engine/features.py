@@ -73,6 +73,36 @@ def _feature_keys(splits: DatasetSplits, vlm_model: str, processor, dtype: torch
     return {split: {**base, "images": image_list_id(splits.data_root, splits.split(split))} for split in names}
 
 
+def encode_block(block: range, model, processor, splits: DatasetSplits, samples: Sequence[Sample], batch_size: int,
+                 num_workers: int, desc: str) -> torch.Tensor:
+    """Pooled visual features of this rank's block of ``samples`` (a sharded pass: utils.dist.shard_map)."""
+    chunks = [pooled_image_features(model, processor, images) for images in _image_batches(
+        splits, [samples[i] for i in block], batch_size, num_workers, desc=desc)]
+    return torch.cat(chunks)
+
+
+class FeatureEncoder:
+    """The frozen VLM encoding one split at a time (utils.cache.load_or_build's build). It loads on
+    first use: once for every split the cache misses, never when they are all cached."""
+
+    def __init__(self, splits: DatasetSplits, vlm_model: str, processor, device: torch.device, dtype: torch.dtype,
+                 batch_size: int, num_workers: int):
+        self.splits, self.vlm_model, self.processor = splits, vlm_model, processor
+        self.device, self.dtype, self.batch_size, self.num_workers = device, dtype, batch_size, num_workers
+        self.model = None
+
+    def encode_split(self, split: str) -> torch.Tensor:
+        """``(N, in_dim)`` features of the split's images, sharded across ranks (each must call this)."""
+        if self.model is None:
+            self.model = load_vlm(self.vlm_model, self.device, dtype=self.dtype)
+        samples = self.splits.split(split)
+        features = shard_map(len(samples), encode_block, self.model, self.processor, self.splits, samples,
+                             self.batch_size, self.num_workers, f"VLM features {split}", unit=self.batch_size)
+        log.info("encoded %d %s images with the frozen visual encoder -> %s", len(samples), split,
+                 tuple(features.shape))
+        return features
+
+
 def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs: dict | None,
                         device: str | torch.device, batch_size: int, cache_dir: str | Path,
                         num_workers: int = 0, names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
@@ -86,24 +116,8 @@ def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs:
     dtype = feature_dtype(device)
     processor = load_processor(vlm_model, **(processor_kwargs or {}))
     keys = _feature_keys(splits, vlm_model, processor, dtype, names)
-
-    def encode_splits(missing: list[str]) -> dict[str, torch.Tensor]:
-        model = load_vlm(vlm_model, device, dtype=dtype)
-        out = {}
-        for split in missing:
-            samples = splits.split(split)
-
-            def encode(indices: range) -> torch.Tensor:
-                chunks = [pooled_image_features(model, processor, images) for images in _image_batches(
-                    splits, [samples[i] for i in indices], batch_size, num_workers, desc=f"VLM features {split}")]
-                return torch.cat(chunks)
-
-            out[split] = shard_map(len(samples), encode, unit=batch_size)
-            log.info("encoded %d %s images with the frozen visual encoder -> %s", len(samples), split,
-                     tuple(out[split].shape))
-        return out
-
-    return load_or_build(Path(cache_dir), "vlm_features", keys, encode_splits)
+    encoder = FeatureEncoder(splits, vlm_model, processor, device, dtype, batch_size, num_workers)
+    return load_or_build(Path(cache_dir), "vlm_features", keys, encoder.encode_split)
 
 
 def read_vlm_features(splits: DatasetSplits, distill_meta: dict, cache_dir: str | Path,
@@ -147,6 +161,33 @@ def read_cached_teacher_logits(splits: DatasetSplits, teacher_id: str, cache_dir
     return load_cached(Path(cache_dir) / f"teacher_logits_{split}.pt", _teacher_key(splits, teacher_id, split))
 
 
+def teacher_block(block: range, model, transform, splits: DatasetSplits, samples: Sequence[Sample], batch_size: int,
+                  num_workers: int, device: torch.device, desc: str) -> torch.Tensor:
+    """The teacher's logits for this rank's block of ``samples`` (a sharded pass: utils.dist.shard_map)."""
+    batches = _image_batches(splits, [samples[i] for i in block], batch_size, num_workers, transform, desc=desc)
+    return torch.cat([model(images.to(device)).float().cpu() for images, _ in batches])
+
+
+class TeacherPass:
+    """The trained teacher over one split at a time, with its evaluation transform
+    (utils.cache.load_or_build's build); it loads on first use, like :class:`FeatureEncoder`."""
+
+    def __init__(self, splits: DatasetSplits, teacher_path: str | Path, device: str | torch.device, batch_size: int,
+                 num_workers: int):
+        self.splits, self.teacher_path, self.device = splits, teacher_path, device
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.model = self.transform = None
+
+    def logits_split(self, split: str) -> torch.Tensor:
+        """``(N, C)`` teacher logits of the split's images, sharded across ranks (each must call this)."""
+        if self.model is None:
+            self.model, checkpoint = load_teacher(self.teacher_path, self.splits.class_names, self.device)
+            _, self.transform = teacher_transforms(checkpoint["data_config"])
+        samples = self.splits.split(split)
+        return shard_map(len(samples), teacher_block, self.model, self.transform, self.splits, samples, self.batch_size,
+                         self.num_workers, self.device, f"teacher logits {split}", unit=self.batch_size)
+
+
 @torch.no_grad()
 def cached_teacher_logits(splits: DatasetSplits, teacher_path: str | Path, device: str | torch.device,
                           batch_size: int, cache_dir: str | Path, num_workers: int = 0,
@@ -154,20 +195,5 @@ def cached_teacher_logits(splits: DatasetSplits, teacher_path: str | Path, devic
     """The teacher's logits (eval transform) per split, cached by teacher file and image list."""
     teacher_id = file_id(teacher_path)
     keys = {split: _teacher_key(splits, teacher_id, split) for split in names}
-
-    def build(missing: list[str]) -> dict[str, torch.Tensor]:
-        model, checkpoint = load_teacher(teacher_path, splits.class_names, device)
-        _, eval_transform = teacher_transforms(checkpoint["data_config"])
-        out = {}
-        for split in missing:
-            samples = splits.split(split)
-
-            def run(indices: range) -> torch.Tensor:
-                batches = _image_batches(splits, [samples[i] for i in indices], batch_size, num_workers,
-                                         eval_transform, desc=f"teacher logits {split}")
-                return torch.cat([model(images.to(device)).float().cpu() for images, _ in batches])
-
-            out[split] = shard_map(len(samples), run, unit=batch_size)
-        return out
-
-    return load_or_build(Path(cache_dir), "teacher_logits", keys, build)
+    teacher = TeacherPass(splits, teacher_path, device, batch_size, num_workers)
+    return load_or_build(Path(cache_dir), "teacher_logits", keys, teacher.logits_split)

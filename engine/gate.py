@@ -1,33 +1,22 @@
-"""Stage 3 engine: the gate's inputs, computed once per image and cached, and its training loop.
+"""Stage 3's training: the gate's data (:class:`GateData`, per split) and its training on them.
 
-Both inputs come from frozen models, so they are computed once per image: the VLM's answers
-(stage 1's ``predict_vlm``) are cached under ``<gate dir>/cache/`` keyed by everything that
-decides them (adapter id, answer mode, classes, image list), and the head's logits come from
-stage 2's cached visual features. Gate epochs then run on those small tensors, one step per image by default.
+Both of the gate's inputs come from frozen models and are computed once per image: the VLM's
+answers are cached by stage 3 (engine/vlm_answers.py), the head's logits come from stage 2's
+cached visual features (engine/features.py, models.heads.head_logits). Gate epochs then run on
+those small tensors, one step per image by default.
 """
 from __future__ import annotations
 
-import gc
-import logging
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.datasets import PIXELS, SPLITS
 from engine.batches import per_step_adam, shuffled_batches
 from engine.fit import EpochLog, by_val_acc_then_loss, fit
-from engine.vlm_eval import predict_samples
 from models.gates import build_gate
-from models.scorer import VLMPredictions
-from utils.cache import image_list_id, load_or_build
-from utils.dist import shard_map
 from utils.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,67 +35,6 @@ class GateResult:
     best_epoch: int
     best_val_acc: float
     history: list[dict] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------- VLM answers, cached per split
-
-def vlm_cache_key(vlm_meta: dict, mode: str, max_new_tokens: int, quant: str | None,
-                  class_names: Sequence[str], data_root: str | Path, samples: Sequence,
-                  parser: str = "lenient") -> dict:
-    """Everything that decides the VLM's answers for these images (a changed image file changes
-    it: ``image_list_id`` hashes each file's path, size and modification time)."""
-    return {
-        "base_model": vlm_meta["base_model"], "adapter_id": vlm_meta["adapter_id"],
-        "min_pixels": vlm_meta.get("min_pixels"), "max_pixels": vlm_meta.get("max_pixels"),
-        "mode": mode, "max_new_tokens": max_new_tokens if mode == "generate" else None, "quant": quant,
-        "class_names": list(class_names), "images": image_list_id(data_root, samples), "pixels": PIXELS,
-        "parser": parser if mode == "generate" else None,
-    }
-
-
-def cached_vlm_predictions(splits, vlm_meta: dict, cache_dir: str | Path, load_model: Callable[[], tuple],
-                           mode: str = "score", batch_size: int = 8, max_new_tokens: int = 32,
-                           quant: str | None = None, split_names: Sequence[str] = SPLITS,
-                           parser: str = "lenient") -> dict:
-    """``{split: VLMPredictions}``, read from ``cache_dir/vlm_<mode>_<split>.pt`` or predicted and
-    stored there.
-
-    ``load_model()`` returns ``(model, processor)``; it is called only on a cache miss, so a
-    rerun never loads the VLM. Under torchrun every rank must call this: the images of a missing
-    split are sharded across the ranks and the answers gathered on each, in order.
-    """
-    loaded = []  # (model, processor) once a split misses
-
-    def predict(samples: Sequence, desc: str) -> dict:
-        if not loaded:
-            loaded.extend(load_model())
-        answers = predict_samples(*loaded, splits.data_root, samples, splits.class_names,
-                                  mode, batch_size, max_new_tokens, desc=desc, parser=parser)
-        return {"pred": answers.pred, "probs": answers.probs, "texts": answers.texts}
-
-    def build(missing: list[str]) -> dict[str, dict]:
-        out = {}
-        for split in missing:
-            samples = splits.split(split)
-            log.info("predicting %d %s images with the VLM (%s)", len(samples), split, mode)
-            # Under torchrun each rank answers its block; the cache is written once, complete.
-            out[split] = shard_map(len(samples), lambda block: predict(samples[block.start:block.stop],
-                                                                       f"VLM {mode} ({split})"), unit=batch_size)
-        return out
-
-    keys = {}
-    for split in split_names:
-        log.info("VLM answers (%s) for %s", mode, split)
-        keys[split] = vlm_cache_key(vlm_meta, mode, max_new_tokens, quant, splits.class_names, splits.data_root,
-                                    splits.split(split), parser)
-    values = load_or_build(Path(cache_dir), f"vlm_{mode}", keys, build)
-    result = {split: VLMPredictions(**values[split]) for split in split_names}
-    if loaded:  # free the VLM now: a 7B model should not sit in memory while the gate trains
-        loaded.clear()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return result
 
 
 # ---------------------------------------------------------------- training on cached tensors

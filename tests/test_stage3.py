@@ -108,14 +108,14 @@ def test_checkpoint_reload_reproduces_the_test_predictions(trained_pipeline):
 
 def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monkeypatch, caplog):
     import engine.features
-    import engine.vlm_eval
+    import engine.vlm_answers
     import train_gate
 
     def no_forward(*args, **kwargs):
         raise AssertionError("a rerun must not run the frozen VLM")
 
-    monkeypatch.setattr(train_gate, "load_trained_vlm", no_forward)  # the name stage 3 calls
-    monkeypatch.setattr(engine.vlm_eval, "predict_vlm", no_forward)
+    monkeypatch.setattr(engine.vlm_answers, "load_trained_vlm", no_forward)  # the name stage 3 calls
+    monkeypatch.setattr(engine.vlm_answers, "predict_vlm", no_forward)
     monkeypatch.setattr(engine.features, "load_vlm", no_forward)
     gate_dir = trained_pipeline.stage("gate")
     before = json.loads((gate_dir / "metrics.json").read_text())
@@ -130,9 +130,9 @@ def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monke
 
 
 def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
-    import engine.gate
+    import engine.vlm_answers
     from data.datasets import DatasetSplits, Sample
-    from engine.gate import cached_vlm_predictions
+    from engine.vlm_answers import cached_vlm_predictions
     from models.scorer import VLMPredictions
 
     for i in range(3):
@@ -141,16 +141,19 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
                            [Sample("2.png", 1)], val_from_train=False)
     calls = []
 
-    def fake_predict(model, processor, data_root, samples, class_names, mode, *rest, **kwargs):
+    def fake_predict(model, processor, images, class_names, mode, *rest, **kwargs):
         calls.append(mode)
-        return VLMPredictions(pred=torch.tensor([-1] * len(samples)), probs=None, texts=["?"] * len(samples))
+        return VLMPredictions(pred=torch.tensor([-1] * len(images)),
+                              probs=torch.zeros(len(images), 2) if mode == "score" else None, texts=["?"] * len(images))
 
-    monkeypatch.setattr(engine.gate, "predict_samples", fake_predict)
     loads = []
+    monkeypatch.setattr(engine.vlm_answers, "predict_vlm", fake_predict)
+    monkeypatch.setattr(engine.vlm_answers, "open_image", lambda path: path)  # the files are not images
+    monkeypatch.setattr(engine.vlm_answers, "load_trained_vlm", lambda *args, **kwargs: loads.append(1) or ("vlm", "processor", {}))
     meta = {"base_model": "m", "adapter_id": "a1"}
 
     def run(meta=meta, mode="generate"):
-        return cached_vlm_predictions(splits, meta, tmp_path / "cache", lambda: loads.append(1) or (None, None), mode)
+        return cached_vlm_predictions(splits, meta, tmp_path / "cache", "vlm", "cpu", mode)
 
     assert run()["val"].texts == ["?"] and len(calls) == 3 and len(loads) == 1
     run()
@@ -162,8 +165,8 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
     os.utime(tmp_path / "2.png", ns=(1, 1))
     run({**meta, "adapter_id": "a2"})
     assert len(calls) == 10                                       # only the changed test split
-    cached_vlm_predictions(splits, {**meta, "adapter_id": "a2"}, tmp_path / "cache", lambda: (None, None),
-                           "generate", parser="strict")
+    cached_vlm_predictions(splits, {**meta, "adapter_id": "a2"}, tmp_path / "cache", "vlm", "cpu", "generate",
+                           parser="strict")
     assert len(calls) == 13                                       # answers read another way: asked again
 
 
