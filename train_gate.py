@@ -158,7 +158,7 @@ def gate_test_predictions(data: dict, results: dict, teacher_pred) -> dict:
     return {"labels": test.labels.tolist(), "vlm": test.vlm_pred.tolist(),
             "head": test.head_logits.argmax(1).tolist(),
             "teacher": None if teacher_pred is None else teacher_pred.tolist(),
-            "gates": {name: predictions(result.gate, test).tolist() for name, result in results.items()}}
+            "gates": {name: predictions(result.model, test).tolist() for name, result in results.items()}}
 
 
 def add_statistics(metrics: dict, preds: dict) -> None:
@@ -179,14 +179,14 @@ def add_statistics(metrics: dict, preds: dict) -> None:
 def write_results(args, out_dir: Path, data: dict, results: dict, selected: str, class_names, provenance,
                   teacher_pred=None, head_dir: Path | None = None) -> str:
     """gate.pt (and gate_<name>.pt), metrics.json, pictures, table.md, run.json; meta.json last."""
-    def save(path: Path, result) -> Path:
-        return save_gate(path, result.name, result.gate, class_names, best_val_acc=result.best_val_acc,
+    def save(path: Path, name: str, result) -> Path:
+        return save_gate(path, name, result.model, class_names, best_val_acc=result.best_val_acc,
                          epoch=result.best_epoch, **provenance)
 
     if len(results) > 1:
         for name, result in results.items():
-            save(out_dir / f"gate_{name}.pt", result)
-    save(out_dir / GATE_FILE, results[selected])
+            save(out_dir / f"gate_{name}.pt", name, result)
+    save(out_dir / GATE_FILE, selected, results[selected])
 
     preds = gate_test_predictions(data, results, teacher_pred)
     labels = preds["labels"]

@@ -4,6 +4,7 @@ it trains from: engine/features.py).
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,8 +13,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.datasets import DatasetSplits, ImageDataset
-from engine.batches import per_step_adam, shuffled_batches
-from engine.fit import EpochLog, fit
+from engine.batches import per_step_adam, per_step_epoch
+from engine.fit import EpochLog, Fit, fit
 from models.heads import DistillHead, distillation_loss
 from models.teacher import teacher_transforms
 from utils.metrics import save_curves_png
@@ -33,12 +34,26 @@ def evaluate_teacher(model, loader, device) -> dict:
     return {"val_loss": loss / max(total, 1), "val_acc": correct / max(total, 1)}
 
 
+def teacher_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                  device: torch.device, epochs: int, epoch: int) -> dict:
+    """One epoch of the teacher's fine-tuning over ``loader``: ``{"train_loss"}``, the mean cross-entropy."""
+    total = count = 0.0
+    for images, labels in tqdm(loader, desc=f"teacher epoch {epoch}/{epochs}", leave=False):
+        loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(labels)
+        count += len(labels)
+    return {"train_loss": total / count}
+
+
 def train_teacher(model: torch.nn.Module, splits: DatasetSplits, data_config: dict, device: torch.device,
                   epochs: int, lr: float, weight_decay: float, batch_size: int, num_workers: int,
-                  seed: int, out_dir: Path) -> dict:
+                  seed: int, out_dir: Path) -> Fit:
     """Fine-tune the teacher with Adam; keep the epoch best on validation (engine.fit).
 
-    Returns ``{state_dict, epoch, best_val_acc, history}``; writes ``log.txt`` and ``curves.png``.
+    Returns the fit (``model`` holds the best weights); writes ``log.txt`` and ``curves.png``.
     """
     train_tf, eval_tf = teacher_transforms(data_config)
     generator = torch.Generator().manual_seed(seed)
@@ -49,40 +64,37 @@ def train_teacher(model: torch.nn.Module, splits: DatasetSplits, data_config: di
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
-    def train_epoch(epoch: int) -> dict:
-        total = count = 0.0
-        for images, labels in tqdm(train_loader, desc=f"teacher epoch {epoch}/{epochs}", leave=False):
-            loss = F.cross_entropy(model(images.to(device)), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(labels)
-            count += len(labels)
-        return {"train_loss": total / count}
-
-    fitted = fit(model, epochs, train_epoch, lambda: evaluate_teacher(model, val_loader, device),
-                 name="teacher", flags="--teacher_lr", epoch_log=EpochLog(out_dir / "log.txt"))
+    train_epoch = partial(teacher_epoch, model, train_loader, optimizer, device, epochs)
+    evaluate = partial(evaluate_teacher, model, val_loader, device)
+    fitted = fit(model, epochs, train_epoch, evaluate, name="teacher", flags="--teacher_lr",
+                 epoch_log=EpochLog(out_dir / "log.txt"))
     save_curves_png(fitted.history, out_dir / "curves.png", "stage 2: teacher fine-tuning")
-    return {"state_dict": fitted.best_state, "epoch": fitted.best_epoch, "best_val_acc": fitted.best["val_acc"],
-            "history": fitted.history}
+    return fitted
 
 
 # ---------------------------------------------------------------- head
+
+def evaluate_head(head: DistillHead, features: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                  alpha: float, temperature: float) -> dict:
+    """``{"val_loss", "val_acc"}`` of the head on validation tensors (the distillation loss, accuracy)."""
+    val_logits = head(features).float().cpu()
+    val_loss = distillation_loss(val_logits, teacher_logits, labels, alpha, temperature)
+    return {"val_loss": val_loss.item(), "val_acc": (val_logits.argmax(-1) == labels).float().mean().item()}
+
 
 def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torch.Tensor],
                labels: dict[str, torch.Tensor], in_dim: int, num_classes: int, *, depth: int = 1,
                dropout: float = 0.1, epochs: int = 5, lr: float = 1e-5, weight_decay: float = 1e-4,
                batch_size: int = 1, alpha: float = 0.5, temperature: float = 2.0, standardize: bool = False,
-               seed: int = 0, device: str | torch.device = "cpu",
-               log_path: Path | None = None) -> tuple[DistillHead, dict]:
+               seed: int = 0, device: str | torch.device = "cpu", log_path: Path | None = None) -> Fit:
     """Train the head on cached tensors with the distillation loss; keep the epoch best on validation
     (engine.fit).
 
     The reference code takes one optimiser step per image (``batch_size`` 1, the default). So
     that this stays cheap, the cached tensors move to ``device`` once, the batch order is drawn
     there, and the epoch's loss is summed there and read back once per epoch (no DataLoader, no
-    host synchronisation per step).
-    Returns the head (best weights, eval mode, CPU) and ``{epoch, best_val_acc, history}``.
+    host synchronisation per step: engine.batches.per_step_epoch).
+    Returns the fit; its ``model`` is the head (best weights, eval mode, CPU).
     """
     torch.manual_seed(seed)  # same seed, same cached tensors -> the same head, teacher trained or not
     device = torch.device(device)
@@ -95,24 +107,11 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
     x_val, t_val, y_val = (values["val"] for values in (features, teacher_logits, labels))  # picks the epoch
     x_val = x_val.to(device)  # moved once, like the training tensors
     generator = torch.Generator(device=device).manual_seed(seed)
-
-    def train_epoch(epoch: int) -> dict:
-        total = torch.zeros((), device=device)
-        for index in shuffled_batches(len(y_all), batch_size, generator):
-            loss = distillation_loss(head(x_all[index]), t_all[index], y_all[index], alpha, temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(index)
-        return {"train_loss": total.item() / max(len(y_all), 1)}  # the epoch's one host sync
-
-    def evaluate() -> dict:
-        val_logits = head(x_val).float().cpu()
-        val_loss = distillation_loss(val_logits, t_val, y_val, alpha, temperature)
-        return {"val_loss": val_loss.item(), "val_acc": (val_logits.argmax(-1) == y_val).float().mean().item()}
-
+    loss = partial(distillation_loss, alpha=alpha, temperature=temperature)
+    train_epoch = partial(per_step_epoch, head, optimizer, (x_all,), (t_all, y_all), loss, generator, batch_size)
+    evaluate = partial(evaluate_head, head, x_val, t_val, y_val, alpha, temperature)
     fitted = fit(head, epochs, train_epoch, evaluate, name="head", flags="--lr (or --temperature)",
                  epoch_log=EpochLog(log_path) if log_path is not None else None)
-    return head.cpu().eval(), {"epoch": fitted.best_epoch, "best_val_acc": fitted.best["val_acc"],
-                               "history": fitted.history}
+    head.cpu().eval()
+    return fitted
 

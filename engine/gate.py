@@ -7,14 +7,15 @@ those small tensors, one step per image by default.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.batches import per_step_adam, shuffled_batches
-from engine.fit import EpochLog, by_val_acc_then_loss, fit
+from engine.batches import per_step_adam, per_step_epoch
+from engine.fit import EpochLog, Fit, by_val_acc_then_loss, fit
 from models.gates import build_gate
 from utils.errors import UserError
 
@@ -26,15 +27,6 @@ class GateData:
     vlm_signal: torch.Tensor   # (N, C) one-hot (zeros when unparseable) or class probabilities
     head_logits: torch.Tensor  # (N, C) the frozen distillation head's logits
     labels: torch.Tensor       # (N,) long
-
-
-@dataclass
-class GateResult:
-    name: str
-    gate: nn.Module            # holds the best-on-validation weights
-    best_epoch: int
-    best_val_acc: float
-    history: list[dict] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- training on cached tensors
@@ -87,22 +79,24 @@ def gate_logits(gate: nn.Module, data: GateData, batch_size: int = 4096) -> torc
     return torch.cat(parts)
 
 
-def _evaluate(gate: nn.Module, data: GateData) -> tuple[float, float]:
+def _evaluate(gate: nn.Module, data: GateData) -> dict:
+    """``{"val_loss", "val_acc"}`` of the gate on ``data`` (cross-entropy, accuracy)."""
     logits = gate_logits(gate, data)
     loss = F.cross_entropy(logits, data.labels).item()
-    return loss, (logits.argmax(dim=1) == data.labels).float().mean().item()
+    return {"val_loss": loss, "val_acc": (logits.argmax(dim=1) == data.labels).float().mean().item()}
 
 
 def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epochs: int = 10,
                lr: float = 1e-4, weight_decay: float = 1e-4, batch_size: int = 1, seed: int = 42,
-               device: str | torch.device = "cpu", epoch_log: EpochLog | None = None) -> GateResult:
+               device: str | torch.device = "cpu", epoch_log: EpochLog | None = None) -> Fit:
     """Train gate ``name`` with cross-entropy and Adam; keep the epoch best on validation (engine.fit).
 
     Best means highest validation accuracy, ties going to the lower validation loss. The
     initialisation and the batch order depend only on ``seed``, not on which gates ran before.
     One step per image (``batch_size`` 1) is the reference code's regime; the inputs sit on
     ``device`` and the loss is read back once per epoch, so small batches stay cheap. Each
-    history row carries the gate's name, so several gates can share one ``epoch_log``.
+    history row carries the gate's name, so several gates can share one ``epoch_log``. Returns the
+    fit; its ``model`` is the gate (best weights, eval mode).
     """
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -110,25 +104,11 @@ def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epoc
     optimizer = per_step_adam(gate.parameters(), lr, weight_decay)
     order = torch.Generator(device=device).manual_seed(seed)
     signal, logits_in, labels = train.vlm_signal.to(device), train.head_logits.to(device), train.labels.to(device)
-
-    def train_epoch(epoch: int) -> dict:
-        total = torch.zeros((), device=device)
-        for index in shuffled_batches(len(labels), batch_size, order):
-            loss = F.cross_entropy(gate(signal[index], logits_in[index]), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(index)
-        return {"train_loss": total.item() / max(len(labels), 1)}  # the epoch's one host sync
-
-    def evaluate() -> dict:
-        val_loss, val_acc = _evaluate(gate, val)
-        return {"val_loss": val_loss, "val_acc": val_acc}
-
-    fitted = fit(gate, epochs, train_epoch, evaluate, name=f"{name} gate", flags="--lr", score=by_val_acc_then_loss,
-                 tag={"gate": name}, epoch_log=epoch_log)
-    return GateResult(name=name, gate=gate, best_epoch=fitted.best_epoch, best_val_acc=fitted.best["val_acc"],
-                      history=fitted.history)
+    train_epoch = partial(per_step_epoch, gate, optimizer, (signal, logits_in), (labels,), F.cross_entropy, order,
+                          batch_size)
+    evaluate = partial(_evaluate, gate, val)
+    return fit(gate, epochs, train_epoch, evaluate, name=f"{name} gate", flags="--lr", score=by_val_acc_then_loss,
+               tag={"gate": name}, epoch_log=epoch_log)
 
 
 def predictions(gate: nn.Module, data: GateData) -> torch.Tensor:

@@ -126,8 +126,8 @@ def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path)
                 for s in ("train", "val", "test")}
     teacher = {s: torch.load(cache / f"teacher_logits_{s}.pt", weights_only=True)["values"] for s in features}
     labels = {s: teacher[s].argmax(-1) for s in features}
-    head, _ = train_head(features, teacher, labels, 64, 4, depth=2, epochs=3, lr=1e-3, batch_size=16,
-                         standardize=True)
+    head = train_head(features, teacher, labels, 64, 4, depth=2, epochs=3, lr=1e-3, batch_size=16,
+                      standardize=True).model
     path = save_head(tmp_path / "head.pt", head, ["a", "b", "c", "d"], base_model="tiny", teacher_id="t")
     write_meta(tmp_path, "distill", ["a", "b", "c", "d"], base_model="tiny", head_id=file_id(path))
     reloaded, meta = load_head(tmp_path)
