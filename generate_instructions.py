@@ -183,8 +183,9 @@ def main(args, argv=None) -> None:
 
     try:
         if requests:
-            tally = concat_parts([tally, shard_map(len(requests), ask_block, requests, args, key, folder, generator, rank,
-                                                   world, unit=args.batch_size)])
+            asked = shard_map(len(requests), ask_block, requests, args, key, folder, generator, rank, world,
+                              unit=args.batch_size)
+            tally = concat_parts([tally, asked])
     finally:  # also after a fatal error or Ctrl-C: rejected.jsonl keeps one line per open image
         leave_process_group()
         if rank == 0:

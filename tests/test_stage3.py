@@ -149,7 +149,8 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
     loads = []
     monkeypatch.setattr(engine.vlm_answers, "predict_vlm", fake_predict)
     monkeypatch.setattr(engine.vlm_answers, "open_image", lambda path: path)  # the files are not images
-    monkeypatch.setattr(engine.vlm_answers, "load_trained_vlm", lambda *args, **kwargs: loads.append(1) or ("vlm", "processor", {}))
+    monkeypatch.setattr(engine.vlm_answers, "load_trained_vlm",
+                        lambda *args, **kwargs: loads.append(1) or ("vlm", "processor", {}))
     meta = {"base_model": "m", "adapter_id": "a1"}
 
     def run(meta=meta, mode="generate"):
