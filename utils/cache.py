@@ -87,8 +87,8 @@ def load_or_build(cache_dir: Path, name: str, keys: dict[str, dict],
     it (rank 0 under a launcher; every rank must call this), one missing split after the other;
     ``build`` None returns only the hits, None for a miss.
 
-    Splits that share a model load pass a bound method of an object that loads it on first use
-    (e.g. engine.features.FeatureEncoder.encode_split)."""
+    Splits that share one model load pass the method of an object that loads the model on first
+    use, so a run whose splits are all cached never loads it."""
     result = {split: load_cached(cache_dir / f"{name}_{split}.pt", key) for split, key in keys.items()}
     barrier()  # every rank has decided before rank 0 overwrites a file
     missing = [split for split, values in result.items() if values is None]
