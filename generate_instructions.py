@@ -28,7 +28,7 @@ from data.datasets import load_dataset
 from engine.instructions import (LocalBackend, OpenAIBackend, Tally, annotated_images, approx_image_tokens,
                                  compact_rejected, image_data_url, merge_parts, plan_requests, write_outcomes)
 from utils.cli import base_parser, parse_args, stage_dir
-from utils.dist import barrier, concat_parts, init_distributed, leave_process_group, run_sharded, training_device
+from utils.dist import barrier, concat_parts, init_distributed, leave_process_group, shard_map, training_device
 from utils.errors import UserError, run_cli
 from utils.outputs import lock_folder, releases_locks
 from utils.records import InstructionsRecord
@@ -134,6 +134,18 @@ def make_backend(args, key: str | None):
 
 
 @releases_locks
+def ask_block(block: range, requests, args, key: str | None, folder: Path, generator: str, rank: int,
+              world: int) -> Tally:
+    """This rank's block of the requests, asked and written to this rank's files; its counts."""
+    share, counts = requests[block.start:block.stop], Tally()
+    backend = make_backend(args, key)
+    with tqdm(total=len(share), desc="instructions", unit="img", disable=rank != 0) as progress:
+        progress.set_postfix(counts.counts())
+        write_outcomes(backend.outcomes(share), folder, generator, counts, progress,
+                       part=rank if world > 1 else None)
+    return counts
+
+
 def main(args, argv=None) -> None:
     """Stage 0 on parsed flags; ``argv`` (default: the command line) is recorded, the key redacted."""
     key = api_key(args)
@@ -163,18 +175,11 @@ def main(args, argv=None) -> None:
 
     generator = args.vlm_model if args.backend == "local" else args.model
 
-    def ask(block: range) -> Tally:
-        share, counts = requests[block.start:block.stop], Tally()
-        backend = make_backend(args, key)
-        with tqdm(total=len(share), desc="instructions", unit="img", disable=rank != 0) as progress:
-            progress.set_postfix(counts.counts())
-            write_outcomes(backend.outcomes(share), folder, generator, counts, progress,
-                           part=rank if world > 1 else None)
-        return counts
-
     try:
         if requests:
-            tally = concat_parts([tally, *run_sharded(len(requests), ask, unit=args.batch_size)])
+            asked = shard_map(len(requests), ask_block, requests, args, key, folder, generator, rank, world,
+                              unit=args.batch_size)
+            tally = concat_parts([tally, asked])
     finally:  # also after a fatal error or Ctrl-C: rejected.jsonl keeps one line per open image
         leave_process_group()
         if rank == 0:

@@ -21,9 +21,9 @@ import torch
 from transformers import AutoConfig
 
 from data.datasets import load_dataset
-from engine.distill import (cached_teacher_logits, cached_vlm_features, feature_dtype, head_logits, train_head,
-                            train_teacher)
-from models.heads import HEAD_FILE, save_head
+from engine.distill import train_head, train_teacher
+from engine.features import cached_teacher_logits, cached_vlm_features, feature_dtype
+from models.heads import HEAD_FILE, head_logits, save_head
 from models.teacher import (DEFAULT_TEACHER, build_teacher, data_config, default_img_size, read_teacher_checkpoint,
                             save_teacher)
 from models.vlm import vision_hidden_size
@@ -114,14 +114,14 @@ def fit_teacher(args, splits, folder: Path, device) -> Path:
     result = train_teacher(model, splits, config, device, args.teacher_epochs, args.teacher_lr,
                            args.teacher_weight_decay, args.teacher_batch_size, args.num_workers, args.seed, new_dir)
     path = save_teacher(new_dir / "teacher.pt", model, args.teacher_model, size, splits.class_names, config,
-                        pretrained, result["best_val_acc"], result["epoch"])
+                        pretrained, result.best_val_acc, result.best_epoch)
     record_run(new_dir, args)
     TeacherRecord(class_names=splits.class_names, model=args.teacher_model, img_size=size, pretrained=pretrained,
-                  teacher_id=file_id(path), best_val_acc=result["best_val_acc"], epoch=result["epoch"],
+                  teacher_id=file_id(path), best_val_acc=result.best_val_acc, epoch=result.best_epoch,
                   **split_ids(splits)).write(new_dir)
-    staged.commit([("the teacher's final training loss", result["history"][-1]["train_loss"])], "--teacher_lr")
+    staged.commit([("the teacher's final training loss", result.history[-1]["train_loss"])], "--teacher_lr")
     path = folder / "teacher.pt"
-    print(f"teacher: best val acc {result['best_val_acc']:.4f} at epoch {result['epoch']} -> {path}")
+    print(f"teacher: best val acc {result.best_val_acc:.4f} at epoch {result.best_epoch} -> {path}")
     return path
 
 
@@ -215,14 +215,15 @@ def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict
     features, teacher_logits, labels = inputs["features"], inputs["teacher_logits"], inputs["labels"]
     teacher_test, teacher_path, teacher_id = inputs["teacher_test"], inputs["teacher_path"], inputs["teacher_id"]
     in_dim = inputs["in_dim"]
-    head, result = train_head(features, teacher_logits, labels, in_dim, len(class_names), depth=setting["depth"],
-                              epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                              batch_size=args.batch_size, alpha=setting["alpha"], temperature=args.temperature,
-                              standardize=args.standardize_features, seed=setting["seed"], device=inputs["device"],
-                              log_path=run_dir / "log.txt")
-    save_curves_png(result["history"], run_dir / "curves.png", f"stage 2: distillation head ({name})")
+    result = train_head(features, teacher_logits, labels, in_dim, len(class_names), depth=setting["depth"],
+                        epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                        batch_size=args.batch_size, alpha=setting["alpha"], temperature=args.temperature,
+                        standardize=args.standardize_features, seed=setting["seed"], device=inputs["device"],
+                        log_path=run_dir / "log.txt")
+    head = result.model
+    save_curves_png(result.history, run_dir / "curves.png", f"stage 2: distillation head ({name})")
     head_path = save_head(run_dir / HEAD_FILE, head, class_names, base_model=inputs["base_model"],
-                          teacher_id=teacher_id, best_val_acc=result["best_val_acc"], epoch=result["epoch"],
+                          teacher_id=teacher_id, best_val_acc=result.best_val_acc, epoch=result.best_epoch,
                           standardized=args.standardize_features, alpha=setting["alpha"], seed=setting["seed"],
                           **inputs["encoding"])
 
@@ -230,17 +231,17 @@ def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict
     head_test = classification_metrics(labels["test"], head_pred, class_names)
     agreement = (head_pred == teacher_logits["test"].argmax(-1)).float().mean().item()
     write_metrics(run_dir, {"dataset": args.dataname, "split": "test", **head_test, **setting, "run": name,
-                            "best_val_acc": result["best_val_acc"], "teacher_accuracy": teacher_test["accuracy"],
+                            "best_val_acc": result.best_val_acc, "teacher_accuracy": teacher_test["accuracy"],
                             "agreement": agreement, "teacher": teacher_test}, f"{args.dataname}: distilled head ({name})")
     run_args = argparse.Namespace(**{**vars(args), **setting})  # this run's own depth, alpha and seed
     record_run(run_dir, run_args, in_dim=in_dim, processes=inputs["world"], run=name, resolved=inputs["resolved"])
     DistillRecord(class_names=class_names, base_model=inputs["base_model"], head_id=file_id(head_path),
                   teacher_id=teacher_id, teacher_checkpoint=str(teacher_path), adapter_id=inputs["adapter_id"],
                   in_dim=in_dim, run=name, **setting, **inputs["encoding"]).write(run_dir)
-    staged.commit([(f"the head's final training loss ({name})", result["history"][-1]["train_loss"])],
+    staged.commit([(f"the head's final training loss ({name})", result.history[-1]["train_loss"])],
                   "--lr (or --temperature)")
     print(f"head {name} ({setting['depth']} hidden layer(s), {in_dim}-d input): best val acc "
-          f"{result['best_val_acc']:.4f} at epoch {result['epoch']}; test accuracy {head_test['accuracy']:.4f}, "
+          f"{result.best_val_acc:.4f} at epoch {result.best_epoch}; test accuracy {head_test['accuracy']:.4f}, "
           f"teacher {teacher_test['accuracy']:.4f}, agreement {agreement:.4f} -> {staged.folder}")
     return staged.folder
 

@@ -30,14 +30,14 @@ import torch
 
 from data.datasets import load_dataset
 from data.prompts import PARSERS
-from engine.distill import cached_vlm_features, head_logits, read_cached_teacher_logits
+from engine.features import read_cached_teacher_logits, read_vlm_features
 from engine.fit import EpochLog
-from engine.gate import (SIGNALS, GateData, cached_vlm_predictions, gate_training_data, predictions, split_accuracies,
-                         train_gate, vlm_gate_inputs)
-from models.gates import GATE_FILE, GATE_LABELS, GATES, save_gate
-from models.heads import load_head
+from engine.gate import GateData, gate_training_data, predictions, split_accuracies, train_gate
+from engine.vlm_answers import cached_vlm_predictions
+from models.gates import GATE_FILE, GATE_LABELS, GATES, SIGNALS, save_gate, vlm_gate_inputs
+from models.heads import head_logits, load_head
 from models.scorer import EVAL_MODES
-from models.vlm import load_trained_vlm, trained_quant
+from models.vlm import trained_quant
 from utils.checkpoints import META_FILE, file_id
 from utils.cli import add_base_vlm_flag, base_parser, parse_args, stage_dir
 from utils.dist import init_distributed, leave_process_group, training_device
@@ -123,15 +123,8 @@ def gate_inputs(args, splits, vlm_dir, vlm_record: VLMRecord, distill_dir, head_
     head on stage 2's cached features (exactly those the head was trained on: a mismatch asks to rerun
     stage 2, never re-encodes)."""
     head, _ = load_head(distill_dir, splits.class_names, dataname=args.dataname)
-    pixels = {"min_pixels": head_record.min_pixels, "max_pixels": head_record.max_pixels}
-    features = cached_vlm_features(splits, head_record.base_model, pixels, device, args.vlm_batch_size,
-                                   stage_dir(args, "distill") / "cache", dtype=head_record.feature_dtype, build=False)
-
-    def load_model():
-        model, processor, _ = load_trained_vlm(vlm_dir, device, quant=quant)
-        return model, processor
-
-    answers = cached_vlm_predictions(splits, vlm_record, stage_dir(args, "gate") / "cache", load_model,
+    features = read_vlm_features(splits, head_record, stage_dir(args, "distill") / "cache", device)
+    answers = cached_vlm_predictions(splits, vlm_record, stage_dir(args, "gate") / "cache", vlm_dir, device,
                                      args.vlm_answer, args.vlm_batch_size, args.max_new_tokens, quant,
                                      parser=args.parser)
     num_classes = len(splits.class_names)
@@ -161,7 +154,7 @@ def gate_test_predictions(data: dict, results: dict, teacher_pred) -> dict:
     return {"labels": test.labels.tolist(), "vlm": test.vlm_pred.tolist(),
             "head": test.head_logits.argmax(1).tolist(),
             "teacher": None if teacher_pred is None else teacher_pred.tolist(),
-            "gates": {name: predictions(result.gate, test).tolist() for name, result in results.items()}}
+            "gates": {name: predictions(result.model, test).tolist() for name, result in results.items()}}
 
 
 def add_statistics(metrics: dict, preds: dict) -> None:
@@ -182,14 +175,14 @@ def add_statistics(metrics: dict, preds: dict) -> None:
 def write_results(args, out_dir: Path, data: dict, results: dict, selected: str, class_names,
                   provenance: GateProvenance, resolved: dict, teacher_pred=None, head_dir: Path | None = None) -> str:
     """gate.pt (and gate_<name>.pt), metrics.json, pictures, table.md, run.json; meta.json last."""
-    def save(path: Path, result) -> Path:
-        return save_gate(path, result.name, result.gate, class_names, best_val_acc=result.best_val_acc,
+    def save(path: Path, name: str, result) -> Path:
+        return save_gate(path, name, result.model, class_names, best_val_acc=result.best_val_acc,
                          epoch=result.best_epoch, **asdict(provenance))
 
     if len(results) > 1:
         for name, result in results.items():
-            save(out_dir / f"gate_{name}.pt", result)
-    save(out_dir / GATE_FILE, results[selected])
+            save(out_dir / f"gate_{name}.pt", name, result)
+    save(out_dir / GATE_FILE, selected, results[selected])
 
     preds = gate_test_predictions(data, results, teacher_pred)
     labels = preds["labels"]

@@ -88,7 +88,7 @@ def _head_rates(cache: Path) -> tuple[float, float]:
 
 
 def run() -> dict:
-    logging.getLogger("engine.distill").setLevel(logging.WARNING)
+    logging.getLogger("engine.features").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         stage2 = _stage2(Path(tmp) / "stage2")
         toy_rate, wide_rate = _head_rates(stage2.pop("features"))

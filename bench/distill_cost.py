@@ -24,7 +24,7 @@ import torch
 from bench import TARGETS_KEY, target_row
 from data.datasets import load_dataset, open_image
 from data.toy import make_toy_dataset, toy_class_names
-from engine.distill import cached_teacher_logits, cached_vlm_features
+from engine.features import cached_teacher_logits, cached_vlm_features
 import train_distillation
 from models.heads import DistillHead, distillation_loss
 from models.teacher import build_teacher, data_config, load_teacher, save_teacher, teacher_transforms
@@ -94,7 +94,7 @@ def stage_seconds(images: Path, vlm: Path, teacher: Path, output_dir: Path, *ext
 def warm_world(root: Path) -> tuple[Path, Path, Path]:
     """``toy_world(root)`` after one untimed stage run into ``root/warmup`` that pays the one-off
     import costs (and quieter stage logs)."""
-    logging.getLogger("engine.distill").setLevel(logging.WARNING)
+    logging.getLogger("engine.features").setLevel(logging.WARNING)
     images, vlm, teacher = toy_world(root)
     stage_seconds(images, vlm, teacher, root / "warmup")
     return images, vlm, teacher

@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from bench import TARGETS_KEY, best_of, print_results, target_row
 from bench.world import stages_1_and_2
 from data.datasets import load_dataset, open_image
-from engine.distill import cached_vlm_features, head_logits
+from engine.features import read_vlm_features
 import train_gate
-from engine.vlm_eval import predict_samples
+from engine.vlm_answers import predict_samples
 from models.chat import categorical_prompt, encode_prompts
 from models.gates import build_gate
-from models.heads import load_head
+from models.heads import head_logits, load_head
 from models.vlm import load_trained_vlm, pooled_image_features
 
 EPOCHS = 10
@@ -55,10 +55,7 @@ def frozen_pass(pipeline, splits) -> None:
     cached features (also batch_one's stage-3 yardstick)."""
     model, processor, _ = load_trained_vlm(pipeline.stage("vlm"), "cpu")
     head, head_record = load_head(pipeline.stage("distill"))
-    pixels = {"min_pixels": head_record.min_pixels, "max_pixels": head_record.max_pixels}
-    features = cached_vlm_features(splits, head_record.base_model, pixels, "cpu", 8,
-                                   pipeline.stage("distill") / "cache", dtype=head_record.feature_dtype,
-                                   build=False)
+    features = read_vlm_features(splits, head_record, pipeline.stage("distill") / "cache", "cpu")
     for split in ("train", "val", "test"):
         predict_samples(model, processor, splits.data_root, splits.split(split), splits.class_names,
                         "score", 8, 32)

@@ -1,9 +1,11 @@
 """The one training loop of the teacher, the head and the gate: run an epoch, evaluate on
-validation, keep the state best on validation, record one history row per epoch.
+validation, keep the state best on validation, record one history row per epoch. All three
+return its :class:`Fit`: the model with its best weights, the best epoch and the history.
 
 The callers keep what differs between them: how an epoch trains (the teacher through a
-DataLoader, the head and the gate one step per image on device-resident tensors) and what
-validation measures. Every history row has one format,
+DataLoader, the head and the gate one step per image on device-resident tensors:
+engine.batches.per_step_epoch) and what validation measures. They pass both as named functions
+with their data bound (``functools.partial``), so each call reads as one line. Every history row has one format,
 ``{"epoch", "train_loss", "val_loss", "val_acc"}``, preceded by a caller's ``tag`` (the gate's
 name, when several gates share one ``log.txt``); ``log.txt`` holds the rows as JSON lines and
 ``utils.metrics.save_curves_png`` draws them.
@@ -37,14 +39,20 @@ def by_val_acc_then_loss(row: dict) -> tuple[float, float]:
 
 @dataclass
 class Fit:
-    best_state: dict[str, torch.Tensor]  # a CPU copy of the best epoch's state_dict
+    """A finished fit of the teacher, the head or a gate."""
+    model: nn.Module                     # holding the best epoch's weights, in eval mode
     best_epoch: int
     history: list[dict]                  # one row per epoch, in order
+    best_state: dict[str, torch.Tensor]  # a CPU copy of the best epoch's state_dict
 
     @property
     def best(self) -> dict:
         """The best epoch's history row."""
         return self.history[self.best_epoch - 1]
+
+    @property
+    def best_val_acc(self) -> float:
+        return self.best["val_acc"]
 
 
 class EpochLog:
@@ -92,7 +100,7 @@ def fit(model: nn.Module, epochs: int, train_epoch: Callable[[int], dict], evalu
             best_score, best_epoch, best_state = score(row), epoch, _cpu_copy(model)
     model.load_state_dict(best_state)
     model.eval()
-    return Fit(best_state, best_epoch, history)
+    return Fit(model, best_epoch, history, best_state)
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:

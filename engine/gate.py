@@ -1,37 +1,23 @@
-"""Stage 3 engine: the gate's inputs, computed once per image and cached, and its training loop.
+"""Stage 3's training: the gate's data (:class:`GateData`, per split) and its training on them.
 
-Both inputs come from frozen models, so they are computed once per image: the VLM's answers
-(stage 1's ``predict_vlm``) are cached under ``<gate dir>/cache/`` keyed by everything that
-decides them (adapter id, answer mode, classes, image list), and the head's logits come from
-stage 2's cached visual features. Gate epochs then run on those small tensors, one step per image by default.
+Both of the gate's inputs come from frozen models and are computed once per image: the VLM's
+answers are cached by stage 3 (engine/vlm_answers.py), the head's logits come from stage 2's
+cached visual features (engine/features.py, models.heads.head_logits). Gate epochs then run on
+those small tensors, one step per image by default.
 """
 from __future__ import annotations
 
-import gc
-import logging
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Callable, Sequence
+from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.datasets import PIXELS, SPLITS
-from engine.batches import per_step_adam, shuffled_batches
-from engine.fit import EpochLog, by_val_acc_then_loss, fit
-from engine.vlm_eval import predict_samples
+from engine.batches import per_step_adam, per_step_epoch
+from engine.fit import EpochLog, Fit, by_val_acc_then_loss, fit
 from models.gates import build_gate
-from models.scorer import VLMPredictions
-from utils.cache import image_list_id, load_or_build
-from utils.dist import shard_map
 from utils.errors import UserError
-from utils.metrics import NONE
-from utils.records import VLMRecord
-
-log = logging.getLogger(__name__)
-
-SIGNALS = ("onehot", "probs")
 
 
 @dataclass
@@ -41,91 +27,6 @@ class GateData:
     vlm_signal: torch.Tensor   # (N, C) one-hot (zeros when unparseable) or class probabilities
     head_logits: torch.Tensor  # (N, C) the frozen distillation head's logits
     labels: torch.Tensor       # (N,) long
-
-
-@dataclass
-class GateResult:
-    name: str
-    gate: nn.Module            # holds the best-on-validation weights
-    best_epoch: int
-    best_val_acc: float
-    history: list[dict] = field(default_factory=list)
-
-
-def vlm_gate_inputs(predictions, num_classes: int, kind: str = "onehot") -> torch.Tensor:
-    """The gate's VLM input from ``VLMPredictions``: one-hot of the answer (the zero vector when
-    it could not be parsed) or, for ``probs``, the class distribution of ``score`` mode."""
-    if kind == "onehot":
-        signal = torch.zeros(len(predictions.pred), num_classes)
-        known = predictions.pred != NONE
-        signal[known, predictions.pred[known]] = 1.0
-        return signal
-    if kind == "probs":
-        if predictions.probs is None:
-            raise UserError("--vlm_signal probs needs class probabilities: use --vlm_answer score")
-        return predictions.probs.float()
-    raise UserError(f"--vlm_signal {kind}: choose one of {', '.join(SIGNALS)}")
-
-
-# ---------------------------------------------------------------- VLM answers, cached per split
-
-def vlm_cache_key(vlm_record: VLMRecord, mode: str, max_new_tokens: int, quant: str | None,
-                  class_names: Sequence[str], data_root: str | Path, samples: Sequence,
-                  parser: str = "lenient") -> dict:
-    """Everything that decides the VLM's answers for these images (a changed image file changes
-    it: ``image_list_id`` hashes each file's path, size and modification time)."""
-    return {
-        "base_model": vlm_record.base_model, "adapter_id": vlm_record.adapter_id,
-        "min_pixels": vlm_record.min_pixels, "max_pixels": vlm_record.max_pixels,
-        "mode": mode, "max_new_tokens": max_new_tokens if mode == "generate" else None, "quant": quant,
-        "class_names": list(class_names), "images": image_list_id(data_root, samples), "pixels": PIXELS,
-        "parser": parser if mode == "generate" else None,
-    }
-
-
-def cached_vlm_predictions(splits, vlm_record: VLMRecord, cache_dir: str | Path, load_model: Callable[[], tuple],
-                           mode: str = "score", batch_size: int = 8, max_new_tokens: int = 32,
-                           quant: str | None = None, split_names: Sequence[str] = SPLITS,
-                           parser: str = "lenient") -> dict:
-    """``{split: VLMPredictions}``, read from ``cache_dir/vlm_<mode>_<split>.pt`` or predicted and
-    stored there.
-
-    ``load_model()`` returns ``(model, processor)``; it is called only on a cache miss, so a
-    rerun never loads the VLM. Under torchrun every rank must call this: the images of a missing
-    split are sharded across the ranks and the answers gathered on each, in order.
-    """
-    loaded = []  # (model, processor) once a split misses
-
-    def predict(samples: Sequence, desc: str) -> dict:
-        if not loaded:
-            loaded.extend(load_model())
-        answers = predict_samples(*loaded, splits.data_root, samples, splits.class_names,
-                                  mode, batch_size, max_new_tokens, desc=desc, parser=parser)
-        return {"pred": answers.pred, "probs": answers.probs, "texts": answers.texts}
-
-    def build(missing: list[str]) -> dict[str, dict]:
-        out = {}
-        for split in missing:
-            samples = splits.split(split)
-            log.info("predicting %d %s images with the VLM (%s)", len(samples), split, mode)
-            # Under torchrun each rank answers its block; the cache is written once, complete.
-            out[split] = shard_map(len(samples), lambda block: predict(samples[block.start:block.stop],
-                                                                       f"VLM {mode} ({split})"), unit=batch_size)
-        return out
-
-    keys = {}
-    for split in split_names:
-        log.info("VLM answers (%s) for %s", mode, split)
-        keys[split] = vlm_cache_key(vlm_record, mode, max_new_tokens, quant, splits.class_names, splits.data_root,
-                                    splits.split(split), parser)
-    values = load_or_build(Path(cache_dir), f"vlm_{mode}", keys, build)
-    result = {split: VLMPredictions(**values[split]) for split in split_names}
-    if loaded:  # free the VLM now: a 7B model should not sit in memory while the gate trains
-        loaded.clear()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return result
 
 
 # ---------------------------------------------------------------- training on cached tensors
@@ -178,22 +79,24 @@ def gate_logits(gate: nn.Module, data: GateData, batch_size: int = 4096) -> torc
     return torch.cat(parts)
 
 
-def _evaluate(gate: nn.Module, data: GateData) -> tuple[float, float]:
+def _evaluate(gate: nn.Module, data: GateData) -> dict:
+    """``{"val_loss", "val_acc"}`` of the gate on ``data`` (cross-entropy, accuracy)."""
     logits = gate_logits(gate, data)
     loss = F.cross_entropy(logits, data.labels).item()
-    return loss, (logits.argmax(dim=1) == data.labels).float().mean().item()
+    return {"val_loss": loss, "val_acc": (logits.argmax(dim=1) == data.labels).float().mean().item()}
 
 
 def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epochs: int = 10,
                lr: float = 1e-4, weight_decay: float = 1e-4, batch_size: int = 1, seed: int = 42,
-               device: str | torch.device = "cpu", epoch_log: EpochLog | None = None) -> GateResult:
+               device: str | torch.device = "cpu", epoch_log: EpochLog | None = None) -> Fit:
     """Train gate ``name`` with cross-entropy and Adam; keep the epoch best on validation (engine.fit).
 
     Best means highest validation accuracy, ties going to the lower validation loss. The
     initialisation and the batch order depend only on ``seed``, not on which gates ran before.
     One step per image (``batch_size`` 1) is the reference code's regime; the inputs sit on
     ``device`` and the loss is read back once per epoch, so small batches stay cheap. Each
-    history row carries the gate's name, so several gates can share one ``epoch_log``.
+    history row carries the gate's name, so several gates can share one ``epoch_log``. Returns the
+    fit; its ``model`` is the gate (best weights, eval mode).
     """
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -201,25 +104,11 @@ def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epoc
     optimizer = per_step_adam(gate.parameters(), lr, weight_decay)
     order = torch.Generator(device=device).manual_seed(seed)
     signal, logits_in, labels = train.vlm_signal.to(device), train.head_logits.to(device), train.labels.to(device)
-
-    def train_epoch(epoch: int) -> dict:
-        total = torch.zeros((), device=device)
-        for index in shuffled_batches(len(labels), batch_size, order):
-            loss = F.cross_entropy(gate(signal[index], logits_in[index]), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(index)
-        return {"train_loss": total.item() / max(len(labels), 1)}  # the epoch's one host sync
-
-    def evaluate() -> dict:
-        val_loss, val_acc = _evaluate(gate, val)
-        return {"val_loss": val_loss, "val_acc": val_acc}
-
-    fitted = fit(gate, epochs, train_epoch, evaluate, name=f"{name} gate", flags="--lr", score=by_val_acc_then_loss,
-                 tag={"gate": name}, epoch_log=epoch_log)
-    return GateResult(name=name, gate=gate, best_epoch=fitted.best_epoch, best_val_acc=fitted.best["val_acc"],
-                      history=fitted.history)
+    train_epoch = partial(per_step_epoch, gate, optimizer, (signal, logits_in), (labels,), F.cross_entropy, order,
+                          batch_size)
+    evaluate = partial(_evaluate, gate, val)
+    return fit(gate, epochs, train_epoch, evaluate, name=f"{name} gate", flags="--lr", score=by_val_acc_then_loss,
+               tag={"gate": name}, epoch_log=epoch_log)
 
 
 def predictions(gate: nn.Module, data: GateData) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from data.datasets import is_image_file, open_image
-from utils.dist import barrier, distributed_rank, is_main_process, merge_part_files, part_file, run_sharded
+from utils.dist import barrier, distributed_rank, is_main_process, merge_part_files, part_file, shard_map
 from utils.errors import UserError
 from utils.io import repair_tail
 
@@ -120,6 +120,36 @@ def prepare_output(out: Path, fmt: str, columns: Sequence[str]) -> set[str]:
     return done_images(out, fmt, columns)
 
 
+def predict_block(block: range, predictor, folder: Path, todo: Sequence[str], target: Path, fmt: str,
+                  columns: Sequence[str], batch_size: int, max_new_tokens: int, explain: bool,
+                  skip_bad_images: bool) -> dict:
+    """This rank's block of ``todo``, predicted batch by batch and appended to ``target`` (the
+    output, or this rank's part file); returns ``{done, bad}``."""
+    share = todo[block.start:block.stop]
+    written = bad = 0
+    with open(target, "a", encoding="utf-8") as fh, \
+            tqdm(total=len(share), desc="predict", unit="img", disable=not is_main_process()) as progress:
+        for start in range(0, len(share), batch_size):
+            names, pictures = [], []
+            for name in share[start:start + batch_size]:
+                try:
+                    pictures.append(open_image(folder / name))
+                    names.append(name)
+                except UserError as err:
+                    if not skip_bad_images:
+                        raise
+                    log.warning("skipped: %s", err)
+                    bad += 1
+            if pictures:
+                results = predictor.predict_batch(pictures, max_new_tokens, explain)
+                fh.write("".join(render(prediction_record(name, result, explain), fmt, columns)
+                                 for name, result in zip(names, results)))
+                fh.flush()
+                written += len(pictures)
+            progress.update(len(share[start:start + batch_size]))
+    return {"done": written, "bad": bad}
+
+
 def predict_folder(predictor, folder: str | Path, out: str | Path, fmt: str = "jsonl", batch_size: int = 8,
                    explain: bool = False, max_new_tokens: int = 128, skip_bad_images: bool = False) -> dict:
     """Predict every image under ``folder`` not yet in ``out``; returns counts ``{done, skipped, bad, total}``.
@@ -139,38 +169,13 @@ def predict_folder(predictor, folder: str | Path, out: str | Path, fmt: str = "j
         print(f"{len(images)} images under {folder}: {len(images) - len(todo)} already in {out}, "
               f"{len(todo)} to predict" + (f" on {world} processes" if world > 1 else ""))
 
-    def predict_share(block: range) -> dict:
-        share = todo[block.start:block.stop]
-        target = out if world == 1 else part_file(out, rank)
-        written = bad = 0
-        with open(target, "a", encoding="utf-8") as fh, \
-                tqdm(total=len(share), desc="predict", unit="img", disable=rank != 0) as progress:
-            for start in range(0, len(share), batch_size):
-                names, pictures = [], []
-                for name in share[start:start + batch_size]:
-                    try:
-                        pictures.append(open_image(folder / name))
-                        names.append(name)
-                    except UserError as err:
-                        if not skip_bad_images:
-                            raise
-                        log.warning("skipped: %s", err)
-                        bad += 1
-                if pictures:
-                    results = predictor.predict_batch(pictures, max_new_tokens, explain)
-                    fh.write("".join(render(prediction_record(name, result, explain), fmt, columns)
-                                     for name, result in zip(names, results)))
-                    fh.flush()
-                    written += len(pictures)
-                progress.update(len(share[start:start + batch_size]))
-        return {"done": written, "bad": bad}
-
+    target = out if world == 1 else part_file(out, rank)  # each rank appends to its own part file
     try:
-        counts = [{"done": 0, "bad": 0}]
-        if todo:
-            counts = [part for part in run_sharded(len(todo), predict_share, unit=batch_size) if part is not None]
+        counts = {"done": 0, "bad": 0}
+        if todo:  # every rank's counts, summed
+            counts = shard_map(len(todo), predict_block, predictor, folder, todo, target, fmt, columns, batch_size,
+                               max_new_tokens, explain, skip_bad_images, unit=batch_size)
     finally:  # also after a failed rank: what the others wrote is kept
         if world > 1 and is_main_process():
             merge_part_files(out)
-    return {"done": sum(c["done"] for c in counts), "skipped": len(images) - len(todo),
-            "bad": sum(c["bad"] for c in counts), "total": len(images)}
+    return {"done": counts["done"], "skipped": len(images) - len(todo), "bad": counts["bad"], "total": len(images)}

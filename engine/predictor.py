@@ -18,9 +18,9 @@ from PIL import Image, UnidentifiedImageError
 from data.annotations import prompt_messages
 from data.datasets import to_rgb
 from data.prompts import OBSERVATION_QUESTION, REASONING_QUESTION, categorical_answer
-from engine.gate import vlm_gate_inputs
+from engine.features import recorded_dtype
 from models.chat import generate_texts
-from models.gates import GATE_FILE, gate_weights, load_gate
+from models.gates import GATE_FILE, gate_weights, load_gate, vlm_gate_inputs
 from models.heads import load_head
 from models.scorer import predict_vlm
 from models.vlm import head_features, load_processor, load_trained_vlm
@@ -53,12 +53,6 @@ def open_upload(path: str | Path, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
         reason = "too large to decode safely" if isinstance(err, Image.DecompressionBombError) \
             else "not an image that can be decoded"
         raise UserError(f"{Path(path).name}: {reason}; upload a JPEG, PNG, WebP, BMP or GIF image") from None
-
-
-def recorded_dtype(distill_record: DistillRecord) -> torch.dtype | None:
-    """The dtype stage 2 encoded its feature cache in (``"torch.float32"`` in meta.json)."""
-    name = distill_record.feature_dtype
-    return getattr(torch, name.removeprefix("torch.")) if name else None
 
 
 def _as_dict(probs: torch.Tensor, class_names: Sequence[str]) -> dict[str, float]:

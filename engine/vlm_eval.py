@@ -1,6 +1,6 @@
-"""Evaluating the instruction-tuned VLM as a classifier: the class scorer (``models.scorer``) over
-a split, decoded a chunk at a time and sharded across ranks, and the evaluation files it writes
-(``metrics.json``, the confusion PNG, ``predictions.jsonl``).
+"""Evaluating the instruction-tuned VLM as a classifier: the class scorer over a split
+(engine/vlm_answers.py: decoded a chunk at a time and sharded across ranks), and the evaluation
+files it writes (``metrics.json``, the confusion PNG, ``predictions.jsonl``).
 """
 from __future__ import annotations
 
@@ -8,31 +8,10 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from tqdm.auto import tqdm
-
-from data.datasets import open_image
-from models.scorer import VLMPredictions, predict_vlm
-from utils.dist import is_main_process, shard_map
+from engine.vlm_answers import predict_samples
+from utils.dist import is_main_process
 from utils.io import write_text
 from utils.metrics import NONE, classification_metrics, write_metrics
-
-
-def predict_samples(model, processor, data_root: str | Path, samples: Sequence, class_names: Sequence[str],
-                    mode: str, batch_size: int, max_new_tokens: int, desc: str = "VLM",
-                    chunk: int = 64, parser: str = "lenient") -> VLMPredictions:
-    """``predict_vlm`` over ``samples`` (data.datasets.Sample), decoding ``chunk`` images at a
-    time, never the whole split at once."""
-    chunk = max(batch_size, chunk // batch_size * batch_size)  # whole batches: see utils.dist.run_sharded
-    parts = []
-    for start in tqdm(range(0, len(samples), chunk), desc=desc, unit="chunk", disable=not is_main_process()):
-        images = [open_image(Path(data_root) / sample.path) for sample in samples[start:start + chunk]]
-        parts.append(predict_vlm(model, processor, images, class_names, mode, batch_size, max_new_tokens, parser))
-    if not parts:  # an empty split
-        return predict_vlm(model, processor, [], class_names, mode, batch_size, max_new_tokens)
-    return VLMPredictions(pred=torch.cat([part.pred for part in parts]),
-                          probs=torch.cat([part.probs for part in parts]) if mode == "score" else None,
-                          texts=[text for part in parts for text in part.texts] if mode == "generate" else None)
 
 
 def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: Sequence[str],
@@ -42,9 +21,8 @@ def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: 
     predictions.jsonl into ``out_dir``; return the metrics. Under torchrun the images are sharded
     across the ranks (each must call this) and only rank 0 writes."""
     # Under torchrun every rank predicts its block of the images; rank 0 writes the files.
-    result = shard_map(len(samples), lambda block: predict_samples(
-        model, processor, data_root, samples[block.start:block.stop], class_names, mode, batch_size,
-        max_new_tokens, desc=f"eval ({mode})", parser=parser), unit=batch_size)
+    result = predict_samples(model, processor, data_root, samples, class_names, mode, batch_size, max_new_tokens,
+                             desc=f"eval ({mode})", parser=parser)
     labels = [sample.label for sample in samples]
     metrics = classification_metrics(labels, result.pred.tolist(), class_names)
     metrics["mode"] = mode

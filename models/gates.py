@@ -5,8 +5,9 @@ the one-hot of the VLM's parsed answer (zeros when it could not be parsed) or a 
 vector; ``head_logits`` are the frozen distillation head's raw logits. ``concat_linear`` is the
 paper's gate; the others are the variants of its ablation. Gates that weigh their sources
 explicitly (``moe``, ``dynamic_weight``) expose those weights through ``forward_with_weights``,
-read uniformly with ``gate_weights``. ``gate.pt`` is written by :func:`save_gate` and read back
-by :func:`load_gate`.
+read uniformly with ``gate_weights``. The VLM input is made from the VLM's answers by
+:func:`vlm_gate_inputs` (one of ``SIGNALS``), the same way in stage 3 and in the predictor.
+``gate.pt`` is written by :func:`save_gate` and read back by :func:`load_gate`.
 """
 from __future__ import annotations
 
@@ -19,8 +20,25 @@ from torch import nn
 from utils.checkpoints import STAGE_COMMANDS, read_checkpoint, stamp
 from utils.errors import UserError
 from utils.io import torch_save
+from utils.metrics import NONE
 
 GATE_FILE = "gate.pt"
+SIGNALS = ("onehot", "probs")  # what the gate is given of the VLM's answer: --vlm_signal
+
+
+def vlm_gate_inputs(predictions, num_classes: int, kind: str = "onehot") -> torch.Tensor:
+    """The gate's VLM input from ``VLMPredictions``: one-hot of the answer (the zero vector when
+    it could not be parsed) or, for ``probs``, the class distribution of ``score`` mode."""
+    if kind == "onehot":
+        signal = torch.zeros(len(predictions.pred), num_classes)
+        known = predictions.pred != NONE
+        signal[known, predictions.pred[known]] = 1.0
+        return signal
+    if kind == "probs":
+        if predictions.probs is None:
+            raise UserError("--vlm_signal probs needs class probabilities: use --vlm_answer score")
+        return predictions.probs.float()
+    raise UserError(f"--vlm_signal {kind}: choose one of {', '.join(SIGNALS)}")
 
 
 class ConcatLinearGate(nn.Module):

@@ -1,6 +1,6 @@
 """The distillation head: a small MLP on the VLM's mean-pooled, frozen visual features, the
-distillation loss it is trained with, and its checkpoint ``head.pt`` (:func:`save_head` writes it,
-:func:`load_head` reads it back)."""
+distillation loss it is trained with, its logits over cached features (:func:`head_logits`), and
+its checkpoint ``head.pt`` (:func:`save_head` writes it, :func:`load_head` reads it back)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,6 +65,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                   F.log_softmax(teacher_logits / temperature, dim=-1), reduction="batchmean", log_target=True)
     ce = F.cross_entropy(student_logits, targets)
     return alpha * temperature ** 2 * kd + (1 - alpha) * ce
+
+
+@torch.no_grad()
+def head_logits(head: DistillHead, features: torch.Tensor) -> torch.Tensor:
+    """The frozen head's logits (CPU) for cached features (N, in_dim), on the head's device."""
+    head.eval()
+    return head(features.to(next(head.parameters()).device)).cpu()
 
 
 def save_head(path: str | Path, head: DistillHead, class_names: Sequence[str], **fields) -> Path:

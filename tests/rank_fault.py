@@ -1,6 +1,6 @@
 """Run a script under torchrun with rank 1 killed (SIGKILL) at its Nth call of a function (tests only).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/rank_fault.py engine.vlm_eval.predict_vlm 1 \\
+    python -m torch.distributed.run --nproc_per_node 2 tests/rank_fault.py engine.vlm_answers.predict_vlm 1 \\
         train_gate.py --dataname toy ...
 
 The other ranks run the script unchanged; the launcher then stops them, as after a real crash.

@@ -41,7 +41,8 @@ def counted(monkeypatch):
         return step(self, *args, **kwargs)
 
     def counting_item(self):
-        counts["items"] += sys._getframe(1).f_globals["__name__"] in ("engine.distill", "engine.gate", "engine.fit")
+        counts["items"] += sys._getframe(1).f_globals["__name__"] in ("engine.batches", "engine.distill", "engine.gate",
+                                                                      "engine.fit")
         return item(self)
 
     monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
@@ -69,12 +70,12 @@ def test_head_epoch_loss_is_the_mean_of_its_step_losses():
     from models.heads import DistillHead
 
     features, teacher, labels = _head_data()
-    head, result = train_head(features, teacher, labels, DIM, CLASSES, depth=0, epochs=1, lr=0.0, seed=3)
+    result = train_head(features, teacher, labels, DIM, CLASSES, depth=0, epochs=1, lr=0.0, seed=3)
     torch.manual_seed(3)
     fresh = DistillHead(DIM, CLASSES, 0, 0.1)
     per_image = torch.stack([distillation_loss(fresh(features["train"][i:i + 1]), teacher["train"][i:i + 1],
                                                labels["train"][i:i + 1], 0.5, 2.0) for i in range(N_TRAIN)])
-    assert result["history"][0]["train_loss"] == pytest.approx(per_image.mean().item(), rel=1e-5)
+    assert result.history[0]["train_loss"] == pytest.approx(per_image.mean().item(), rel=1e-5)
 
 
 def test_per_step_adam_is_adam():

@@ -79,10 +79,8 @@ def test_predictions_match_stage3_evaluation(predictor, test_images, trained_pip
 
 def stage3_test_outputs(pipeline) -> dict[str, torch.Tensor]:  # noqa: F811
     """Class probabilities per test image as stage 3 computed them, from its caches and gate.pt."""
-    from engine.distill import head_logits
-    from models.heads import load_head
-    from engine.gate import vlm_gate_inputs
-    from models.gates import load_gate
+    from models.gates import load_gate, vlm_gate_inputs
+    from models.heads import head_logits, load_head
     from models.scorer import VLMPredictions
 
     gate, meta = load_gate(pipeline.stage("gate"))

@@ -133,9 +133,9 @@ def test_gate_keeps_the_epoch_best_on_validation_not_on_training():
     assert rows[8]["val_acc"] < max(row["val_acc"] for row in rows.values())
     best = max(rows.values(), key=lambda row: (row["val_acc"], -row["val_loss"]))
     assert result.best_epoch == best["epoch"] < 8
-    val_loss, val_acc = _evaluate(result.gate, val)  # the returned weights are that epoch's
-    assert val_acc == result.best_val_acc == best["val_acc"]
-    assert val_loss == pytest.approx(best["val_loss"], abs=1e-6)
+    row = _evaluate(result.model, val)  # the returned weights are that epoch's
+    assert row["val_acc"] == result.best_val_acc == best["val_acc"]
+    assert row["val_loss"] == pytest.approx(best["val_loss"], abs=1e-6)
 
 
 def test_head_keeps_the_epoch_best_on_validation_not_on_training():
@@ -147,15 +147,15 @@ def test_head_keeps_the_epoch_best_on_validation_not_on_training():
     scores = {split: x @ direction for split, x in features.items()}
     labels = {"train": (scores["train"] > 0).long(), "val": (scores["val"] <= 0).long()}  # validation flipped
     teacher = {split: torch.stack([-s, s], 1) for split, s in scores.items()}  # agrees with training
-    head, result = train_head(features, teacher, labels, 8, 2, epochs=8, lr=3e-3, batch_size=32, seed=0)
-    history = result["history"]
+    result = train_head(features, teacher, labels, 8, 2, epochs=8, lr=3e-3, batch_size=32, seed=0)
+    history = result.history
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     best = max(row["val_acc"] for row in history)
     assert history[-1]["val_acc"] < best
-    assert result["epoch"] == next(row["epoch"] for row in history if row["val_acc"] == best) < 8
+    assert result.best_epoch == next(row["epoch"] for row in history if row["val_acc"] == best) < 8
     with torch.no_grad():
-        val_acc = (head(features["val"]).argmax(1) == labels["val"]).float().mean().item()
-    assert val_acc == result["best_val_acc"] == best  # the returned weights are that epoch's
+        val_acc = (result.model(features["val"]).argmax(1) == labels["val"]).float().mean().item()
+    assert val_acc == result.best_val_acc == best  # the returned weights are that epoch's
 
 
 def _colour_images(folder: Path, colour: tuple[int, int, int], count: int, seed: int) -> None:
@@ -193,9 +193,9 @@ def test_teacher_keeps_the_epoch_best_on_validation_not_on_training(tmp_path):
         return evaluate_teacher(model, DataLoader(ImageDataset(splits.data_root, splits.split(split), eval_transform),
                                                   batch_size=8), "cpu")["val_acc"]
 
-    best = max(row["val_acc"] for row in result["history"])
-    assert result["best_val_acc"] == best == accuracy("val")  # the returned weights are that epoch's
-    assert result["epoch"] == next(row["epoch"] for row in result["history"] if row["val_acc"] == best)
+    best = max(row["val_acc"] for row in result.history)
+    assert result.model is model and result.best_val_acc == best == accuracy("val")  # that epoch's weights
+    assert result.best_epoch == next(row["epoch"] for row in result.history if row["val_acc"] == best)
     assert accuracy("test") > best  # the training colours were learnt: train and val disagree
 
 

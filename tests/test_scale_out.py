@@ -50,8 +50,12 @@ class Answers:
     texts: list | None
 
 
+def _offset(block: range, start: int) -> list[int]:
+    return [start + i for i in block]
+
+
 def test_blocks_cover_every_item_once_and_join_in_order(tmp_path):
-    from utils.dist import concat_parts, merge_part_files, part_file, run_sharded, shard_range
+    from utils.dist import concat_parts, merge_part_files, part_file, shard_map, shard_range
 
     for count in (0, 1, 7, 8, 23):
         for unit in (1, 4):
@@ -62,7 +66,8 @@ def test_blocks_cover_every_item_once_and_join_in_order(tmp_path):
     parts = [Answers(torch.tensor([0, 1]), None), None, Answers(torch.tensor([2]), None)]  # None: a rank without items
     joined = concat_parts(parts)
     assert joined.pred.tolist() == [0, 1, 2] and joined.texts is None
-    assert run_sharded(5, lambda block: list(block)) == [[0, 1, 2, 3, 4]]  # no launcher: one block
+    assert shard_map(5, list) == [0, 1, 2, 3, 4]  # no launcher: one block
+    assert shard_map(3, _offset, 10) == [10, 11, 12]  # data passed beside the block
 
     out = tmp_path / "out.jsonl"
     out.write_text("a\n")
@@ -97,7 +102,7 @@ def test_stage3_killed_rank_keeps_caches_valid_and_sharded_rerun_equals_one(trai
     argv[argv.index("--output_dir") + 1] = str(output_dir)
     cache, reference = output_dir / "toy/gate/cache", trained_pipeline.stage("gate") / "cache"
 
-    killed = torchrun(*argv, fault=("engine.vlm_eval.predict_vlm", 1))
+    killed = torchrun(*argv, fault=("engine.vlm_answers.predict_vlm", 1))
     assert killed.returncode != 0
     assert not list(cache.glob("vlm_score_*.pt")) and not (output_dir / "toy/gate/meta.json").exists()
 

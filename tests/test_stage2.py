@@ -117,8 +117,8 @@ def test_teacher_and_head_beat_chance_and_the_folders_describe_themselves(stage2
 
 
 def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path):
-    from engine.distill import head_logits, train_head
-    from models.heads import load_head, save_head
+    from engine.distill import train_head
+    from models.heads import head_logits, load_head, save_head
     from utils.checkpoints import file_id, write_meta
 
     cache = stage2 / "toy" / "distill" / "cache"
@@ -126,8 +126,8 @@ def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path)
                 for s in ("train", "val", "test")}
     teacher = {s: torch.load(cache / f"teacher_logits_{s}.pt", weights_only=True)["values"] for s in features}
     labels = {s: teacher[s].argmax(-1) for s in features}
-    head, _ = train_head(features, teacher, labels, 64, 4, depth=2, epochs=3, lr=1e-3, batch_size=16,
-                         standardize=True)
+    head = train_head(features, teacher, labels, 64, 4, depth=2, epochs=3, lr=1e-3, batch_size=16,
+                      standardize=True).model
     path = save_head(tmp_path / "head.pt", head, ["a", "b", "c", "d"], base_model="tiny", teacher_id="t")
     write_meta(tmp_path, "distill", ["a", "b", "c", "d"], base_model="tiny", head_id=file_id(path), run="test")
     reloaded, _ = load_head(tmp_path)
@@ -148,13 +148,13 @@ def test_reloaded_head_reproduces_its_logits_exactly(stage2, toy_root, tmp_path)
 
 
 def test_second_run_reuses_the_caches_and_gives_the_same_metrics(stage2, toy_root, monkeypatch, caplog):
-    import engine.distill
+    import engine.features
     from train_distillation import main, parse
 
     calls = []
     for name in ("load_vlm", "pooled_image_features", "load_teacher"):
-        original = getattr(engine.distill, name)
-        monkeypatch.setattr(engine.distill, name,
+        original = getattr(engine.features, name)
+        monkeypatch.setattr(engine.features, name,
                             lambda *a, _name=name, _f=original, **k: calls.append(_name) or _f(*a, **k))
     before = read_metrics(stage2)
     caplog.set_level(logging.INFO, logger="utils.cache")
@@ -166,7 +166,7 @@ def test_second_run_reuses_the_caches_and_gives_the_same_metrics(stage2, toy_roo
 
 def test_stale_cache_is_rebuilt_with_a_log_line(stage2, tiny_vlm_dir, toy_root, tmp_path, caplog):
     from data.datasets import load_dataset
-    from engine.distill import cached_vlm_features
+    from engine.features import cached_vlm_features
 
     cache = tmp_path / "cache"
     splits = load_dataset(toy_root, "toy", stage2)

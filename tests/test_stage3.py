@@ -107,16 +107,16 @@ def test_checkpoint_reload_reproduces_the_test_predictions(trained_pipeline):
 
 
 def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monkeypatch, caplog):
-    import engine.distill
-    import engine.vlm_eval
+    import engine.features
+    import engine.vlm_answers
     import train_gate
 
     def no_forward(*args, **kwargs):
         raise AssertionError("a rerun must not run the frozen VLM")
 
-    monkeypatch.setattr(train_gate, "load_trained_vlm", no_forward)  # the name stage 3 calls
-    monkeypatch.setattr(engine.vlm_eval, "predict_vlm", no_forward)
-    monkeypatch.setattr(engine.distill, "load_vlm", no_forward)
+    monkeypatch.setattr(engine.vlm_answers, "load_trained_vlm", no_forward)  # the name stage 3 calls
+    monkeypatch.setattr(engine.vlm_answers, "predict_vlm", no_forward)
+    monkeypatch.setattr(engine.features, "load_vlm", no_forward)
     gate_dir = trained_pipeline.stage("gate")
     before = json.loads((gate_dir / "metrics.json").read_text())
     weights = torch.load(gate_dir / "gate.pt", weights_only=True)["state_dict"]
@@ -130,11 +130,11 @@ def test_rerun_reuses_the_caches_and_gives_the_same_gate(trained_pipeline, monke
 
 
 def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
-    import engine.gate
+    import engine.vlm_answers
     from data.datasets import DatasetSplits, Sample
     from dataclasses import replace
 
-    from engine.gate import cached_vlm_predictions
+    from engine.vlm_answers import cached_vlm_predictions
     from models.scorer import VLMPredictions
     from utils.records import VLMRecord
 
@@ -144,16 +144,20 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
                            [Sample("2.png", 1)], val_from_train=False)
     calls = []
 
-    def fake_predict(model, processor, data_root, samples, class_names, mode, *rest, **kwargs):
+    def fake_predict(model, processor, images, class_names, mode, *rest, **kwargs):
         calls.append(mode)
-        return VLMPredictions(pred=torch.tensor([-1] * len(samples)), probs=None, texts=["?"] * len(samples))
+        return VLMPredictions(pred=torch.tensor([-1] * len(images)),
+                              probs=torch.zeros(len(images), 2) if mode == "score" else None, texts=["?"] * len(images))
 
-    monkeypatch.setattr(engine.gate, "predict_samples", fake_predict)
     loads = []
+    monkeypatch.setattr(engine.vlm_answers, "predict_vlm", fake_predict)
+    monkeypatch.setattr(engine.vlm_answers, "open_image", lambda path: path)  # the files are not images
+    monkeypatch.setattr(engine.vlm_answers, "load_trained_vlm",
+                        lambda *args, **kwargs: loads.append(1) or ("vlm", "processor", {}))
     vlm_record = VLMRecord(class_names=["a", "b"], base_model="m", adapter_id="a1")
 
     def run(vlm_record=vlm_record, mode="generate"):
-        return cached_vlm_predictions(splits, vlm_record, tmp_path / "cache", lambda: loads.append(1) or (None, None), mode)
+        return cached_vlm_predictions(splits, vlm_record, tmp_path / "cache", "vlm", "cpu", mode)
 
     assert run()["val"].texts == ["?"] and len(calls) == 3 and len(loads) == 1
     run()
@@ -165,8 +169,8 @@ def test_vlm_cache_is_keyed_by_adapter_mode_and_images(tmp_path, monkeypatch):
     os.utime(tmp_path / "2.png", ns=(1, 1))
     run(replace(vlm_record, adapter_id="a2"))
     assert len(calls) == 10                                       # only the changed test split
-    cached_vlm_predictions(splits, replace(vlm_record, adapter_id="a2"), tmp_path / "cache", lambda: (None, None),
-                           "generate", parser="strict")
+    cached_vlm_predictions(splits, replace(vlm_record, adapter_id="a2"), tmp_path / "cache", "vlm", "cpu", "generate",
+                           parser="strict")
     assert len(calls) == 13                                       # answers read another way: asked again
 
 
@@ -190,7 +194,7 @@ def test_parser_choice_is_applied_and_recorded(trained_pipeline, tmp_path, monke
 
 
 def test_vlm_gate_inputs_onehot_zero_when_unparseable_and_probs():
-    from engine.gate import vlm_gate_inputs
+    from models.gates import vlm_gate_inputs
     from models.scorer import VLMPredictions
     from utils.errors import UserError
 
@@ -327,7 +331,7 @@ def _copy_outputs(pipeline: ToyRun, output_dir: Path, ignore=()) -> ToyRun:
 @pytest.mark.parametrize("case", ["missing", "stale"])
 def test_feature_cache_mismatch_asks_for_stage2_and_leaves_it_alone(case, trained_pipeline, tmp_path, capsys,
                                                                     monkeypatch):
-    import engine.distill
+    import engine.features
     import train_gate
     from utils.errors import run_cli
 
@@ -336,7 +340,7 @@ def test_feature_cache_mismatch_asks_for_stage2_and_leaves_it_alone(case, traine
     if case == "stale":  # as if stage 2 had encoded in another dtype than stage 3 now asks for
         _edit_meta(pipeline, "distill", feature_dtype="torch.bfloat16")
     before = {path.name: path.stat().st_mtime_ns for path in cache.glob("*")}
-    monkeypatch.setattr(engine.distill, "load_vlm", lambda *a, **k: pytest.fail("stage 3 must not encode"))
+    monkeypatch.setattr(engine.features, "load_vlm", lambda *a, **k: pytest.fail("stage 3 must not encode"))
     assert run_cli(train_gate.main, pipeline.argv(), parse=train_gate.parse) == 2
     err = capsys.readouterr().err.strip().splitlines()
     expected = "features are missing" if case == "missing" else "features do not match"

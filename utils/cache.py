@@ -82,17 +82,20 @@ def weights_fingerprint(model_id: str) -> list | None:
 
 
 def load_or_build(cache_dir: Path, name: str, keys: dict[str, dict],
-                  build: Callable[[list[str]], dict[str, Any]] | None) -> dict[str, Any]:
-    """Per split: reuse ``<name>_<split>.pt`` when its key matches, else build the missing splits
-    together (one model load) and store them (rank 0 under a launcher; every rank must call
-    this); ``build`` None returns only the hits, None for a miss."""
+                  build: Callable[[str], Any] | None) -> dict[str, Any]:
+    """Per split: reuse ``<name>_<split>.pt`` when its key matches, else ``build(split)`` and store
+    it (rank 0 under a launcher; every rank must call this), one missing split after the other;
+    ``build`` None returns only the hits, None for a miss.
+
+    Splits that share one model load pass the method of an object that loads the model on first
+    use, so a run whose splits are all cached never loads it."""
     result = {split: load_cached(cache_dir / f"{name}_{split}.pt", key) for split, key in keys.items()}
     barrier()  # every rank has decided before rank 0 overwrites a file
     missing = [split for split, values in result.items() if values is None]
-    if missing and build is not None:
-        built = build(missing)
+    if build is None:
+        return result
+    for split in missing:
+        result[split] = build(split)
         if distributed_rank()[0] == 0:
-            for split in missing:
-                store(cache_dir / f"{name}_{split}.pt", keys[split], built[split])
-        result.update(built)
+            store(cache_dir / f"{name}_{split}.pt", keys[split], result[split])
     return result

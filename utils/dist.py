@@ -119,47 +119,6 @@ def shard_range(count: int, rank: int, world: int, unit: int = 1) -> range:
     return range(min(start * unit, count), min((start + base + (rank < extra)) * unit, count))
 
 
-def run_sharded(count: int, compute: Callable[[range], T], unit: int = 1) -> list[T]:
-    """``compute(block)`` on this rank's block of ``range(count)``; every rank's result, in rank order.
-
-    Blocks are whole multiples of ``unit``: pass the batch size, so that every rank runs exactly
-    the batches one process would run (a batched forward pass is not bit-identical across batch
-    sizes, so other blocks could change the last digits).
-
-    Without a launcher this is ``[compute(range(count))]``. Under one, a rank that fails (a
-    UserError, or any exception: its traceback is printed there) does not leave the others
-    waiting: the failure is gathered like a result, every rank leaves the process group, rank 0
-    raises one UserError naming the failed rank and its message (exit code 2), and the other
-    ranks exit without a word, so the run ends with one ``error:`` line and nothing half-built saved.
-    """
-    rank, world = init_distributed()
-    block = shard_range(count, rank, world, unit)
-    if world == 1:
-        return [compute(block)]
-    if rank == 0:
-        log.info("%d items sharded over %d processes (%d-%d each)", count, world,
-                 len(shard_range(count, world - 1, world, unit)), len(block))
-
-    part, failure = None, None
-    try:
-        part = compute(block) if len(block) else None  # more ranks than items
-    except UserError as err:
-        failure = _last_line(str(err))
-    except Exception as err:  # noqa: BLE001 - reported by rank 0; the traceback stays on this rank's stderr
-        traceback.print_exc()
-        failure = f"{err.__class__.__name__}: {first_line(err)}"
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, (failure, part))
-    failed = [(r, message) for r, (message, _) in enumerate(gathered) if message is not None]
-    if failed:
-        leave_process_group()
-        if rank != 0:  # exit quietly and successfully: the launcher stops everyone at a failed exit,
-            raise SystemExit(0)  # and rank 0 has yet to report, save what is complete and exit with 2
-        first_rank, message = failed[0]
-        raise UserError(f"rank {first_rank} of {world} failed on its share of {count}: {message}")
-    return [result for _, result in gathered]
-
-
 def concat_parts(parts: Sequence):
     """Per-rank results joined in order: tensors along dim 0, lists, dicts and dataclasses of
     those field by field; ints are summed. None parts (ranks without items) are left out."""
@@ -181,9 +140,49 @@ def concat_parts(parts: Sequence):
     raise TypeError(f"cannot join results of type {type(first).__name__}")
 
 
-def shard_map(count: int, compute: Callable[[range], T], unit: int = 1) -> T:
-    """:func:`run_sharded`, joined with :func:`concat_parts`: the one-process result on every rank."""
-    return concat_parts(run_sharded(count, compute, unit))
+def shard_map(count: int, compute: Callable[..., T], *data, unit: int = 1) -> T:
+    """``compute(block, *data)`` on this rank's block of ``range(count)``; every rank's result joined
+    in rank order (:func:`concat_parts`): the one-process result, on every rank.
+
+    ``compute`` is a named function and ``data`` what it needs beside the block (the model, the
+    samples, ...), passed explicitly.
+
+    Blocks are whole multiples of ``unit``: pass the batch size, so that every rank runs exactly
+    the batches one process would run (a batched forward pass is not bit-identical across batch
+    sizes, so other blocks could change the last digits).
+
+    Without a launcher this is ``compute(range(count), *data)``. Under one, a rank that fails (a
+    UserError, or any exception: its traceback is printed there) does not leave the others
+    waiting: the failure is gathered like a result, every rank leaves the process group, rank 0
+    raises one UserError naming the failed rank and its message (exit code 2), and the other
+    ranks exit without a word, so the run ends with one ``error:`` line and nothing half-built saved.
+    """
+    rank, world = init_distributed()
+    block = shard_range(count, rank, world, unit)
+    if world == 1:
+        return concat_parts([compute(block, *data)])
+    if rank == 0:
+        log.info("%d items sharded over %d processes (%d-%d each)", count, world,
+                 len(shard_range(count, world - 1, world, unit)), len(block))
+
+    part, failure = None, None
+    try:
+        part = compute(block, *data) if len(block) else None  # more ranks than items
+    except UserError as err:
+        failure = _last_line(str(err))
+    except Exception as err:  # noqa: BLE001 - reported by rank 0; the traceback stays on this rank's stderr
+        traceback.print_exc()
+        failure = f"{err.__class__.__name__}: {first_line(err)}"
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (failure, part))
+    failed = [(r, message) for r, (message, _) in enumerate(gathered) if message is not None]
+    if failed:
+        leave_process_group()
+        if rank != 0:  # exit quietly and successfully: the launcher stops everyone at a failed exit,
+            raise SystemExit(0)  # and rank 0 has yet to report, save what is complete and exit with 2
+        first_rank, message = failed[0]
+        raise UserError(f"rank {first_rank} of {world} failed on its share of {count}: {message}")
+    return concat_parts([result for _, result in gathered])
 
 
 # ---------------------------------------------------------------- per-rank part files
