@@ -30,6 +30,7 @@ MAX_FRAMES = 6
 # score_classes (before: 9).
 CLASS_SCORER_FRAMES = 8
 COMPREHENSIONS = {"<listcomp>", "<dictcomp>", "<setcomp>"}
+ENV = Path(sys.prefix).resolve()  # the virtual environment, which may sit inside the repository (.venv)
 STAGE2 = ("--config", str(CONFIGS / "toy_distill.yaml"), "--teacher_epochs", "2", "--epochs", str(PIPELINE_HEAD_EPOCHS),
           "--num_workers", "0")
 STAGE3 = ("--config", str(CONFIGS / "toy_gate.yaml"), *PIPELINE_GATE_ARGS, "--num_workers", "0")
@@ -66,7 +67,7 @@ def walk_from(main, frame) -> list[str]:
     walk = []
     while frame.f_code is not main.__code__:
         path = Path(frame.f_code.co_filename).resolve()
-        if REPO in path.parents and frame.f_code.co_name not in COMPREHENSIONS:
+        if REPO in path.parents and ENV not in path.parents and frame.f_code.co_name not in COMPREHENSIONS:
             walk.append(f"{path.relative_to(REPO).as_posix()}:{frame.f_code.co_qualname}")
         frame = frame.f_back
         assert frame is not None, "not called from the script's main"
