@@ -132,15 +132,14 @@ def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
     return metrics
 
 
-def eval_only(args, splits, out_dir: Path, gpu: int | None) -> dict:
+def load_for_eval(args, splits, out_dir: Path, gpu: int | None) -> tuple:
+    """``--eval_only``: the trained adapter on its base, ``(model, processor)``."""
     device = training_device(gpu)  # under torchrun: this rank's GPU
     # auto: the way stage 1 trained it (recorded in meta.json).
     quant = None if args.quant == "auto" else args.quant
     model, processor, vlm_record = load_trained_vlm(out_dir, device, args.vlm_model, quant)
     vlm_record.check_run(out_dir, class_names=splits.class_names)
-    metrics = evaluate(args, model, processor, splits, out_dir)
-    leave_process_group()
-    return metrics
+    return model, processor
 
 
 def annotations_file(args, class_names) -> Path:
@@ -198,7 +197,8 @@ def save_outputs(args, settings: TrainingSettings, model, processor, class_names
     print(f"saved adapter and processor to {final_dir}")
 
 
-def train(args, splits, out_dir: Path, gpu: int | None) -> None:
+def train(args, splits, out_dir: Path, gpu: int | None) -> tuple:
+    """Instruction-tune the VLM and save the adapter (rank 0); ``(model, processor)``, trained."""
     vlm_model = args.vlm_model or DEFAULT_VLM
     path = annotations_file(args, splits.class_names)
     examples = build_examples(read_annotations(path), splits, path)
@@ -240,9 +240,7 @@ def train(args, splits, out_dir: Path, gpu: int | None) -> None:
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():  # saving is rank 0's alone
         save_outputs(args, settings, model, processor, splits.class_names, out_dir, counts)
-    if not args.skip_eval:
-        evaluate(args, model, processor, splits, out_dir)  # sharded across the ranks
-    leave_process_group()
+    return model, processor
 
 
 @releases_locks
@@ -259,9 +257,12 @@ def main(args) -> None:
         print(splits.summary())
     out_dir = stage_dir(args, "vlm")
     if args.eval_only:
-        eval_only(args, splits, out_dir, gpu)
+        model, processor = load_for_eval(args, splits, out_dir, gpu)
     else:
-        train(args, splits, out_dir, gpu)
+        model, processor = train(args, splits, out_dir, gpu)
+    if args.eval_only or not args.skip_eval:
+        evaluate(args, model, processor, splits, out_dir)  # sharded across the ranks
+    leave_process_group()
 
 
 def parse(argv=None):

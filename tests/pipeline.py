@@ -18,7 +18,12 @@ import shutil
 
 import pytest
 
+import train_gate
 from bench.world import CONFIGS, ToyRun, run_stages, write_annotations  # noqa: F401  (re-exported to tests)
+from data.datasets import load_dataset
+from engine.features import read_vlm_features
+from engine.vlm_answers import cached_vlm_predictions
+from utils.cli import stage_dir
 
 PIPELINE_HEAD_EPOCHS = 2  # stage 2's head epochs in the session pipeline (reasons below)
 PIPELINE_GATE_EPOCHS = 30  # stage 3's epochs in the session pipeline
@@ -57,3 +62,15 @@ def finished(trained_pipeline, tmp_path) -> ToyRun:
     """A private copy of the finished toy pipeline's outputs (the session's stays untouched)."""
     shutil.copytree(trained_pipeline.output_dir, tmp_path / "outputs")
     return ToyRun(trained_pipeline.data_root, tmp_path / "outputs", trained_pipeline.vlm_model)
+
+
+def gate_data_from_caches(args) -> dict:
+    """``{split: GateData}`` exactly as ``train_gate.main`` builds them for ``args`` (its parsed
+    flags), read from the caches a finished stage 3 left (on the CPU)."""
+    splits = load_dataset(args.data_root, args.dataname, args.output_dir)
+    vlm_dir, vlm_record, distill_dir, head_record = train_gate.read_inputs(args)
+    features = read_vlm_features(splits, head_record, stage_dir(args, "distill") / "cache", "cpu")
+    answers = cached_vlm_predictions(splits, vlm_record, stage_dir(args, "gate") / "cache", vlm_dir, "cpu",
+                                     args.vlm_answer, args.vlm_batch_size, args.max_new_tokens,
+                                     train_gate.vlm_quant(args, vlm_record, "cpu"), parser=args.parser)
+    return train_gate.gate_inputs(args, splits, answers, features, distill_dir)

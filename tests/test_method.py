@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.pipeline import CONFIGS, ToyRun, trained_pipeline, write_annotations  # noqa: F401
+from tests.pipeline import (CONFIGS, ToyRun, gate_data_from_caches, trained_pipeline,  # noqa: F401
+                            write_annotations)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread
@@ -68,14 +69,9 @@ def test_trainer_batches_label_only_the_answers(toy_root, tiny_vlm_dir, tmp_path
 def _pipeline_gate_data(pipeline: ToyRun) -> dict:
     """The gate's inputs per split exactly as train_gate.py builds them (from its caches)."""
     import train_gate
-    from data.datasets import load_dataset
     from utils.cli import parse_args
 
-    args = parse_args(train_gate.get_args_parser(), pipeline.argv())
-    splits = load_dataset(args.data_root, args.dataname, args.output_dir)
-    vlm_dir, vlm_record, distill_dir, head_record = train_gate.read_inputs(args)
-    return train_gate.gate_inputs(args, splits, vlm_dir, vlm_record, distill_dir, head_record, "cpu",
-                                  train_gate.vlm_quant(args, vlm_record, "cpu"))
+    return gate_data_from_caches(parse_args(train_gate.get_args_parser(), pipeline.argv()))
 
 
 @pytest.mark.parametrize("gate_file", ["gate.pt", "gate_concat_linear.pt"])

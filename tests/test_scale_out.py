@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.pipeline import CONFIGS, PIPELINE_GATE_ARGS, trained_pipeline  # noqa: F401  (session fixture)
+from tests.pipeline import CONFIGS, PIPELINE_GATE_ARGS, gate_data_from_caches, trained_pipeline  # noqa: F401
 
 
 def torchrun(*args: str, fault: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
@@ -157,11 +157,9 @@ def stage3_test_predictions(pipeline) -> dict[str, dict]:
 
     args = parse_args(train_gate.get_args_parser(), pipeline.argv())
     splits = load_dataset(args.data_root, "toy", args.output_dir)
-    vlm_dir, vlm_record, distill_dir, head_record = train_gate.read_inputs(args)
     gate, checkpoint = load_gate(pipeline.stage("gate"))
     args.vlm_signal, args.vlm_answer = checkpoint["vlm_signal"], checkpoint["vlm_answer"]
-    test = train_gate.gate_inputs(args, splits, vlm_dir, vlm_record, distill_dir, head_record, "cpu",
-                                  train_gate.vlm_quant(args, vlm_record, "cpu"))["test"]
+    test = gate_data_from_caches(args)["test"]
     probs = gate_logits(gate, test).softmax(-1)
     names = splits.class_names
     return {Path(sample.path).relative_to("toy/test").as_posix(): {

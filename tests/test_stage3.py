@@ -12,8 +12,8 @@ import torch
 
 from models.gates import load_gate
 from tests.conftest import run_script
-from tests.pipeline import (CONFIGS, PIPELINE_GATE_ARGS, PIPELINE_GATE_EPOCHS, ToyRun, run_pipeline,  # noqa: F401
-                            trained_pipeline)
+from tests.pipeline import (CONFIGS, PIPELINE_GATE_ARGS, PIPELINE_GATE_EPOCHS, ToyRun,  # noqa: F401
+                            gate_data_from_caches, run_pipeline, trained_pipeline)
 
 GATE_NAMES = ("concat_linear", "bilinear", "moe", "dynamic_weight", "cross_gate")
 # Test accuracy measured on the session pipeline (tests/pipeline.py), asserted minus MARGIN
@@ -28,13 +28,7 @@ def _gate_data(pipeline: ToyRun, *extra: str) -> dict:
     import train_gate
     from utils.cli import parse_args
 
-    args = parse_args(train_gate.get_args_parser(), pipeline.argv(*extra))
-    from data.datasets import load_dataset
-
-    splits = load_dataset(args.data_root, args.dataname, args.output_dir)
-    vlm_dir, vlm_record, distill_dir, head_record = train_gate.read_inputs(args)
-    return train_gate.gate_inputs(args, splits, vlm_dir, vlm_record, distill_dir, head_record, "cpu",
-                                  train_gate.vlm_quant(args, vlm_record, "cpu"))
+    return gate_data_from_caches(parse_args(train_gate.get_args_parser(), pipeline.argv(*extra)))
 
 
 def test_pipeline_outputs_table_and_accuracy(trained_pipeline):
