@@ -117,10 +117,9 @@ def vlm_quant(args, vlm_record: VLMRecord, device) -> str:
     return trained_quant(vlm_record.quant, args.quant, device) or "none"
 
 
-def gate_inputs(args, splits, answers: dict, features: dict, distill_dir) -> dict:
-    """``{split: GateData}``: the VLM's answers as the gate's VLM signal, and the frozen head on
-    stage 2's cached features (exactly those the head was trained on)."""
-    head, _ = load_head(distill_dir, splits.class_names, dataname=args.dataname)
+def gate_inputs(args, splits, answers: dict, head, features: dict) -> dict:
+    """``{split: GateData}``: the VLM's answers as the gate's VLM signal, and the frozen ``head`` on
+    stage 2's cached features (exactly those it was trained on)."""
     num_classes = len(splits.class_names)
     return {split: GateData(vlm_pred=answers[split].pred,
                             vlm_signal=vlm_gate_inputs(answers[split], num_classes, args.vlm_signal),
@@ -229,12 +228,14 @@ def main(args) -> None:
     rank, _ = init_distributed()  # under torchrun the VLM-answer pass is sharded across the ranks
     device = training_device(args.gpu)
     quant = vlm_quant(args, vlm_record, device)  # resolved once: recorded in run.json and gate.pt
-    # Stage 2's cached features, never re-encoded (a stale cache fails here, before the VLM runs),
-    # then the VLM's answers, cached (the VLM loaded as `quant` says, only for a split that misses).
+    # The head and stage 2's cached features, never re-encoded (a damaged head or a stale cache fails
+    # here, before the VLM runs), then the VLM's answers, cached (the VLM loaded as `quant` says, only
+    # for a split that misses).
+    head, _ = load_head(distill_dir, splits.class_names, dataname=args.dataname)
     features = read_vlm_features(splits, head_record, stage_dir(args, "distill") / "cache", device)
     answers = cached_vlm_predictions(splits, vlm_record, out_dir / "cache", vlm_dir, device, args.vlm_answer,
                                      args.vlm_batch_size, args.max_new_tokens, quant, parser=args.parser)
-    data = gate_inputs(args, splits, answers, features, distill_dir)
+    data = gate_inputs(args, splits, answers, head, features)
     leave_process_group()  # the frozen passes are over: the gate trains on rank 0 alone
     if rank != 0:
         return

@@ -23,6 +23,7 @@ from bench.world import CONFIGS, ToyRun, run_stages, write_annotations  # noqa: 
 from data.datasets import load_dataset
 from engine.features import read_vlm_features
 from engine.vlm_answers import cached_vlm_predictions
+from models.heads import load_head
 from utils.cli import stage_dir
 
 PIPELINE_HEAD_EPOCHS = 2  # stage 2's head epochs in the session pipeline (reasons below)
@@ -69,8 +70,9 @@ def gate_data_from_caches(args) -> dict:
     flags), read from the caches a finished stage 3 left (on the CPU)."""
     splits = load_dataset(args.data_root, args.dataname, args.output_dir)
     vlm_dir, vlm_record, distill_dir, head_record = train_gate.read_inputs(args)
+    head, _ = load_head(distill_dir, splits.class_names, dataname=args.dataname)
     features = read_vlm_features(splits, head_record, stage_dir(args, "distill") / "cache", "cpu")
     answers = cached_vlm_predictions(splits, vlm_record, stage_dir(args, "gate") / "cache", vlm_dir, "cpu",
                                      args.vlm_answer, args.vlm_batch_size, args.max_new_tokens,
                                      train_gate.vlm_quant(args, vlm_record, "cpu"), parser=args.parser)
-    return train_gate.gate_inputs(args, splits, answers, features, distill_dir)
+    return train_gate.gate_inputs(args, splits, answers, head, features)
