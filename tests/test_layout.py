@@ -77,3 +77,23 @@ def test_layers_import_only_the_layers_below(package):
              for name, _ in imported_modules(path)
              if is_project_module(name) and name.split(".")[0] not in ALLOWED[package]]
     assert wrong == []
+
+
+# Each stage's training procedures and the one script that runs them: no other stage, and no other
+# library module, reaches into them (a contract between stages lives in a module of its own, e.g.
+# engine/features.py, engine/vlm_answers.py, utils/records.py).
+TRAINING_CODE = {"engine.instructions": "generate_instructions", "engine.vlm_train": "train_vlm",
+                 "engine.distill": "train_distillation", "engine.gate": "train_gate"}
+
+
+def test_no_stage_imports_another_stages_training_code():
+    files = [REPO / f"{script}.py" for script in SCRIPTS] + list((REPO / "engine").rglob("*.py")) \
+        + list((REPO / "models").rglob("*.py"))
+    wrong = []
+    for path in files:
+        for name, _ in imported_modules(path):
+            owner = next((TRAINING_CODE[module] for module in TRAINING_CODE
+                          if name == module or name.startswith(module + ".")), None)
+            if owner is not None and path != REPO / f"{owner}.py":
+                wrong.append(f"{path.relative_to(REPO)} imports {name}")
+    assert wrong == []
