@@ -275,6 +275,7 @@ def test_trainer_placement_is_checked(gpus, monkeypatch, tmp_path):
     would become DataParallel (n_gpu 3, batch x3); one visible GPU is cuda:0 only."""
     from accelerate.state import AcceleratorState
 
+    import engine.vlm_train
     import train_vlm
     from engine.vlm_train import check_placement, training_arguments
     from utils.cli import parse_args
@@ -283,6 +284,8 @@ def test_trainer_placement_is_checked(gpus, monkeypatch, tmp_path):
     for name, value in (("is_available", True), ("device_count", gpus), ("is_bf16_supported", True),
                         ("set_device", None)):
         monkeypatch.setattr(torch.cuda, name, lambda *args, value=value, **kwargs: value)
+    # Without TF32: transformers would ask the faked GPU for its properties (test_stage1_cuda_optimiser_...).
+    monkeypatch.setattr(engine.vlm_train, "tf32_supported", lambda: False)
     args = parse_args(train_vlm.get_args_parser(), ["--dataname", "toy"])
     try:
         training_args = training_arguments(args, tmp_path, on_gpu=True)
@@ -295,6 +298,23 @@ def test_trainer_placement_is_checked(gpus, monkeypatch, tmp_path):
                 check_placement(training_args, torch.device("cuda", 0))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_stage1_cuda_optimiser_is_fused_adamw_with_tf32_as_the_reference(tf32, monkeypatch, tmp_path):
+    """On a GPU the Trainer gets the reference run's fused AdamW and TF32 matmuls (where the GPU
+    has them: Ampere or newer); on CPU the plain AdamW, and TF32 is left alone."""
+    import engine.vlm_train
+    import train_vlm
+    from engine.vlm_train import trainer_settings
+
+    monkeypatch.setattr(engine.vlm_train, "tf32_supported", lambda: tf32)
+    args = train_vlm.get_args_parser().parse_args(["--dataname", "toy"])
+    cuda = trainer_settings(args, tmp_path, on_gpu=True)
+    assert cuda["optim"] == "adamw_torch_fused" and cuda["tf32"] is (True if tf32 else None)
+    assert cuda["bf16"] and not cuda["use_cpu"]
+    cpu = trainer_settings(args, tmp_path, on_gpu=False)
+    assert cpu["optim"] == "adamw_torch" and cpu["tf32"] is None and not cpu["bf16"] and cpu["use_cpu"]
 
 
 def test_flag_mistakes_stop_before_loading(toy_root, tmp_path, capsys):
