@@ -22,7 +22,7 @@ from transformers import AutoConfig
 
 from data.datasets import load_dataset
 from engine.distill import train_head, train_teacher
-from engine.features import cached_teacher_logits, cached_vlm_features, feature_dtype
+from engine.features import FEATURE_DTYPES, cached_teacher_logits, cached_vlm_features
 from models.heads import HEAD_FILE, head_logits, save_head
 from models.teacher import (DEFAULT_TEACHER, build_teacher, data_config, default_img_size, read_teacher_checkpoint,
                             save_teacher)
@@ -52,6 +52,10 @@ def get_args_parser():
     add_base_vlm_flag(model)
     model.add_argument("--feature_batch_size", type=int, default=8,
                        help="images per batch of the frozen passes (visual encoder, teacher logits)")
+    model.add_argument("--feature_dtype", choices=list(FEATURE_DTYPES), default="fp32",
+                       help="the dtype the frozen visual encoder runs in: fp32 (the reference code's, on every "
+                            "device) or bf16 (a faster pass on CUDA); recorded with the head, which stage 3, the "
+                            "demo and predict.py follow")
     teacher = parser.add_argument_group("teacher (timm)")
     teacher.add_argument("--teacher_model", default=DEFAULT_TEACHER, help="timm model name")
     teacher.add_argument("--no_teacher_pretrained", action="store_true", help="train the teacher from scratch")
@@ -171,9 +175,10 @@ def main(args) -> None:
     # The head's pixel budget must be the one stage 1 (and so stage 3 and the demo) use.
     pixels = {"min_pixels": vlm_record.min_pixels, "max_pixels": vlm_record.max_pixels}
     # Recorded so stage 3 asks the cache for exactly these features, whatever its own device.
-    encoding = {**pixels, "feature_dtype": str(feature_dtype(device))}
+    dtype = FEATURE_DTYPES[args.feature_dtype]
+    encoding = {**pixels, "feature_dtype": str(dtype)}
     features = cached_vlm_features(splits, base_model, pixels, device, args.feature_batch_size, cache_dir,
-                                   args.num_workers)
+                                   args.num_workers, dtype=dtype)
     teacher_logits = cached_teacher_logits(splits, teacher_path, device, args.feature_batch_size, cache_dir,
                                            args.num_workers)
     leave_process_group()  # the rest (head training, metrics) is rank 0's alone

@@ -49,8 +49,14 @@ def _image_batches(splits: DatasetSplits, samples: Sequence[Sample], batch_size:
 
 # ---------------------------------------------------------------- frozen VLM features
 
-def feature_dtype(device: str | torch.device) -> torch.dtype:
-    """The dtype the frozen VLM encodes in: bfloat16 on CUDA (as trained), float32 on CPU."""
+# --feature_dtype: the dtype the frozen VLM encodes in. fp32 is the reference code's (on every
+# device); bf16 is a faster pass on CUDA, with features rounded as bf16 computes them.
+FEATURE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def unrecorded_feature_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype of a feature cache whose head does not record one (written before stage 2
+    recorded ``feature_dtype``): stage 2 then encoded in bfloat16 on CUDA, float32 on CPU."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
@@ -106,15 +112,15 @@ class FeatureEncoder:
 
 def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs: dict | None,
                         device: str | torch.device, batch_size: int, cache_dir: str | Path,
-                        num_workers: int = 0, names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
-    """Mean-pooled visual features (after the patch merger) per split: ``{split: (N, in_dim)}``.
+                        num_workers: int = 0, names: Sequence[str] = SPLITS,
+                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Mean-pooled visual features (after the patch merger) per split: ``{split: (N, in_dim)}``,
+    encoded in ``dtype`` (float32 by default, as the reference code; see FEATURE_DTYPES).
 
     Reuses ``cache_dir/vlm_features_<split>.pt`` when built for the same model, config, weights,
-    dtype (:func:`feature_dtype` of ``device``), image list and pixel budget; otherwise loads the
-    VLM once and encodes the missing splits.
+    dtype, image list and pixel budget; otherwise loads the VLM once and encodes the missing splits.
     """
     device = torch.device(device)
-    dtype = feature_dtype(device)
     processor = load_processor(vlm_model, **(processor_kwargs or {}))
     keys = _feature_keys(splits, vlm_model, processor, dtype, names)
     encoder = FeatureEncoder(splits, vlm_model, processor, device, dtype, batch_size, num_workers)
@@ -125,9 +131,9 @@ def read_vlm_features(splits: DatasetSplits, head: DistillRecord, cache_dir: str
                       device: str | torch.device, names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
     """The features a head was trained on, ``{split: (N, in_dim)}``, read from stage 2's cache and
     never built: the VLM, pixel budget and dtype are the ones the head's record holds (a
-    dtype it does not record: :func:`feature_dtype` of ``device``). A missing, damaged or
-    mismatched file is a UserError naming stage 2's command."""
-    dtype = recorded_dtype(head) or feature_dtype(device)
+    dtype it does not record: :func:`unrecorded_feature_dtype` of ``device``). A missing, damaged
+    or mismatched file is a UserError naming stage 2's command."""
+    dtype = recorded_dtype(head) or unrecorded_feature_dtype(device)
     vlm_model = head.base_model
     processor = load_processor(vlm_model, head.min_pixels, head.max_pixels)
     cache_dir = Path(cache_dir)

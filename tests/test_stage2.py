@@ -164,6 +164,28 @@ def test_second_run_reuses_the_caches_and_gives_the_same_metrics(stage2, toy_roo
     assert read_metrics(stage2) == before
 
 
+def test_feature_dtype_bf16_rebuilds_the_cache_in_bf16_and_records_it(stage2, toy_root, tmp_path, caplog):
+    """--feature_dtype bf16 (the faster pass) is another cache key and is recorded with the head,
+    which stage 3 and the predictor follow; the default is the reference code's float32."""
+    from train_distillation import main, parse
+
+    output_dir = tmp_path / "out"
+    for name in ("vlm", "teacher", "distill"):  # stage 2's own float32 cache, so the key's dtype decides
+        shutil.copytree(stage2 / "toy" / name, output_dir / "toy" / name)
+    shutil.copy(stage2 / "toy" / "split.json", output_dir / "toy" / "split.json")
+    caplog.set_level(logging.INFO, logger="utils.cache")
+    main(parse(stage2_argv(toy_root, output_dir, "--feature_dtype", "bf16")))
+    stale = [r.message for r in caplog.records if "cache stale" in r.message]
+    assert len(stale) == 3 and all("dtype" in message for message in stale)  # train, val, test re-encoded
+    distill_dir = output_dir / "toy" / "distill"
+    cached = torch.load(distill_dir / "cache" / "vlm_features_train.pt", weights_only=True)
+    assert cached["key"]["dtype"] == "torch.bfloat16"
+    head = torch.load(distill_dir / "head.pt", weights_only=True)
+    assert head["feature_dtype"] == json.loads((distill_dir / "meta.json").read_text())["feature_dtype"] \
+        == "torch.bfloat16"
+    assert parse(stage2_argv(toy_root, output_dir)).feature_dtype == "fp32"
+
+
 def test_stale_cache_is_rebuilt_with_a_log_line(stage2, tiny_vlm_dir, toy_root, tmp_path, caplog):
     from data.datasets import load_dataset
     from engine.features import cached_vlm_features
