@@ -22,6 +22,7 @@ from PIL import Image
 
 from data.datasets import load_dataset
 from engine.predictor import DEFAULT_MAX_IMAGE_SIDE, DEFAULT_MAX_UPLOAD_PIXELS, EmoVLMKD, open_upload
+from models.vlm import VLM_DTYPES
 from utils.cli import base_parser, parse_args, resolve_device
 from utils.errors import UserError, run_cli
 from utils.outputs import releases_locks
@@ -55,6 +56,9 @@ def get_args_parser():
     model.add_argument("--quant", choices=("4bit", "none"), default=None,
                        help="how the VLM is loaded: 4bit (CUDA) or none (full precision); default: as "
                             "stage 3 loaded it to compute the gate's inputs")
+    model.add_argument("--vlm_dtype", choices=list(VLM_DTYPES), default=None,
+                       help="the dtype of the VLM's unquantised weights: fp32 or bf16 (half the memory); "
+                            "default: as stage 3 loaded it")
     model.add_argument("--max_new_tokens", type=int, default=128,
                        help="length limit of the generated key elements and reasoning")
     server = parser.add_argument_group("server")
@@ -190,7 +194,7 @@ def main(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _gradio()  # a missing gradio fails here, before the models load
     predictor = EmoVLMKD.from_outputs(args.output_dir, args.dataname, resolve_device(args.gpu),
-                                      args.vlm_model, args.quant)
+                                      args.vlm_model, args.quant, args.vlm_dtype)
     examples = example_images(args.data_root, args.dataname, args.output_dir, args.num_examples)
     app = build_app(predictor, examples, args.max_new_tokens, args.max_image_side,
                     args.max_upload_pixels)

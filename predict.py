@@ -18,6 +18,7 @@ from pathlib import Path
 
 from engine.predict_folder import FORMATS, list_images, output_format, predict_folder
 from engine.predictor import EmoVLMKD
+from models.vlm import VLM_DTYPES
 from utils.cli import base_parser, parse_args
 from utils.dist import init_distributed, leave_process_group, training_device
 from utils.errors import UserError, run_cli
@@ -40,6 +41,8 @@ def get_args_parser():
     group.add_argument("--vlm_model", default=None, help="base VLM check (default: the one stage 1 trained on)")
     group.add_argument("--quant", choices=("4bit", "none"), default=None,
                        help="how to load the VLM (default: as stage 3 loaded it)")
+    group.add_argument("--vlm_dtype", choices=list(VLM_DTYPES), default=None,
+                       help="the dtype of the VLM's unquantised weights, fp32 or bf16 (default: as stage 3 loaded it)")
     return parser
 
 
@@ -53,7 +56,7 @@ def main(args) -> None:
     list_images(args.images)  # a wrong folder fails before the models load
     rank, _ = init_distributed()
     predictor = EmoVLMKD.from_outputs(args.output_dir, args.dataname, training_device(args.gpu),
-                                      args.vlm_model, args.quant)
+                                      args.vlm_model, args.quant, args.vlm_dtype)
     counts = predict_folder(predictor, args.images, out, output_format(out, args.format), args.batch_size,
                             args.explain, args.max_new_tokens, args.skip_bad_images)
     leave_process_group()

@@ -37,7 +37,7 @@ from engine.vlm_answers import cached_vlm_predictions
 from models.gates import GATE_FILE, GATE_LABELS, GATES, SIGNALS, save_gate, vlm_gate_inputs
 from models.heads import head_logits, load_head
 from models.scorer import EVAL_MODES
-from models.vlm import trained_quant
+from models.vlm import VLM_DTYPES
 from utils.checkpoints import META_FILE, file_id
 from utils.cli import add_base_vlm_flag, base_parser, parse_args, stage_dir
 from utils.dist import init_distributed, leave_process_group, training_device
@@ -77,9 +77,12 @@ def get_args_parser():
                              "omitted); default: stage 2's default head (the paper's depth 1, alpha 0.5)")
     inputs.add_argument("--vlm_batch_size", type=int, default=8, help="images per VLM forward")
     inputs.add_argument("--max_new_tokens", type=int, default=32, help="--vlm_answer generate")
-    inputs.add_argument("--quant", choices=("4bit", "none"), default=None,
-                        help="how the VLM answering is loaded: 4bit (CUDA) or none (full precision); "
-                             "default: as stage 1 trained it")
+    inputs.add_argument("--quant", choices=("4bit", "none"), default="none",
+                        help="how the VLM answering is loaded: none (full precision, the reference code's) or "
+                             "4bit (NF4 as stage 1's QLoRA, CUDA + bitsandbytes)")
+    inputs.add_argument("--vlm_dtype", choices=list(VLM_DTYPES), default="fp32",
+                        help="the dtype of the VLM's weights left unquantised (all of them without --quant 4bit): "
+                             "fp32 (the reference code's, ~32 GB for a 7B model) or bf16 (half that)")
     gate = parser.add_argument_group("gate (--batch_size: images per optimiser step; 1, as the reference code)")
     gate.add_argument("--gate", choices=[*GATES, "all"], default="concat_linear",
                       help="gate variant; all: train every variant and tabulate them")
@@ -109,12 +112,6 @@ def read_inputs(args) -> tuple[Path, VLMRecord, Path, DistillRecord]:
     head_dir = resolve_head(stage_dir(args, "distill"), getattr(args, "head", None))
     head_record = DistillRecord.load(head_dir, args.dataname)
     return vlm_dir, vlm_record, head_dir, head_record
-
-
-def vlm_quant(args, vlm_record: VLMRecord, device) -> str:
-    """How the VLM answering is loaded, ``4bit`` or ``none``: --quant, by default as stage 1 trained
-    it (in full precision where 4-bit cannot run)."""
-    return trained_quant(vlm_record.quant, args.quant, device) or "none"
 
 
 def gate_inputs(args, splits, answers: dict, head, features: dict) -> dict:
@@ -227,14 +224,14 @@ def main(args) -> None:
     default_head = is_default_head(args, head_record)
     rank, _ = init_distributed()  # under torchrun the VLM-answer pass is sharded across the ranks
     device = training_device(args.gpu)
-    quant = vlm_quant(args, vlm_record, device)  # resolved once: recorded in run.json and gate.pt
     # The head and stage 2's cached features, never re-encoded (a damaged head or a stale cache fails
-    # here, before the VLM runs), then the VLM's answers, cached (the VLM loaded as `quant` says, only
-    # for a split that misses).
+    # here, before the VLM runs), then the VLM's answers, cached (the VLM loaded as --quant and
+    # --vlm_dtype say, recorded in gate.pt, only for a split that misses).
     head, _ = load_head(distill_dir, splits.class_names, dataname=args.dataname)
     features = read_vlm_features(splits, head_record, stage_dir(args, "distill") / "cache", device)
     answers = cached_vlm_predictions(splits, vlm_record, out_dir / "cache", vlm_dir, device, args.vlm_answer,
-                                     args.vlm_batch_size, args.max_new_tokens, quant, parser=args.parser)
+                                     args.vlm_batch_size, args.max_new_tokens, args.quant, parser=args.parser,
+                                     vlm_dtype=args.vlm_dtype)
     data = gate_inputs(args, splits, answers, head, features)
     leave_process_group()  # the frozen passes are over: the gate trains on rank 0 alone
     if rank != 0:
@@ -245,10 +242,10 @@ def main(args) -> None:
               f"({row['n']} images)")
     names = list(GATES) if args.gate == "all" else [args.gate]
     provenance = GateProvenance(vlm_signal=args.vlm_signal, vlm_answer=args.vlm_answer, parser=args.parser,
-                                max_new_tokens=args.max_new_tokens, quant=quant, adapter_id=vlm_record.adapter_id,
-                                head_id=head_record.head_id, base_model=vlm_record.base_model,
-                                head_run=head_record.run)
-    resolved = {"quant": quant, "head_run": head_record.run, "seeds": seeds}  # run.json's args hold what was given
+                                max_new_tokens=args.max_new_tokens, quant=args.quant, vlm_dtype=args.vlm_dtype,
+                                adapter_id=vlm_record.adapter_id, head_id=head_record.head_id,
+                                base_model=vlm_record.base_model, head_run=head_record.run)
+    resolved = {"head_run": head_record.run, "seeds": seeds}  # run.json's args hold what was given
     teacher_pred = teacher_test_predictions(args, splits, head_record)
     print(f"fusing head {head_record.run} ({distill_dir})")
     for index, seed in enumerate(seeds):

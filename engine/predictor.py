@@ -23,7 +23,7 @@ from models.chat import generate_texts
 from models.gates import GATE_FILE, gate_weights, load_gate, vlm_gate_inputs
 from models.heads import load_head
 from models.scorer import predict_vlm
-from models.vlm import head_features, load_processor, load_trained_vlm
+from models.vlm import head_features, load_processor, load_trained_vlm, vlm_torch_dtype
 from utils.errors import UserError
 from utils.records import DistillRecord, GateProvenance, GateRecord, VLMRecord
 
@@ -81,11 +81,13 @@ class EmoVLMKD:
 
     @classmethod
     def from_outputs(cls, output_dir: str | Path, dataname: str, device: str | torch.device = "cpu",
-                     vlm_model: str | None = None, quant: str | None = None) -> "EmoVLMKD":
+                     vlm_model: str | None = None, quant: str | None = None,
+                     vlm_dtype: str | None = None) -> "EmoVLMKD":
         """Load ``<output_dir>/<dataname>/{vlm,distill,gate}``; small files are checked before the VLM loads.
 
-        ``quant`` (``4bit`` or ``none``) overrides how the VLM is loaded; by default it is loaded as
-        it was when stage 3 computed the gate's inputs.
+        ``quant`` (``4bit`` or ``none``) and ``vlm_dtype`` (``fp32`` or ``bf16``) override how the VLM
+        is loaded; by default it is loaded as it was when stage 3 computed the gate's inputs (a
+        gate.pt without ``vlm_dtype``: in the checkpoint's own dtype, as then).
         """
         root = Path(output_dir) / dataname
         vlm_dir, distill_dir, gate_dir = root / "vlm", root / "distill", root / "gate"
@@ -103,7 +105,8 @@ class EmoVLMKD:
         quant = quant or provenance.quant
         if quant == (vlm_record.quant or "none"):
             quant = None
-        model, processor, _ = load_trained_vlm(vlm_dir, device, vlm_model, quant)
+        dtype = vlm_torch_dtype(vlm_dtype or provenance.vlm_dtype)
+        model, processor, _ = load_trained_vlm(vlm_dir, device, vlm_model, quant, dtype)
         # The head's features are pooled as stage 2 pooled them: the base model's processor with
         # the pixel budget recorded in the distill folder.
         feature_processor = load_processor(vlm_record.base_model, distill_record.min_pixels,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from data.datasets import PIXELS, SPLITS, DatasetSplits, open_image
 from models.scorer import VLMPredictions, predict_vlm
-from models.vlm import load_trained_vlm
+from models.vlm import load_trained_vlm, vlm_torch_dtype
 from utils.cache import image_list_id, load_or_build
 from utils.dist import is_main_process, shard_map
 from utils.records import VLMRecord
@@ -41,16 +41,17 @@ class VLMAnswerer:
     def __init__(self, data_root: str | Path, class_names: Sequence[str], mode: str = "score", batch_size: int = 8,
                  max_new_tokens: int = 32, parser: str = "lenient", model=None, processor=None,
                  vlm_dir: str | Path | None = None, device: str | torch.device = "cpu", quant: str | None = None,
-                 chunk: int = 64):
+                 chunk: int = 64, vlm_dtype: str | None = None):
         self.data_root, self.class_names, self.mode, self.parser = Path(data_root), class_names, mode, parser
         self.batch_size, self.max_new_tokens, self.chunk = batch_size, max_new_tokens, chunk
         self.model, self.processor = model, processor
-        self.vlm_dir, self.device, self.quant = vlm_dir, device, quant
+        self.vlm_dir, self.device, self.quant, self.vlm_dtype = vlm_dir, device, quant, vlm_dtype
 
     def answer_block(self, block: range, samples: Sequence, desc: str) -> VLMPredictions:
         """``predict_vlm`` over this rank's block of ``samples`` (data.datasets.Sample)."""
         if self.model is None:
-            self.model, self.processor, _ = load_trained_vlm(self.vlm_dir, self.device, quant=self.quant)
+            self.model, self.processor, _ = load_trained_vlm(self.vlm_dir, self.device, quant=self.quant,
+                                                             dtype=vlm_torch_dtype(self.vlm_dtype))
         samples = samples[block.start:block.stop]
         chunk = max(self.batch_size, self.chunk // self.batch_size * self.batch_size)  # whole batches: see shard_map
         parts = []
@@ -91,13 +92,14 @@ def predict_samples(model, processor, data_root: str | Path, samples: Sequence, 
 
 def vlm_cache_key(vlm: VLMRecord, mode: str, max_new_tokens: int, quant: str | None,
                   class_names: Sequence[str], data_root: str | Path, samples: Sequence,
-                  parser: str = "lenient") -> dict:
+                  parser: str = "lenient", vlm_dtype: str | None = None) -> dict:
     """Everything that decides the VLM's answers for these images (a changed image file changes
     it: ``image_list_id`` hashes each file's path, size and modification time)."""
     return {
         "base_model": vlm.base_model, "adapter_id": vlm.adapter_id,
         "min_pixels": vlm.min_pixels, "max_pixels": vlm.max_pixels,
         "mode": mode, "max_new_tokens": max_new_tokens if mode == "generate" else None, "quant": quant,
+        "vlm_dtype": vlm_dtype,
         "class_names": list(class_names), "images": image_list_id(data_root, samples), "pixels": PIXELS,
         "parser": parser if mode == "generate" else None,
     }
@@ -116,21 +118,21 @@ def answer_split(answerer: VLMAnswerer, splits: DatasetSplits, split: str) -> di
 def cached_vlm_predictions(splits: DatasetSplits, vlm: VLMRecord, cache_dir: str | Path, vlm_dir: str | Path,
                            device: str | torch.device, mode: str = "score", batch_size: int = 8,
                            max_new_tokens: int = 32, quant: str | None = None, split_names: Sequence[str] = SPLITS,
-                           parser: str = "lenient") -> dict:
+                           parser: str = "lenient", vlm_dtype: str | None = None) -> dict:
     """``{split: VLMPredictions}``, read from ``cache_dir/vlm_<mode>_<split>.pt`` or predicted and
     stored there.
 
-    Stage 1's trained VLM (``vlm_dir``, loaded on ``device`` with ``quant``) is loaded only on a
-    cache miss, so a rerun never loads it. Under torchrun every rank must call this: the images
+    Stage 1's trained VLM (``vlm_dir``, loaded on ``device`` with ``quant``, its other weights in
+    ``vlm_dtype``: models.vlm.VLM_DTYPES) is loaded only on a cache miss, so a rerun never loads it. Under torchrun every rank must call this: the images
     of a missing split are sharded across the ranks and the answers gathered on each, in order.
     """
     keys = {}
     for split in split_names:
         log.info("VLM answers (%s) for %s", mode, split)
         keys[split] = vlm_cache_key(vlm, mode, max_new_tokens, quant, splits.class_names, splits.data_root,
-                                    splits.split(split), parser)
+                                    splits.split(split), parser, vlm_dtype)
     answerer = VLMAnswerer(splits.data_root, splits.class_names, mode, batch_size, max_new_tokens, parser,
-                           vlm_dir=vlm_dir, device=device, quant=quant)
+                           vlm_dir=vlm_dir, device=device, quant=quant, vlm_dtype=vlm_dtype)
     values = load_or_build(Path(cache_dir), f"vlm_{mode}", keys, partial(answer_split, answerer, splits))
     answerer.release()
     return {split: VLMPredictions(**values[split]) for split in split_names}

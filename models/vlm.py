@@ -36,6 +36,17 @@ DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 BNB_SKIP_MODULES = BACKBONES["qwen2_vl"].keep_unquantised
 
 
+# Stage 3's --vlm_dtype: the dtype of the VLM's weights that are not quantised (all of them
+# without --quant 4bit). fp32 is the reference code's; bf16 halves the memory.
+VLM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def vlm_torch_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a ``--vlm_dtype`` value; None (a gate.pt written before the dtype was
+    recorded) keeps transformers' default, the checkpoint's own dtype, as such a gate was made."""
+    return None if name is None else VLM_DTYPES[name]
+
+
 def resolve_quant(choice: str | None, device: torch.device) -> str | None:
     """``auto`` (the paper's QLoRA where it can run): 4-bit on CUDA with bitsandbytes, else none."""
     if choice == "auto":
@@ -209,17 +220,18 @@ def _looks_local(model_id: str) -> bool:
 
 
 def load_trained_vlm(vlm_dir: str | Path, device: str | torch.device, vlm_model: str | None = None,
-                     quant: str | None = None):
+                     quant: str | None = None, dtype: torch.dtype | None = None):
     """``(model, processor, record)`` from a stage-1 folder: base VLM + LoRA adapter, eval mode, and
     the folder's :class:`utils.records.VLMRecord`.
 
     ``vlm_model`` None reads the base from the record's ``base_model``; otherwise it must name that
     same model (see :func:`base_model_path`). ``quant`` None loads the base as it was trained
-    (see :func:`trained_quant`), ``"none"`` in full precision, ``"4bit"`` in 4-bit.
+    (see :func:`trained_quant`), ``"none"`` in full precision, ``"4bit"`` in 4-bit. ``dtype`` is that
+    of the weights left unquantised (None: the checkpoint's own).
     """
     vlm_dir = Path(vlm_dir)
     vlm = VLMRecord.load(vlm_dir, vlm_dir.parent.name)
     base = base_model_path(vlm, vlm_model, vlm_dir)
     processor = load_processor(str(vlm_dir), vlm.min_pixels, vlm.max_pixels)
-    model = load_vlm(base, device, quant=trained_quant(vlm.quant, quant, device), adapter=vlm_dir)
+    model = load_vlm(base, device, dtype=dtype, quant=trained_quant(vlm.quant, quant, device), adapter=vlm_dir)
     return model, processor, vlm

@@ -74,5 +74,5 @@ def gate_data_from_caches(args) -> dict:
     features = read_vlm_features(splits, head_record, stage_dir(args, "distill") / "cache", "cpu")
     answers = cached_vlm_predictions(splits, vlm_record, stage_dir(args, "gate") / "cache", vlm_dir, "cpu",
                                      args.vlm_answer, args.vlm_batch_size, args.max_new_tokens,
-                                     train_gate.vlm_quant(args, vlm_record, "cpu"), parser=args.parser)
+                                     args.quant, parser=args.parser, vlm_dtype=args.vlm_dtype)
     return train_gate.gate_inputs(args, splits, answers, head, features)

@@ -115,6 +115,32 @@ def test_head_features_use_the_dtype_of_stage2s_cache(tiny_vlm_dir, test_images)
     assert not torch.allclose(head_features(model, processor, images), cached, atol=1e-6)  # bf16 differs
 
 
+@pytest.mark.parametrize("recorded, override, dtype", [
+    ("fp32", None, torch.float32),  # stage 3's default, the reference code's precision, as gate.pt records
+    (None, None, None),  # a gate.pt from before vlm_dtype was recorded: the checkpoint's own dtype, as then
+    ("fp32", "bf16", torch.bfloat16),  # the demo's and predict.py's --vlm_dtype
+])
+def test_the_vlm_loads_as_gate_pt_records(recorded, override, dtype, trained_pipeline, tmp_path,  # noqa: F811
+                                          monkeypatch):
+    import engine.predictor
+    from engine.predictor import EmoVLMKD
+
+    out = _copy_outputs(trained_pipeline, tmp_path)
+    path = out / "toy" / "gate" / "gate.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert (checkpoint["quant"], checkpoint["vlm_dtype"]) == ("none", "fp32")  # stage 3's defaults
+    if recorded is None:
+        del checkpoint["vlm_dtype"]
+        torch.save(checkpoint, path)
+    calls = []
+    original = engine.predictor.load_trained_vlm
+    monkeypatch.setattr(engine.predictor, "load_trained_vlm", lambda *a: calls.append(a[3:]) or original(*a))
+    predictor = EmoVLMKD.from_outputs(out, "toy", vlm_dtype=override)
+    assert calls == [(None, dtype)]  # quant None: as stage 1 trained it, here in full precision as recorded
+    stored = json.loads((Path(str(trained_pipeline.vlm_model)) / "config.json").read_text())["dtype"]
+    assert next(predictor.model.parameters()).dtype == (dtype or getattr(torch, stored))
+
+
 def test_gate_weights_are_reported_for_gates_that_expose_them(predictor, test_images):
     from data.datasets import open_image
     from engine.predictor import EmoVLMKD

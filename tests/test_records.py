@@ -196,6 +196,9 @@ def test_stage3_leaves_the_flags_as_given_and_records_what_it_resolved(finished)
     train_gate.main(args)
     assert vars(args) == given
     run = json.loads((finished.stage("gate") / "run.json").read_text())
-    assert run["args"]["quant"] is None and run["args"]["seeds"] is None and "head_run" not in run["args"]
-    assert run["resolved"] == {"quant": "none", "head_run": "depth=1,alpha=0.5,seed=42", "seeds": [42]}
-    assert torch.load(finished.stage("gate") / "gate.pt", weights_only=True)["quant"] == "none"
+    assert run["args"]["seeds"] is None and "head_run" not in run["args"]
+    # The VLM as the reference code loads it for the gate's inputs: unquantised, in float32.
+    assert (run["args"]["quant"], run["args"]["vlm_dtype"]) == ("none", "fp32")
+    assert run["resolved"] == {"head_run": "depth=1,alpha=0.5,seed=42", "seeds": [42]}
+    gate = torch.load(finished.stage("gate") / "gate.pt", weights_only=True)
+    assert (gate["quant"], gate["vlm_dtype"]) == ("none", "fp32")

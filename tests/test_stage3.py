@@ -88,7 +88,8 @@ def test_checkpoint_reload_reproduces_the_test_predictions(trained_pipeline):
     assert checkpoint["adapter_id"] == vlm_meta["adapter_id"] and checkpoint["head_id"] == head_meta["head_id"]
     assert checkpoint["base_model"] == str(trained_pipeline.vlm_model)
     assert (checkpoint["vlm_signal"], checkpoint["vlm_answer"]) == ("onehot", "score")
-    assert (checkpoint["max_new_tokens"], checkpoint["quant"]) == (32, "none")  # stage 1 ran in full precision
+    # The reference code's VLM for the gate's inputs: unquantised, in float32.
+    assert (checkpoint["max_new_tokens"], checkpoint["quant"], checkpoint["vlm_dtype"]) == (32, "none", "fp32")
 
     test = _gate_data(trained_pipeline)["test"]
     assert test.vlm_signal.sum(1).le(1).all() and set(test.vlm_signal.unique().tolist()) <= {0.0, 1.0}
@@ -303,8 +304,8 @@ def test_one_name_per_fact_across_the_artefacts(trained_pipeline):
     assert metas["gate"]["gate_id"] == file_id(stage("gate") / "gate.pt")
     # No second name for these facts anywhere.
     assert not {key for r in records.values() for key in r} & {"vlm_model", "vlm_adapter_id", "classes"}
-    provenance = {"vlm_signal", "vlm_answer", "parser", "max_new_tokens", "quant", "adapter_id", "head_id",
-                  "base_model", "head_run"}
+    provenance = {"vlm_signal", "vlm_answer", "parser", "max_new_tokens", "quant", "vlm_dtype", "adapter_id",
+                  "head_id", "base_model", "head_run"}
     assert provenance <= set(files["gate"]) and not provenance & set(metas["gate"])
 
 

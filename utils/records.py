@@ -189,6 +189,9 @@ class GateProvenance:
     head_id: str
     base_model: str | None = None
     head_run: str | None = None
+    # The dtype of the VLM's unquantised weights, "fp32" or "bf16" (stage 3's --vlm_dtype); None in a
+    # gate.pt written before it was recorded: the checkpoint's own dtype, as the VLM loaded then.
+    vlm_dtype: str | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict, path: str | Path, dataname: str = "<dataname>") -> GateProvenance:
