@@ -4,7 +4,7 @@ of those answers.
 
 Stage 1's evaluation answers the test split with the VLM it has just tuned
 (:func:`predict_samples`). Stage 3 caches the answers per split under ``<gate dir>/cache/``, keyed
-by everything that decides them (adapter id, answer mode, classes, image list:
+by everything that decides them (adapter id, answer mode, classes, image list, parser and its revision:
 :func:`vlm_cache_key`), and loads the VLM only when a split misses (:func:`cached_vlm_predictions`).
 Images are decoded a chunk at a time, never a whole split at once.
 """
@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data.datasets import PIXELS, SPLITS, DatasetSplits, open_image
+from data.prompts import PARSER_REVISIONS
 from models.scorer import VLMPredictions, predict_vlm
 from models.vlm import load_trained_vlm
 from utils.cache import image_list_id, load_or_build
@@ -99,7 +100,8 @@ def vlm_cache_key(vlm: VLMRecord, mode: str, max_new_tokens: int, quant: str | N
         "min_pixels": vlm.min_pixels, "max_pixels": vlm.max_pixels,
         "mode": mode, "max_new_tokens": max_new_tokens if mode == "generate" else None, "quant": quant,
         "class_names": list(class_names), "images": image_list_id(data_root, samples), "pixels": PIXELS,
-        "parser": parser if mode == "generate" else None,
+        # The parser's revision too: a changed reading must not reuse answers parsed the old way.
+        "parser": [parser, PARSER_REVISIONS[parser]] if mode == "generate" else None,
     }
 
 
