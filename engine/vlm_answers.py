@@ -40,7 +40,7 @@ class VLMAnswerer:
     """
 
     def __init__(self, data_root: str | Path, class_names: Sequence[str], mode: str = "score", batch_size: int = 8,
-                 max_new_tokens: int = 32, parser: str = "lenient", model=None, processor=None,
+                 max_new_tokens: int = 256, parser: str = "lenient", model=None, processor=None,
                  vlm_dir: str | Path | None = None, device: str | torch.device = "cpu", quant: str | None = None,
                  chunk: int = 64):
         self.data_root, self.class_names, self.mode, self.parser = Path(data_root), class_names, mode, parser
@@ -117,7 +117,7 @@ def answer_split(answerer: VLMAnswerer, splits: DatasetSplits, split: str) -> di
 
 def cached_vlm_predictions(splits: DatasetSplits, vlm: VLMRecord, cache_dir: str | Path, vlm_dir: str | Path,
                            device: str | torch.device, mode: str = "score", batch_size: int = 8,
-                           max_new_tokens: int = 32, quant: str | None = None, split_names: Sequence[str] = SPLITS,
+                           max_new_tokens: int = 256, quant: str | None = None, split_names: Sequence[str] = SPLITS,
                            parser: str = "lenient") -> dict:
     """``{split: VLMPredictions}``, read from ``cache_dir/vlm_<mode>_<split>.pt`` or predicted and
     stored there.
