@@ -71,12 +71,16 @@ def get_args_parser():
                         help="score: most likely class answer; generate: greedy decoding, parsed")
     inputs.add_argument("--parser", choices=PARSERS, default="lenient",
                         help="--vlm_answer generate: how the decoded answer is read; strict: only the form "
-                             "{'emotion': '<class>'} (the reference code's reading), lenient: also a lone class word")
+                             "{'emotion': '<class>'} read as a Python literal, single quotes, the class as "
+                             "written (the reference code's reading); lenient: also either quote, any case, "
+                             "a lone class word")
     inputs.add_argument("--head", default=None,
                         help="the stage-2 head run to fuse, e.g. depth=2,alpha=0.5[,seed=0] (lowest seed when "
                              "omitted); default: stage 2's default head (the paper's depth 1, alpha 0.5)")
     inputs.add_argument("--vlm_batch_size", type=int, default=8, help="images per VLM forward")
-    inputs.add_argument("--max_new_tokens", type=int, default=32, help="--vlm_answer generate")
+    inputs.add_argument("--max_new_tokens", type=int, default=256,
+                        help="--vlm_answer generate: the most tokens decoded per answer (the reference code's 256; "
+                             "greedy decoding stops once every answer of a batch has ended)")
     inputs.add_argument("--quant", choices=("4bit", "none"), default="none",
                         help="how the VLM answering is loaded: none (full precision, the reference code's) or "
                              "4bit (NF4 as stage 1's QLoRA, CUDA + bitsandbytes)")

@@ -96,10 +96,13 @@ def get_args_parser():
     evaluation.add_argument("--eval_mode", choices=EVAL_MODES, default="score")
     evaluation.add_argument("--skip_eval", action="store_true", help="train only")
     evaluation.add_argument("--eval_batch_size", type=int, default=8)
-    evaluation.add_argument("--max_new_tokens", type=int, default=32, help="generate mode")
+    evaluation.add_argument("--max_new_tokens", type=int, default=256,
+                            help="generate mode: the most tokens decoded per answer (the reference code's 256; "
+                                 "greedy decoding stops once every answer of a batch has ended)")
     evaluation.add_argument("--parser", choices=PARSERS, default="lenient",
-                            help="generate mode: strict reads only {'emotion': '<class>'} (the reference code's "
-                                 "reading); lenient also a lone class word")
+                            help="generate mode: strict reads only {'emotion': '<class>'} as a Python literal, "
+                                 "single quotes, the class as written (the reference code's reading); "
+                                 "lenient also either quote, any case, a lone class word")
     return parser
 
 

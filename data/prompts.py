@@ -5,6 +5,7 @@ datasets get their own choices; the expected answer is ``{'emotion': '<class>'}`
 """
 from __future__ import annotations
 
+import ast
 import re
 from typing import Sequence
 
@@ -84,24 +85,46 @@ _EMOTION_FIELD = re.compile(r"""["']?emotion["']?\s*[:=]\s*["']?\s*([A-Za-z][A-Z
 
 
 PARSERS = ("strict", "lenient")
-# The dictionary form the categorical task trains, e.g. {'emotion': 'awe'} (either quote, any case
-# and spacing): all the reference code reads from a decoded answer.
-_EMOTION_DICT = re.compile(r"""\{\s*(['"])emotion\1\s*:\s*(['"])\s*([^'"]*?)\s*\2\s*\}""", re.IGNORECASE)
+# The reference code's reading of a decoded answer: the first piece of one line that starts with
+# {'emotion': (single quotes, this case, no space after the brace) and ends at the next '} is read
+# as a Python literal (ast.literal_eval), and its 'emotion' value must be a class name exactly as
+# written. Text around that piece is ignored; where it is not a literal, the answer is unparseable.
+_REFERENCE_DICT = re.compile(r"\{'emotion':\s*'.*?'\}")
+# Errors ast.literal_eval raises on text that is not a literal (its documented ones).
+_NOT_A_LITERAL = (ValueError, TypeError, SyntaxError, MemoryError, RecursionError)
+# Bumped when a parser's reading changes, so stage 3's cached answers parsed the old way are not
+# reused (engine.vlm_answers.vlm_cache_key): strict became the reference's literal_eval in 2.
+PARSER_REVISIONS = {"strict": 2, "lenient": 1}
+
+
+def reference_emotion(text: str, class_names: Sequence[str]) -> int | None:
+    """The class the reference code reads from a decoded answer (``--parser strict``), or None."""
+    match = _REFERENCE_DICT.search(text)
+    if match is None:
+        return None
+    try:
+        answer = ast.literal_eval(match.group(0))
+    except _NOT_A_LITERAL:
+        return None
+    # A later 'emotion' key overrides the first, as in any dict literal; its value may not be a string.
+    value = answer.get("emotion") if isinstance(answer, dict) else None
+    names = list(class_names)
+    return names.index(value) if isinstance(value, str) and value in names else None
 
 
 def parse_emotion(text: str, class_names: Sequence[str], parser: str = "lenient") -> int | None:
     """Class index named by an answer such as ``{'emotion': 'awe'}``; None when no class is found.
 
-    ``strict`` (the reference code's reading) accepts only that dictionary form. ``lenient``
-    also tolerates a missing brace, other separators and surrounding text, and without an
-    ``emotion`` field a lone class word counts; an ambiguous answer (several classes) is None.
+    ``strict`` is the reference code's reading (:func:`reference_emotion`): only that dictionary
+    form, single-quoted, the class with its case as written. ``lenient`` also takes either quote
+    style, any letter case and spacing, a missing brace, other separators and surrounding text,
+    and without an ``emotion`` field a lone class word; an ambiguous answer (several classes) is None.
     """
-    lookup = {name.lower(): index for index, name in enumerate(class_names)}
     if parser == "strict":
-        match = _EMOTION_DICT.search(text)
-        return lookup.get(match.group(3).lower()) if match else None
+        return reference_emotion(text, class_names)
     if parser != "lenient":
         raise ValueError(f"parser {parser!r}: choose one of {', '.join(PARSERS)}")
+    lookup = {name.lower(): index for index, name in enumerate(class_names)}
     match = _EMOTION_FIELD.search(text + "}")
     if match:
         value = match.group(1).strip().lower()

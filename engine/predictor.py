@@ -68,7 +68,7 @@ class EmoVLMKD:
 
     def __init__(self, model, processor, head: torch.nn.Module, gate: torch.nn.Module,
                  class_names: Sequence[str], gate_name: str, vlm_signal: str = "onehot",
-                 vlm_answer: str = "score", answer_max_new_tokens: int = 32, feature_processor=None,
+                 vlm_answer: str = "score", answer_max_new_tokens: int = 256, feature_processor=None,
                  feature_dtype: torch.dtype | None = None, parser: str = "lenient"):
         self.model, self.processor = model, processor
         self.feature_dtype = feature_dtype  # stage 2's encoding dtype: None keeps the model's

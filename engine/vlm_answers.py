@@ -4,7 +4,7 @@ of those answers.
 
 Stage 1's evaluation answers the test split with the VLM it has just tuned
 (:func:`predict_samples`). Stage 3 caches the answers per split under ``<gate dir>/cache/``, keyed
-by everything that decides them (adapter id, answer mode, classes, image list:
+by everything that decides them (adapter id, answer mode, classes, image list, parser and its revision:
 :func:`vlm_cache_key`), and loads the VLM only when a split misses (:func:`cached_vlm_predictions`).
 Images are decoded a chunk at a time, never a whole split at once.
 """
@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data.datasets import PIXELS, SPLITS, DatasetSplits, open_image
+from data.prompts import PARSER_REVISIONS
 from models.scorer import VLMPredictions, predict_vlm
 from models.vlm import load_trained_vlm, vlm_torch_dtype
 from utils.cache import image_list_id, load_or_build
@@ -39,7 +40,7 @@ class VLMAnswerer:
     """
 
     def __init__(self, data_root: str | Path, class_names: Sequence[str], mode: str = "score", batch_size: int = 8,
-                 max_new_tokens: int = 32, parser: str = "lenient", model=None, processor=None,
+                 max_new_tokens: int = 256, parser: str = "lenient", model=None, processor=None,
                  vlm_dir: str | Path | None = None, device: str | torch.device = "cpu", quant: str | None = None,
                  chunk: int = 64, vlm_dtype: str | None = None):
         self.data_root, self.class_names, self.mode, self.parser = Path(data_root), class_names, mode, parser
@@ -101,7 +102,8 @@ def vlm_cache_key(vlm: VLMRecord, mode: str, max_new_tokens: int, quant: str | N
         "mode": mode, "max_new_tokens": max_new_tokens if mode == "generate" else None, "quant": quant,
         "vlm_dtype": vlm_dtype,
         "class_names": list(class_names), "images": image_list_id(data_root, samples), "pixels": PIXELS,
-        "parser": parser if mode == "generate" else None,
+        # The parser's revision too: a changed reading must not reuse answers parsed the old way.
+        "parser": [parser, PARSER_REVISIONS[parser]] if mode == "generate" else None,
     }
 
 
@@ -117,7 +119,7 @@ def answer_split(answerer: VLMAnswerer, splits: DatasetSplits, split: str) -> di
 
 def cached_vlm_predictions(splits: DatasetSplits, vlm: VLMRecord, cache_dir: str | Path, vlm_dir: str | Path,
                            device: str | torch.device, mode: str = "score", batch_size: int = 8,
-                           max_new_tokens: int = 32, quant: str | None = None, split_names: Sequence[str] = SPLITS,
+                           max_new_tokens: int = 256, quant: str | None = None, split_names: Sequence[str] = SPLITS,
                            parser: str = "lenient", vlm_dtype: str | None = None) -> dict:
     """``{split: VLMPredictions}``, read from ``cache_dir/vlm_<mode>_<split>.pt`` or predicted and
     stored there.

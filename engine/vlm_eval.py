@@ -16,7 +16,7 @@ from utils.metrics import NONE, classification_metrics, write_metrics
 
 def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: Sequence[str],
                  out_dir: str | Path, mode: str = "score", batch_size: int = 8,
-                 max_new_tokens: int = 32, title: str = "", parser: str = "lenient") -> dict:
+                 max_new_tokens: int = 256, title: str = "", parser: str = "lenient") -> dict:
     """Predict ``samples`` (data.datasets.Sample), write metrics.json, confusion PNG and
     predictions.jsonl into ``out_dir``; return the metrics. Under torchrun the images are sharded
     across the ranks (each must call this) and only rank 0 writes."""

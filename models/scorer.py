@@ -131,7 +131,7 @@ def score_classes(model, processor, images: Sequence[Image.Image], class_names: 
 
 
 def predict_vlm(model, processor, images: Sequence[Image.Image], class_names: Sequence[str],
-                mode: str = "score", batch_size: int = 8, max_new_tokens: int = 32,
+                mode: str = "score", batch_size: int = 8, max_new_tokens: int = 256,
                 parser: str = "lenient") -> VLMPredictions:
     """The VLM's class for each image (``score`` or ``generate``; see the module docstring);
     ``parser`` (``strict`` or ``lenient``, see ``data.prompts.parse_emotion``) reads generated answers."""

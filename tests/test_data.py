@@ -151,18 +151,53 @@ def test_parse_emotion(text, expected):
     assert parse_emotion(text, CLASSES) == expected
 
 
-@pytest.mark.parametrize("text, strict, lenient", [
-    ("{'emotion': 'awe'}", 2, 2),
-    ('{"emotion": "Anger"}', 1, 1),
-    ("  {  'emotion' :  'contentment' }  because it is calm", 3, 3),
-    ("Sure! {'emotion': 'amusement'", None, 0),     # no closing brace: not the dictionary form
-    ("The image evokes awe.", None, 2),             # a lone class word: only lenient reads it
-    ("emotion: awe", None, 2),
-    ("{'emotion': 'joy'}", None, None),
-])
-def test_strict_parser_reads_the_dictionary_form_only(text, strict, lenient):
+# What each parser reads from a decoded answer (classes: amusement 0, anger 1, awe 2, contentment 3).
+# strict is the reference code's rule: the first "{'emotion': ... '}" on one line, read by
+# ast.literal_eval, its value a class name exactly as written; lenient reads what it always read.
+PARSER_TABLE = [
+    # text                                                     strict lenient
+    ("{'emotion': 'awe'}",                                        2,    2),     # the form stage 1 trains
+    ("{'emotion':'awe'}",                                         2,    2),     # no space after the colon
+    ("Sure. {'emotion': 'anger'} The clenched fist says so.",     1,    1),     # text around it is ignored
+    ('{"emotion": "awe"}',                                        None, 2),     # double quotes
+    ("{'emotion': 'Awe'}",                                        None, 2),     # the class in another case
+    ("{'Emotion': 'awe'}",                                        None, 2),     # the key in another case
+    ("{ 'emotion': 'awe' }",                                      None, 2),     # spaces inside the braces
+    ("  {  'emotion' :  'contentment' }  because it is calm",     None, 3),
+    ("{'emotion': ' awe'}",                                       None, 2),     # the space is part of the value
+    ("{'emotion': 'awe', 'confidence': 'high'}",                  2,    2),     # an extra key after it
+    ("{'emotion': 'awe', 'confidence': 0.9}",                     None, 2),     # ... not ending in '}
+    ("{'confidence': 'high', 'emotion': 'awe'}",                  None, 2),     # an extra key before it
+    ("{'emotion': 'awe'} or {'emotion': 'anger'}",                2,    2),     # two dictionaries: the first
+    ("{'emotion': 'awe', 'emotion': 'anger'}",                    1,    2),     # a repeated key: the literal's last
+    ("{'emotion': 'joy'}",                                        None, None),  # a class not in the list
+    ("{'emotion': 'it's awe'}",                                   None, 2),     # a malformed literal
+    ("{'emotion': 'amusement' or 'awe'}",                         None, 0),     # an expression, not a literal
+    ("{'emotion': 'awe'\n}",                                      None, 2),     # the dictionary across lines
+    ("Sure! {'emotion': 'amusement'",                             None, 0),     # no closing brace
+    ('{"emotion": "Anger"}',                                      None, 1),
+    ("The image evokes awe.",                                     None, 2),     # a lone class word
+    ("emotion: awe",                                              None, 2),
+    ("anger or awe, hard to say",                                 None, None),  # ambiguous
+    ("",                                                          None, None),
+]
+
+
+@pytest.mark.parametrize("text, strict, lenient", PARSER_TABLE)
+def test_each_parser_reads_the_answers_it_should(text, strict, lenient):
     assert parse_emotion(text, CLASSES, "strict") == strict
     assert parse_emotion(text, CLASSES, "lenient") == lenient
+
+
+def test_lenient_reads_every_answer_strict_reads():
+    assert all(lenient is not None for _, strict, lenient in PARSER_TABLE if strict is not None)
+
+
+def test_strict_takes_the_class_with_its_case_as_written():
+    classes = ["Negative", "Positive"]
+    assert parse_emotion("{'emotion': 'Positive'}", classes, "strict") == 1
+    assert parse_emotion("{'emotion': 'positive'}", classes, "strict") is None
+    assert parse_emotion("{'emotion': 'positive'}", classes, "lenient") == 1
 
 
 def test_split_sections():

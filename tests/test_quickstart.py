@@ -100,7 +100,8 @@ def test_config_loads_through_its_stage_parser(config):
 NOT_DEFAULT = {
     ("paper_vlm.yaml", "quant"): "default auto: the paper's 4bit where CUDA and bitsandbytes exist",
     ("paper_gate.yaml", "vlm_answer"): "default score: deterministic class answer, one forward per image",
-    ("paper_gate.yaml", "parser"): "default lenient: also reads a lone class word; the reference reads the dict only",
+    ("paper_gate.yaml", "parser"): "default lenient: also either quote, any case, a lone class word; "
+                                   "the reference reads the dict literal only",
 }
 
 
