@@ -81,6 +81,10 @@ def get_args_parser():
     head.add_argument("--lr", type=float, default=1e-5)
     head.add_argument("--weight_decay", type=float, default=1e-4)
     head.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=5)
+    head.add_argument("--reshuffle", action="store_true",
+                      help="visit the training images in a new order each epoch (ours); default: one seeded "
+                           "shuffle kept for every epoch, as the reference code iterates its once-shuffled list "
+                           "(recorded in each head run's run.json and metrics.json)")
     head.add_argument("--standardize_features", action="store_true",
                       help="standardise features with the training mean/std (saved in the head)")
     return parser
@@ -224,7 +228,7 @@ def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict
                         epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                         batch_size=args.batch_size, alpha=setting["alpha"], temperature=args.temperature,
                         standardize=args.standardize_features, seed=setting["seed"], device=inputs["device"],
-                        log_path=run_dir / "log.txt")
+                        log_path=run_dir / "log.txt", reshuffle=args.reshuffle)
     head = result.model
     save_curves_png(result.history, run_dir / "curves.png", f"stage 2: distillation head ({name})")
     head_path = save_head(run_dir / HEAD_FILE, head, class_names, base_model=inputs["base_model"],
@@ -237,7 +241,8 @@ def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict
     agreement = (head_pred == teacher_logits["test"].argmax(-1)).float().mean().item()
     write_metrics(run_dir, {"dataset": args.dataname, "split": "test", **head_test, **setting, "run": name,
                             "best_val_acc": result.best_val_acc, "teacher_accuracy": teacher_test["accuracy"],
-                            "agreement": agreement, "teacher": teacher_test}, f"{args.dataname}: distilled head ({name})")
+                            "agreement": agreement, "reshuffle": args.reshuffle, "teacher": teacher_test},
+                  f"{args.dataname}: distilled head ({name})")
     run_args = argparse.Namespace(**{**vars(args), **setting})  # this run's own depth, alpha and seed
     record_run(run_dir, run_args, in_dim=in_dim, processes=inputs["world"], run=name, resolved=inputs["resolved"])
     DistillRecord(class_names=class_names, base_model=inputs["base_model"], head_id=file_id(head_path),

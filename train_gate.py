@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,8 @@ from engine.features import read_cached_teacher_logits, read_vlm_features
 from engine.fit import EpochLog
 from engine.gate import GateData, gate_training_data, predictions, split_accuracies, train_gate
 from engine.vlm_answers import cached_vlm_predictions
-from models.gates import GATE_FILE, GATE_LABELS, GATES, SIGNALS, save_gate, vlm_gate_inputs
+from models.gates import (GATE_FILE, GATE_LABELS, GATES, HEAD_SIGNALS, SIGNALS, head_gate_inputs, save_gate,
+                          vlm_gate_inputs)
 from models.heads import head_logits, load_head
 from models.scorer import EVAL_MODES
 from models.vlm import VLM_DTYPES
@@ -67,6 +68,10 @@ def get_args_parser():
     inputs.add_argument("--vlm_signal", choices=SIGNALS, default="onehot",
                         help="onehot: the VLM's answer (zeros if unparseable), the paper's; "
                              "probs: its class distribution (needs --vlm_answer score)")
+    inputs.add_argument("--head_signal", choices=HEAD_SIGNALS, default="logits",
+                        help="what the gate is given of the distilled head: logits (the reference code's) or "
+                             "probs, their softmax (the paper's text: the module's probability distribution); "
+                             "recorded in gate.pt, which the demo and predict.py follow")
     inputs.add_argument("--vlm_answer", choices=EVAL_MODES, default="score",
                         help="score: most likely class answer; generate: greedy decoding, parsed")
     inputs.add_argument("--parser", choices=PARSERS, default="lenient",
@@ -97,6 +102,9 @@ def get_args_parser():
                            "are better than on unseen ones)")
     gate.add_argument("--seeds", type=int, nargs="+", default=None,
                       help="train every gate once per seed (default: --seed); tables show mean and std")
+    gate.add_argument("--reshuffle", action="store_true",
+                      help="visit the training examples in a new order each epoch (ours); default: one seeded "
+                           "shuffle kept for every epoch, as the reference code iterates its once-shuffled list")
     gate.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=10)
     gate.add_argument("--lr", type=float, default=1e-4)
     gate.add_argument("--weight_decay", type=float, default=1e-4)
@@ -120,13 +128,18 @@ def read_inputs(args) -> tuple[Path, VLMRecord, Path, DistillRecord]:
 
 def gate_inputs(args, splits, answers: dict, head, features: dict) -> dict:
     """``{split: GateData}``: the VLM's answers as the gate's VLM signal, and the frozen ``head`` on
-    stage 2's cached features (exactly those it was trained on)."""
+    stage 2's cached features (exactly those it was trained on), given to the gate as
+    ``--head_signal`` says."""
     num_classes = len(splits.class_names)
-    return {split: GateData(vlm_pred=answers[split].pred,
+    data = {split: GateData(vlm_pred=answers[split].pred,
                             vlm_signal=vlm_gate_inputs(answers[split], num_classes, args.vlm_signal),
                             head_logits=head_logits(head, features[split]),
                             labels=torch.tensor([s.label for s in splits.split(split)], dtype=torch.long))
             for split in ("train", "val", "test")}
+    if args.head_signal == "logits":  # the gate reads head_logits as they are
+        return data
+    return {split: replace(split_data, head_signal=head_gate_inputs(split_data.head_logits, args.head_signal))
+            for split, split_data in data.items()}
 
 
 def teacher_metrics(args, class_names, num_test: int, head_dir: Path | None = None) -> dict | None:
@@ -188,7 +201,8 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
         "gates": {name: {**classification_metrics(labels, preds["gates"][name], class_names),
                          "best_epoch": result.best_epoch, "val_accuracy": result.best_val_acc}
                   for name, result in results.items()},
-        "gate": selected, "gate_train_split": args.gate_train_split, "splits": split_accuracies(data),
+        "gate": selected, "gate_train_split": args.gate_train_split, "reshuffle": args.reshuffle,
+        "splits": split_accuracies(data),
         # Test answers no class could be read from (with --vlm_answer generate; `parser` says how).
         "vlm_unparseable": int((data["test"].vlm_pred < 0).sum()),
         "seed": args.seed, **asdict(provenance),
@@ -245,7 +259,8 @@ def main(args) -> None:
         print(f"{split}: VLM accuracy {row['vlm_accuracy']:.4f}, head accuracy {row['head_accuracy']:.4f} "
               f"({row['n']} images)")
     names = list(GATES) if args.gate == "all" else [args.gate]
-    provenance = GateProvenance(vlm_signal=args.vlm_signal, vlm_answer=args.vlm_answer, parser=args.parser,
+    provenance = GateProvenance(vlm_signal=args.vlm_signal, head_signal=args.head_signal,
+                                vlm_answer=args.vlm_answer, parser=args.parser,
                                 max_new_tokens=args.max_new_tokens, quant=args.quant, vlm_dtype=args.vlm_dtype,
                                 adapter_id=vlm_record.adapter_id, head_id=head_record.head_id,
                                 base_model=vlm_record.base_model, head_run=head_record.run)
@@ -278,9 +293,10 @@ def fit_gates(args, names: list[str], data: dict, num_classes: int, device, log_
     print(f"training {', '.join(f'{name} ({GATE_LABELS[name]})' for name in names)} on {len(fit.labels)} cached "
           f"{args.gate_train_split} examples, picking the epoch on {len(select.labels)} other validation examples "
           f"({args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr:g}, wd {args.weight_decay:g}, "
-          f"seed {args.seed})")
+          f"seed {args.seed}, {'a new order each epoch' if args.reshuffle else 'one order for every epoch'})")
     results = {name: train_gate(name, num_classes, fit, select, args.epochs,
-                                args.lr, args.weight_decay, args.batch_size, args.seed, device, epoch_log)
+                                args.lr, args.weight_decay, args.batch_size, args.seed, device, epoch_log,
+                                args.reshuffle)
                for name in names}
     return results, max(names, key=lambda name: results[name].best_val_acc)  # the first of equals wins
 

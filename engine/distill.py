@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.datasets import DatasetSplits, ImageDataset
-from engine.batches import per_step_adam, per_step_epoch
+from engine.batches import TrainingOrder, per_step_adam, per_step_epoch
 from engine.fit import EpochLog, Fit, fit
 from models.heads import DistillHead, distillation_loss
 from models.teacher import teacher_transforms
@@ -86,14 +86,17 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
                labels: dict[str, torch.Tensor], in_dim: int, num_classes: int, *, depth: int = 1,
                dropout: float = 0.1, epochs: int = 5, lr: float = 1e-5, weight_decay: float = 1e-4,
                batch_size: int = 1, alpha: float = 0.5, temperature: float = 2.0, standardize: bool = False,
-               seed: int = 0, device: str | torch.device = "cpu", log_path: Path | None = None) -> Fit:
+               seed: int = 0, device: str | torch.device = "cpu", log_path: Path | None = None,
+               reshuffle: bool = False) -> Fit:
     """Train the head on cached tensors with the distillation loss; keep the epoch best on validation
     (engine.fit).
 
     The reference code takes one optimiser step per image (``batch_size`` 1, the default). So
     that this stays cheap, the cached tensors move to ``device`` once, the batch order is drawn
     there, and the epoch's loss is summed there and read back once per epoch (no DataLoader, no
-    host synchronisation per step: engine.batches.per_step_epoch).
+    host synchronisation per step: engine.batches.per_step_epoch). The images are visited in one
+    seeded order kept for every epoch, as the reference code's; ``reshuffle`` draws a new order
+    each epoch (engine.batches.TrainingOrder).
     Returns the fit; its ``model`` is the head (best weights, eval mode, CPU).
     """
     torch.manual_seed(seed)  # same seed, same cached tensors -> the same head, teacher trained or not
@@ -106,9 +109,9 @@ def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torc
     x_all, t_all, y_all = (values["train"].to(device) for values in (features, teacher_logits, labels))
     x_val, t_val, y_val = (values["val"] for values in (features, teacher_logits, labels))  # picks the epoch
     x_val = x_val.to(device)  # moved once, like the training tensors
-    generator = torch.Generator(device=device).manual_seed(seed)
+    order = TrainingOrder(len(x_all), torch.Generator(device=device).manual_seed(seed), reshuffle)
     loss = partial(distillation_loss, alpha=alpha, temperature=temperature)
-    train_epoch = partial(per_step_epoch, head, optimizer, (x_all,), (t_all, y_all), loss, generator, batch_size)
+    train_epoch = partial(per_step_epoch, head, optimizer, (x_all,), (t_all, y_all), loss, order, batch_size)
     evaluate = partial(evaluate_head, head, x_val, t_val, y_val, alpha, temperature)
     fitted = fit(head, epochs, train_epoch, evaluate, name="head", flags="--lr (or --temperature)",
                  epoch_log=EpochLog(log_path) if log_path is not None else None)

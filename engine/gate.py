@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.batches import per_step_adam, per_step_epoch
+from engine.batches import TrainingOrder, per_step_adam, per_step_epoch
 from engine.fit import EpochLog, Fit, by_val_acc_then_loss, fit
 from models.gates import build_gate
 from utils.errors import UserError
@@ -27,12 +27,20 @@ class GateData:
     vlm_signal: torch.Tensor   # (N, C) one-hot (zeros when unparseable) or class probabilities
     head_logits: torch.Tensor  # (N, C) the frozen distillation head's logits
     labels: torch.Tensor       # (N,) long
+    # (N, C) what the gate is given of the head (--head_signal): its logits or their softmax; None:
+    # the logits themselves (models.gates.head_gate_inputs makes it).
+    head_signal: torch.Tensor | None = None
+
+    def head_input(self) -> torch.Tensor:
+        """The gate's head input: ``head_signal`` where set, else the head's logits."""
+        return self.head_logits if self.head_signal is None else self.head_signal
 
 
 # ---------------------------------------------------------------- training on cached tensors
 
 def subset(data: GateData, index: torch.Tensor) -> GateData:
-    return GateData(*(getattr(data, f.name)[index] for f in fields(GateData)))
+    return GateData(*(None if getattr(data, f.name) is None else getattr(data, f.name)[index]
+                      for f in fields(GateData)))
 
 
 def stratified_halves(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +82,8 @@ def gate_training_data(data: dict, split: str, seed: int) -> tuple[GateData, Gat
 def gate_logits(gate: nn.Module, data: GateData, batch_size: int = 4096) -> torch.Tensor:
     gate.eval()
     device = next(gate.parameters()).device
-    parts = [gate(data.vlm_signal[i:i + batch_size].to(device), data.head_logits[i:i + batch_size].to(device)).cpu()
+    head = data.head_input()
+    parts = [gate(data.vlm_signal[i:i + batch_size].to(device), head[i:i + batch_size].to(device)).cpu()
              for i in range(0, len(data.labels), batch_size)]
     return torch.cat(parts)
 
@@ -88,13 +97,16 @@ def _evaluate(gate: nn.Module, data: GateData) -> dict:
 
 def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epochs: int = 10,
                lr: float = 1e-4, weight_decay: float = 1e-4, batch_size: int = 1, seed: int = 42,
-               device: str | torch.device = "cpu", epoch_log: EpochLog | None = None) -> Fit:
+               device: str | torch.device = "cpu", epoch_log: EpochLog | None = None,
+               reshuffle: bool = False) -> Fit:
     """Train gate ``name`` with cross-entropy and Adam; keep the epoch best on validation (engine.fit).
 
     Best means highest validation accuracy, ties going to the lower validation loss. The
     initialisation and the batch order depend only on ``seed``, not on which gates ran before.
-    One step per image (``batch_size`` 1) is the reference code's regime; the inputs sit on
-    ``device`` and the loss is read back once per epoch, so small batches stay cheap. Each
+    The examples are visited in one seeded order kept for every epoch, as the reference code's
+    gate loop iterates its once-shuffled training list; ``reshuffle`` draws a new order each epoch
+    (engine.batches.TrainingOrder). One step per image (``batch_size`` 1) is the reference code's
+    regime; the inputs sit on ``device`` and the loss is read back once per epoch, so small batches stay cheap. Each
     history row carries the gate's name, so several gates can share one ``epoch_log``. Returns the
     fit; its ``model`` is the gate (best weights, eval mode).
     """
@@ -102,9 +114,9 @@ def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epoc
     device = torch.device(device)
     gate = build_gate(name, num_classes).to(device)
     optimizer = per_step_adam(gate.parameters(), lr, weight_decay)
-    order = torch.Generator(device=device).manual_seed(seed)
-    signal, logits_in, labels = train.vlm_signal.to(device), train.head_logits.to(device), train.labels.to(device)
-    train_epoch = partial(per_step_epoch, gate, optimizer, (signal, logits_in), (labels,), F.cross_entropy, order,
+    signal, head_in, labels = train.vlm_signal.to(device), train.head_input().to(device), train.labels.to(device)
+    order = TrainingOrder(len(labels), torch.Generator(device=device).manual_seed(seed), reshuffle)
+    train_epoch = partial(per_step_epoch, gate, optimizer, (signal, head_in), (labels,), F.cross_entropy, order,
                           batch_size)
     evaluate = partial(_evaluate, gate, val)
     return fit(gate, epochs, train_epoch, evaluate, name=f"{name} gate", flags="--lr", score=by_val_acc_then_loss,

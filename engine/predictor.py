@@ -4,8 +4,8 @@
 and refuses, naming the stage to rerun, parts that are missing or were not built on each other
 (class names, base VLM, adapter and head ids). ``predict`` / ``predict_batch`` compute every
 module's output for PIL images: the gate's VLM input is obtained exactly as stage 3 obtained it
-(the ``vlm_signal`` / ``vlm_answer`` settings saved in ``gate.pt``), so a test image gets the
-prediction stage 3's evaluation gave it. No Gradio here: demo.py wraps this class.
+(the ``vlm_signal`` / ``vlm_answer`` settings saved in ``gate.pt``), and so is its head input
+(``head_signal``), so a test image gets the prediction stage 3's evaluation gave it. No Gradio here: demo.py wraps this class.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from data.datasets import to_rgb
 from data.prompts import OBSERVATION_QUESTION, REASONING_QUESTION, categorical_answer
 from engine.features import recorded_dtype
 from models.chat import generate_texts
-from models.gates import GATE_FILE, gate_weights, load_gate, vlm_gate_inputs
+from models.gates import GATE_FILE, gate_weights, head_gate_inputs, load_gate, vlm_gate_inputs
 from models.heads import load_head
 from models.scorer import predict_vlm
 from models.vlm import head_features, load_processor, load_trained_vlm, vlm_torch_dtype
@@ -69,7 +69,8 @@ class EmoVLMKD:
     def __init__(self, model, processor, head: torch.nn.Module, gate: torch.nn.Module,
                  class_names: Sequence[str], gate_name: str, vlm_signal: str = "onehot",
                  vlm_answer: str = "score", answer_max_new_tokens: int = 256, feature_processor=None,
-                 feature_dtype: torch.dtype | None = None, parser: str = "lenient"):
+                 feature_dtype: torch.dtype | None = None, parser: str = "lenient",
+                 head_signal: str = "logits"):
         self.model, self.processor = model, processor
         self.feature_dtype = feature_dtype  # stage 2's encoding dtype: None keeps the model's
         self.parser = parser
@@ -77,6 +78,7 @@ class EmoVLMKD:
         self.head, self.gate = head.eval(), gate.eval()
         self.class_names = list(class_names)
         self.gate_name, self.vlm_signal, self.vlm_answer = gate_name, vlm_signal, vlm_answer
+        self.head_signal = head_signal  # what the gate was trained on of the head: gate.pt's record
         self.answer_max_new_tokens = answer_max_new_tokens
 
     @classmethod
@@ -114,7 +116,7 @@ class EmoVLMKD:
         return cls(model, processor, head.to(device), gate.to(device), vlm_record.class_names,
                    checkpoint["gate"], provenance.vlm_signal, provenance.vlm_answer,
                    provenance.max_new_tokens, feature_processor, recorded_dtype(distill_record),
-                   provenance.parser)
+                   provenance.parser, provenance.head_signal)
 
     @property
     def device(self) -> torch.device:
@@ -144,9 +146,10 @@ class EmoVLMKD:
         features = head_features(self.model, self.feature_processor, images, self.feature_dtype)
         head_device = next(self.head.parameters()).device
         head_logits = self.head(features.to(head_device)).float().cpu()
+        head_input = head_gate_inputs(head_logits, self.head_signal)  # as stage 3 gave it (gate.pt)
         gate_device = next(self.gate.parameters()).device
-        final_logits = self.gate(signal.to(gate_device), head_logits.to(gate_device)).float().cpu()
-        weights = gate_weights(self.gate, signal.to(gate_device), head_logits.to(gate_device))
+        final_logits = self.gate(signal.to(gate_device), head_input.to(gate_device)).float().cpu()
+        weights = gate_weights(self.gate, signal.to(gate_device), head_input.to(gate_device))
         explanations = self.explain(images, max_new_tokens) if explain else [(None, None)] * len(images)
 
         results = []

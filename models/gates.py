@@ -6,7 +6,8 @@ vector; ``head_logits`` are the frozen distillation head's raw logits. ``concat_
 paper's gate; the others are the variants of its ablation. Gates that weigh their sources
 explicitly (``moe``, ``dynamic_weight``) expose those weights through ``forward_with_weights``,
 read uniformly with ``gate_weights``. The VLM input is made from the VLM's answers by
-:func:`vlm_gate_inputs` (one of ``SIGNALS``), the same way in stage 3 and in the predictor.
+:func:`vlm_gate_inputs` (one of ``SIGNALS``), the head input from the head's logits by
+:func:`head_gate_inputs` (one of ``HEAD_SIGNALS``), the same way in stage 3 and in the predictor.
 ``gate.pt`` is written by :func:`save_gate` and read back by :func:`load_gate`.
 """
 from __future__ import annotations
@@ -24,6 +25,9 @@ from utils.metrics import NONE
 
 GATE_FILE = "gate.pt"
 SIGNALS = ("onehot", "probs")  # what the gate is given of the VLM's answer: --vlm_signal
+# What the gate is given of the head (--head_signal): its logits (the reference code's) or their
+# softmax (the paper's text: the distilled module's probability distribution).
+HEAD_SIGNALS = ("logits", "probs")
 
 
 def vlm_gate_inputs(predictions, num_classes: int, kind: str = "onehot") -> torch.Tensor:
@@ -39,6 +43,16 @@ def vlm_gate_inputs(predictions, num_classes: int, kind: str = "onehot") -> torc
             raise UserError("--vlm_signal probs needs class probabilities: use --vlm_answer score")
         return predictions.probs.float()
     raise UserError(f"--vlm_signal {kind}: choose one of {', '.join(SIGNALS)}")
+
+
+def head_gate_inputs(head_logits: torch.Tensor, kind: str = "logits") -> torch.Tensor:
+    """The gate's head input from the head's logits: the logits as they are, or for ``probs``
+    their softmax over the classes."""
+    if kind == "logits":
+        return head_logits
+    if kind == "probs":
+        return head_logits.float().softmax(dim=-1)
+    raise UserError(f"--head_signal {kind}: choose one of {', '.join(HEAD_SIGNALS)}")
 
 
 class ConcatLinearGate(nn.Module):

@@ -192,6 +192,9 @@ class GateProvenance:
     # The dtype of the VLM's unquantised weights, "fp32" or "bf16" (stage 3's --vlm_dtype); None in a
     # gate.pt written before it was recorded: the checkpoint's own dtype, as the VLM loaded then.
     vlm_dtype: str | None = None
+    # What the gate was given of the head (stage 3's --head_signal): "logits" or "probs", their
+    # softmax; a gate.pt written before it was recorded was given the logits.
+    head_signal: str = "logits"
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict, path: str | Path, dataname: str = "<dataname>") -> GateProvenance:
