@@ -7,6 +7,9 @@ import sys
 import pytest
 import torch
 
+import train_distillation
+import train_gate as stage3
+from engine.batches import TrainingOrder, per_step_epoch
 from engine.distill import train_head
 from engine.gate import GateData, train_gate
 
@@ -97,3 +100,71 @@ def test_per_step_adam_is_adam():
     assert optimizers[1].defaults["fused"]
     for a, b in zip(reference.parameters(), fused.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the order of the training rows
+
+class RowRecorder(torch.nn.Module):
+    """A linear model that notes, step by step, which rows (their first feature: the row index) it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(1, CLASSES)
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        self.seen += x[:, 0].long().tolist()
+        return self.linear(x)
+
+
+def _visits(reshuffle: bool, seed: int, epochs: int = 3) -> list[list[int]]:
+    """The rows each epoch of per_step_epoch visits, in order, under a TrainingOrder."""
+    model = RowRecorder()
+    rows = torch.arange(N_TRAIN, dtype=torch.float32).unsqueeze(1)
+    labels = torch.zeros(N_TRAIN, dtype=torch.long)
+    order = TrainingOrder(N_TRAIN, torch.Generator().manual_seed(seed), reshuffle)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    visits = []
+    for epoch in range(1, epochs + 1):
+        model.seen = []
+        per_step_epoch(model, optimizer, (rows,), (labels,), torch.nn.functional.cross_entropy, order, 1, epoch)
+        visits.append(model.seen)
+    return visits
+
+
+def test_default_order_is_one_seeded_shuffle_kept_every_epoch_and_reshuffle_draws_a_new_one():
+    """The reference code shuffles its training list once and iterates it as it is every epoch."""
+    fixed = _visits(reshuffle=False, seed=0)
+    assert sorted(fixed[0]) == list(range(N_TRAIN)) and fixed[0] != list(range(N_TRAIN))  # shuffled, each row once
+    assert fixed[0] == fixed[1] == fixed[2]                                              # the same every epoch
+    assert _visits(reshuffle=False, seed=0) == fixed                                     # the seed fixes it
+    assert _visits(reshuffle=False, seed=1)[0] != fixed[0]                               # another seed, another order
+    fresh = _visits(reshuffle=True, seed=0)
+    assert fresh[0] == fixed[0]                                    # the first epoch is the same either way
+    assert fresh[1] != fresh[0] and fresh[2] != fresh[1]           # then a new order each epoch
+    assert all(sorted(epoch) == list(range(N_TRAIN)) for epoch in fresh)
+    assert _visits(reshuffle=True, seed=0) == fresh                # also fixed by the seed
+
+
+def test_reshuffle_is_a_flag_of_stages_2_and_3_and_changes_what_is_trained():
+    assert not train_distillation.parse(["--dataname", "toy"]).reshuffle  # the reference code's order
+    assert train_distillation.parse(["--dataname", "toy", "--reshuffle"]).reshuffle
+    assert not stage3.parse(["--dataname", "toy"]).reshuffle
+    assert stage3.parse(["--dataname", "toy", "--reshuffle"]).reshuffle
+    features, teacher, labels = _head_data()
+    # The epochs' training losses (the kept weights may be an early epoch's, the same either way).
+    kept = [row["train_loss"] for row in train_head(features, teacher, labels, DIM, CLASSES, epochs=3, lr=1e-2,
+                                                     seed=0).history]
+    redrawn = [row["train_loss"] for row in train_head(features, teacher, labels, DIM, CLASSES, epochs=3, lr=1e-2,
+                                                        seed=0, reshuffle=True).history]
+    assert kept[0] == redrawn[0]  # one epoch visits the same order either way
+    assert kept[1:] != redrawn[1:]  # from the second on the orders, and so the heads, differ
+    again = [row["train_loss"] for row in train_head(features, teacher, labels, DIM, CLASSES, epochs=3, lr=1e-2,
+                                                      seed=0).history]
+    assert again == kept  # the seed fixes the order
+    train, val = _gate_data(N_TRAIN, 0), _gate_data(N_VAL, 1)
+    kept = [row["train_loss"] for row in train_gate("concat_linear", CLASSES, train, val, epochs=3, lr=1e-2,
+                                                     seed=0).history]
+    redrawn = [row["train_loss"] for row in train_gate("concat_linear", CLASSES, train, val, epochs=3, lr=1e-2,
+                                                        seed=0, reshuffle=True).history]
+    assert kept[0] == redrawn[0] and kept[1:] != redrawn[1:]

@@ -79,7 +79,7 @@ def test_predictions_match_stage3_evaluation(predictor, test_images, trained_pip
 
 def stage3_test_outputs(pipeline) -> dict[str, torch.Tensor]:  # noqa: F811
     """Class probabilities per test image as stage 3 computed them, from its caches and gate.pt."""
-    from models.gates import load_gate, vlm_gate_inputs
+    from models.gates import head_gate_inputs, load_gate, vlm_gate_inputs
     from models.heads import head_logits, load_head
     from models.scorer import VLMPredictions
 
@@ -91,7 +91,8 @@ def stage3_test_outputs(pipeline) -> dict[str, torch.Tensor]:  # noqa: F811
     answers = VLMPredictions(**answers)
     logits = head_logits(head, features)
     with torch.no_grad():
-        final = gate(vlm_gate_inputs(answers, meta["num_classes"], meta["vlm_signal"]), logits)
+        final = gate(vlm_gate_inputs(answers, meta["num_classes"], meta["vlm_signal"]),
+                     head_gate_inputs(logits, meta.get("head_signal", "logits")))
     return {"vlm_probs": answers.probs, "head_probs": logits.softmax(-1), "final_probs": final.softmax(-1)}
 
 
@@ -113,6 +114,42 @@ def test_head_features_use_the_dtype_of_stage2s_cache(tiny_vlm_dir, test_images)
     assert torch.allclose(head_features(model, processor, images, torch.float32), cached, atol=1e-6)
     assert all(next(m.parameters()).dtype == torch.bfloat16 for m in visual_modules(model))  # restored
     assert not torch.allclose(head_features(model, processor, images), cached, atol=1e-6)  # bf16 differs
+
+
+@pytest.mark.parametrize("recorded", ["probs", None])
+def test_the_gate_gets_the_head_signal_gate_pt_records(recorded, trained_pipeline, test_images, tmp_path):  # noqa: F811
+    """A gate trained on the head's softmax (--head_signal probs) is fed the softmax by the demo and
+    predict.py; a gate.pt without the key was trained on the logits."""
+    from data.datasets import open_image
+    from engine.predictor import EmoVLMKD
+    from models.gates import load_gate, vlm_gate_inputs
+    from models.scorer import VLMPredictions
+
+    out = _copy_outputs(trained_pipeline, tmp_path)
+    path = out / "toy" / "gate" / "gate.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["head_signal"] == "logits"  # stage 3's default
+    if recorded is None:
+        del checkpoint["head_signal"]
+    else:
+        checkpoint["head_signal"] = recorded
+    torch.save(checkpoint, path)
+    predictor = EmoVLMKD.from_outputs(out, "toy", "cpu", str(trained_pipeline.vlm_model))
+    assert predictor.head_signal == (recorded or "logits")
+    images = [open_image(p) for p in test_images[1][:4]]
+    results = predictor.predict_batch(images)
+    gate, meta = load_gate(path)
+    answers = torch.load(trained_pipeline.stage("gate") / "cache" / "vlm_score_test.pt", weights_only=True)["values"]
+    signal = vlm_gate_inputs(VLMPredictions(**answers), meta["num_classes"], meta["vlm_signal"])[:4]
+    head_probs = torch.tensor([list(result["head_probs"].values()) for result in results])
+    final = torch.tensor([list(result["final_probs"].values()) for result in results])
+    on_logits = stage3_test_outputs(trained_pipeline)["final_probs"][:4]  # stage 3's gate on the head's logits
+    if recorded is None:
+        assert torch.allclose(final, on_logits, atol=1e-5)
+    else:
+        with torch.no_grad():
+            on_probs = gate(signal, head_probs).softmax(-1)
+        assert torch.allclose(final, on_probs, atol=1e-5) and not torch.allclose(final, on_logits, atol=1e-3)
 
 
 @pytest.mark.parametrize("recorded, override, dtype", [

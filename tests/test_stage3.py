@@ -379,3 +379,36 @@ def test_counts_below_one_are_one_line_errors(flag, toy_root, tmp_path, capsys):
     argv = ["--dataname", "toy", "--data_root", str(toy_root), "--output_dir", str(tmp_path), flag, "0"]
     assert run_cli(train_gate.main, argv, parse=train_gate.parse) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {flag} must be at least 1 (got 0)"]
+
+
+def test_head_signal_probs_feeds_the_gate_the_heads_softmax_and_is_recorded(trained_pipeline, tmp_path):
+    """--head_signal: the head's logits (the reference code's, the default) or their softmax (the
+    paper's text); it changes the gate's input and so what is trained, and gate.pt records it."""
+    import train_gate
+    from engine.gate import train_gate as fit_gate
+    from models.gates import head_gate_inputs
+    from utils.records import GateProvenance
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
+    assert head_gate_inputs(logits) is logits
+    assert torch.allclose(head_gate_inputs(logits, "probs"), logits.softmax(-1))
+    assert GateProvenance.from_checkpoint(
+        {"vlm_signal": "onehot", "vlm_answer": "score", "parser": "lenient", "max_new_tokens": 32, "quant": "none",
+         "adapter_id": "a", "head_id": "h"}, "gate.pt").head_signal == "logits"  # a gate.pt from before the key
+
+    pipeline = _copy_outputs(trained_pipeline, tmp_path)  # caches included: no VLM forward
+    as_logits, as_probs = _gate_data(pipeline)["train"], _gate_data(pipeline, "--head_signal", "probs")["train"]
+    assert torch.equal(as_logits.head_input(), as_logits.head_logits)
+    assert torch.allclose(as_probs.head_input(), as_probs.head_logits.softmax(-1))
+    assert torch.equal(as_probs.head_logits, as_logits.head_logits)  # the head's own predictions are unchanged
+    val = _gate_data(pipeline)["val"]
+    trained = [fit_gate("concat_linear", 4, data, val, epochs=2, lr=3e-2, batch_size=32).model.linear.weight
+               for data in (as_logits, as_probs)]
+    assert not torch.equal(*trained)
+
+    train_gate.main(train_gate.parse(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--head_signal", "probs",
+                                                   "--epochs", "1")))
+    metrics = json.loads((pipeline.stage("gate") / "metrics.json").read_text())
+    assert metrics["head_signal"] == "probs" and metrics["reshuffle"] is False
+    assert torch.load(pipeline.stage("gate") / "gate.pt", weights_only=True)["head_signal"] == "probs"
+    assert json.loads((trained_pipeline.stage("gate") / "metrics.json").read_text())["head_signal"] == "logits"
