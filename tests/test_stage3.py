@@ -18,8 +18,10 @@ from tests.pipeline import (CONFIGS, PIPELINE_GATE_ARGS, PIPELINE_GATE_EPOCHS, T
 GATE_NAMES = ("concat_linear", "bilinear", "moe", "dynamic_weight", "cross_gate")
 # Test accuracy measured on the session pipeline (tests/pipeline.py), asserted minus MARGIN
 # (10 points: 3 of 32 images, room for library and numeric changes, far above chance, 0.25).
-PIPELINE_ACCURACY = {"vlm": 0.844, "head": 0.875, "teacher": 0.938, "concat_linear": 0.906, "bilinear": 0.938,
-                     "moe": 0.875, "dynamic_weight": 0.875, "cross_gate": 0.875}
+# Re-measured when the head and the gate kept one order for every epoch (before, a new order each
+# epoch: head 0.875, bilinear 0.938, moe, dynamic_weight and cross_gate 0.875).
+PIPELINE_ACCURACY = {"vlm": 0.844, "head": 0.844, "teacher": 0.938, "concat_linear": 0.906, "bilinear": 0.969,
+                     "moe": 0.906, "dynamic_weight": 0.906, "cross_gate": 0.906}
 MARGIN = 0.10
 
 
@@ -359,7 +361,8 @@ def test_gate_trained_on_validation_halves(trained_pipeline, tmp_path):
     train_gate.main(train_gate.parse(pipeline.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--gate_train_split", "val")))
     metrics = json.loads((pipeline.stage("gate") / "metrics.json").read_text())
     assert metrics["gate_train_split"] == "val" and list(metrics["gates"]) == ["concat_linear"]
-    # Measured 0.656 (fitted on 4 validation images; chance 0.25): asserted minus 10 points.
+    # Measured 0.688 (0.656 with a new order each epoch; fitted on 4 validation images; chance 0.25):
+    # asserted at 0.656 minus 10 points.
     assert metrics["gates"]["concat_linear"]["accuracy"] >= 0.55
     val = _gate_data(pipeline)["val"]
     fit, select = stratified_halves(val.labels, 42)
