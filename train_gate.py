@@ -37,7 +37,7 @@ from engine.vlm_answers import cached_vlm_predictions
 from models.gates import GATE_FILE, GATE_LABELS, GATES, SIGNALS, save_gate, vlm_gate_inputs
 from models.heads import head_logits, load_head
 from models.scorer import EVAL_MODES
-from models.vlm import VLM_DTYPES
+from models.vlm import LATER_STAGES_DTYPE, LATER_STAGES_QUANT, VLM_DTYPES
 from utils.checkpoints import META_FILE, file_id
 from utils.cli import add_base_vlm_flag, base_parser, parse_args, stage_dir
 from utils.dist import init_distributed, leave_process_group, training_device
@@ -81,10 +81,10 @@ def get_args_parser():
     inputs.add_argument("--max_new_tokens", type=int, default=256,
                         help="--vlm_answer generate: the most tokens decoded per answer (the reference code's 256; "
                              "greedy decoding stops once every answer of a batch has ended)")
-    inputs.add_argument("--quant", choices=("4bit", "none"), default="none",
+    inputs.add_argument("--quant", choices=("4bit", "none"), default=LATER_STAGES_QUANT,
                         help="how the VLM answering is loaded: none (full precision, the reference code's) or "
                              "4bit (NF4 as stage 1's QLoRA, CUDA + bitsandbytes)")
-    inputs.add_argument("--vlm_dtype", choices=list(VLM_DTYPES), default="fp32",
+    inputs.add_argument("--vlm_dtype", choices=list(VLM_DTYPES), default=LATER_STAGES_DTYPE,
                         help="the dtype of the VLM's weights left unquantised (all of them without --quant 4bit): "
                              "fp32 (the reference code's, ~32 GB for a 7B model) or bf16 (half that)")
     gate = parser.add_argument_group("gate (--batch_size: images per optimiser step; 1, as the reference code)")
