@@ -23,7 +23,7 @@ import torch
 from transformers import SchedulerType, Trainer
 
 from data.annotations import ANNOTATIONS_FILE, read_annotations
-from data.datasets import load_dataset
+from data.datasets import REFERENCE_PRE_RESIZE, load_dataset
 from data.prompts import PARSERS
 from engine.vlm_eval import evaluate_vlm
 from engine.vlm_train import (DEFAULT_TARGET_MODULES, ConversationCollator, build_examples, check_placement,
@@ -50,7 +50,7 @@ log = logging.getLogger("train_vlm")
 FLAG_RULES = {"min_pixels": "count", "max_pixels": "count", "lora_r": "count", "lora_alpha": "count",
               "lora_dropout": "fraction_open", "epochs": "count", "lr": "positive", "warmup_ratio": "fraction_open",
               "max_grad_norm": "nonnegative", "weight_decay": "nonnegative", "grad_accum": "count",
-              "eval_batch_size": "count", "max_new_tokens": "count"}
+              "eval_batch_size": "count", "max_new_tokens": "count", "pre_resize": "index"}
 
 
 def get_args_parser():
@@ -100,6 +100,11 @@ def get_args_parser():
     evaluation.add_argument("--eval_mode", choices=EVAL_MODES, default="score")
     evaluation.add_argument("--skip_eval", action="store_true", help="train only")
     evaluation.add_argument("--eval_batch_size", type=int, default=8)
+    evaluation.add_argument("--pre_resize", type=int, default=REFERENCE_PRE_RESIZE,
+                            help="the test images' longer side is first shrunk to this many px (LANCZOS, aspect "
+                                 "kept), as the reference code and train_gate.py prepare them, then the processor "
+                                 "applies its pixel budget; 0: the processor's resize alone. Training images are "
+                                 "not pre-resized")
     evaluation.add_argument("--max_new_tokens", type=int, default=256,
                             help="generate mode: the most tokens decoded per answer (the reference code's 256; "
                                  "greedy decoding stops once every answer of a batch has ended)")
@@ -132,7 +137,8 @@ def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
     eval_dir = out_dir / f"eval_{args.eval_mode}"
     metrics = evaluate_vlm(model, processor, splits.data_root, splits.test, splits.class_names, eval_dir,
                            args.eval_mode, args.eval_batch_size, args.max_new_tokens,
-                           title=f"{args.dataname}: VLM ({args.eval_mode})", parser=args.parser)
+                           title=f"{args.dataname}: VLM ({args.eval_mode})", parser=args.parser,
+                           pre_resize=args.pre_resize)
     if is_main_process():
         print(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
               f"unparseable {metrics['unparseable']} of {metrics['n']} -> {eval_dir}")

@@ -76,5 +76,6 @@ def gate_data_from_caches(args) -> dict:
     features = read_vlm_features(splits, head_record, stage_dir(args, "distill") / "cache", "cpu")
     answers = cached_vlm_predictions(splits, vlm_record, stage_dir(args, "gate") / "cache", vlm_dir, "cpu",
                                      args.vlm_answer, args.vlm_batch_size, args.max_new_tokens,
-                                     args.quant, parser=args.parser, vlm_dtype=args.vlm_dtype)
+                                     args.quant, parser=args.parser, vlm_dtype=args.vlm_dtype,
+                                     pre_resize=args.pre_resize)
     return train_gate.gate_inputs(args, splits, answers, head, features)

@@ -154,6 +154,9 @@ class DistillRecord(StageRecord):
     min_pixels: int | None = None
     max_pixels: int | None = None
     feature_dtype: str | None = None  # e.g. "torch.float32": the dtype the feature cache was encoded in
+    # The longer side images were shrunk to before the processor (data.datasets.pre_resize; 0: not);
+    # None in a record written before it was recorded: no pre-resize, as stage 2 then encoded.
+    pre_resize: int | None = None
 
     def check_built_on(self, vlm: VLMRecord, folder: str | Path, vlm_dir: str | Path,
                        dataname: str = "<dataname>") -> None:
@@ -192,6 +195,9 @@ class GateProvenance:
     # The dtype of the VLM's unquantised weights, "fp32" or "bf16" (stage 3's --vlm_dtype); None in a
     # gate.pt written before it was recorded: the checkpoint's own dtype, as the VLM loaded then.
     vlm_dtype: str | None = None
+    # The longer side images were shrunk to before the VLM answered (data.datasets.pre_resize; 0: not);
+    # None in a gate.pt written before it was recorded: no pre-resize, as stage 3 then answered.
+    pre_resize: int | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict, path: str | Path, dataname: str = "<dataname>") -> GateProvenance:
