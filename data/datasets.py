@@ -286,8 +286,10 @@ def pre_resize(img: Image.Image, longest_side: int | None) -> Image.Image:
     """``img`` with its longer side shrunk to ``longest_side`` px (LANCZOS, aspect kept), as the
     reference code prepares images before the processor; a smaller image, or ``longest_side``
     0 or None (no pre-resize: an old record without the setting), is returned unchanged."""
+    if not longest_side:
+        return img
     width, height = img.size
-    if not longest_side or max(width, height) <= longest_side:
+    if max(width, height) <= longest_side:
         return img
     scale = longest_side / max(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
