@@ -20,8 +20,8 @@ def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: 
                  pre_resize: int | None = None) -> dict:
     """Predict ``samples`` (data.datasets.Sample), write metrics.json, confusion PNG and
     predictions.jsonl into ``out_dir``; return the metrics. Each image is first pre-resized to
-    ``pre_resize`` px on its longer side (0 or None: not; data.datasets.pre_resize). Under torchrun the images are sharded
-    across the ranks (each must call this) and only rank 0 writes."""
+    ``pre_resize`` px on its longer side (0 or None: not; data.datasets.pre_resize). Under torchrun
+    the images are sharded across the ranks (each must call this) and only rank 0 writes."""
     # Under torchrun every rank predicts its block of the images; rank 0 writes the files.
     result = predict_samples(model, processor, data_root, samples, class_names, mode, batch_size, max_new_tokens,
                              desc=f"eval ({mode})", parser=parser, pre_resize=pre_resize)
