@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from data.datasets import load_dataset
+from data.datasets import REFERENCE_PRE_RESIZE, load_dataset
 from engine.distill import train_head, train_teacher
 from engine.features import FEATURE_DTYPES, cached_teacher_logits, cached_vlm_features
 from models.heads import HEAD_FILE, head_logits, save_head
@@ -42,7 +42,7 @@ from utils.sweeps import RUNS, as_list, default_setting, run_name, settings
 FLAG_RULES = {"feature_batch_size": "count", "teacher_img_size": "count", "teacher_lr": "positive",
               "teacher_weight_decay": "nonnegative", "teacher_batch_size": "count", "teacher_epochs": "count",
               "depth": "index", "alpha": "fraction", "temperature": "positive", "lr": "positive",
-              "weight_decay": "nonnegative", "epochs": "count", "seeds": "seed"}
+              "weight_decay": "nonnegative", "epochs": "count", "seeds": "seed", "pre_resize": "index"}
 
 
 def get_args_parser():
@@ -56,6 +56,11 @@ def get_args_parser():
                        help="the dtype the frozen visual encoder runs in: fp32 (the reference code's, on every "
                             "device) or bf16 (a faster pass on CUDA); recorded with the head, which stage 3, the "
                             "demo and predict.py follow")
+    model.add_argument("--pre_resize", type=int, default=REFERENCE_PRE_RESIZE,
+                       help="each image's longer side is first shrunk to this many px (LANCZOS, aspect kept), as "
+                            "the reference code does, then the processor applies its pixel budget; 0: the "
+                            "processor's resize alone; recorded with the head, which stage 3, the demo and "
+                            "predict.py follow (the teacher's input is not affected)")
     teacher = parser.add_argument_group("teacher (timm)")
     teacher.add_argument("--teacher_model", default=DEFAULT_TEACHER, help="timm model name")
     teacher.add_argument("--no_teacher_pretrained", action="store_true", help="train the teacher from scratch")
@@ -180,9 +185,9 @@ def main(args) -> None:
     pixels = {"min_pixels": vlm_record.min_pixels, "max_pixels": vlm_record.max_pixels}
     # Recorded so stage 3 asks the cache for exactly these features, whatever its own device.
     dtype = FEATURE_DTYPES[args.feature_dtype]
-    encoding = {**pixels, "feature_dtype": str(dtype)}
+    encoding = {**pixels, "feature_dtype": str(dtype), "pre_resize": args.pre_resize}
     features = cached_vlm_features(splits, base_model, pixels, device, args.feature_batch_size, cache_dir,
-                                   args.num_workers, dtype=dtype)
+                                   args.num_workers, dtype=dtype, pre_resize=args.pre_resize)
     teacher_logits = cached_teacher_logits(splits, teacher_path, device, args.feature_batch_size, cache_dir,
                                            args.num_workers)
     leave_process_group()  # the rest (head training, metrics) is rank 0's alone

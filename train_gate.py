@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from data.datasets import load_dataset
+from data.datasets import REFERENCE_PRE_RESIZE, load_dataset
 from data.prompts import PARSERS
 from engine.features import read_cached_teacher_logits, read_vlm_features
 from engine.fit import EpochLog
@@ -38,7 +38,7 @@ from models.gates import (GATE_FILE, GATE_LABELS, GATES, HEAD_SIGNALS, SIGNALS, 
                           vlm_gate_inputs)
 from models.heads import head_logits, load_head
 from models.scorer import EVAL_MODES
-from models.vlm import VLM_DTYPES
+from models.vlm import LATER_STAGES_DTYPE, LATER_STAGES_QUANT, VLM_DTYPES
 from utils.checkpoints import META_FILE, file_id
 from utils.cli import add_base_vlm_flag, base_parser, parse_args, stage_dir
 from utils.dist import init_distributed, leave_process_group, training_device
@@ -57,7 +57,7 @@ log = logging.getLogger("train_gate")
 
 # What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
 FLAG_RULES = {"vlm_batch_size": "count", "max_new_tokens": "count", "epochs": "count", "lr": "positive", "seeds": "seed",
-              "weight_decay": "nonnegative"}
+              "weight_decay": "nonnegative", "pre_resize": "index"}
 
 
 def get_args_parser():
@@ -86,10 +86,14 @@ def get_args_parser():
     inputs.add_argument("--max_new_tokens", type=int, default=256,
                         help="--vlm_answer generate: the most tokens decoded per answer (the reference code's 256; "
                              "greedy decoding stops once every answer of a batch has ended)")
-    inputs.add_argument("--quant", choices=("4bit", "none"), default="none",
+    inputs.add_argument("--quant", choices=("4bit", "none"), default=LATER_STAGES_QUANT,
                         help="how the VLM answering is loaded: none (full precision, the reference code's) or "
                              "4bit (NF4 as stage 1's QLoRA, CUDA + bitsandbytes)")
-    inputs.add_argument("--vlm_dtype", choices=list(VLM_DTYPES), default="fp32",
+    inputs.add_argument("--pre_resize", type=int, default=REFERENCE_PRE_RESIZE,
+                        help="each image's longer side is first shrunk to this many px (LANCZOS, aspect kept), "
+                             "as the reference code does, then the processor applies its pixel budget; 0: the "
+                             "processor's resize alone; recorded in gate.pt, which the demo and predict.py follow")
+    inputs.add_argument("--vlm_dtype", choices=list(VLM_DTYPES), default=LATER_STAGES_DTYPE,
                         help="the dtype of the VLM's weights left unquantised (all of them without --quant 4bit): "
                              "fp32 (the reference code's, ~32 GB for a 7B model) or bf16 (half that)")
     gate = parser.add_argument_group("gate (--batch_size: images per optimiser step; 1, as the reference code)")
@@ -244,12 +248,13 @@ def main(args) -> None:
     device = training_device(args.gpu)
     # The head and stage 2's cached features, never re-encoded (a damaged head or a stale cache fails
     # here, before the VLM runs), then the VLM's answers, cached (the VLM loaded as --quant and
-    # --vlm_dtype say, recorded in gate.pt, only for a split that misses).
+    # --vlm_dtype say, the images pre-resized as --pre_resize says, all recorded in gate.pt, only
+    # for a split that misses).
     head, _ = load_head(distill_dir, splits.class_names, dataname=args.dataname)
     features = read_vlm_features(splits, head_record, stage_dir(args, "distill") / "cache", device)
     answers = cached_vlm_predictions(splits, vlm_record, out_dir / "cache", vlm_dir, device, args.vlm_answer,
                                      args.vlm_batch_size, args.max_new_tokens, args.quant, parser=args.parser,
-                                     vlm_dtype=args.vlm_dtype)
+                                     vlm_dtype=args.vlm_dtype, pre_resize=args.pre_resize)
     data = gate_inputs(args, splits, answers, head, features)
     leave_process_group()  # the frozen passes are over: the gate trains on rank 0 alone
     if rank != 0:
@@ -262,7 +267,7 @@ def main(args) -> None:
     provenance = GateProvenance(vlm_signal=args.vlm_signal, head_signal=args.head_signal,
                                 vlm_answer=args.vlm_answer, parser=args.parser,
                                 max_new_tokens=args.max_new_tokens, quant=args.quant, vlm_dtype=args.vlm_dtype,
-                                adapter_id=vlm_record.adapter_id, head_id=head_record.head_id,
+                                pre_resize=args.pre_resize, adapter_id=vlm_record.adapter_id, head_id=head_record.head_id,
                                 base_model=vlm_record.base_model, head_run=head_record.run)
     resolved = {"head_run": head_record.run, "seeds": seeds}  # run.json's args hold what was given
     teacher_pred = teacher_test_predictions(args, splits, head_record)

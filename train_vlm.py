@@ -12,6 +12,7 @@ writes the adapter, processor, log and ``meta.json`` to ``<output_dir>/<dataname
 """
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import sys
@@ -22,7 +23,7 @@ import torch
 from transformers import SchedulerType, Trainer
 
 from data.annotations import ANNOTATIONS_FILE, read_annotations
-from data.datasets import load_dataset
+from data.datasets import REFERENCE_PRE_RESIZE, load_dataset
 from data.prompts import PARSERS
 from engine.vlm_eval import evaluate_vlm
 from engine.vlm_train import (DEFAULT_TARGET_MODULES, ConversationCollator, build_examples, check_placement,
@@ -30,10 +31,12 @@ from engine.vlm_train import (DEFAULT_TARGET_MODULES, ConversationCollator, buil
                               wrap_lora)
 from models.backbones import backbone_for
 from models.scorer import EVAL_MODES
-from models.vlm import DEFAULT_MAX_PIXELS, load_processor, load_trained_vlm, load_vlm, resolve_quant
+from models.vlm import (DEFAULT_MAX_PIXELS, LATER_STAGES_DTYPE, LATER_STAGES_QUANT, load_processor, load_trained_vlm,
+                        load_vlm, resolve_quant, vlm_torch_dtype)
 from utils.checkpoints import META_FILE, file_id
 from utils.cli import base_parser, parse_args, stage_dir
-from utils.dist import distributed_rank, is_main_process, leave_process_group, pin_single_gpu, training_device
+from utils.dist import (barrier, distributed_rank, is_main_process, leave_process_group, pin_single_gpu,
+                        training_device)
 from utils.errors import UserError, run_cli
 from utils.outputs import StagedOutput, lock_folder, releases_locks, staging_dir
 from utils.records import InstructionsRecord, VLMRecord
@@ -47,7 +50,7 @@ log = logging.getLogger("train_vlm")
 FLAG_RULES = {"min_pixels": "count", "max_pixels": "count", "lora_r": "count", "lora_alpha": "count",
               "lora_dropout": "fraction_open", "epochs": "count", "lr": "positive", "warmup_ratio": "fraction_open",
               "max_grad_norm": "nonnegative", "weight_decay": "nonnegative", "grad_accum": "count",
-              "eval_batch_size": "count", "max_new_tokens": "count"}
+              "eval_batch_size": "count", "max_new_tokens": "count", "pre_resize": "index"}
 
 
 def get_args_parser():
@@ -64,7 +67,8 @@ def get_args_parser():
     model.add_argument("--quant", choices=("auto", "4bit", "none"), default="auto",
                        help="4bit: QLoRA, NF4 base with double quantisation (CUDA + bitsandbytes); "
                             "auto: 4bit on a CUDA GPU when bitsandbytes is installed, else full precision; "
-                            "with --eval_only, auto loads the base as it was trained")
+                            "the test evaluation reloads the saved adapter as train_gate.py does (unquantised, "
+                            "float32); with --eval_only, none|4bit overrides that")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora_r", type=int, default=8)
     lora.add_argument("--lora_alpha", type=int, default=8)
@@ -96,6 +100,11 @@ def get_args_parser():
     evaluation.add_argument("--eval_mode", choices=EVAL_MODES, default="score")
     evaluation.add_argument("--skip_eval", action="store_true", help="train only")
     evaluation.add_argument("--eval_batch_size", type=int, default=8)
+    evaluation.add_argument("--pre_resize", type=int, default=REFERENCE_PRE_RESIZE,
+                            help="the test images' longer side is first shrunk to this many px (LANCZOS, aspect "
+                                 "kept), as the reference code and train_gate.py prepare them, then the processor "
+                                 "applies its pixel budget; 0: the processor's resize alone. Training images are "
+                                 "not pre-resized")
     evaluation.add_argument("--max_new_tokens", type=int, default=256,
                             help="generate mode: the most tokens decoded per answer (the reference code's 256; "
                                  "greedy decoding stops once every answer of a batch has ended)")
@@ -128,7 +137,8 @@ def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
     eval_dir = out_dir / f"eval_{args.eval_mode}"
     metrics = evaluate_vlm(model, processor, splits.data_root, splits.test, splits.class_names, eval_dir,
                            args.eval_mode, args.eval_batch_size, args.max_new_tokens,
-                           title=f"{args.dataname}: VLM ({args.eval_mode})", parser=args.parser)
+                           title=f"{args.dataname}: VLM ({args.eval_mode})", parser=args.parser,
+                           pre_resize=args.pre_resize)
     if is_main_process():
         print(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
               f"unparseable {metrics['unparseable']} of {metrics['n']} -> {eval_dir}")
@@ -136,11 +146,13 @@ def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
 
 
 def load_for_eval(args, splits, out_dir: Path, gpu: int | None) -> tuple:
-    """``--eval_only``: the trained adapter on its base, ``(model, processor)``."""
+    """The saved adapter on its base, ``(model, processor)``, loaded as the later stages load it
+    (unquantised, float32: LATER_STAGES_QUANT, LATER_STAGES_DTYPE), so stage 1's test accuracy is
+    the VLM row of stage 3's table; with ``--eval_only``, ``--quant none|4bit`` overrides."""
     device = training_device(gpu)  # under torchrun: this rank's GPU
-    # auto: the way stage 1 trained it (recorded in meta.json).
-    quant = None if args.quant == "auto" else args.quant
-    model, processor, vlm_record = load_trained_vlm(out_dir, device, args.vlm_model, quant)
+    quant = LATER_STAGES_QUANT if args.quant == "auto" or not args.eval_only else args.quant
+    model, processor, vlm_record = load_trained_vlm(out_dir, device, args.vlm_model, quant,
+                                                    vlm_torch_dtype(LATER_STAGES_DTYPE))
     vlm_record.check_run(out_dir, class_names=splits.class_names)
     return model, processor
 
@@ -200,8 +212,8 @@ def save_outputs(args, settings: TrainingSettings, model, processor, class_names
     print(f"saved adapter and processor to {final_dir}")
 
 
-def train(args, splits, out_dir: Path, gpu: int | None) -> tuple:
-    """Instruction-tune the VLM and save the adapter (rank 0); ``(model, processor)``, trained."""
+def train(args, splits, out_dir: Path, gpu: int | None) -> None:
+    """Instruction-tune the VLM and save the adapter (rank 0)."""
     vlm_model = args.vlm_model or DEFAULT_VLM
     path = annotations_file(args, splits.class_names)
     examples = build_examples(read_annotations(path), splits, path)
@@ -243,7 +255,13 @@ def train(args, splits, out_dir: Path, gpu: int | None) -> tuple:
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():  # saving is rank 0's alone
         save_outputs(args, settings, model, processor, splits.class_names, out_dir, counts)
-    return model, processor
+
+
+def release_memory() -> None:
+    """Free what the finished training left (the Trainer's model and optimiser hold cycles)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @releases_locks
@@ -259,11 +277,13 @@ def main(args) -> None:
     if distributed_rank()[0] == 0:
         print(splits.summary())
     out_dir = stage_dir(args, "vlm")
-    if args.eval_only:
-        model, processor = load_for_eval(args, splits, out_dir, gpu)
-    else:
-        model, processor = train(args, splits, out_dir, gpu)
+    if not args.eval_only:
+        train(args, splits, out_dir, gpu)
+        release_memory()  # the training model (its encoder, norms and lm_head in fp32 for 4-bit training)
+        barrier()  # every rank reloads the folder rank 0 has saved
     if args.eval_only or not args.skip_eval:
+        # The saved folder, reloaded as stage 3 and the demo load it: one test number for the VLM.
+        model, processor = load_for_eval(args, splits, out_dir, gpu)
         evaluate(args, model, processor, splits, out_dir)  # sharded across the ranks
     leave_process_group()
 

@@ -52,11 +52,12 @@ def write_annotations(run: ToyRun) -> Path:
 
 
 def run_stages(run: ToyRun, vlm_epochs: int, teacher_epochs: int, head_epochs: int,
-               gate_args: tuple[str, ...] | None = None) -> ToyRun:
-    """Stages 0 (synthetic), 1 and 2 into ``run.output_dir``, then stage 3 with ``gate_args`` unless None."""
+               gate_args: tuple[str, ...] | None = None, vlm_eval: bool = False) -> ToyRun:
+    """Stages 0 (synthetic), 1 and 2 into ``run.output_dir``, then stage 3 with ``gate_args`` unless None;
+    ``vlm_eval``: stage 1 evaluates on the test split (``vlm/eval_score/``)."""
     write_annotations(run)
     train_vlm.main(train_vlm.parse(run.argv("--vlm_model", str(run.vlm_model), "--config", str(CONFIGS / "toy_vlm.yaml"),
-                            "--epoch", str(vlm_epochs), "--skip_eval")))
+                            "--epoch", str(vlm_epochs), *(() if vlm_eval else ("--skip_eval",)))))
     train_distillation.main(train_distillation.parse(run.argv("--config", str(CONFIGS / "toy_distill.yaml"),
                                      "--teacher_epochs", str(teacher_epochs), "--epochs", str(head_epochs))))
     if gate_args is not None:

@@ -28,6 +28,10 @@ ORIENTATION_TAG = 0x0112  # EXIF orientation
 # How to_rgb decodes pixels; part of every cache key, so caches from another decoding are rebuilt.
 PIXELS = "rgb8: exif orientation applied, 16-bit scaled"
 SPLIT_SEED = 42
+# --pre_resize: the reference code's preparation of an image for its frozen passes (stage 2's
+# features, stage 3's answers, the demo): the longer side shrunk to 1024 px with LANCZOS, aspect
+# kept, smaller images untouched; then the processor applies its pixel budget. 0: no pre-resize.
+REFERENCE_PRE_RESIZE = 1024
 
 MIKELS = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")
 EKMAN = ("anger", "disgust", "fear", "joy", "sadness", "surprise")
@@ -276,6 +280,31 @@ def open_image(path: str | Path) -> Image.Image:
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"{path}: cannot decode image ({err.__class__.__name__}); "
                         "fix or remove it, or pass --skip_bad_images") from None
+
+
+def pre_resize(img: Image.Image, longest_side: int | None) -> Image.Image:
+    """``img`` with its longer side shrunk to ``longest_side`` px (LANCZOS, aspect kept), as the
+    reference code prepares images before the processor; a smaller image, or ``longest_side``
+    0 or None (no pre-resize: an old record without the setting), is returned unchanged."""
+    if not longest_side:
+        return img
+    width, height = img.size
+    if max(width, height) <= longest_side:
+        return img
+    scale = longest_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return img.resize(size, Image.Resampling.LANCZOS)
+
+
+def pre_resized(images, longest_side: int | None) -> list[Image.Image]:
+    """:func:`pre_resize` of each image."""
+    return [pre_resize(image, longest_side) for image in images]
+
+
+def pre_resize_key(longest_side: int | None) -> dict:
+    """The cache-key entry of a pre-resize: none without one, so caches built before the setting
+    existed (no pre-resize) still match when it is off."""
+    return {"pre_resize": longest_side} if longest_side else {}
 
 
 class ImageDataset:

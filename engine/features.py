@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from data.datasets import PIXELS, SPLITS, DatasetSplits, ImageDataset, Sample
+from data.datasets import PIXELS, SPLITS, DatasetSplits, ImageDataset, Sample, pre_resize_key, pre_resized
 from models.teacher import load_teacher, teacher_transforms
 from models.vlm import load_processor, load_vlm, pooled_image_features
 from utils.cache import digest, image_list_id, load_cached, load_or_build, readable, weights_fingerprint
@@ -60,11 +60,12 @@ def unrecorded_feature_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def vlm_feature_key(vlm_model: str, processor, config, dtype: torch.dtype) -> dict:
+def vlm_feature_key(vlm_model: str, processor, config, dtype: torch.dtype, pre_resize: int | None = None) -> dict:
     size = processor.image_processor.size
     return {"vlm_model": str(vlm_model), "config": digest(config.to_dict()),
             "weights": weights_fingerprint(str(vlm_model)), "dtype": str(dtype),
-            "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge, "pixels": PIXELS}
+            "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge, "pixels": PIXELS,
+            **pre_resize_key(pre_resize)}
 
 
 def recorded_dtype(head: DistillRecord) -> torch.dtype | None:
@@ -75,15 +76,16 @@ def recorded_dtype(head: DistillRecord) -> torch.dtype | None:
 
 
 def _feature_keys(splits: DatasetSplits, vlm_model: str, processor, dtype: torch.dtype,
-                  names: Sequence[str]) -> dict[str, dict]:
-    base = vlm_feature_key(vlm_model, processor, AutoConfig.from_pretrained(vlm_model), dtype)
+                  names: Sequence[str], pre_resize: int | None) -> dict[str, dict]:
+    base = vlm_feature_key(vlm_model, processor, AutoConfig.from_pretrained(vlm_model), dtype, pre_resize)
     return {split: {**base, "images": image_list_id(splits.data_root, splits.split(split))} for split in names}
 
 
 def encode_block(block: range, model, processor, splits: DatasetSplits, samples: Sequence[Sample], batch_size: int,
-                 num_workers: int, desc: str) -> torch.Tensor:
-    """Pooled visual features of this rank's block of ``samples`` (a sharded pass: utils.dist.shard_map)."""
-    chunks = [pooled_image_features(model, processor, images) for images in _image_batches(
+                 num_workers: int, desc: str, pre_resize: int | None = None) -> torch.Tensor:
+    """Pooled visual features of this rank's block of ``samples`` (a sharded pass: utils.dist.shard_map),
+    each image first pre-resized to ``pre_resize`` px on its longer side (data.datasets.pre_resize)."""
+    chunks = [pooled_image_features(model, processor, pre_resized(images, pre_resize)) for images in _image_batches(
         splits, [samples[i] for i in block], batch_size, num_workers, desc=desc)]
     return torch.cat(chunks)
 
@@ -93,9 +95,10 @@ class FeatureEncoder:
     first use: once for every split the cache misses, never when they are all cached."""
 
     def __init__(self, splits: DatasetSplits, vlm_model: str, processor, device: torch.device, dtype: torch.dtype,
-                 batch_size: int, num_workers: int):
+                 batch_size: int, num_workers: int, pre_resize: int | None = None):
         self.splits, self.vlm_model, self.processor = splits, vlm_model, processor
         self.device, self.dtype, self.batch_size, self.num_workers = device, dtype, batch_size, num_workers
+        self.pre_resize = pre_resize
         self.model = None
 
     def encode_split(self, split: str) -> torch.Tensor:
@@ -104,7 +107,8 @@ class FeatureEncoder:
             self.model = load_vlm(self.vlm_model, self.device, dtype=self.dtype)
         samples = self.splits.split(split)
         features = shard_map(len(samples), encode_block, self.model, self.processor, self.splits, samples,
-                             self.batch_size, self.num_workers, f"VLM features {split}", unit=self.batch_size)
+                             self.batch_size, self.num_workers, f"VLM features {split}", self.pre_resize,
+                             unit=self.batch_size)
         log.info("encoded %d %s images with the frozen visual encoder -> %s", len(samples), split,
                  tuple(features.shape))
         return features
@@ -113,32 +117,33 @@ class FeatureEncoder:
 def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs: dict | None,
                         device: str | torch.device, batch_size: int, cache_dir: str | Path,
                         num_workers: int = 0, names: Sequence[str] = SPLITS,
-                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                        dtype: torch.dtype = torch.float32, pre_resize: int | None = None) -> dict[str, torch.Tensor]:
     """Mean-pooled visual features (after the patch merger) per split: ``{split: (N, in_dim)}``,
-    encoded in ``dtype`` (float32 by default, as the reference code; see FEATURE_DTYPES).
+    encoded in ``dtype`` (float32 by default, as the reference code; see FEATURE_DTYPES), each image
+    first pre-resized to ``pre_resize`` px on its longer side (0 or None: not; data.datasets.pre_resize).
 
     Reuses ``cache_dir/vlm_features_<split>.pt`` when built for the same model, config, weights,
-    dtype, image list and pixel budget; otherwise loads the VLM once and encodes the missing splits.
+    dtype, image list, pre-resize and pixel budget; otherwise loads the VLM once and encodes the missing splits.
     """
     device = torch.device(device)
     processor = load_processor(vlm_model, **(processor_kwargs or {}))
-    keys = _feature_keys(splits, vlm_model, processor, dtype, names)
-    encoder = FeatureEncoder(splits, vlm_model, processor, device, dtype, batch_size, num_workers)
+    keys = _feature_keys(splits, vlm_model, processor, dtype, names, pre_resize)
+    encoder = FeatureEncoder(splits, vlm_model, processor, device, dtype, batch_size, num_workers, pre_resize)
     return load_or_build(Path(cache_dir), "vlm_features", keys, encoder.encode_split)
 
 
 def read_vlm_features(splits: DatasetSplits, head: DistillRecord, cache_dir: str | Path,
                       device: str | torch.device, names: Sequence[str] = SPLITS) -> dict[str, torch.Tensor]:
     """The features a head was trained on, ``{split: (N, in_dim)}``, read from stage 2's cache and
-    never built: the VLM, pixel budget and dtype are the ones the head's record holds (a
+    never built: the VLM, pixel budget, pre-resize and dtype are the ones the head's record holds (a
     dtype it does not record: :func:`unrecorded_feature_dtype` of ``device``). A missing, damaged
     or mismatched file is a UserError naming stage 2's command."""
     dtype = recorded_dtype(head) or unrecorded_feature_dtype(device)
     vlm_model = head.base_model
     processor = load_processor(vlm_model, head.min_pixels, head.max_pixels)
     cache_dir = Path(cache_dir)
-    features = load_or_build(cache_dir, "vlm_features", _feature_keys(splits, vlm_model, processor, dtype, names),
-                             None)
+    keys = _feature_keys(splits, vlm_model, processor, dtype, names, head.pre_resize)  # None: an older head, none
+    features = load_or_build(cache_dir, "vlm_features", keys, None)
     missing = [split for split in names if features[split] is None]
     if missing:
         command = STAGE_COMMANDS["distill"].format(dataname=splits.name)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from data.annotations import prompt_messages
-from data.datasets import to_rgb
+from data.datasets import pre_resized, to_rgb
 from data.prompts import OBSERVATION_QUESTION, REASONING_QUESTION, categorical_answer
 from engine.features import recorded_dtype
 from models.chat import generate_texts
@@ -70,9 +70,13 @@ class EmoVLMKD:
                  class_names: Sequence[str], gate_name: str, vlm_signal: str = "onehot",
                  vlm_answer: str = "score", answer_max_new_tokens: int = 256, feature_processor=None,
                  feature_dtype: torch.dtype | None = None, parser: str = "lenient",
-                 head_signal: str = "logits"):
+                 head_signal: str = "logits", answer_pre_resize: int | None = None,
+                 feature_pre_resize: int | None = None):
         self.model, self.processor = model, processor
         self.feature_dtype = feature_dtype  # stage 2's encoding dtype: None keeps the model's
+        # The longer side images are shrunk to before the VLM answers (stage 3's) and before the
+        # head's features are pooled (stage 2's); 0 or None: not (data.datasets.pre_resize).
+        self.answer_pre_resize, self.feature_pre_resize = answer_pre_resize, feature_pre_resize
         self.parser = parser
         self.feature_processor = feature_processor or processor
         self.head, self.gate = head.eval(), gate.eval()
@@ -116,7 +120,7 @@ class EmoVLMKD:
         return cls(model, processor, head.to(device), gate.to(device), vlm_record.class_names,
                    checkpoint["gate"], provenance.vlm_signal, provenance.vlm_answer,
                    provenance.max_new_tokens, feature_processor, recorded_dtype(distill_record),
-                   provenance.parser, provenance.head_signal)
+                   provenance.parser, provenance.head_signal, provenance.pre_resize, distill_record.pre_resize)
 
     @property
     def device(self) -> torch.device:
@@ -136,21 +140,24 @@ class EmoVLMKD:
                       explain: bool = False) -> list[dict]:
         """Every module's output per image (see :meth:`predict`)."""
         images = [to_rgb(image) for image in images]
+        # Each part sees the images as the stage that trained on it prepared them.
+        answer_images = pre_resized(images, self.answer_pre_resize)
         num_classes = len(self.class_names)
-        scored = predict_vlm(self.model, self.processor, images, self.class_names, mode="score")
+        scored = predict_vlm(self.model, self.processor, answer_images, self.class_names, mode="score")
         # The gate's VLM input, obtained as train_gate.py obtained it (settings saved in gate.pt).
         answered = scored if self.vlm_answer == "score" else predict_vlm(
-            self.model, self.processor, images, self.class_names, self.vlm_answer,
+            self.model, self.processor, answer_images, self.class_names, self.vlm_answer,
             max_new_tokens=self.answer_max_new_tokens, parser=self.parser)
         signal = vlm_gate_inputs(answered, num_classes, self.vlm_signal)
-        features = head_features(self.model, self.feature_processor, images, self.feature_dtype)
+        features = head_features(self.model, self.feature_processor, pre_resized(images, self.feature_pre_resize),
+                                 self.feature_dtype)
         head_device = next(self.head.parameters()).device
         head_logits = self.head(features.to(head_device)).float().cpu()
         head_input = head_gate_inputs(head_logits, self.head_signal)  # as stage 3 gave it (gate.pt)
         gate_device = next(self.gate.parameters()).device
         final_logits = self.gate(signal.to(gate_device), head_input.to(gate_device)).float().cpu()
         weights = gate_weights(self.gate, signal.to(gate_device), head_input.to(gate_device))
-        explanations = self.explain(images, max_new_tokens) if explain else [(None, None)] * len(images)
+        explanations = self.explain(answer_images, max_new_tokens) if explain else [(None, None)] * len(images)
 
         results = []
         for i, (observation, reasoning) in enumerate(explanations):

@@ -4,7 +4,7 @@ of those answers.
 
 Stage 1's evaluation answers the test split with the VLM it has just tuned
 (:func:`predict_samples`). Stage 3 caches the answers per split under ``<gate dir>/cache/``, keyed
-by everything that decides them (adapter id, answer mode, classes, image list, parser and its revision:
+by everything that decides them (adapter id, answer mode, classes, image list, pre-resize, parser and its revision:
 :func:`vlm_cache_key`), and loads the VLM only when a split misses (:func:`cached_vlm_predictions`).
 Images are decoded a chunk at a time, never a whole split at once.
 """
@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from data.datasets import PIXELS, SPLITS, DatasetSplits, open_image
+from data.datasets import PIXELS, SPLITS, DatasetSplits, open_image, pre_resize_key, pre_resized
 from data.prompts import PARSER_REVISIONS
 from models.scorer import VLMPredictions, predict_vlm
 from models.vlm import load_trained_vlm, vlm_torch_dtype
@@ -42,11 +42,12 @@ class VLMAnswerer:
     def __init__(self, data_root: str | Path, class_names: Sequence[str], mode: str = "score", batch_size: int = 8,
                  max_new_tokens: int = 256, parser: str = "lenient", model=None, processor=None,
                  vlm_dir: str | Path | None = None, device: str | torch.device = "cpu", quant: str | None = None,
-                 chunk: int = 64, vlm_dtype: str | None = None):
+                 chunk: int = 64, vlm_dtype: str | None = None, pre_resize: int | None = None):
         self.data_root, self.class_names, self.mode, self.parser = Path(data_root), class_names, mode, parser
         self.batch_size, self.max_new_tokens, self.chunk = batch_size, max_new_tokens, chunk
         self.model, self.processor = model, processor
         self.vlm_dir, self.device, self.quant, self.vlm_dtype = vlm_dir, device, quant, vlm_dtype
+        self.pre_resize = pre_resize  # the longer side each image is shrunk to first (data.datasets.pre_resize)
 
     def answer_block(self, block: range, samples: Sequence, desc: str) -> VLMPredictions:
         """``predict_vlm`` over this rank's block of ``samples`` (data.datasets.Sample)."""
@@ -57,7 +58,8 @@ class VLMAnswerer:
         chunk = max(self.batch_size, self.chunk // self.batch_size * self.batch_size)  # whole batches: see shard_map
         parts = []
         for start in tqdm(range(0, len(samples), chunk), desc=desc, unit="chunk", disable=not is_main_process()):
-            images = [open_image(self.data_root / sample.path) for sample in samples[start:start + chunk]]
+            images = pre_resized([open_image(self.data_root / sample.path) for sample in samples[start:start + chunk]],
+                                 self.pre_resize)
             parts.append(predict_vlm(self.model, self.processor, images, self.class_names, self.mode, self.batch_size,
                                      self.max_new_tokens, self.parser))
         if not parts:  # an empty split
@@ -80,12 +82,13 @@ class VLMAnswerer:
 
 def predict_samples(model, processor, data_root: str | Path, samples: Sequence, class_names: Sequence[str],
                     mode: str, batch_size: int, max_new_tokens: int, desc: str = "VLM",
-                    chunk: int = 64, parser: str = "lenient") -> VLMPredictions:
+                    chunk: int = 64, parser: str = "lenient", pre_resize: int | None = None) -> VLMPredictions:
     """``predict_vlm`` over ``samples`` (data.datasets.Sample), decoding ``chunk`` images at a
-    time, never the whole list at once. Under torchrun every rank must call this: each answers its
-    block of the images and every rank gets all the answers, in order."""
+    time, never the whole list at once, each pre-resized to ``pre_resize`` px on its longer side
+    (0 or None: not). Under torchrun every rank must call this: each answers its block of the
+    images and every rank gets all the answers, in order."""
     answerer = VLMAnswerer(data_root, class_names, mode, batch_size, max_new_tokens, parser, model, processor,
-                           chunk=chunk)
+                           chunk=chunk, pre_resize=pre_resize)
     return shard_map(len(samples), answerer.answer_block, samples, desc, unit=batch_size)
 
 
@@ -93,7 +96,7 @@ def predict_samples(model, processor, data_root: str | Path, samples: Sequence, 
 
 def vlm_cache_key(vlm: VLMRecord, mode: str, max_new_tokens: int, quant: str | None,
                   class_names: Sequence[str], data_root: str | Path, samples: Sequence,
-                  parser: str = "lenient", vlm_dtype: str | None = None) -> dict:
+                  parser: str = "lenient", vlm_dtype: str | None = None, pre_resize: int | None = None) -> dict:
     """Everything that decides the VLM's answers for these images (a changed image file changes
     it: ``image_list_id`` hashes each file's path, size and modification time)."""
     return {
@@ -102,6 +105,7 @@ def vlm_cache_key(vlm: VLMRecord, mode: str, max_new_tokens: int, quant: str | N
         "mode": mode, "max_new_tokens": max_new_tokens if mode == "generate" else None, "quant": quant,
         "vlm_dtype": vlm_dtype,
         "class_names": list(class_names), "images": image_list_id(data_root, samples), "pixels": PIXELS,
+        **pre_resize_key(pre_resize),
         # The parser's revision too: a changed reading must not reuse answers parsed the old way.
         "parser": [parser, PARSER_REVISIONS[parser]] if mode == "generate" else None,
     }
@@ -120,21 +124,23 @@ def answer_split(answerer: VLMAnswerer, splits: DatasetSplits, split: str) -> di
 def cached_vlm_predictions(splits: DatasetSplits, vlm: VLMRecord, cache_dir: str | Path, vlm_dir: str | Path,
                            device: str | torch.device, mode: str = "score", batch_size: int = 8,
                            max_new_tokens: int = 256, quant: str | None = None, split_names: Sequence[str] = SPLITS,
-                           parser: str = "lenient", vlm_dtype: str | None = None) -> dict:
+                           parser: str = "lenient", vlm_dtype: str | None = None,
+                           pre_resize: int | None = None) -> dict:
     """``{split: VLMPredictions}``, read from ``cache_dir/vlm_<mode>_<split>.pt`` or predicted and
     stored there.
 
     Stage 1's trained VLM (``vlm_dir``, loaded on ``device`` with ``quant``, its other weights in
-    ``vlm_dtype``: models.vlm.VLM_DTYPES) is loaded only on a cache miss, so a rerun never loads it. Under torchrun every rank must call this: the images
+    ``vlm_dtype``: models.vlm.VLM_DTYPES) is loaded only on a cache miss, so a rerun never loads it.
+    Each image is first pre-resized to ``pre_resize`` px on its longer side (0 or None: not). Under torchrun every rank must call this: the images
     of a missing split are sharded across the ranks and the answers gathered on each, in order.
     """
     keys = {}
     for split in split_names:
         log.info("VLM answers (%s) for %s", mode, split)
         keys[split] = vlm_cache_key(vlm, mode, max_new_tokens, quant, splits.class_names, splits.data_root,
-                                    splits.split(split), parser, vlm_dtype)
+                                    splits.split(split), parser, vlm_dtype, pre_resize)
     answerer = VLMAnswerer(splits.data_root, splits.class_names, mode, batch_size, max_new_tokens, parser,
-                           vlm_dir=vlm_dir, device=device, quant=quant, vlm_dtype=vlm_dtype)
+                           vlm_dir=vlm_dir, device=device, quant=quant, vlm_dtype=vlm_dtype, pre_resize=pre_resize)
     values = load_or_build(Path(cache_dir), f"vlm_{mode}", keys, partial(answer_split, answerer, splits))
     answerer.release()
     return {split: VLMPredictions(**values[split]) for split in split_names}

@@ -16,16 +16,19 @@ from utils.metrics import NONE, classification_metrics, write_metrics
 
 def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: Sequence[str],
                  out_dir: str | Path, mode: str = "score", batch_size: int = 8,
-                 max_new_tokens: int = 256, title: str = "", parser: str = "lenient") -> dict:
+                 max_new_tokens: int = 256, title: str = "", parser: str = "lenient",
+                 pre_resize: int | None = None) -> dict:
     """Predict ``samples`` (data.datasets.Sample), write metrics.json, confusion PNG and
-    predictions.jsonl into ``out_dir``; return the metrics. Under torchrun the images are sharded
-    across the ranks (each must call this) and only rank 0 writes."""
+    predictions.jsonl into ``out_dir``; return the metrics. Each image is first pre-resized to
+    ``pre_resize`` px on its longer side (0 or None: not; data.datasets.pre_resize). Under torchrun
+    the images are sharded across the ranks (each must call this) and only rank 0 writes."""
     # Under torchrun every rank predicts its block of the images; rank 0 writes the files.
     result = predict_samples(model, processor, data_root, samples, class_names, mode, batch_size, max_new_tokens,
-                             desc=f"eval ({mode})", parser=parser)
+                             desc=f"eval ({mode})", parser=parser, pre_resize=pre_resize)
     labels = [sample.label for sample in samples]
     metrics = classification_metrics(labels, result.pred.tolist(), class_names)
     metrics["mode"] = mode
+    metrics["pre_resize"] = pre_resize or 0  # how the images were prepared (data.datasets.pre_resize)
     if mode == "generate":  # how the decoded answers were read; "unparseable" counts the misses
         metrics["parser"] = parser
     rows = []

@@ -39,6 +39,11 @@ BNB_SKIP_MODULES = BACKBONES["qwen2_vl"].keep_unquantised
 # Stage 3's --vlm_dtype: the dtype of the VLM's weights that are not quantised (all of them
 # without --quant 4bit). fp32 is the reference code's; bf16 halves the memory.
 VLM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# How the later stages load a trained stage 1 by default (stage 3's --quant and --vlm_dtype, the
+# reference code's): the base unquantised, in float32. Stage 1's evaluation loads it so too, so
+# its test accuracy is the VLM row stage 3 reports.
+LATER_STAGES_QUANT = "none"
+LATER_STAGES_DTYPE = "fp32"
 
 
 def vlm_torch_dtype(name: str | None) -> torch.dtype | None:

@@ -33,9 +33,10 @@ PIPELINE_GATE_ARGS = ("--gate", "all", "--epochs", str(PIPELINE_GATE_EPOCHS), "-
 
 
 def run_pipeline(pipeline: ToyRun, vlm_epochs: int = 1, teacher_epochs: int = 2, head_epochs: int = 10,
-                 gate_args: tuple[str, ...] | None = ("--gate", "all")) -> ToyRun:
-    """Stages 0 (synthetic), 1, 2 and 3 into ``pipeline.output_dir``; ``gate_args`` None stops after 2."""
-    return run_stages(pipeline, vlm_epochs, teacher_epochs, head_epochs, gate_args)
+                 gate_args: tuple[str, ...] | None = ("--gate", "all"), vlm_eval: bool = False) -> ToyRun:
+    """Stages 0 (synthetic), 1, 2 and 3 into ``pipeline.output_dir``; ``gate_args`` None stops after 2;
+    ``vlm_eval``: stage 1 also evaluates (``vlm/eval_score/``)."""
+    return run_stages(pipeline, vlm_epochs, teacher_epochs, head_epochs, gate_args, vlm_eval)
 
 
 _BUILT: dict[tuple, ToyRun] = {}
@@ -53,9 +54,10 @@ def trained_pipeline(tmp_path_factory, toy_root, tiny_vlm_dir) -> ToyRun:
         # right on every training image and the gate learns to ignore the VLM), 30 gate epochs in
         # batches of 32 (pinned: the measured figures in test_stage3.py must not move with a default).
         # Measured test accuracy: VLM 84.4%, head 84.4% (87.5% with a new order each epoch),
-        # concat_linear gate 90.6%.
+        # concat_linear gate 90.6%. Stage 1 evaluates too (vlm/eval_score/), from the saved folder:
+        # its accuracy is stage 3's VLM row.
         _BUILT[key] = run_pipeline(ToyRun(toy_root, output_dir, tiny_vlm_dir), vlm_epochs=5, head_epochs=PIPELINE_HEAD_EPOCHS,
-                                   gate_args=PIPELINE_GATE_ARGS)
+                                   gate_args=PIPELINE_GATE_ARGS, vlm_eval=True)
     return _BUILT[key]
 
 
@@ -75,5 +77,6 @@ def gate_data_from_caches(args) -> dict:
     features = read_vlm_features(splits, head_record, stage_dir(args, "distill") / "cache", "cpu")
     answers = cached_vlm_predictions(splits, vlm_record, stage_dir(args, "gate") / "cache", vlm_dir, "cpu",
                                      args.vlm_answer, args.vlm_batch_size, args.max_new_tokens,
-                                     args.quant, parser=args.parser, vlm_dtype=args.vlm_dtype)
+                                     args.quant, parser=args.parser, vlm_dtype=args.vlm_dtype,
+                                     pre_resize=args.pre_resize)
     return train_gate.gate_inputs(args, splits, answers, head, features)

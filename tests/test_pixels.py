@@ -7,9 +7,16 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from data.datasets import ORIENTATION_TAG, open_image, to_rgb
+import engine.features
+import engine.vlm_answers
+from data.datasets import ORIENTATION_TAG, Sample, open_image, pre_resize, to_rgb
+from engine.features import encode_block, vlm_feature_key
+from engine.vlm_answers import VLMAnswerer, vlm_cache_key
+from models.scorer import VLMPredictions
+from utils.records import VLMRecord
 
 
 @pytest.fixture
@@ -91,3 +98,81 @@ def test_demo_refuses_an_oversized_upload_from_its_header(tmp_path):
     component = readable_upload_errors(Component(), max_pixels=64_000_000)
     with pytest.raises(gr.Error, match="9000x8000 pixels"):
         component.preprocess(Payload())
+
+
+def _picture(width: int, height: int) -> Image.Image:
+    """A picture with detail at every scale, so resampling filters give different pixels."""
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_pre_resize_shrinks_the_longer_side_with_lanczos_as_the_reference():
+    large = _picture(2000, 1500)
+    shrunk = pre_resize(large, 1024)
+    assert shrunk.size == (1024, 768)
+    assert np.array_equal(np.asarray(shrunk), np.asarray(large.resize((1024, 768), Image.Resampling.LANCZOS)))
+    assert not np.array_equal(np.asarray(shrunk), np.asarray(large.resize((1024, 768), Image.Resampling.BICUBIC)))
+    assert pre_resize(_picture(1500, 2000), 1024).size == (768, 1024)  # portrait: the longer side is the height
+    small = _picture(640, 480)
+    assert pre_resize(small, 1024) is small  # smaller images untouched
+    assert pre_resize(large, 0) is large and pre_resize(large, None) is large  # off: today's path
+
+
+class _RecordSizes:
+    """Stands in for the model call of a frozen pass: records the sizes of the images it is given."""
+
+    def __init__(self, num_classes: int = 2):
+        self.sizes, self.num_classes = [], num_classes
+
+    def answers(self, model, processor, images, *args, **kwargs):
+        self.sizes += [image.size for image in images]
+        return VLMPredictions(pred=torch.zeros(len(images), dtype=torch.long),
+                              probs=torch.full((len(images), self.num_classes), 0.5), texts=None)
+
+    def features(self, model, processor, images, *args):
+        self.sizes += [image.size for image in images]
+        return torch.zeros(len(images), 3)
+
+
+@pytest.fixture
+def two_sizes(tmp_path):
+    """A dataset folder with a 2000x1500 and a 640x480 image, and their samples."""
+    for name, size in (("large.png", (2000, 1500)), ("small.png", (640, 480))):
+        (tmp_path / "toy").mkdir(exist_ok=True)
+        _picture(*size).save(tmp_path / "toy" / name)
+    return tmp_path, [Sample("toy/large.png", 0), Sample("toy/small.png", 1)]
+
+
+@pytest.mark.parametrize("side, expected", [(1024, [(1024, 768), (640, 480)]), (0, [(2000, 1500), (640, 480)])])
+def test_the_frozen_passes_hand_the_processor_pre_resized_images(two_sizes, side, expected, monkeypatch):
+    from data.datasets import DatasetSplits
+
+    root, samples = two_sizes
+    recorder = _RecordSizes()
+    monkeypatch.setattr(engine.vlm_answers, "predict_vlm", recorder.answers)  # stage 1's evaluation, stage 3
+    VLMAnswerer(root, ["a", "b"], model=object(), processor=object(), batch_size=1, pre_resize=side).answer_block(
+        range(2), samples, "test")
+    assert recorder.sizes == expected
+    recorder.sizes.clear()
+    monkeypatch.setattr(engine.features, "pooled_image_features", recorder.features)  # stage 2
+    splits = DatasetSplits("toy", root, ["a", "b"], samples, [], [], False)
+    encode_block(range(2), object(), object(), splits, samples, 1, 0, "test", side)
+    assert recorder.sizes == expected
+
+
+def test_the_cache_keys_change_with_the_pre_resize(two_sizes, tiny_vlm_dir):
+    from transformers import AutoConfig
+
+    from models.vlm import load_processor
+
+    root, samples = two_sizes
+    vlm = VLMRecord(class_names=["a", "b"], base_model="base", adapter_id="abc")
+    answers = {side: vlm_cache_key(vlm, "score", 256, "none", ["a", "b"], root, samples, pre_resize=side)
+               for side in (None, 0, 1024, 512)}
+    processor, config = load_processor(tiny_vlm_dir), AutoConfig.from_pretrained(tiny_vlm_dir)
+    features = {side: vlm_feature_key(str(tiny_vlm_dir), processor, config, torch.float32, side)
+                for side in (None, 0, 1024, 512)}
+    for keys in (answers, features):
+        # Off, the key is the one caches had before the setting existed: they stay valid.
+        assert keys[None] == keys[0] and "pre_resize" not in keys[0]
+        assert keys[1024] != keys[0] and keys[1024] != keys[512]

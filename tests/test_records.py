@@ -44,7 +44,7 @@ KEYS_ON_DISK = {
     "teacher": ["class_names", "model", "img_size", "pretrained", "teacher_id", "best_val_acc", "epoch",
                 "train_images", "val_images"],
     "distill": ["class_names", "base_model", "head_id", "teacher_id", "teacher_checkpoint", "adapter_id", "in_dim",
-                "run", "depth", "alpha", "seed", "min_pixels", "max_pixels", "feature_dtype"],
+                "run", "depth", "alpha", "seed", "min_pixels", "max_pixels", "feature_dtype", "pre_resize"],
     "gate": ["class_names", "gate", "gate_id"],
 }
 PROVENANCE = GateProvenance(vlm_signal="onehot", vlm_answer="score", parser="lenient", max_new_tokens=32,

@@ -205,7 +205,7 @@ def test_eval_only_refuses_another_base_model(trained, toy_root):
         train_vlm.main(train_vlm.parse(stage1_argv(toy_root, trained.parents[1], Path("elsewhere"), "--eval_only")))
 
 
-def test_eval_only_loads_the_base_as_trained_and_accepts_a_moved_base(trained, toy_root, tiny_vlm_dir, tmp_path,
+def test_evaluation_loads_the_base_as_stage3_and_accepts_a_moved_base(trained, toy_root, tiny_vlm_dir, tmp_path,
                                                                      monkeypatch):
     import shutil
     from dataclasses import replace
@@ -217,15 +217,16 @@ def test_eval_only_loads_the_base_as_trained_and_accepts_a_moved_base(trained, t
 
     calls = []
 
-    def record(vlm_dir, device, vlm_model=None, quant=None):
-        calls.append(quant)
+    def record(vlm_dir, device, vlm_model=None, quant=None, dtype=None):
+        calls.append((quant, dtype))
         raise UserError("stop")
 
     monkeypatch.setattr(train_vlm, "load_trained_vlm", record)  # the name stage 1 calls
-    for flags, expected in (((), None), (("--quant", "none"), "none")):
+    for flags, expected in (((), "none"), (("--quant", "none"), "none"), (("--quant", "4bit"), "4bit")):
         with pytest.raises(UserError, match="stop"):
             train_vlm.main(train_vlm.parse(stage1_argv(toy_root, trained.parents[1], tiny_vlm_dir, "--eval_only", *flags)))
-        assert calls.pop() == expected  # auto -> None: as recorded in meta.json
+        # auto -> as train_gate.py loads it by default: unquantised, float32
+        assert calls.pop() == (expected, torch.float32)
     monkeypatch.undo()
 
     assert trained_quant(None, None, "cpu") is None

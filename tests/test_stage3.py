@@ -33,6 +33,15 @@ def _gate_data(pipeline: ToyRun, *extra: str) -> dict:
     return gate_data_from_caches(parse_args(train_gate.get_args_parser(), pipeline.argv(*extra)))
 
 
+def test_stage1_evaluation_is_stage3s_vlm_row(trained_pipeline):
+    # Stage 1 evaluates the folder it saved, loaded as stage 3 loads it: one number for the VLM.
+    stage1 = json.loads((trained_pipeline.stage("vlm") / "eval_score" / "metrics.json").read_text())
+    stage3 = json.loads((trained_pipeline.stage("gate") / "metrics.json").read_text())
+    assert stage1["n"] == stage3["vlm"]["n"] == 32
+    assert stage1["accuracy"] == stage3["vlm"]["accuracy"]
+    assert stage1["macro_f1"] == stage3["vlm"]["macro_f1"]
+
+
 def test_pipeline_outputs_table_and_accuracy(trained_pipeline):
     from utils.report import build_report
 

@@ -154,6 +154,9 @@ class DistillRecord(StageRecord):
     min_pixels: int | None = None
     max_pixels: int | None = None
     feature_dtype: str | None = None  # e.g. "torch.float32": the dtype the feature cache was encoded in
+    # The longer side images were shrunk to before the processor (data.datasets.pre_resize; 0: not);
+    # None in a record written before it was recorded: no pre-resize, as stage 2 then encoded.
+    pre_resize: int | None = None
 
     def check_built_on(self, vlm: VLMRecord, folder: str | Path, vlm_dir: str | Path,
                        dataname: str = "<dataname>") -> None:
@@ -195,6 +198,9 @@ class GateProvenance:
     # What the gate was given of the head (stage 3's --head_signal): "logits" or "probs", their
     # softmax; a gate.pt written before it was recorded was given the logits.
     head_signal: str = "logits"
+    # The longer side images were shrunk to before the VLM answered (data.datasets.pre_resize; 0: not);
+    # None in a gate.pt written before it was recorded: no pre-resize, as stage 3 then answered.
+    pre_resize: int | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict, path: str | Path, dataname: str = "<dataname>") -> GateProvenance:
