@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_distillation
-import train_gate as stage3
+import train_gate
 from engine.batches import TrainingOrder, per_step_epoch
 from engine.distill import train_head
 from engine.gate import GateData, train_gate
@@ -149,8 +149,8 @@ def test_default_order_is_one_seeded_shuffle_kept_every_epoch_and_reshuffle_draw
 def test_reshuffle_is_a_flag_of_stages_2_and_3_and_changes_what_is_trained():
     assert not train_distillation.parse(["--dataname", "toy"]).reshuffle  # the reference code's order
     assert train_distillation.parse(["--dataname", "toy", "--reshuffle"]).reshuffle
-    assert not stage3.parse(["--dataname", "toy"]).reshuffle
-    assert stage3.parse(["--dataname", "toy", "--reshuffle"]).reshuffle
+    assert not train_gate.parse(["--dataname", "toy"]).reshuffle
+    assert train_gate.parse(["--dataname", "toy", "--reshuffle"]).reshuffle
     features, teacher, labels = _head_data()
     # The epochs' training losses (the kept weights may be an early epoch's, the same either way).
     kept = [row["train_loss"] for row in train_head(features, teacher, labels, DIM, CLASSES, epochs=3, lr=1e-2,
