@@ -11,7 +11,8 @@ import train_distillation
 import train_gate
 from engine.batches import TrainingOrder, per_step_epoch
 from engine.distill import train_head
-from engine.gate import GateData, train_gate
+import engine.gate
+from engine.gate import GateData
 
 N_TRAIN, N_VAL, CLASSES, DIM, EPOCHS = 40, 12, 3, 8, 2
 
@@ -61,7 +62,7 @@ def test_head_defaults_to_one_step_per_image_without_a_sync_per_step(counted):
 
 
 def test_gate_defaults_to_one_step_per_image_without_a_sync_per_step(counted):
-    train_gate("concat_linear", CLASSES, _gate_data(N_TRAIN, 1), _gate_data(N_VAL, 2), epochs=EPOCHS)
+    engine.gate.train_gate("concat_linear", CLASSES, _gate_data(N_TRAIN, 1), _gate_data(N_VAL, 2), epochs=EPOCHS)
     assert counted["steps"] == EPOCHS * N_TRAIN
     assert counted["items"] <= 4 * EPOCHS
 
@@ -163,8 +164,8 @@ def test_reshuffle_is_a_flag_of_stages_2_and_3_and_changes_what_is_trained():
                                                       seed=0).history]
     assert again == kept  # the seed fixes the order
     train, val = _gate_data(N_TRAIN, 0), _gate_data(N_VAL, 1)
-    kept = [row["train_loss"] for row in train_gate("concat_linear", CLASSES, train, val, epochs=3, lr=1e-2,
-                                                     seed=0).history]
-    redrawn = [row["train_loss"] for row in train_gate("concat_linear", CLASSES, train, val, epochs=3, lr=1e-2,
-                                                        seed=0, reshuffle=True).history]
+    kept = [row["train_loss"] for row in engine.gate.train_gate("concat_linear", CLASSES, train, val, epochs=3,
+                                                                lr=1e-2, seed=0).history]
+    redrawn = [row["train_loss"] for row in engine.gate.train_gate("concat_linear", CLASSES, train, val, epochs=3,
+                                                                   lr=1e-2, seed=0, reshuffle=True).history]
     assert kept[0] == redrawn[0] and kept[1:] != redrawn[1:]
