@@ -20,19 +20,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import SchedulerType, Trainer
+from transformers import SchedulerType
 
 from data.annotations import ANNOTATIONS_FILE, read_annotations
 from data.datasets import REFERENCE_PRE_RESIZE, load_dataset
 from data.prompts import PARSERS
 from engine.vlm_eval import evaluate_vlm
-from engine.vlm_train import (DEFAULT_TARGET_MODULES, ConversationCollator, build_examples, check_placement,
-                              epoch_logger, example_counts, last_checkpoint, read_history, training_arguments,
-                              wrap_lora)
+from engine.vlm_train import (DEFAULT_TARGET_MODULES, AnswerLogitsTrainer, ConversationCollator, build_examples,
+                              check_placement, epoch_logger, example_counts, gradient_checkpointing, last_checkpoint,
+                              read_history, training_arguments, val_scorer, wrap_lora)
 from models.backbones import backbone_for
 from models.scorer import EVAL_MODES
-from models.vlm import (DEFAULT_MAX_PIXELS, LATER_STAGES_DTYPE, LATER_STAGES_QUANT, load_processor, load_trained_vlm,
-                        load_vlm, resolve_quant, vlm_torch_dtype)
+from models.vlm import (ATTN_IMPLEMENTATIONS, DEFAULT_MAX_PIXELS, LATER_STAGES_DTYPE, LATER_STAGES_QUANT,
+                        attn_implementation, check_attn_implementation, load_processor, load_trained_vlm, load_vlm,
+                        resolve_quant, vlm_torch_dtype)
 from utils.checkpoints import META_FILE, file_id
 from utils.cli import base_parser, parse_args, stage_dir
 from utils.dist import (barrier, distributed_rank, is_main_process, leave_process_group, pin_single_gpu,
@@ -69,6 +70,10 @@ def get_args_parser():
                             "auto: 4bit on a CUDA GPU when bitsandbytes is installed, else full precision; "
                             "the test evaluation reloads the saved adapter as train_gate.py does (unquantised, "
                             "float32); with --eval_only, none|4bit overrides that")
+    model.add_argument("--attn_implementation", choices=ATTN_IMPLEMENTATIONS, default=None,
+                       help="the attention kernel for training (transformers' names); default: transformers' "
+                            "choice (sdpa); flash_attention_2 needs CUDA and the flash-attn package. Recorded in "
+                            "vlm/meta.json; the test evaluation and the later stages load with the default")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora_r", type=int, default=8)
     lora.add_argument("--lora_alpha", type=int, default=8)
@@ -94,10 +99,19 @@ def get_args_parser():
     train.add_argument("--grad_accum", type=int, default=1, help="gradient accumulation steps")
     train.add_argument("--train_on_prompt", action="store_true",
                        help="loss on every text token, not only the answers (the reference code's way)")
+    train.add_argument("--gradient_checkpointing", choices=("auto", "on", "off"), default="auto",
+                       help="recompute each layer's activations in the backward pass instead of keeping them "
+                            "(less memory, ~30%% more compute); auto: on where CUDA trains (the reference run), "
+                            "off on CPU")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in vlm/trainer/")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval_only", action="store_true", help="evaluate the trained adapter, no training")
     evaluation.add_argument("--eval_mode", choices=EVAL_MODES, default="score")
+    evaluation.add_argument("--eval_every_epoch", choices=("auto", "on", "off"), default="auto",
+                            help="after each epoch score the validation images with the class scorer (one prompt "
+                                 "forward per image) and log val_acc in log.txt and curves.png; it changes no "
+                                 "weights: the last epoch is saved either way, as the reference does. auto: on "
+                                 "when the dataset has validation images")
     evaluation.add_argument("--skip_eval", action="store_true", help="train only")
     evaluation.add_argument("--eval_batch_size", type=int, default=8)
     evaluation.add_argument("--pre_resize", type=int, default=REFERENCE_PRE_RESIZE,
@@ -121,6 +135,14 @@ def check_args(args) -> None:
         raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
 
 
+def eval_every_epoch(choice: str, splits) -> bool:
+    """``--eval_every_epoch``: ``auto`` is on when the dataset has validation images."""
+    if choice == "on" and not splits.val:
+        raise UserError("--eval_every_epoch on: this dataset has no validation images; lay out a val/ folder "
+                        "or leave the flag out")
+    return bool(splits.val) if choice == "auto" else choice == "on"
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
     """The settings stage 1 trains with that the flags leave open (their defaults depend on the
@@ -129,6 +151,9 @@ class TrainingSettings:
     quant: str | None  # "4bit" or None (full precision)
     target_modules: list[str]
     gpu: int | None  # --gpu as this process sees it (pin_single_gpu)
+    attn_implementation: str | None = None  # what the model runs (transformers' choice without the flag)
+    gradient_checkpointing: bool | None = None
+    eval_every_epoch: bool | None = None  # the validation split scored after each epoch
 
 
 def evaluate(args, model, processor, splits, out_dir: Path) -> dict:
@@ -206,7 +231,10 @@ def save_outputs(args, settings: TrainingSettings, model, processor, class_names
               min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
               modules_to_save=list(args.modules_to_save), target_modules=list(settings.target_modules),
               lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=settings.quant,
-              train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts).write(out_dir)
+              train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts,
+              attn_implementation=settings.attn_implementation,
+              gradient_checkpointing=settings.gradient_checkpointing,
+              eval_every_epoch=settings.eval_every_epoch).write(out_dir)
     history = read_history(out_dir / "log.txt")
     staged.commit([("the final training loss", history[-1]["train_loss"])] if history else [], "--lr")
     print(f"saved adapter and processor to {final_dir}")
@@ -221,6 +249,9 @@ def train(args, splits, out_dir: Path, gpu: int | None) -> None:
     device = training_device(gpu)
     on_gpu = device.type == "cuda"
     quant = resolve_quant(args.quant, device)
+    check_attn_implementation(args.attn_implementation, device)
+    validating = eval_every_epoch(args.eval_every_epoch, splits)
+    checkpointing = gradient_checkpointing(args.gradient_checkpointing, on_gpu)
     print(f"base model {vlm_model}: " + ("4-bit NF4 (QLoRA)" if quant else
                                            "full precision" + (" (bf16)" if on_gpu else "")))
     processor = load_processor(vlm_model, args.min_pixels, args.max_pixels)
@@ -228,11 +259,16 @@ def train(args, splits, out_dir: Path, gpu: int | None) -> None:
     print(f"pixel budget per image: {size.shortest_edge}..{size.longest_edge} "
           f"(--min_pixels/--max_pixels)")
     model = load_vlm(vlm_model, device, dtype=torch.bfloat16 if on_gpu else None, quant=quant,
-                     trainable=True)
+                     trainable=True, attn_implementation=args.attn_implementation)
     settings = TrainingSettings(vlm_model=vlm_model, quant=quant, gpu=gpu,
-                                target_modules=list(args.target_modules or backbone_for(model).lora_targets))
+                                target_modules=list(args.target_modules or backbone_for(model).lora_targets),
+                                attn_implementation=attn_implementation(model),
+                                gradient_checkpointing=checkpointing, eval_every_epoch=validating)
+    print(f"attention {settings.attn_implementation}; gradient checkpointing {'on' if checkpointing else 'off'}; "
+          + (f"the {len(splits.val)} validation images scored after each epoch" if validating
+             else "no validation after each epoch"))
     model = wrap_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, settings.target_modules,
-                      args.modules_to_save, quantized=quant is not None, gradient_checkpointing=on_gpu)
+                      args.modules_to_save, quantized=quant is not None, gradient_checkpointing=checkpointing)
 
     trainer_dir = out_dir / "trainer"
     checkpoint = prepare_folder(args, out_dir, trainer_dir)
@@ -247,11 +283,15 @@ def train(args, splits, out_dir: Path, gpu: int | None) -> None:
           f"({training_args.world_size} process(es)); ~{-(-batches // args.grad_accum)} optimizer steps per epoch"
           + (f"; resuming from {checkpoint}" if checkpoint else ""))
     staging = staging_dir(out_dir)
+    validate = val_scorer(splits.val, splits.data_root, splits.class_names, processor, args.eval_batch_size,
+                          args.pre_resize) if validating else None
     logger = epoch_logger(staging / "log.txt", staging / "curves.png",
                           (read_history(staging / "log.txt") or read_history(out_dir / "log.txt"))
-                          if checkpoint else None)
-    trainer = Trainer(model=model, args=training_args, train_dataset=examples,
-                      data_collator=ConversationCollator(processor, args.train_on_prompt), callbacks=[logger])
+                          if checkpoint else None, validate)
+    # The output layer runs only where the loss reads it (the answers; every text token with --train_on_prompt).
+    trainer = AnswerLogitsTrainer(model=model, args=training_args, train_dataset=examples,
+                                  data_collator=ConversationCollator(processor, args.train_on_prompt),
+                                  callbacks=[logger])
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():  # saving is rank 0's alone
         save_outputs(args, settings, model, processor, splits.class_names, out_dir, counts)

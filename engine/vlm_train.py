@@ -1,21 +1,26 @@
 """Stage 1 library: instruction examples from annotations, the masking collator, LoRA/QLoRA
-wrapping, the transformers ``Trainer`` set-up and the per-epoch log."""
+wrapping, the transformers ``Trainer`` set-up (its loss computed from the logits at the labelled
+positions only), the per-epoch validation and the per-epoch log."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint, unwrap_peft_model
 
 from data.annotations import TASKS, Annotation, categorical_conversation, to_conversations
 from data.datasets import DatasetSplits, open_image
+from engine.vlm_answers import predict_samples
 from models.backbones import BACKBONES, backbone_for
-from models.chat import encode_conversations
+from models.chat import IGNORE_INDEX, encode_conversations
 from utils.dist import distributed_rank
 from utils.errors import UserError, first_line
 from utils.io import write_text
@@ -108,16 +113,134 @@ def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules: Sequenc
     return model
 
 
+# ---------------------------------------------------------------- the loss, where the labels are
+
+def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, targets)`` of a batch's ``labels`` (B, L): ``keep`` (B, L) bool marks the positions
+    whose logits the loss reads, those whose *next* token is labelled (the logits at t predict
+    token t + 1; the last position predicts nothing), and ``targets`` (K,) are those next tokens,
+    in ``keep``'s row-major order (the order ``hidden[keep]`` gathers the positions in)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep, labels[:, 1:][keep[:, :-1]]
+
+
+def kept_logits_loss(model, inputs: dict, num_items_in_batch: torch.Tensor | int | None = None):
+    """``(loss, outputs)``: the causal language-model loss of ``inputs`` (with ``labels``), its
+    151,936-wide logits computed only at :func:`loss_positions` (``logits_to_keep``, a boolean
+    mask the model applies to its hidden states before the output layer; ``outputs.logits`` is
+    (K, vocabulary)).
+
+    The same loss as transformers' ``ForCausalLMLoss`` on the logits of every position: float32
+    cross-entropy over the labelled next tokens, their mean, or, given ``num_items_in_batch``
+    (the Trainer's count of labelled tokens over an accumulated batch), their sum divided by it.
+    The positions left out carry no label, so they add nothing to the loss or its gradients."""
+    inputs = dict(inputs)
+    keep, targets = loss_positions(inputs.pop("labels"))
+    outputs = model(**inputs, logits_to_keep=keep)
+    logits = outputs.logits.float()  # as ForCausalLMLoss: the loss in float32
+    targets = targets.to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, targets, reduction="mean"), outputs
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(logits.device)
+    return F.cross_entropy(logits, targets, reduction="sum") / num_items_in_batch, outputs
+
+
+def keeps_logits(model) -> bool:
+    """Whether ``model`` (peft-wrapped or not) takes ``logits_to_keep`` in its forward; every
+    supported family does in the transformers release requirements.txt names."""
+    base = unwrap_peft_model(model)
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+class AnswerLogitsTrainer(Trainer):
+    """The Trainer of stage 1: the output layer runs only at the positions the loss reads
+    (:func:`kept_logits_loss`: the answers; every text token with ``--train_on_prompt``), not at
+    every position of a ~1,300-token example, the same loss and gradients as the Trainer's own
+    computation. Everything else (gradient accumulation, the count of labelled tokens across
+    processes) is the Trainer's: the loss is normalised as :meth:`Trainer.compute_loss` does
+    (by ``num_items_in_batch`` where the model accepts loss keywords, else per batch) and scaled
+    for averaging across devices the same way. A model without ``logits_to_keep`` falls back to
+    the Trainer's own computation (all positions)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_logits = keeps_logits(self.model)
+        if not self.keep_logits:
+            log.warning("this model's forward takes no logits_to_keep: the loss reads the logits of every position")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.keep_logits or "labels" not in inputs or self.label_smoother is not None \
+                or self.compute_loss_func is not None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        normalised = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        loss, outputs = kept_logits_loss(model, inputs, num_items_in_batch if normalised else None)
+        if self.args.average_tokens_across_devices and normalised:  # as Trainer.compute_loss
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
+
+
+# ---------------------------------------------------------------- the validation after each epoch
+
+def val_scorer(samples: Sequence, data_root: str | Path, class_names: Sequence[str], processor,
+               batch_size: int = 8, pre_resize: int | None = None) -> Callable:
+    """``validate(model) -> accuracy``: the class scorer (``score`` mode, as the test evaluation)
+    over the validation ``samples``, one prompt forward per image. The model is scored in eval
+    mode without gradients, then put back in the mode it was in; under torchrun every rank must
+    call it (the images are sharded across the ranks, as in the test evaluation)."""
+    labels = torch.tensor([sample.label for sample in samples])
+
+    def validate(model) -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), scoring_attention(model):
+                result = predict_samples(model, processor, data_root, samples, class_names, "score", batch_size,
+                                         max_new_tokens=1, desc="val (score)", pre_resize=pre_resize)
+        finally:
+            model.train(was_training)
+        return float((result.pred == labels).float().mean())
+
+    return validate
+
+
+@contextmanager
+def scoring_attention(model):
+    """The class scorer's packed answers need a 4-D attention mask, which FlashAttention-2 does
+    not take: a model trained with it is scored with ``sdpa``, then switched back."""
+    base = unwrap_peft_model(model)
+    before = getattr(base.config, "_attn_implementation", None)
+    if before != "flash_attention_2":
+        yield
+        return
+    base.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(before)
+
+
 def last_checkpoint(trainer_dir: str | Path) -> str | None:
     return get_last_checkpoint(str(trainer_dir)) if Path(trainer_dir).is_dir() else None
 
 
-def epoch_logger(log_path: str | Path, curves_path: str | Path, history: list[dict] | None = None):
-    """A TrainerCallback appending one JSON line per epoch (mean loss, lr, grad norm) to log.txt
-    and redrawing the loss curve; only the main process writes."""
+def epoch_logger(log_path: str | Path, curves_path: str | Path, history: list[dict] | None = None,
+                 validate: Callable | None = None):
+    """A TrainerCallback appending one JSON line per epoch (mean loss, lr, grad norm and, with
+    ``validate`` (:func:`val_scorer`), the validation accuracy ``val_acc`` of the weights at the
+    epoch's end) to log.txt and redrawing the curves; only the main process writes. Validating
+    changes no weight and no choice of weights: the Trainer saves the last epoch's either way."""
     class EpochLogger(TrainerCallback):
         def __init__(self):
             self.history = list(history or [])
+            self.val_acc = None
+
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            # Every rank scores its share of the images; the Trainer logs the epoch right after.
+            if validate is not None:
+                self.val_acc = validate(model)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             # Logging is per epoch; the epoch's loss arrives here, after on_epoch_end.
@@ -128,9 +251,12 @@ def epoch_logger(log_path: str | Path, curves_path: str | Path, history: list[di
                    "lr": float(logs.get("learning_rate", 0.0)), "step": state.global_step}
             if "grad_norm" in logs:
                 row["grad_norm"] = float(logs["grad_norm"])
+            if self.val_acc is not None:
+                row["val_acc"] = self.val_acc
+                self.val_acc = None
             self.history = [h for h in self.history if h["epoch"] != row["epoch"]] + [row]
             write_text(log_path, "".join(json.dumps(h) + "\n" for h in self.history))
-            save_curves_png([{k: h[k] for k in ("epoch", "train_loss")} for h in self.history],
+            save_curves_png([{k: h[k] for k in ("epoch", "train_loss", "val_acc") if k in h} for h in self.history],
                             curves_path, "stage 1: instruction tuning")
             print(json.dumps(row))
 
@@ -158,10 +284,17 @@ def tf32_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
 
+def gradient_checkpointing(choice: str | None, on_gpu: bool) -> bool:
+    """``--gradient_checkpointing``: ``on``, ``off``, or ``auto`` (None too): on where CUDA trains,
+    as the reference run, off on CPU."""
+    return on_gpu if choice in (None, "auto") else choice == "on"
+
+
 def trainer_settings(args, trainer_dir: str | Path, on_gpu: bool) -> dict:
     """The Trainer's keyword arguments from the stage-1 flags (paper defaults). On a GPU, as the
-    reference run: bf16, gradient checkpointing, the fused AdamW kernel and TF32 matmuls (where
-    the GPU has them); on CPU the plain AdamW in float32."""
+    reference run: bf16, gradient checkpointing (``--gradient_checkpointing``), the fused AdamW
+    kernel and TF32 matmuls (where the GPU has them); on CPU the plain AdamW in float32."""
+    checkpointing = gradient_checkpointing(getattr(args, "gradient_checkpointing", None), on_gpu)
     tf32 = on_gpu and tf32_supported()
     if on_gpu and not tf32:
         log.warning("this GPU has no TF32 matmuls (it needs compute capability 8.0 or newer); training without")
@@ -179,8 +312,8 @@ def trainer_settings(args, trainer_dir: str | Path, on_gpu: bool) -> dict:
         optim="adamw_torch_fused" if on_gpu else "adamw_torch",
         tf32=True if tf32 else None,  # None leaves torch's own setting (transformers refuses True without TF32)
         bf16=on_gpu,
-        activation_checkpointing=on_gpu,
-        activation_checkpointing_kwargs={"use_reentrant": False} if on_gpu else None,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         logging_strategy="epoch",
         logging_nan_inf_filter=False,  # a diverged loss must show, not be averaged away
         save_strategy="epoch",

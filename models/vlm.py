@@ -26,6 +26,8 @@ from utils.records import VLMRecord
 log = logging.getLogger(__name__)
 
 QUANT_CHOICES = ("4bit",)
+# Stage 1's --attn_implementation (transformers' names); left out, transformers chooses (sdpa).
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 # The hub processor of Qwen2-VL-7B-Instruct allows 12,845,056 pixels (16,384 visual tokens) per
 # image; without a cap a large photo would need tens of GB. 1280 merged 28x28 patches is the
 # transformers default and Qwen's recommended budget.
@@ -113,14 +115,38 @@ def _quantization_config(quant: str, device: torch.device, keep_unquantised: Seq
                               bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=list(keep_unquantised))
 
 
+def check_attn_implementation(name: str | None, device: torch.device) -> None:
+    """Refuse an attention implementation that cannot run here before any weight loads."""
+    if name not in (None, *ATTN_IMPLEMENTATIONS):
+        raise UserError(f"--attn_implementation {name}: choose one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name == "flash_attention_2":
+        if device.type != "cuda":
+            raise UserError("--attn_implementation flash_attention_2 needs a CUDA GPU; leave it out (or use sdpa)")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError("--attn_implementation flash_attention_2 needs the flash-attn package "
+                            "(pip install flash-attn); leave it out (or use sdpa)")
+
+
+def attn_implementation(model) -> str | None:
+    """The attention implementation a loaded model (peft-wrapped or not) runs with."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "_attn_implementation", None)
+
+
 def load_vlm(model_id: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-             quant: str | None = None, adapter: str | Path | None = None, trainable: bool = False):
+             quant: str | None = None, adapter: str | Path | None = None, trainable: bool = False,
+             attn_implementation: str | None = None):
     """Load the VLM (optionally 4-bit, optionally with a LoRA adapter) on ``device``.
 
-    ``dtype`` None keeps transformers' default; the model is in eval mode unless ``trainable``.
+    ``dtype`` None keeps transformers' default; ``attn_implementation`` (``ATTN_IMPLEMENTATIONS``)
+    None keeps transformers' choice (``sdpa`` where torch has it); the model is in eval mode
+    unless ``trainable``.
     """
     device = torch.device(device)
     kwargs = {} if dtype is None else {"dtype": dtype}
+    check_attn_implementation(attn_implementation, device)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     _check_model_id(model_id)
     try:
         config = AutoConfig.from_pretrained(model_id)
@@ -129,6 +155,8 @@ def load_vlm(model_id: str | Path, device: str | torch.device = "cpu", dtype: st
             kwargs["quantization_config"] = _quantization_config(quant, device, backbone.keep_unquantised)
             kwargs["device_map"] = {"": device.index or 0}  # bitsandbytes places weights while loading
         model = AutoModelForImageTextToText.from_pretrained(model_id, config=config, **kwargs)
+    except ImportError as err:  # e.g. an attention implementation's package missing or too old
+        raise UserError(f"--vlm_model {model_id}: {first_line(err)}") from None
     except (OSError, ValueError) as err:
         raise _load_error(model_id, err) from None
     if quant is None:

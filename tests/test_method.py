@@ -29,9 +29,8 @@ class FirstBatch(Exception):
 def test_trainer_batches_label_only_the_answers(toy_root, tiny_vlm_dir, tmp_path, monkeypatch):
     """The batch the Trainer computes its loss on, built by train_vlm.py's own collator and data
     loader, has labels on the assistant answers (and their end token) only."""
-    from transformers import Trainer
-
     import train_vlm
+    from engine.vlm_train import AnswerLogitsTrainer
     from data.annotations import read_annotations, to_conversations
     from data.datasets import load_dataset
     from models.chat import IGNORE_INDEX
@@ -43,7 +42,7 @@ def test_trainer_batches_label_only_the_answers(toy_root, tiny_vlm_dir, tmp_path
         seen.append({key: value.detach().cpu() for key, value in inputs.items() if torch.is_tensor(value)})
         raise FirstBatch
 
-    monkeypatch.setattr(Trainer, "compute_loss", first_batch)
+    monkeypatch.setattr(AnswerLogitsTrainer, "compute_loss", first_batch)  # the Trainer stage 1 runs
     pipeline = ToyRun(toy_root, tmp_path, tiny_vlm_dir)
     annotations = read_annotations(write_annotations(pipeline))
     with pytest.raises(FirstBatch):

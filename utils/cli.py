@@ -104,6 +104,8 @@ def _config_value(action: argparse.Action, value, where: str):
 
 def _config_item(action: argparse.Action, item, where: str):
     kind = action.type
+    if isinstance(item, bool) and action.choices is not None and {"on", "off"} <= set(action.choices):
+        item = "on" if item else "off"  # YAML reads a bare on/off as true/false
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(item, bool):
             raise UserError(f"{where}: {item!r} is not true or false")

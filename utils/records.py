@@ -103,6 +103,12 @@ class VLMRecord(StageRecord):
     train_on_prompt: bool | None = None
     epochs: int | None = None
     counts: dict | None = None
+    # How the training ran (None in a meta.json written before they were recorded): the attention
+    # implementation (transformers' name, e.g. "sdpa"), gradient checkpointing, and whether the
+    # validation split was scored after each epoch (log.txt's val_acc; the last epoch is saved either way).
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool | None = None
+    eval_every_epoch: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
