@@ -28,3 +28,15 @@ def score_classes_full(model, processor, images: Sequence[Image.Image],
             keep = targets != IGNORE_INDEX
             scores[i, c] = log_probs[keep].gather(-1, targets[keep].unsqueeze(-1)).sum().cpu()
     return scores
+
+
+def loss_and_grads(model, compute) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss ``compute()`` returns and the gradient it gives each trainable parameter of ``model``
+    (gradients cleared before, so two computations compare side by side)."""
+    model.zero_grad(set_to_none=True)
+    loss = compute()
+    loss.backward()
+    grads = {name: param.grad.detach().clone() for name, param in model.named_parameters()
+             if param.requires_grad and param.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads

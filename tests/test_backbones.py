@@ -219,3 +219,31 @@ def test_train_on_prompt_labels_every_text_token_and_no_image_token(arch, family
     real = batch["attention_mask"][0].bool()
     labelled = batch["labels"][0] != IGNORE_INDEX
     assert image.sum() > 0 and torch.equal(labelled, real & ~image)
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+@pytest.mark.parametrize("arch", ARCHES)
+def test_logits_at_the_labelled_positions_give_the_full_loss_and_gradients(arch, train_on_prompt, family_dir):
+    """Stage 1's loss from the logits at the labelled positions only (``logits_to_keep``) is the
+    family's own loss on every position's logits, with the same LoRA gradients, on every family."""
+    from engine.vlm_train import keeps_logits, kept_logits_loss, wrap_lora
+    from models.chat import class_conversations, encode_conversations
+    from models.vlm import load_processor, load_vlm
+    from tests.oracles import loss_and_grads
+
+    model = wrap_lora(load_vlm(family_dir(arch), trainable=True), 8, 8, 0.0, None, [], quantized=False,
+                      gradient_checkpointing=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at zero, which would leave lora_A's gradients zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    assert keeps_logits(model)  # no family falls back to the logits of every position
+    batch = dict(encode_conversations(load_processor(family_dir(arch)), class_conversations(CLASSES)[:3], _images(),
+                                      train_on_prompt))
+    kept = loss_and_grads(model, lambda: kept_logits_loss(model, batch)[0])
+    full = loss_and_grads(model, lambda: model(**batch).loss)
+    torch.testing.assert_close(kept[0], full[0], rtol=1e-6, atol=1e-7)
+    assert kept[1].keys() == full[1].keys() and any("lora_A" in name for name in full[1])
+    for name, grad in full[1].items():
+        torch.testing.assert_close(kept[1][name], grad, rtol=1e-5, atol=1e-8, msg=name)

@@ -120,12 +120,16 @@ def test_training_lowers_loss_and_learns_the_toy_classes(trained, tiny_vlm_dir):
     history = [json.loads(line) for line in (trained / "log.txt").read_text().splitlines()]
     assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    # The toy world has validation images (split off train): each epoch is scored on them.
+    assert all(0.0 <= row["val_acc"] <= 1.0 for row in history)
     for name in ("adapter_config.json", "adapter_model.safetensors", "processor_config.json",
                  "run.json", "curves.png", "eval_score/confusion_matrix.png"):
         assert (trained / name).is_file(), name
     meta = json.loads((trained / "meta.json").read_text())
     assert meta["class_names"] == ["amusement", "anger", "awe", "contentment"]
     assert meta["base_model"] == str(tiny_vlm_dir) and meta["modules_to_save"] == ["lm_head"]
+    assert (meta["attn_implementation"], meta["gradient_checkpointing"], meta["eval_every_epoch"]) == \
+        ("sdpa", False, True)  # transformers' choice; off on CPU; on where validation images exist
     run = json.loads((trained / "run.json").read_text())
     assert meta["counts"] == run["counts"] and run["counts"]["without_text"] == 0  # every image annotated
     assert run["counts"]["conversations"]["categorical"] == run["counts"]["train_images"]
@@ -368,7 +372,7 @@ def test_missing_annotations_exit_2_naming_stage_0(tiny_vlm_dir, toy_root, tmp_p
     assert "python generate_instructions.py --dataname toy" in errors[0]
 
 
-@pytest.mark.parametrize("case", ["image_gone", "quant_without_cuda", "unknown_model"])
+@pytest.mark.parametrize("case", ["image_gone", "quant_without_cuda", "flash_without_cuda", "unknown_model"])
 def test_bad_inputs_are_one_line_errors(case, tiny_vlm_dir, toy_root, tmp_path, capsys):
     import train_vlm
     from utils.errors import run_cli
@@ -376,15 +380,16 @@ def test_bad_inputs_are_one_line_errors(case, tiny_vlm_dir, toy_root, tmp_path, 
     extra = ("toy/train/awe/deleted.png",) if case == "image_gone" else ()
     write_annotations(toy_root, tmp_path, extra=extra)
     vlm, flags = tiny_vlm_dir, ()
-    if case == "quant_without_cuda":
+    if case in ("quant_without_cuda", "flash_without_cuda"):
         if torch.cuda.is_available():
             pytest.skip("CUDA present")
-        flags = ("--quant", "4bit")
+        flags = ("--quant", "4bit") if case == "quant_without_cuda" else ("--attn_implementation", "flash_attention_2")
     if case == "unknown_model":
         vlm = tmp_path / "no-such-model"
     assert run_cli(train_vlm.main, stage1_argv(toy_root, tmp_path, vlm, *flags), parse=train_vlm.parse) == 2
     err = capsys.readouterr().err.strip().splitlines()
     expected = {"image_gone": "deleted.png no longer exists", "quant_without_cuda": "--quant 4bit needs a CUDA GPU",
+                "flash_without_cuda": "--attn_implementation flash_attention_2 needs a CUDA GPU",
                 "unknown_model": "no-such-model"}[case]
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert not (tmp_path / "toy" / "vlm" / "meta.json").exists()
@@ -408,3 +413,145 @@ def test_stage1_schedule_is_constant_without_warmup_unless_asked(tmp_path, extra
     schedule = get_scheduler(training_args.lr_scheduler_type, optimizer,
                              num_warmup_steps=training_args.get_warmup_steps(100), num_training_steps=100)
     assert schedule.get_last_lr()[0] == pytest.approx(first_lr_fraction * args.lr)
+
+
+def _lora_model(vlm_dir, modules_to_save=("lm_head",)):
+    """The tiny VLM under LoRA as stage 1 trains it, lora_B drawn at random: it starts at zero,
+    which would leave every lora_A gradient zero and untested."""
+    from engine.vlm_train import wrap_lora
+    from models.vlm import load_vlm
+
+    model = wrap_lora(load_vlm(str(vlm_dir), trainable=True), 8, 8, 0.0, None, list(modules_to_save),
+                      quantized=False, gradient_checkpointing=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model
+
+
+def _training_batch(processor, toy_root: Path, train_on_prompt: bool) -> dict:
+    """Three conversations (observation, reasoning, categorical) on images of different sizes, left-padded."""
+    from data.annotations import Annotation, to_conversations
+    from models.chat import encode_conversations
+
+    annotation = Annotation("toy/x.png", "awe", "A red circle on yellow.", "Big bright shapes feel grand.", "t")
+    conversations = list(to_conversations(annotation, ["amusement", "anger", "awe", "contentment"]).values())
+    image = Image.open(next((toy_root / "toy" / "train" / "awe").iterdir())).convert("RGB")
+    return dict(encode_conversations(processor, conversations, [image, image.resize((40, 30)), image],
+                                     train_on_prompt))
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_logits_at_the_labelled_positions_give_the_trainers_loss_and_gradients(train_on_prompt, tiny_vlm_dir,
+                                                                               toy_root, tmp_path):
+    """Stage 1's Trainer runs the output layer only where the loss reads it (the answers; every
+    text token with --train_on_prompt): the same loss and the same gradients (LoRA's and the fully
+    trained lm_head's) as transformers' Trainer computing the logits of every position, per batch
+    and normalised by a count of labelled tokens as under gradient accumulation."""
+    from transformers import Trainer
+
+    import train_vlm
+    from engine.vlm_train import AnswerLogitsTrainer, training_arguments
+    from models.chat import IGNORE_INDEX
+    from models.vlm import load_processor
+    from tests.oracles import loss_and_grads
+    from utils.cli import parse_args
+
+    model = _lora_model(tiny_vlm_dir)
+    args = parse_args(train_vlm.get_args_parser(), ["--dataname", "toy"], train_vlm.FLAG_RULES)
+    trainer = AnswerLogitsTrainer(model=model, args=training_arguments(args, tmp_path, on_gpu=False))
+    assert trainer.keep_logits
+    batch = _training_batch(load_processor(str(tiny_vlm_dir)), toy_root, train_on_prompt)
+    labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    assert outputs.logits.shape[0] == labelled < batch["input_ids"].numel()  # the labelled positions only
+    losses = []
+    for num_items in (None, torch.tensor(3 * labelled)):  # per batch; a third of an accumulated batch
+        ours = loss_and_grads(model, lambda: trainer.compute_loss(model, batch, num_items_in_batch=num_items))
+        full = loss_and_grads(model, lambda: Trainer.compute_loss(trainer, model, batch, num_items_in_batch=num_items))
+        torch.testing.assert_close(ours[0], full[0], rtol=1e-6, atol=1e-7)
+        assert ours[1].keys() == full[1].keys() and any("lora_A" in n for n in full[1]) \
+            and any("lm_head" in n for n in full[1])
+        for name, grad in full[1].items():
+            assert grad.abs().max() > 0, name
+            torch.testing.assert_close(ours[1][name], grad, rtol=1e-5, atol=1e-8, msg=name)
+        losses.append(float(full[0]))
+    # Qwen2-VL's forward takes loss keywords, so the Trainer normalises by its count: both branches ran.
+    assert trainer.model_accepts_loss_kwargs and losses[1] == pytest.approx(losses[0] / 3, rel=1e-5)
+
+
+def test_eval_every_epoch_logs_val_acc_and_changes_no_weight(tiny_vlm_dir, toy_root, tmp_path):
+    """Scoring the validation images after each epoch adds val_acc to log.txt and the curves and
+    leaves training alone: the same losses and the same saved adapter as a run without it."""
+    from safetensors.torch import load_file
+
+    import train_vlm
+
+    folders = {}
+    for choice in ("auto", "off"):
+        output_dir = tmp_path / choice
+        write_annotations(toy_root, output_dir)
+        train_vlm.main(train_vlm.parse(stage1_argv(toy_root, output_dir, tiny_vlm_dir, "--config", TOY_CONFIG,
+                                                   "--epoch", "2", "--skip_eval", "--eval_every_epoch", choice)))
+        folders[choice] = output_dir / "toy" / "vlm"
+    history = {choice: [json.loads(line) for line in (folder / "log.txt").read_text().splitlines()]
+               for choice, folder in folders.items()}
+    assert all(0.0 <= row["val_acc"] <= 1.0 for row in history["auto"]) and len(history["auto"]) == 2
+    assert not any("val_acc" in row for row in history["off"])
+    assert [row["train_loss"] for row in history["auto"]] == [row["train_loss"] for row in history["off"]]
+    adapters = {choice: load_file(folder / "adapter_model.safetensors") for choice, folder in folders.items()}
+    assert adapters["auto"].keys() == adapters["off"].keys()
+    assert all(torch.equal(adapters["auto"][key], adapters["off"][key]) for key in adapters["auto"])
+    metas = {choice: json.loads((folder / "meta.json").read_text()) for choice, folder in folders.items()}
+    assert (metas["auto"]["eval_every_epoch"], metas["off"]["eval_every_epoch"]) == (True, False)
+
+
+def test_eval_every_epoch_needs_validation_images_and_config_on_off_reads(tmp_path):
+    from types import SimpleNamespace
+
+    import train_vlm
+    from utils.errors import UserError
+
+    with_val, without_val = SimpleNamespace(val=["image"]), SimpleNamespace(val=[])
+    assert train_vlm.eval_every_epoch("auto", with_val) and not train_vlm.eval_every_epoch("auto", without_val)
+    assert not train_vlm.eval_every_epoch("off", with_val)
+    with pytest.raises(UserError, match="--eval_every_epoch on: this dataset has no validation images"):
+        train_vlm.eval_every_epoch("on", without_val)
+    config = tmp_path / "c.yaml"
+    config.write_text("eval_every_epoch: off\ngradient_checkpointing: on\n")  # YAML reads both as booleans
+    args = train_vlm.parse(["--dataname", "toy", "--config", str(config)])
+    assert (args.eval_every_epoch, args.gradient_checkpointing) == ("off", "on")
+
+
+@pytest.mark.parametrize("choice, on_gpu, expected", [
+    ("auto", True, True), ("auto", False, False), ("off", True, False), ("on", False, True)])
+def test_gradient_checkpointing_flag(choice, on_gpu, expected, tmp_path, monkeypatch):
+    """auto: on where CUDA trains (the reference run), off on CPU; on/off as asked."""
+    import engine.vlm_train
+    import train_vlm
+    from engine.vlm_train import trainer_settings
+
+    monkeypatch.setattr(engine.vlm_train, "tf32_supported", lambda: False)
+    args = train_vlm.get_args_parser().parse_args(["--dataname", "toy", "--gradient_checkpointing", choice])
+    settings = trainer_settings(args, tmp_path, on_gpu=on_gpu)
+    assert settings["activation_checkpointing"] is expected
+    assert settings["activation_checkpointing_kwargs"] == ({"use_reentrant": False} if expected else None)
+
+
+def test_scoring_a_flash_attention_model_switches_to_sdpa_and_back(tiny_vlm_dir, monkeypatch):
+    """The class scorer's 4-D mask is not FlashAttention-2's: the per-epoch validation scores with sdpa."""
+    from engine.vlm_train import scoring_attention
+    from models.vlm import attn_implementation, load_vlm
+
+    model = load_vlm(str(tiny_vlm_dir))
+    calls = []
+    monkeypatch.setattr(type(model), "set_attn_implementation", lambda self, name: calls.append(name))
+    with scoring_attention(model):
+        pass
+    assert calls == [] and attn_implementation(model) == "sdpa"
+    model.config._attn_implementation = "flash_attention_2"
+    with scoring_attention(model):
+        assert calls == ["sdpa"]
+    assert calls == ["sdpa", "flash_attention_2"]
