@@ -143,6 +143,24 @@ MUTANTS = (
            "    with nullcontext(), vision_dtype(model, dtype):",
            ("tests/test_demo.py::test_head_features_ignore_an_adapter_on_the_vision_tower",),
            "the demo's head features come from the adapted encoder, not the base one"),
+    Mutant("kept_logits_unshifted", "engine/vlm_train.py",
+           "    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX",
+           "    keep[:, 1:] = labels[:, 1:] != IGNORE_INDEX",
+           ("tests/test_stage1.py::test_logits_at_the_labelled_positions_give_the_trainers_loss_and_gradients",),
+           "stage 1 keeps the logits at the labelled tokens themselves, not at the positions predicting them "
+           "(one position late)"),
+    Mutant("kept_logits_count_ignored", "engine/vlm_train.py",
+           "        normalised = self.model_accepts_loss_kwargs and num_items_in_batch is not None",
+           "        normalised = False",
+           ("tests/test_stage1.py::test_logits_at_the_labelled_positions_give_the_trainers_loss_and_gradients",),
+           "stage 1's loss at the labelled positions ignores the Trainer's count of labelled tokens "
+           "(wrong under gradient accumulation)"),
+    Mutant("val_scored_in_train_mode", "engine/vlm_train.py",
+           "        model.eval()\n        try:\n            with torch.no_grad(), scoring_attention(model):",
+           "        try:\n            with torch.no_grad(), scoring_attention(model):",
+           ("tests/test_stage1.py::test_eval_every_epoch_logs_val_acc_and_changes_no_weight",),
+           "the validation after each epoch scores with dropout on: it draws from the training's random "
+           "numbers and changes the weights"),
 )
 
 
