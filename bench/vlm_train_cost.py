@@ -1,4 +1,4 @@
-"""Stage 1's costs: ``python -m bench.vlm_train``.
+"""Stage 1's costs: ``python -m bench.vlm_train_cost``.
 
 1. Peak memory of one training step at real widths, the output layer run at the answer positions
    only (stage 1's ``AnswerLogitsTrainer``) against at every position (transformers' own loss).
@@ -122,7 +122,7 @@ def measure_step(variant: str) -> dict:
 
 
 def _step_in_fresh_process(variant: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", "bench.vlm_train", "--step", variant], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "bench.vlm_train_cost", "--step", variant], cwd=REPO,
                             capture_output=True, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
     if result.returncode != 0:
