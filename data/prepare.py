@@ -3,7 +3,7 @@
 ```
 python -m data.prepare emoset  --src EmoSet-118K --out images/emoset [--official_val]
 python -m data.prepare folders --src FI/emotion_dataset --out images/FI --split 0.8 0.05 0.15
-python -m data.prepare prefix  --src testImages_artphoto --out images/artphoto --split 0.8 0.05 0.15
+python -m data.prepare prefix  --src testImages_artphoto --out images/artphoto --split 0.85 0 0.15
 python -m data.prepare csv     --src labels.csv --root photos --out images/flickr --split 0.8 0.05 0.15
 python -m data.prepare check   images/FI [--drop_cross_split_duplicates]
 ```
