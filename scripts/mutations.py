@@ -64,6 +64,11 @@ MUTANTS = (
            "todo = [sample for sample in splits.train + splits.val if sample.path not in skip]",
            ("tests/test_stage0.py::test_normal_run_covers_training_images_only",),
            "stage 0 annotates the validation split too (it leaks into instruction tuning)"),
+    Mutant("emoset_default_writes_val", "data/prepare.py",
+           "        if not args.official_val:\n            images, val_left_out = leave_out_val(images)",
+           "        if False:\n            images, val_left_out = leave_out_val(images)",
+           ("tests/test_prepare.py::test_emoset_default_leaves_val_out_for_the_loader_to_carve_from_train",),
+           "data.prepare emoset writes val/ from val.json by default, not the reference's carve-out from train/"),
     Mutant("kl_direction", "models/heads.py",
            "    kd = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),\n"
            "                  F.log_softmax(teacher_logits / temperature, dim=-1),",
