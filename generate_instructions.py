@@ -133,7 +133,6 @@ def make_backend(args, key: str | None):
                          args.accept_unstructured, args.reject_label_mentions)
 
 
-@releases_locks
 def ask_block(block: range, requests, args, key: str | None, folder: Path, generator: str, rank: int,
               world: int) -> Tally:
     """This rank's block of the requests, asked and written to this rank's files; its counts."""
@@ -146,6 +145,7 @@ def ask_block(block: range, requests, args, key: str | None, folder: Path, gener
     return counts
 
 
+@releases_locks
 def main(args, argv=None) -> None:
     """Stage 0 on parsed flags; ``argv`` (default: the command line) is recorded, the key redacted."""
     key = api_key(args)
