@@ -511,3 +511,15 @@ def test_dry_run_prints_the_cost_per_request_and_with_the_batch_api(toy_root, tm
     with pytest.raises(UserError, match="--price_in and --price_out go together"):
         stage0(argv(toy_root, out, None, "--dry_run", "--price_in", 2.5))
     assert not folder(out).exists()
+
+
+def test_batch_api_splits_a_round_past_batch_max_mb(toy_root, tmp_path):
+    out = tmp_path / "out"
+    with FakeOpenAIServer() as server:
+        stage0(batch_argv(toy_root, out, server, "--limit", 6, "--batch_max_mb", 0.01))  # ~10 KB per input file
+        sizes = [len(server.batch_lines(b)) for b in server.batches]
+        files = [f["data"] for f in server.files.values() if f["purpose"] == "batch"]
+        assert len(sizes) > 1 and sum(sizes) == 6 and all(len(data) <= 0.01 * 2 ** 20 or data.count(b"\n") == 1
+                                                          for data in files)
+        (round_,) = {h["round"] for h in batch_state(out)["history"]}
+    assert len(annotations(out)) == 6 and round_ == 1
