@@ -1,14 +1,17 @@
 """Stage 1: instruction-tune a Qwen2-VL-style model with LoRA/QLoRA, then evaluate it as a classifier.
 
-Reads stage 0's ``annotations_train.jsonl``, trains on the categorical conversation of every
-training image and the observation and reasoning ones where stage 0 wrote text (counts printed
-and recorded in run.json and meta.json), with the loss on the answers only, and
-writes the adapter, processor, log and ``meta.json`` to ``<output_dir>/<dataname>/vlm/``.
+Reads stage 0's ``annotations_train.jsonl`` (or, with ``--annotations``, the authors' own
+instruction data, one JSON array, matched to the training images by class and file name),
+trains on the categorical conversation of every training image and the observation and
+reasoning ones where stage 0 wrote text (counts printed and recorded in run.json and
+meta.json), with the loss on the answers only, and writes the adapter, processor, log and
+``meta.json`` to ``<output_dir>/<dataname>/vlm/``.
 
     python train_vlm.py --dataname emoset --gpu 0                       # paper settings (QLoRA on a GPU)
     torchrun --nproc_per_node 4 train_vlm.py --dataname emoset          # data-parallel (or accelerate launch)
     python train_vlm.py --dataname toy --vlm_model checkpoints/tiny-qwen2-vl --config configs/toy_vlm.yaml
     python train_vlm.py --dataname emoset --eval_only --eval_mode generate
+    python train_vlm.py --dataname abstract --annotations abstract_annotations_train.json   # the authors' data
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import SchedulerType, Trainer
 
-from data.annotations import ANNOTATIONS_FILE, read_annotations
+from data.annotations import ANNOTATIONS_FILE, ReferenceReport, load_annotations
 from data.datasets import REFERENCE_PRE_RESIZE, load_dataset
 from data.prompts import PARSERS
 from engine.vlm_eval import evaluate_vlm
@@ -38,6 +41,7 @@ from utils.cli import base_parser, parse_args, stage_dir
 from utils.dist import (barrier, distributed_rank, is_main_process, leave_process_group, pin_single_gpu,
                         training_device)
 from utils.errors import UserError, run_cli
+from utils.io import write_json
 from utils.outputs import StagedOutput, lock_folder, releases_locks, staging_dir
 from utils.records import InstructionsRecord, VLMRecord
 from utils.run import record_run, seed_everything
@@ -80,7 +84,11 @@ def get_args_parser():
                       help="modules trained fully next to LoRA (the tiny random model needs lm_head)")
     train = parser.add_argument_group("training")
     train.add_argument("--annotations", default=None,
-                       help="stage 0 output (default <output_dir>/<dataname>/instructions/annotations_train.jsonl)")
+                       help="stage 0 output (default <output_dir>/<dataname>/instructions/annotations_train.jsonl), "
+                            "or the authors' instruction data as released: one JSON array of {gpt_response, img, "
+                            "img_path, label} records (told by its first character '['), matched to the training "
+                            "images by class and file name; records of validation or test images are never "
+                            "trained on"),
     train.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=5)
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--lr_scheduler", default="constant", choices=[s.value for s in SchedulerType],
@@ -187,17 +195,24 @@ def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
     return checkpoint
 
 
+REFERENCE_REPORT_FILE = "reference_annotations.json"
+
+
 def save_outputs(args, settings: TrainingSettings, model, processor, class_names, out_dir: Path,
-                 counts: dict) -> None:
-    """Adapter, processor, run record, then meta.json last (all staged), then swapped into
-    ``out_dir``: only a complete folder has a meta.json."""
+                 counts: dict, reference: ReferenceReport | None = None) -> None:
+    """Adapter, processor, run record (and, trained on the authors' JSON, the fate of each of
+    its records), then meta.json last (all staged), then swapped into ``out_dir``: only a complete
+    folder has a meta.json."""
     staged = StagedOutput(out_dir)
     final_dir, out_dir = out_dir, staged.staging
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     size = processor.image_processor.size
+    reference_counts = reference.counts() if reference is not None else None
+    if reference is not None:
+        write_json(out_dir / REFERENCE_REPORT_FILE, asdict(reference))
     record_run(out_dir, args, train_examples=sum(counts["conversations"].values()), counts=counts,
-               resolved=asdict(settings))
+               resolved=asdict(settings), reference_annotations=reference_counts)
     # Lets a later stage accept the same local base folder after it moved.
     config = Path(settings.vlm_model) / "config.json"
     VLMRecord(class_names=class_names, base_model=settings.vlm_model,
@@ -206,7 +221,8 @@ def save_outputs(args, settings: TrainingSettings, model, processor, class_names
               min_pixels=size.shortest_edge, max_pixels=size.longest_edge,
               modules_to_save=list(args.modules_to_save), target_modules=list(settings.target_modules),
               lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=settings.quant,
-              train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts).write(out_dir)
+              train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts,
+              reference_annotations=reference_counts).write(out_dir)
     history = read_history(out_dir / "log.txt")
     staged.commit([("the final training loss", history[-1]["train_loss"])] if history else [], "--lr")
     print(f"saved adapter and processor to {final_dir}")
@@ -216,7 +232,15 @@ def train(args, splits, out_dir: Path, gpu: int | None) -> None:
     """Instruction-tune the VLM and save the adapter (rank 0)."""
     vlm_model = args.vlm_model or DEFAULT_VLM
     path = annotations_file(args, splits.class_names)
-    examples = build_examples(read_annotations(path), splits, path)
+    annotations, reference = load_annotations(path, splits)
+    if reference is not None and is_main_process():
+        print(reference.summary(len(splits.train))
+              + f"\n  (every record's fate: {out_dir / REFERENCE_REPORT_FILE} once trained)")
+    if reference is None:
+        examples = build_examples(annotations, splits, path)
+    else:
+        examples = build_examples(annotations, splits, path,
+                                  missing_hint="the authors' file has no usable record for them (counted above)")
     counts = example_counts(examples, len(splits.train))
     device = training_device(gpu)
     on_gpu = device.type == "cuda"
@@ -254,7 +278,7 @@ def train(args, splits, out_dir: Path, gpu: int | None) -> None:
                       data_collator=ConversationCollator(processor, args.train_on_prompt), callbacks=[logger])
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():  # saving is rank 0's alone
-        save_outputs(args, settings, model, processor, splits.class_names, out_dir, counts)
+        save_outputs(args, settings, model, processor, splits.class_names, out_dir, counts, reference)
 
 
 def release_memory() -> None:

@@ -28,13 +28,15 @@ DEFAULT_TARGET_MODULES = BACKBONES["qwen2_vl"].lora_targets  # the paper's; each
 
 
 def build_examples(annotations: Sequence[Annotation], splits: DatasetSplits,
-                   annotations_path: str | Path) -> list[dict]:
+                   annotations_path: str | Path,
+                   missing_hint: str = "run stage 0 again to finish them") -> list[dict]:
     """``{"conversation", "image", "task"}`` items: the categorical conversation for **every**
     training image (it needs no generated text), observation and reasoning where stage 0 wrote
     an annotation for the image.
 
     An annotation whose image is gone is a UserError; one for an image outside the training
-    split (e.g. moved to the validation split) is skipped with a warning.
+    split (e.g. moved to the validation split) is skipped with a warning. ``missing_hint`` ends
+    the warning about training images without text (what to do about them).
     """
     train_paths = {sample.path for sample in splits.train}
     annotated, outside = {}, []
@@ -60,7 +62,7 @@ def build_examples(annotations: Sequence[Annotation], splits: DatasetSplits,
     missing = len(splits.train) - len(annotated)
     if missing:
         log.warning("%d of %d training images have no stage-0 text: they get the categorical conversation "
-                    "only; run stage 0 again to finish them", missing, len(splits.train))
+                    "only; %s", missing, len(splits.train), missing_hint)
     return examples
 
 

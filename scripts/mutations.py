@@ -59,6 +59,12 @@ MUTANTS = (
            "        if False:",
            ("tests/test_stage1.py::test_examples_skip_val_images_and_refuse_missing_ones",),
            "stage 1 instruction-tunes on annotations of validation images"),
+    Mutant("stage1_tunes_on_authors_val_test_records", "data/annotations.py",
+           '        if split != "train":',
+           "        if False:",
+           ("tests/test_reference_annotations.py::"
+            "test_records_are_matched_by_class_and_file_name_and_each_kind_reported",),
+           "the authors' instruction records of validation and test images are trained on"),
     Mutant("stage0_annotates_val_images", "engine/instructions.py",
            "todo = [sample for sample in splits.train if sample.path not in skip]",
            "todo = [sample for sample in splits.train + splits.val if sample.path not in skip]",

@@ -103,6 +103,7 @@ class VLMRecord(StageRecord):
     train_on_prompt: bool | None = None
     epochs: int | None = None
     counts: dict | None = None
+    reference_annotations: dict | None = None  # trained on the authors' JSON: ReferenceReport.counts()
 
 
 @dataclass(frozen=True, kw_only=True)
