@@ -253,8 +253,9 @@ def world(tmp_path_factory, tiny_vlm_dir) -> World:
     return World(root, root / "images", Path(tiny_vlm_dir), root / "base", path)
 
 
-# Each stage's runs: (its config, what it starts from, extra flags). "paper" and "changed" are
-# the two files; a flag given here overrides the file, so a run shows only the keys it leaves to it.
+# Each stage's runs: (its config, what it starts from, extra flags). "paper" is configs/paper_<stage>.yaml,
+# "changed" a file of CHANGED's values; a flag given here overrides the file, so a run shows only
+# the keys it leaves to the file.
 RUNS = {
     "vlm": {
         "paper": ("paper", "base", ("--vlm_model", TINY, "--quant", "none", "--skip_eval")),
@@ -305,10 +306,11 @@ def runs(world):
         source = world.base if start == "base" else run(*start.split("/")).output_dir
         output_dir = world.root / "runs" / f"{stage}_{name}"
         shutil.copytree(source, output_dir)
-        values = PAPER[stage] if which == "paper" else CHANGED[stage]
-        config = world.root / "runs" / f"{stage}_{name}.yaml"
-        config.write_text(yaml.safe_dump({key: substitute(value) for key, value in values.items()}),
-                          encoding="utf-8")
+        config = REPO / "configs" / f"paper_{stage}.yaml"  # the paper's file itself
+        if which == "changed":
+            config = world.root / "runs" / f"{stage}_{name}.yaml"
+            config.write_text(yaml.safe_dump({key: substitute(value) for key, value in CHANGED[stage].items()}),
+                              encoding="utf-8")
         script = importlib.import_module(SCRIPTS[stage])
         argv = ["--dataname", "toy", "--data_root", str(world.data_root), "--output_dir", str(output_dir),
                 "--num_workers", "0", "--config", str(config), *map(substitute, flags)]
