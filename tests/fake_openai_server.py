@@ -21,6 +21,7 @@ class Reply:
     status: int = 200
     headers: dict = field(default_factory=dict)  # e.g. {"retry-after-ms": "10"}
     raw: bytes | None = None                     # a body sent as is (malformed responses)
+    content_type: str = "application/json"       # e.g. "text/html" for a proxy's page
     error: str = "error"                         # message of a >= 400 reply
 
 
@@ -110,7 +111,7 @@ class FakeOpenAIServer:
                 else:
                     payload = json.dumps(_completion(body, reply.content)).encode()
                 self.send_response(reply.status)
-                self.send_header("content-type", "application/json")
+                self.send_header("content-type", reply.content_type)
                 self.send_header("content-length", str(len(payload)))
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
