@@ -29,9 +29,9 @@ from data.annotations import ANNOTATIONS_FILE, ReferenceReport, load_annotations
 from data.datasets import REFERENCE_PRE_RESIZE, load_dataset
 from data.prompts import PARSERS
 from engine.vlm_eval import evaluate_vlm
-from engine.vlm_train import (DEFAULT_TARGET_MODULES, ConversationCollator, build_examples, check_placement,
-                              epoch_logger, example_counts, last_checkpoint, read_history, training_arguments,
-                              wrap_lora)
+from engine.vlm_train import (DEFAULT_TARGET_MODULES, CheckpointRights, ConversationCollator, build_examples,
+                              check_placement, checkpoint_writes, epoch_logger, example_counts, last_checkpoint,
+                              read_history, training_arguments, wrap_lora)
 from models.backbones import backbone_for
 from models.scorer import EVAL_MODES
 from models.vlm import (DEFAULT_MAX_PIXELS, LATER_STAGES_DTYPE, LATER_STAGES_QUANT, load_processor, load_trained_vlm,
@@ -41,7 +41,7 @@ from utils.cli import base_parser, parse_args, stage_dir
 from utils.dist import (barrier, distributed_rank, is_main_process, leave_process_group, pin_single_gpu,
                         training_device)
 from utils.errors import UserError, run_cli
-from utils.io import write_json
+from utils.io import follow_umask, names_failed_writes, write_json
 from utils.outputs import StagedOutput, lock_folder, releases_locks, staging_dir
 from utils.records import InstructionsRecord, VLMRecord
 from utils.run import record_run, seed_everything
@@ -205,8 +205,10 @@ def save_outputs(args, settings: TrainingSettings, model, processor, class_names
     folder has a meta.json."""
     staged = StagedOutput(out_dir)
     final_dir, out_dir = out_dir, staged.staging
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    with names_failed_writes(out_dir):  # a full disk: one line naming the folder
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+    follow_umask(*out_dir.glob("*.safetensors"))  # safetensors writes 0600
     size = processor.image_processor.size
     reference_counts = reference.counts() if reference is not None else None
     if reference is not None:
@@ -275,8 +277,10 @@ def train(args, splits, out_dir: Path, gpu: int | None) -> None:
                           (read_history(staging / "log.txt") or read_history(out_dir / "log.txt"))
                           if checkpoint else None)
     trainer = Trainer(model=model, args=training_args, train_dataset=examples,
-                      data_collator=ConversationCollator(processor, args.train_on_prompt), callbacks=[logger])
-    trainer.train(resume_from_checkpoint=checkpoint)
+                      data_collator=ConversationCollator(processor, args.train_on_prompt),
+                      callbacks=[logger, CheckpointRights()])
+    with checkpoint_writes(trainer_dir):  # a checkpoint the disk cannot hold: one line naming it
+        trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():  # saving is rank 0's alone
         save_outputs(args, settings, model, processor, splits.class_names, out_dir, counts, reference)
 

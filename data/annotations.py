@@ -19,6 +19,7 @@ from data.datasets import DatasetSplits
 from data.prompts import (OBSERVATION_QUESTION, REASONING_QUESTION, SYSTEM_MESSAGE,
                           categorical_answer, categorical_question, mentions_word, split_sections)
 from utils.errors import UserError
+from utils.io import read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ def iter_annotations(path: str | Path) -> Iterator[Annotation]:
     """Records of a JSONL file. A broken *last* line (an interrupted write) is ignored with a
     warning; a broken line elsewhere is a UserError naming the line."""
     path = Path(path)
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.read().split("\n")
+    lines = read_utf8(path).split("\n")  # bytes that are not UTF-8: one line naming file:line
     complete = lines[:-1]  # text after the final newline is an unfinished write
     if lines[-1].strip():
         log.warning("%s: ignoring an unfinished last line (interrupted write)", path)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import openai
 from openai import OpenAI
+from openai.types.chat import ChatCompletion
 from PIL import Image
 
 from data.annotations import (ANNOTATIONS_FILE, Annotation, append_annotation, append_record,
@@ -288,6 +289,16 @@ def _say(progress, line: str) -> None:
 
 # ---------------------------------------------------------------------------- OpenAI-compatible API
 
+class NotACompletion(ValueError):
+    """A 200 answer that is no chat completion: the openai client hands a body that is not JSON
+    (e.g. a misconfigured proxy's HTML page) back as text. A failed request, like a 5xx."""
+
+    def __init__(self, body):
+        text = " ".join(str(body).split())
+        super().__init__(f"the server answered with no chat completion but {text[:60]!r}"
+                         f"{'...' if len(text) > 60 else ''}; check --base_url and any HTTP proxy")
+
+
 class OpenAIBackend:
     """Chat completions with the image as a data URL; the openai client retries rate limits,
     timeouts and 5xx itself (``max_retries``, exponential backoff, honours ``retry-after``)."""
@@ -322,6 +333,8 @@ class OpenAIBackend:
                 raise self._fatal(err) from None
             except (openai.APIError, ValueError) as err:  # 429/5xx after retries, 400, not JSON
                 return self._failed(outcome, err)
+            if not isinstance(response, ChatCompletion):  # a 200 page that is not JSON (a proxy's)
+                return self._failed(outcome, NotACompletion(response))
             mentioned = self.take_answer(outcome, response, mentioned)
             if outcome.status == "done":
                 return outcome

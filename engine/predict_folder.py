@@ -21,21 +21,34 @@ from tqdm.auto import tqdm
 from data.datasets import is_image_file, open_image
 from utils.dist import barrier, distributed_rank, is_main_process, merge_part_files, part_file, shard_map
 from utils.errors import UserError
-from utils.io import repair_tail
+from utils.io import read_utf8, repair_tail
 
 FORMATS = ("jsonl", "csv")
 log = logging.getLogger(__name__)
 
 
-def list_images(folder: str | Path) -> list[str]:
-    """Image paths under ``folder`` (recursively, the dataset layer's rules), relative, sorted."""
+def list_images(folder: str | Path, out: str | Path | None = None) -> list[str]:
+    """Image paths under ``folder`` (recursively, the dataset layer's rules), relative, sorted;
+    never the output file ``out`` or its part files (an ``--out`` named like an image, in the folder)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--images {folder}: no such folder")
-    images = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if is_image_file(path))
+    images = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                    if is_image_file(path) and not (out is not None and is_output_file(path, out)))
     if not images:
         raise UserError(f"--images {folder}: no images (.jpg .jpeg .png .webp .bmp .gif) in it or below it")
     return images
+
+
+def is_output_file(path: Path, out: str | Path) -> bool:
+    """Whether ``path`` is the output file ``out`` or one of its part files (``<out>.part<rank>``)."""
+    out = Path(out)
+    if not path.name.startswith(out.name):
+        return False
+    rest = path.name[len(out.name):]
+    if rest and not (rest.startswith(".part") and rest[len(".part"):].isdigit()):
+        return False
+    return path.parent.resolve() == out.parent.resolve()
 
 
 def output_format(out: str | Path, fmt: str | None) -> str:
@@ -91,7 +104,7 @@ def done_images(out: Path, fmt: str, columns: Sequence[str]) -> set[str]:
     if not out.is_file() or out.stat().st_size == 0:
         return set()
     repair_tail(out)
-    lines = out.read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(out).splitlines()
     if fmt == "csv":
         header = next(csv.reader(lines[:1]), [])
         if header != list(columns):
@@ -159,7 +172,7 @@ def predict_folder(predictor, folder: str | Path, out: str | Path, fmt: str = "j
     """
     folder, out = Path(folder), Path(out)
     rank, _, world = distributed_rank()
-    images = list_images(folder)
+    images = list_images(folder, out)
     exposes_weights = hasattr(predictor.gate, "forward_with_weights")  # as models.gates.gate_weights decides
     weight_names = predictor.gate.weight_names if exposes_weights else ()
     columns = csv_columns(predictor.class_names, weight_names, explain)

@@ -97,7 +97,7 @@ class EmoVLMKD:
         """
         root = Path(output_dir) / dataname
         vlm_dir, distill_dir, gate_dir = root / "vlm", root / "distill", root / "gate"
-        vlm_record = VLMRecord.load(vlm_dir, dataname)
+        vlm_record = VLMRecord.load(vlm_dir, dataname).need(vlm_dir, "adapter_id", dataname=dataname)
         distill_record = DistillRecord.load(distill_dir, dataname)
         GateRecord.load(gate_dir, dataname)
         gate, checkpoint = load_gate(gate_dir, dataname)

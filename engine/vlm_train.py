@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from data.annotations import TASKS, Annotation, categorical_conversation, to_conversations
 from data.datasets import DatasetSplits, open_image
@@ -18,7 +20,7 @@ from models.backbones import BACKBONES, backbone_for
 from models.chat import encode_conversations
 from utils.dist import distributed_rank
 from utils.errors import UserError, first_line
-from utils.io import write_text
+from utils.io import follow_umask, write_failure, write_text
 from utils.metrics import save_curves_png
 from utils.outputs import check_finite
 
@@ -112,6 +114,35 @@ def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules: Sequenc
 
 def last_checkpoint(trainer_dir: str | Path) -> str | None:
     return get_last_checkpoint(str(trainer_dir)) if Path(trainer_dir).is_dir() else None
+
+
+class CheckpointRights(TrainerCallback):
+    """Gives a Trainer checkpoint's safetensors files (written 0600 whatever the umask) the mode of
+    the umask, like every other file."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        follow_umask(*folder.glob("*.safetensors"))
+
+
+@contextmanager
+def checkpoint_writes(trainer_dir: str | Path) -> Iterator[None]:
+    """Training inside the block: a Trainer checkpoint that cannot be written (a full disk or quota,
+    no rights) is removed and raised as an OSError naming it (one line from ``run_cli``); the
+    checkpoints before it are kept. A complete checkpoint holds ``trainer_state.json``, written last."""
+    try:
+        yield
+    except Exception as err:
+        partial = [folder for folder in Path(trainer_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                   if not (folder / "trainer_state.json").is_file()]
+        failure = write_failure(err, partial[0] if partial else trainer_dir)
+        if failure is None:
+            raise
+        for folder in partial:
+            shutil.rmtree(folder, ignore_errors=True)
+        if failure is err:
+            raise
+        raise failure from err
 
 
 def epoch_logger(log_path: str | Path, curves_path: str | Path, history: list[dict] | None = None):

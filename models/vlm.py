@@ -15,11 +15,12 @@ from typing import Sequence
 import torch
 from peft import PeftModel
 from PIL import Image
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 from transformers.image_utils import SizeDict
 
 from models.backbones import BACKBONES, backbone_for, visual_modules
-from utils.checkpoints import file_id
+from utils.checkpoints import file_id, rewrite_hint
 from utils.errors import UserError, first_line
 from utils.records import VLMRecord
 
@@ -137,7 +138,11 @@ def load_vlm(model_id: str | Path, device: str | torch.device = "cpu", dtype: st
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError(f"adapter {adapter}: no adapter_config.json there; point to the folder "
                             "written by the instruction-tuning stage")
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        except SafetensorError as err:  # a truncated or damaged adapter file
+            raise UserError(f"{Path(adapter) / 'adapter_model.safetensors'}: cannot read it ({first_line(err)}); "
+                            f"{rewrite_hint('vlm', Path(adapter).parent.name)}") from None
     model.train(trainable)
     return model
 

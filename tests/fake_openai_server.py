@@ -34,6 +34,7 @@ class Reply:
     status: int = 200
     headers: dict = field(default_factory=dict)  # e.g. {"retry-after-ms": "10"}
     raw: bytes | None = None                     # a body sent as is (malformed responses)
+    content_type: str = "application/json"       # e.g. "text/html" for a proxy's page
     error: str = "error"                         # message of a >= 400 reply
 
 
@@ -142,7 +143,7 @@ class FakeOpenAIServer:
                     payload = _error(reply).encode()
                 else:
                     payload = json.dumps(_completion(body, reply.content)).encode()
-                self._send(reply.status, payload, reply.headers)
+                self._send(reply.status, payload, reply.headers, reply.content_type)
 
             def do_GET(self):  # noqa: N802
                 path = self.path.split("?")[0]

@@ -5,7 +5,7 @@ stage to rerun; and a stage's ``main`` leaves the parsed flags as the user gave 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 import pytest
 
@@ -90,6 +90,42 @@ def test_a_missing_required_key_is_one_line_naming_the_file(stage, key, tmp_path
                "distill": "rerun `python train_distillation.py --dataname toy`",
                "gate": "rerun `python train_gate.py --dataname toy`"}[stage]
     assert command in message, message
+
+
+def _a_value_not_of(hint):
+    """The first of a few JSON values that does not fit the type ``hint``."""
+    from utils.records import _fits
+
+    return next(value for value in ("big", 3, None, [1], {}) if not _fits(value, hint))
+
+
+@pytest.mark.parametrize("stage, key", [(stage, field.name) for stage, record in RECORDS.items()
+                                        for field in fields(record)])
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_file_and_the_key(stage, key, tmp_path):
+    from typing import get_type_hints
+
+    record = RECORDS[stage]
+    path = record.write(tmp_path)
+    value = _a_value_not_of(get_type_hints(type(record))[key])
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    with pytest.raises(UserError) as err:
+        type(record).load(tmp_path, "toy")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: {key} is {value!r}, not "), message
+    assert "rerun `python " in message, message
+
+
+def test_gate_provenance_types_are_checked_too(tmp_path):
+    with pytest.raises(UserError, match=r"gate.pt: max_new_tokens is 'big', not int; rerun `python train_gate.py"):
+        GateProvenance.from_checkpoint({**asdict(PROVENANCE), "max_new_tokens": "big"}, tmp_path / "gate.pt", "toy")
+    with pytest.raises(UserError, match=r"meta.json: no adapter_id recorded; rerun `python train_vlm.py --dataname toy`"):
+        replace(RECORDS["vlm"], adapter_id=None).need(tmp_path, "adapter_id", dataname="toy")
+
+
+def test_a_meta_json_that_is_not_json_is_one_line(tmp_path):
+    (tmp_path / "meta.json").write_bytes(b'{"format_version": 1, "kind": "me')
+    with pytest.raises(UserError, match=r"meta.json: not a JSON record \(.*\); rerun `python train_gate.py"):
+        GateRecord.load(tmp_path, "toy")
 
 
 @pytest.mark.parametrize("stage", list(RECORDS))

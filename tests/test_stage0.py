@@ -244,6 +244,35 @@ def test_every_request_failing_stops_the_run(toy_root, tmp_path):
     assert annotations(out) == [] and rejected(out) == []
 
 
+PROXY_PAGE = Reply(raw=b"<!DOCTYPE html><html><body><h1>Proxy login</h1></body></html>", content_type="text/html")
+
+
+def test_a_proxys_html_page_is_a_failed_request_asked_again_next_run(toy_root, tmp_path):
+    out = tmp_path / "out"
+    with FakeOpenAIServer() as server:
+        server.queue(PROXY_PAGE)  # status 200, but no chat completion
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1))
+        assert len(server.chat_bodies()) == 2 and len(annotations(out)) == 1 and rejected(out) == []
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1))
+        assert len(server.chat_bodies()) == 4 and len(annotations(out)) == 3
+        assert server.chat_bodies()[0] == server.chat_bodies()[2]  # the failed image came back
+
+
+def test_a_proxys_html_page_for_every_request_is_one_line(toy_root, tmp_path, capsys):
+    from utils.errors import run_cli
+
+    out = tmp_path / "out"
+    with FakeOpenAIServer(default=lambda body, headers: PROXY_PAGE) as server:
+        code = run_cli(generate_instructions.main, argv(toy_root, out, server, "--api_key", KEY, "--workers", 1),
+                       parse=generate_instructions.parse)
+        assert 20 <= len(server.chat_bodies()) <= 21
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert "last 20 requests all failed" in lines[0] and "Proxy login" in lines[0], lines[0]
+    assert annotations(out) == [] and rejected(out) == []
+
+
 def test_unreachable_server_stops_at_once(toy_root, tmp_path):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))

@@ -95,7 +95,11 @@ def read_meta(folder: str | Path, stage: str, dataname: str = "<dataname>") -> d
         command = STAGE_COMMANDS[stage].format(dataname=dataname)
         raise UserError(f"{folder}: no finished {stage} stage output ({META_FILE} missing); "
                         f"run `{command}` first")
-    meta = check_format(read_json(path), path, "meta", stage, dataname)
+    try:
+        record = read_json(path)
+    except ValueError as err:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        raise UserError(f"{path}: not a JSON record ({first_line(err)}); {rewrite_hint(stage, dataname)}") from None
+    meta = check_format(record, path, "meta", stage, dataname)
     if meta.get("stage") != stage:
         raise UserError(f"{path}: written by stage {meta.get('stage')!r}, expected {stage!r}")
     return meta
