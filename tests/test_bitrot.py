@@ -379,3 +379,19 @@ def test_json_outputs_never_hold_nan(tmp_path, caplog):
     path = write_json(tmp_path / "metrics.json", {"kappa": float("nan"), "rows": [1.0, float("inf")]})
     assert json.loads(path.read_text()) == {"kappa": None, "rows": [1.0, None]}
     assert "kappa is nan; written as null" in caplog.text and "rows[1] is inf" in caplog.text
+
+
+def test_stage1_evaluation_never_writes_nan_probabilities(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import engine.vlm_eval
+    from models.scorer import VLMPredictions
+    from utils.errors import UserError
+
+    probs = torch.tensor([[0.5, 0.5], [float("nan"), 0.5]])
+    monkeypatch.setattr(engine.vlm_eval, "predict_samples",
+                        lambda *a, **k: VLMPredictions(pred=torch.tensor([0, 1]), probs=probs, texts=None))
+    samples = [SimpleNamespace(path="a/1.png", label=0), SimpleNamespace(path="b/2.png", label=1)]
+    with pytest.raises(UserError, match=r"b/2\.png: the VLM's class probabilities are not finite"):
+        engine.vlm_eval.evaluate_vlm(None, None, tmp_path, samples, ["a", "b"], tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
