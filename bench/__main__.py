@@ -15,7 +15,8 @@ import time
 from bench import TARGETS_KEY, format_targets  # sets the offline environment first
 from utils.io import write_json
 
-BENCHMARKS = ("vlm_predict", "distill_cost", "gate_cost", "batch_one", "sweep_cost", "memory", "prepare_check")
+BENCHMARKS = ("vlm_predict", "distill_cost", "gate_cost", "batch_one", "sweep_cost", "memory", "prepare_check",
+              "verify_cost")
 
 
 def main(argv=None) -> None:

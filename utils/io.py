@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -132,7 +133,22 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """``obj`` as indented JSON, atomically. JSON has no NaN or infinity: such a number (a statistic
+    with no data to compute it from) is written as null, with a warning naming the file and key."""
+    return write_text(path, json.dumps(finite_json(obj, str(path)), indent=2, ensure_ascii=False,
+                                       allow_nan=False) + "\n")
+
+
+def finite_json(obj: Any, path: str = "", where: str = "") -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (logged, naming ``path`` and the key)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        log.warning("%s: %s is %s; written as null", path, where or "a value", obj)
+        return None
+    if isinstance(obj, dict):
+        return {key: finite_json(value, path, f"{where}.{key}" if where else str(key)) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(value, path, f"{where}[{i}]") for i, value in enumerate(obj)]
+    return obj
 
 
 def read_utf8(path: str | Path) -> str:
