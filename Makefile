@@ -31,7 +31,7 @@ bench: venv
 	$(PY) -m bench
 
 # Switches off each defining part of the method in a temporary copy and checks a test fails
-# (5-25 minutes on 2 cores; not part of `make test`). ARGS="--only NAME" or ARGS=--list.
+# (6-25 minutes on 2 cores; not part of `make test`). ARGS="--only NAME" or ARGS=--list.
 mutations: venv
 	$(PY) scripts/mutations.py $(ARGS)
 

@@ -14,19 +14,29 @@ Only training images are sent (the validation images split off train/ never are)
 rejected.jsonl (answers refused after --max_attempts, with the reason), meta.json, run.json.
 Rerun the same command to resume: annotated images are skipped, rejected ones asked again
 (unless --skip_rejected), failed requests retried.
+
+    python generate_instructions.py --dataname emoset --batch_api   # the OpenAI Batch API: half price, <= 24 h
+    python generate_instructions.py --dataname emoset --dry_run --price_in 2.5 --price_out 10
+
+--batch_api sends the same requests as batches; their ids are kept in batches.json, so a rerun
+after a kill resumes waiting for the batch it submitted instead of submitting (and paying) again.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from data.annotations import ANNOTATIONS_FILE, read_annotations
 from data.datasets import load_dataset
+from engine.batch_api import BatchRun, refuse_pending
 from engine.instructions import (LocalBackend, OpenAIBackend, Tally, annotated_images, approx_image_tokens,
-                                 compact_rejected, image_data_url, merge_parts, plan_requests, write_outcomes)
+                                 compact_rejected, image_data_url, make_request, merge_parts, plan_requests,
+                                 write_outcomes)
 from utils.cli import base_parser, parse_args, stage_dir
 from utils.dist import barrier, concat_parts, init_distributed, leave_process_group, shard_map, training_device
 from utils.errors import UserError, run_cli
@@ -38,7 +48,11 @@ SCRIPT = "generate_instructions.py"  # the command recorded in run.json
 
 # What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
 FLAG_RULES = {"workers": "count", "max_retries": "index", "timeout": "positive",
-              "max_new_tokens": "count", "max_side": "count", "max_attempts": "count", "limit": "count"}
+              "max_new_tokens": "count", "max_side": "count", "max_attempts": "count", "limit": "count",
+              "poll_seconds": "positive", "batch_max_mb": "positive", "price_in": "nonnegative",
+              "price_out": "nonnegative"}
+# Images whose size (read from the file header) the dry run's token estimate looks at, spread evenly.
+ESTIMATE_SAMPLE = 1000
 
 
 def get_args_parser():
@@ -74,7 +88,23 @@ def get_args_parser():
                        help="do not ask again for images already in rejected.jsonl")
     group.add_argument("--limit", type=int, default=None, help="ask for at most N images in this run")
     group.add_argument("--dry_run", action="store_true",
-                       help="print one rendered prompt and the cost-estimate inputs; send nothing")
+                       help="print one rendered prompt, the token estimate and (with --price_in/--price_out) "
+                            "the cost per request and with --batch_api; send nothing")
+    group.add_argument("--price_in", type=float, default=None,
+                       help="--dry_run: dollars per million prompt tokens (of --model), for the cost estimate")
+    group.add_argument("--price_out", type=float, default=None,
+                       help="--dry_run: dollars per million output tokens")
+    group = parser.add_argument_group("batch API")
+    group.add_argument("--batch_api", action="store_true",
+                       help="send the requests through the OpenAI Batch API: half the price, answered within "
+                            "24 hours; refused answers go into follow-up batches (up to --max_attempts); the "
+                            "batch ids are kept in batches.json, so a rerun resumes waiting instead of "
+                            "submitting again")
+    group.add_argument("--poll_seconds", type=float, default=60.0,
+                       help="--batch_api: seconds between checks of the batches' status")
+    group.add_argument("--batch_max_mb", type=float, default=190.0,
+                       help="--batch_api: largest batch input file; more requests go into several batches "
+                            "(the API takes up to 200 MB and 50,000 requests per batch)")
     return parser
 
 
@@ -82,6 +112,10 @@ def check_args(args) -> None:
     """The rules across flags (each flag's own range is in FLAG_RULES)."""
     if args.backend == "local" and not args.vlm_model:
         raise UserError("--backend local needs --vlm_model (a local model folder or a hub id)")
+    if args.batch_api and args.backend != "openai":
+        raise UserError("--batch_api needs --backend openai (the Batch API of OpenAI or a compatible server)")
+    if (args.price_in is None) != (args.price_out is None):
+        raise UserError("--price_in and --price_out go together (dollars per million prompt and output tokens)")
 
 
 def api_key(args) -> str | None:
@@ -113,6 +147,39 @@ def dry_run(requests, args) -> None:
           f"(text ~{text_tokens}, image ~{image_tokens} by the GPT-4o high-detail rule)\n"
           f"max output tokens per image: {args.max_new_tokens} "
           f"(each refused answer costs one more request, up to --max_attempts {args.max_attempts})")
+    prompt_tokens, output_tokens = token_estimate(requests, args)
+    print(f"estimate for asking every image once: ~{prompt_tokens:,} prompt tokens, at most {output_tokens:,} "
+          f"output tokens (images sized from their files; each answer asked again adds one image's share)")
+    if args.price_in is None:
+        print("add --price_in and --price_out (dollars per million tokens of --model) for the cost per request "
+              "and with --batch_api (half price)")
+        return
+    cost = (prompt_tokens * args.price_in + output_tokens * args.price_out) / 1e6
+    print(f"cost at --price_in {args.price_in:g} and --price_out {args.price_out:g} per million tokens: "
+          f"per request ~{dollars(cost)} at most, with --batch_api ~{dollars(cost / 2)} at most (half price)")
+
+
+def token_estimate(requests, args) -> tuple[int, int]:
+    """``(prompt tokens, most output tokens)`` of asking each request once: text at about 4
+    characters a token; images by the GPT-4o rule at their size as sent, read from the file headers
+    of up to ESTIMATE_SAMPLE images spread over the requests and scaled to all."""
+    text = sum(len(request.prompt) // 4 for request in requests)
+    sample = requests[::math.ceil(len(requests) / ESTIMATE_SAMPLE)]
+    image_tokens = []
+    for request in sample:
+        try:
+            with Image.open(request.path) as image:
+                width, height = image.size
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # asking for it would stop on it with its own message
+        scale = min(1.0, args.max_side / max(width, height))
+        image_tokens.append(approx_image_tokens(max(1, round(width * scale)), max(1, round(height * scale))))
+    images = round(sum(image_tokens) / len(image_tokens) * len(requests)) if image_tokens else 0
+    return text + images, len(requests) * args.max_new_tokens
+
+
+def dollars(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.4f}"
 
 
 def label_mentions(folder: Path, annotated: set[str]) -> int:
@@ -133,7 +200,17 @@ def make_backend(args, key: str | None):
                          args.accept_unstructured, args.reject_label_mentions)
 
 
-@releases_locks
+def ask_in_batches(requests, splits, args, key: str | None, folder: Path, generator: str) -> Tally:
+    """The requests through the Batch API (engine.batch_api), after the batch a killed run left pending."""
+    train = {sample.path: sample for sample in splits.train}
+
+    def request_of(image: str):
+        return make_request(splits, train[image]) if image in train else None
+
+    return BatchRun(make_backend(args, key), folder, generator, request_of, splits.class_names,
+                    max_bytes=int(args.batch_max_mb * 2 ** 20), poll_seconds=args.poll_seconds).run(requests)
+
+
 def ask_block(block: range, requests, args, key: str | None, folder: Path, generator: str, rank: int,
               world: int) -> Tally:
     """This rank's block of the requests, asked and written to this rank's files; its counts."""
@@ -146,6 +223,7 @@ def ask_block(block: range, requests, args, key: str | None, folder: Path, gener
     return counts
 
 
+@releases_locks
 def main(args, argv=None) -> None:
     """Stage 0 on parsed flags; ``argv`` (default: the command line) is recorded, the key redacted."""
     key = api_key(args)
@@ -174,9 +252,15 @@ def main(args, argv=None) -> None:
         return
 
     generator = args.vlm_model if args.backend == "local" else args.model
+    if args.batch_api and world > 1:
+        raise UserError("--batch_api runs in one process: start it with python, not torchrun")
+    if not args.batch_api:
+        refuse_pending(folder)
 
     try:
-        if requests:
+        if args.batch_api:
+            tally = concat_parts([tally, ask_in_batches(requests, splits, args, key, folder, generator)])
+        elif requests:
             asked = shard_map(len(requests), ask_block, requests, args, key, folder, generator, rank, world,
                               unit=args.batch_size)
             tally = concat_parts([tally, asked])
@@ -196,7 +280,7 @@ def main(args, argv=None) -> None:
     usage = {"prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens}
     if args.backend == "openai":
         print(f"token usage: prompt {usage['prompt_tokens']}, completion {usage['completion_tokens']}, "
-              f"total {sum(usage.values())}")
+              f"total {sum(usage.values())}" + (" (billed at the Batch API's half price)" if args.batch_api else ""))
     InstructionsRecord(class_names=splits.class_names, generator=generator, num_annotated=len(annotated),
                        num_train=len(splits.train), num_rejected=num_rejected, num_mentions_label=mentions,
                        complete=len(annotated) == len(splits.train)).write(folder)

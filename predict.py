@@ -22,7 +22,7 @@ from models.vlm import VLM_DTYPES
 from utils.cli import base_parser, parse_args
 from utils.dist import init_distributed, leave_process_group, training_device
 from utils.errors import UserError, run_cli
-from utils.outputs import releases_locks
+from utils.outputs import lock_output, releases_locks
 
 FLAG_RULES = {"max_new_tokens": "count"}
 
@@ -53,7 +53,8 @@ def main(args) -> None:
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder; give a file name such as {out / 'predictions.jsonl'}")
-    list_images(args.images)  # a wrong folder fails before the models load
+    list_images(args.images, out)  # a wrong folder fails before the models load
+    lock_output(out)  # one run per output file, until main returns (rank 0 only)
     rank, _ = init_distributed()
     predictor = EmoVLMKD.from_outputs(args.output_dir, args.dataname, training_device(args.gpu),
                                       args.vlm_model, args.quant, args.vlm_dtype)

@@ -28,7 +28,7 @@ from models.teacher import (DEFAULT_TEACHER, build_teacher, data_config, default
                             save_teacher)
 from models.vlm import vision_hidden_size
 from utils.cache import image_list_id
-from utils.checkpoints import file_id
+from utils.checkpoints import file_id, verify_file
 from utils.cli import add_base_vlm_flag, base_parser, parse_args, stage_dir
 from utils.dist import barrier, distributed_rank, init_distributed, leave_process_group, training_device
 from utils.errors import run_cli
@@ -103,13 +103,15 @@ def split_ids(splits) -> dict:
 
 def existing_teacher(args, splits, folder: Path) -> Path | None:
     """``teacher/teacher.pt`` when it fits this run; a teacher for other classes, another model or
-    other training images is refused."""
+    other training images is refused, and so is a teacher.pt that is not the one meta.json's
+    ``teacher_id`` names (damaged)."""
     path = folder / "teacher.pt"
     if args.retrain_teacher or not (folder / "meta.json").is_file() or not path.is_file():
         return None
     teacher_record = TeacherRecord.load(folder, args.dataname)
     size = args.teacher_img_size or default_img_size(args.teacher_model)
     teacher_record.check_reusable(folder, splits.class_names, args.teacher_model, size, split_ids(splits))
+    verify_file(path, teacher_record.teacher_id, "teacher_id", folder / "meta.json", "teacher", args.dataname)
     return path
 
 

@@ -124,7 +124,8 @@ def check_args(args) -> None:
 def read_inputs(args) -> tuple[Path, VLMRecord, Path, DistillRecord]:
     """Stage 1's and the fused head's records (read before anything else: a missing stage fails at once)."""
     vlm_dir = stage_dir(args, "vlm")
-    vlm_record = VLMRecord.load(vlm_dir, args.dataname)
+    # The adapter's id keys the VLM-answer cache and is recorded in gate.pt: stage 3 needs it.
+    vlm_record = VLMRecord.load(vlm_dir, args.dataname).need(vlm_dir, "adapter_id", dataname=args.dataname)
     head_dir = resolve_head(stage_dir(args, "distill"), getattr(args, "head", None))
     head_record = DistillRecord.load(head_dir, args.dataname)
     return vlm_dir, vlm_record, head_dir, head_record

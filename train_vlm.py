@@ -1,14 +1,17 @@
 """Stage 1: instruction-tune a Qwen2-VL-style model with LoRA/QLoRA, then evaluate it as a classifier.
 
-Reads stage 0's ``annotations_train.jsonl``, trains on the categorical conversation of every
-training image and the observation and reasoning ones where stage 0 wrote text (counts printed
-and recorded in run.json and meta.json), with the loss on the answers only, and
-writes the adapter, processor, log and ``meta.json`` to ``<output_dir>/<dataname>/vlm/``.
+Reads stage 0's ``annotations_train.jsonl`` (or, with ``--annotations``, the authors' own
+instruction data, one JSON array, matched to the training images by class and file name),
+trains on the categorical conversation of every training image and the observation and
+reasoning ones where stage 0 wrote text (counts printed and recorded in run.json and
+meta.json), with the loss on the answers only, and writes the adapter, processor, log and
+``meta.json`` to ``<output_dir>/<dataname>/vlm/``.
 
     python train_vlm.py --dataname emoset --gpu 0                       # paper settings (QLoRA on a GPU)
     torchrun --nproc_per_node 4 train_vlm.py --dataname emoset          # data-parallel (or accelerate launch)
     python train_vlm.py --dataname toy --vlm_model checkpoints/tiny-qwen2-vl --config configs/toy_vlm.yaml
     python train_vlm.py --dataname emoset --eval_only --eval_mode generate
+    python train_vlm.py --dataname abstract --annotations abstract_annotations_train.json   # the authors' data
 """
 from __future__ import annotations
 
@@ -22,13 +25,14 @@ from pathlib import Path
 import torch
 from transformers import SchedulerType
 
-from data.annotations import ANNOTATIONS_FILE, read_annotations
+from data.annotations import ANNOTATIONS_FILE, ReferenceReport, load_annotations
 from data.datasets import REFERENCE_PRE_RESIZE, load_dataset
 from data.prompts import PARSERS
 from engine.vlm_eval import evaluate_vlm
-from engine.vlm_train import (DEFAULT_TARGET_MODULES, AnswerLogitsTrainer, ConversationCollator, build_examples,
-                              check_placement, epoch_logger, example_counts, gradient_checkpointing, last_checkpoint,
-                              read_history, training_arguments, val_scorer, wrap_lora)
+from engine.vlm_train import (DEFAULT_TARGET_MODULES, AnswerLogitsTrainer, CheckpointRights, ConversationCollator,
+                              build_examples, check_placement, checkpoint_writes, epoch_logger, example_counts,
+                              gradient_checkpointing, last_checkpoint, read_history, training_arguments, val_scorer,
+                              wrap_lora)
 from models.backbones import backbone_for
 from models.scorer import EVAL_MODES
 from models.vlm import (ATTN_IMPLEMENTATIONS, DEFAULT_MAX_PIXELS, LATER_STAGES_DTYPE, LATER_STAGES_QUANT,
@@ -39,6 +43,7 @@ from utils.cli import base_parser, parse_args, stage_dir
 from utils.dist import (barrier, distributed_rank, is_main_process, leave_process_group, pin_single_gpu,
                         training_device)
 from utils.errors import UserError, run_cli
+from utils.io import follow_umask, names_failed_writes, write_json
 from utils.outputs import StagedOutput, lock_folder, releases_locks, staging_dir
 from utils.records import InstructionsRecord, VLMRecord
 from utils.run import record_run, seed_everything
@@ -85,7 +90,11 @@ def get_args_parser():
                       help="modules trained fully next to LoRA (the tiny random model needs lm_head)")
     train = parser.add_argument_group("training")
     train.add_argument("--annotations", default=None,
-                       help="stage 0 output (default <output_dir>/<dataname>/instructions/annotations_train.jsonl)")
+                       help="stage 0 output (default <output_dir>/<dataname>/instructions/annotations_train.jsonl), "
+                            "or the authors' instruction data as released: one JSON array of {gpt_response, img, "
+                            "img_path, label} records (told by its first character '['), matched to the training "
+                            "images by class and file name; records of validation or test images are never "
+                            "trained on"),
     train.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=5)
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--lr_scheduler", default="constant", choices=[s.value for s in SchedulerType],
@@ -212,17 +221,26 @@ def prepare_folder(args, out_dir: Path, trainer_dir: Path) -> str | None:
     return checkpoint
 
 
+REFERENCE_REPORT_FILE = "reference_annotations.json"
+
+
 def save_outputs(args, settings: TrainingSettings, model, processor, class_names, out_dir: Path,
-                 counts: dict) -> None:
-    """Adapter, processor, run record, then meta.json last (all staged), then swapped into
-    ``out_dir``: only a complete folder has a meta.json."""
+                 counts: dict, reference: ReferenceReport | None = None) -> None:
+    """Adapter, processor, run record (and, trained on the authors' JSON, the fate of each of
+    its records), then meta.json last (all staged), then swapped into ``out_dir``: only a complete
+    folder has a meta.json."""
     staged = StagedOutput(out_dir)
     final_dir, out_dir = out_dir, staged.staging
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    with names_failed_writes(out_dir):  # a full disk: one line naming the folder
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+    follow_umask(*out_dir.glob("*.safetensors"))  # safetensors writes 0600
     size = processor.image_processor.size
+    reference_counts = reference.counts() if reference is not None else None
+    if reference is not None:
+        write_json(out_dir / REFERENCE_REPORT_FILE, asdict(reference))
     record_run(out_dir, args, train_examples=sum(counts["conversations"].values()), counts=counts,
-               resolved=asdict(settings))
+               resolved=asdict(settings), reference_annotations=reference_counts)
     # Lets a later stage accept the same local base folder after it moved.
     config = Path(settings.vlm_model) / "config.json"
     VLMRecord(class_names=class_names, base_model=settings.vlm_model,
@@ -232,7 +250,7 @@ def save_outputs(args, settings: TrainingSettings, model, processor, class_names
               modules_to_save=list(args.modules_to_save), target_modules=list(settings.target_modules),
               lora_r=args.lora_r, lora_alpha=args.lora_alpha, quant=settings.quant,
               train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts,
-              attn_implementation=settings.attn_implementation,
+              reference_annotations=reference_counts, attn_implementation=settings.attn_implementation,
               gradient_checkpointing=settings.gradient_checkpointing,
               eval_every_epoch=settings.eval_every_epoch).write(out_dir)
     history = read_history(out_dir / "log.txt")
@@ -244,7 +262,15 @@ def train(args, splits, out_dir: Path, gpu: int | None) -> None:
     """Instruction-tune the VLM and save the adapter (rank 0)."""
     vlm_model = args.vlm_model or DEFAULT_VLM
     path = annotations_file(args, splits.class_names)
-    examples = build_examples(read_annotations(path), splits, path)
+    annotations, reference = load_annotations(path, splits)
+    if reference is not None and is_main_process():
+        print(reference.summary(len(splits.train))
+              + f"\n  (every record's fate: {out_dir / REFERENCE_REPORT_FILE} once trained)")
+    if reference is None:
+        examples = build_examples(annotations, splits, path)
+    else:
+        examples = build_examples(annotations, splits, path,
+                                  missing_hint="the authors' file has no usable record for them (counted above)")
     counts = example_counts(examples, len(splits.train))
     device = training_device(gpu)
     on_gpu = device.type == "cuda"
@@ -291,10 +317,11 @@ def train(args, splits, out_dir: Path, gpu: int | None) -> None:
     # The output layer runs only where the loss reads it (the answers; every text token with --train_on_prompt).
     trainer = AnswerLogitsTrainer(model=model, args=training_args, train_dataset=examples,
                                   data_collator=ConversationCollator(processor, args.train_on_prompt),
-                                  callbacks=[logger])
-    trainer.train(resume_from_checkpoint=checkpoint)
+                                  callbacks=[logger, CheckpointRights()])
+    with checkpoint_writes(trainer_dir):  # a checkpoint the disk cannot hold: one line naming it
+        trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():  # saving is rank 0's alone
-        save_outputs(args, settings, model, processor, splits.class_names, out_dir, counts)
+        save_outputs(args, settings, model, processor, splits.class_names, out_dir, counts, reference)
 
 
 def release_memory() -> None:

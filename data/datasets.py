@@ -2,7 +2,10 @@
 
 Class names are the sorted folder names of ``train/`` and are saved with every checkpoint.
 Without ``val/``, 10% of ``train/`` is split off (stratified, seed 42) and the split is
-persisted in ``<output_dir>/<dataname>/split.json`` so every stage sees the same images.
+persisted in ``<output_dir>/<dataname>/split.json`` so every stage sees the same images; the
+file records where validation came from (``val_source``, and the choice ``data.prepare``
+recorded in the layout's ``manifest.json``, when there is one). Only the presence of ``val/``
+decides this, never the dataset's name.
 """
 from __future__ import annotations
 
@@ -28,6 +31,10 @@ ORIENTATION_TAG = 0x0112  # EXIF orientation
 # How to_rgb decodes pixels; part of every cache key, so caches from another decoding are rebuilt.
 PIXELS = "rgb8: exif orientation applied, 16-bit scaled"
 SPLIT_SEED = 42
+# data.prepare's record of how a layout was made, beside its train/ and test/ folders.
+LAYOUT_MANIFEST = "manifest.json"
+# How validation is made when a layout has no val/ folder (data.prepare records the same words).
+VAL_CARVED = f"carved by the loader from train/ (stratified {VAL_FRACTION:.0%}, seed {SPLIT_SEED})"
 # --pre_resize: the reference code's preparation of an image for its frozen passes (stage 2's
 # features, stage 3's answers, the demo): the longer side shrunk to 1024 px with LANCZOS, aspect
 # kept, smaller images untouched; then the processor applies its pixel budget. 0: no pre-resize.
@@ -137,9 +144,21 @@ def _stratified_split(samples: list[Sample], num_classes: int) -> tuple[list[Sam
     return sorted(train, key=lambda s: s.path), sorted(val, key=lambda s: s.path)
 
 
+def prepared_val(root: Path) -> str | None:
+    """The validation choice ``data.prepare`` recorded in ``root``'s manifest (``settings.val``),
+    or None (no manifest, an unreadable one, or one written before the choice was recorded)."""
+    try:
+        settings = read_json(root / LAYOUT_MANIFEST).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    value = settings.get("val") if isinstance(settings, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def _persisted_split(split_file: Path, train_all: list[Sample], class_names: list[str],
                      train_dir: Path) -> tuple[list[Sample], list[Sample]]:
-    """Load the split saved by an earlier stage, or make it and save it."""
+    """Load the split saved by an earlier stage, or make it and save it. A saved split without
+    ``val_source`` (written before it was recorded) is read as it is."""
     by_path = {s.path: s for s in train_all}
     if split_file.exists():
         saved = _read_split_file(split_file)
@@ -160,8 +179,15 @@ def _persisted_split(split_file: Path, train_all: list[Sample], class_names: lis
     if without_val:
         log.warning("classes %s have too few training images to spare one for validation: no validation "
                     "image; add images to them or lay out a val/ folder", without_val)
-    write_json(split_file, {
+    record = {
         "note": f"validation split: {VAL_FRACTION:.0%} of train/ per class, seed {SPLIT_SEED}",
+        "val_source": f"{VAL_CARVED}: the layout has no val/ folder",
+    }
+    recorded = prepared_val(train_dir.parent)
+    if recorded is not None:
+        record["prepared_val"] = recorded  # what data.prepare wrote in the layout's manifest.json
+    write_json(split_file, {
+        **record,
         "class_names": class_names,
         "train": [s.path for s in train],
         "val": [s.path for s in val],

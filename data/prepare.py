@@ -1,9 +1,9 @@
 """From a dataset as its authors distribute it to ``<out>/{train,val,test}/<class>/<image>``.
 
 ```
-python -m data.prepare emoset  --src EmoSet-118K --out images/emoset
+python -m data.prepare emoset  --src EmoSet-118K --out images/emoset [--official_val]
 python -m data.prepare folders --src FI/emotion_dataset --out images/FI --split 0.8 0.05 0.15
-python -m data.prepare prefix  --src testImages_artphoto --out images/artphoto --split 0.8 0.05 0.15
+python -m data.prepare prefix  --src testImages_artphoto --out images/artphoto --split 0.85 0 0.15
 python -m data.prepare csv     --src labels.csv --root photos --out images/flickr --split 0.8 0.05 0.15
 python -m data.prepare check   images/FI [--drop_cross_split_duplicates]
 ```
@@ -13,7 +13,12 @@ Sources: ``emoset`` reads EmoSet-118K's ``train.json``/``val.json``/``test.json`
 ``train/``, ``val/``, ``test/`` each holding class folders: a given split); ``prefix`` class =
 file name up to the first ``--sep``; ``csv`` a table with columns ``path,label[,split]``, or
 with ``--votes`` a table of vote counts per class (Abstract's).
-Given splits are kept; otherwise ``--split`` ratios, stratified by class and seeded. Files are
+Given splits are kept, except EmoSet's ``val.json``: by default its images are left out (counted)
+and the layout has ``train/`` and ``test/`` only, so the loader carves a stratified 10% of
+``train/`` as validation, as the reference code does; ``--official_val`` writes ``val/`` from
+``val.json``. Otherwise ``--split`` ratios, stratified by class and seeded (a VAL of 0 writes no
+``val/``: the loader's carve-out again). ``settings.val`` in the manifest records where
+validation comes from. Files are
 hard-linked (then symlinked, then copied). ``manifest.json`` records how the layout was made
 and the leakage/hygiene check (data/hygiene.py) that ends every prepare. The readers of each
 source shape are in data/sources.py.
@@ -32,7 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.datasets import SPLITS, known_classes
+from data.datasets import LAYOUT_MANIFEST, SPLITS, VAL_CARVED, known_classes
 from data.hygiene import (MAX_IMBALANCE, MIN_SIDE, NEAR_DUPLICATE_BITS, check_layout, drop_cross_split_duplicates,
                           format_report)
 from data.sources import (SourceImage, dedupe, keep_existing, read_csv_source, read_emoset,
@@ -40,9 +45,13 @@ from data.sources import (SourceImage, dedupe, keep_existing, read_csv_source, r
 from utils.errors import UserError, first_line, run_cli
 from utils.io import read_json, write_json
 
-MANIFEST = "manifest.json"
+MANIFEST = LAYOUT_MANIFEST
 MANIFEST_FORMAT = 1
 LINK_METHODS = ("hardlink", "symlink", "copy")
+# settings.val: where the layout's validation comes from (VAL_CARVED when it has no val/).
+VAL_OFFICIAL = "official val.json (--official_val)"
+VAL_GIVEN = "the source's own val split"
+VAL_LEFT_OUT_WHY = "the reference carves its validation from train/; --official_val writes val/ from val.json"
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,22 @@ def check_given_splits(images: list[SourceImage]) -> None:
         raise UserError(f"the source gives splits {sorted(present)} but needs at least train and test")
 
 
+def leave_out_val(images: list[SourceImage]) -> tuple[list[SourceImage], int]:
+    """EmoSet without ``--official_val``: the images ``val.json`` lists are left out and counted."""
+    kept = [image for image in images if image.split != "val"]
+    return kept, len(images) - len(kept)
+
+
+def val_choice(mode: str, ratios: list[float] | None, has_val: bool) -> str:
+    """``settings.val``: where validation comes from. Decided by whether the layout gets a
+    ``val/`` folder and, when it does, by what fills it (never by a dataset's name)."""
+    if not has_val:
+        return VAL_CARVED
+    if ratios:
+        return f"--split: a random {ratios[1]:g} of each class (--seed)"
+    return VAL_OFFICIAL if mode == "emoset" else VAL_GIVEN
+
+
 def plan_layout(images: list[SourceImage]) -> list[PlannedFile]:
     """Target names: the source file name, made unique inside each class folder (compared
     case-insensitively, for case-insensitive file systems) with ``_1``, ``_2``... in path order."""
@@ -224,6 +249,16 @@ def _restore_backup(out: Path) -> None:
             backup.rename(out)
 
 
+def recorded_settings(manifest: dict) -> dict:
+    """The manifest's settings; one written before ``val`` was recorded gets the value its
+    layout implies (it wrote ``val/`` whenever the source gave, or ``--split`` asked for, one)."""
+    settings = manifest["settings"]
+    if "val" in settings:
+        return settings
+    has_val = "val" in (manifest.get("counts") or {})
+    return {**settings, "val": val_choice(settings.get("mode"), settings.get("split"), has_val)}
+
+
 def existing_layout_state(out: Path, settings: dict, digest: str) -> str:
     """"absent", "same" (complete and made the same way) or a reason why it differs."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
@@ -234,9 +269,9 @@ def existing_layout_state(out: Path, settings: dict, digest: str) -> str:
         raise UserError(f"--out {out}: exists, is not empty, and was not written by data.prepare "
                         f"(no {MANIFEST} with its settings); move it away or choose another --out")
     manifest = read_json(out / MANIFEST)
-    if manifest["settings"] != settings:
-        changed = sorted(k for k in set(settings) | set(manifest["settings"])
-                         if settings.get(k) != manifest["settings"].get(k))
+    saved = recorded_settings(manifest)
+    if saved != settings:
+        changed = sorted(k for k in set(settings) | set(saved) if settings.get(k) != saved.get(k))
         return f"it was prepared with other arguments ({', '.join(changed)} differ)"
     if manifest.get("plan_sha256") != digest:
         return "the source's images or labels changed since it was prepared"
@@ -295,6 +330,13 @@ def prepare(args) -> None:
     images, source_root, ties = read_source(args)
     if args.mode in ("folders", "prefix", "emoset") and out.resolve().is_relative_to(source_root.resolve()):
         raise UserError(f"--out {out}: inside --src {source_root}; write the layout elsewhere")
+    val_left_out = 0
+    if args.mode == "emoset":
+        if args.official_val and not (source_root / "val.json").is_file():
+            raise UserError(f"--official_val: no val.json in --src {source_root}; "
+                            "drop --official_val to let the loader carve validation from train/")
+        if not args.official_val:
+            images, val_left_out = leave_out_val(images)
     if args.mode in ("emoset", "csv"):
         images, missing = keep_existing(images, source_root, args.skip_missing)
     else:
@@ -315,7 +357,8 @@ def prepare(args) -> None:
                 "split": ratios, "seed": args.seed if ratios else None, "classes": mapping,
                 "sep": args.sep if args.mode == "prefix" else None,
                 "votes": args.mode == "csv" and args.votes, "skip_missing": args.skip_missing,
-                "copy": args.copy, "drop_cross_split_duplicates": args.drop_cross_split_duplicates}
+                "copy": args.copy, "drop_cross_split_duplicates": args.drop_cross_split_duplicates,
+                "val": val_choice(args.mode, ratios, any(f.split == "val" for f in plan))}
 
     _restore_backup(out)
     state = existing_layout_state(out, settings, digest)
@@ -326,7 +369,7 @@ def prepare(args) -> None:
     if state != "absent" and not args.overwrite:
         raise UserError(f"--out {out}: holds a layout, but {state}; pass --overwrite to replace it "
                         "(or choose another --out)")
-    _report_source(args, class_names, dropped, missing, repeated, ties)
+    _report_source(args, class_names, dropped, missing, repeated, ties, val_left_out)
     staging = out.parent / f".{out.name}.preparing"
     try:
         if staging.exists():
@@ -339,7 +382,9 @@ def prepare(args) -> None:
         write_json(staging / MANIFEST, {
             "format": MANIFEST_FORMAT, "tool": "data.prepare", "settings": settings,
             "class_names": class_names, "dropped_classes": dropped, "missing_skipped": missing,
-            "listed_twice": repeated, "tied_votes": ties, "links": methods, "counts": counts_of(final),
+            "listed_twice": repeated, "tied_votes": ties,
+            "val_left_out": {"images": val_left_out, "why": VAL_LEFT_OUT_WHY if val_left_out else None},
+            "links": methods, "counts": counts_of(final),
             "plan_sha256": digest, "files": [[f.target, f.source] for f in final], "check": report,
         })
         swap_in(staging, out)
@@ -356,8 +401,10 @@ def prepare(args) -> None:
     print(f"wrote {out}: {_counts_line(counts_of(final))}; files {_methods_line(methods)}")
 
 
-def _report_source(args, class_names, dropped, missing, repeated, ties) -> None:
+def _report_source(args, class_names, dropped, missing, repeated, ties, val_left_out=0) -> None:
     print(f"{args.mode} source {args.src}: classes {class_names}")
+    if val_left_out:
+        print(f"  left out the {val_left_out} image(s) of val.json: {VAL_LEFT_OUT_WHY}")
     if ties:
         print(f"  left out {ties} image(s) whose votes tie for most")
     for name, count in dropped.items():
@@ -424,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True, metavar="{emoset,folders,prefix,csv,check}")
     sources = {
-        "emoset": "EmoSet-118K: train.json/val.json/test.json at --src (the official split)",
+        "emoset": "EmoSet-118K: train.json/test.json at --src (the official split; val.json with --official_val)",
         "folders": "one sub-folder per class (or train/, val/, test/ holding class folders)",
         "prefix": "images named <class><sep><anything> directly in --src",
         "csv": "a table path,label[,split]; paths relative to --root",
@@ -450,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--classes", nargs="+", default=None, metavar="NAME[=NEW]",
                          help="classes to keep (others are dropped and counted), NAME=NEW renames")
         sub.add_argument("--copy", action="store_true", help="copy files instead of linking them")
+        if mode == "emoset":
+            sub.add_argument("--official_val", action="store_true",
+                             help="write val/ from val.json; without it val.json's images are left out "
+                                  "and the loader carves a stratified 10%% of train/ (seed 42) as "
+                                  "validation, as the reference code does")
         if mode in ("emoset", "csv"):
             sub.add_argument("--skip_missing", action="store_true",
                              help="leave out listed images missing on disk (counted) instead of stopping")

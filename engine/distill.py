@@ -15,7 +15,7 @@ from tqdm import tqdm
 from data.datasets import DatasetSplits, ImageDataset
 from engine.batches import TrainingOrder, per_step_adam, per_step_epoch
 from engine.fit import EpochLog, Fit, fit
-from models.heads import DistillHead, distillation_loss
+from models.heads import HEAD_DROPOUT, DistillHead, distillation_loss
 from models.teacher import teacher_transforms
 from utils.metrics import save_curves_png
 
@@ -84,7 +84,7 @@ def evaluate_head(head: DistillHead, features: torch.Tensor, teacher_logits: tor
 
 def train_head(features: dict[str, torch.Tensor], teacher_logits: dict[str, torch.Tensor],
                labels: dict[str, torch.Tensor], in_dim: int, num_classes: int, *, depth: int = 1,
-               dropout: float = 0.1, epochs: int = 5, lr: float = 1e-5, weight_decay: float = 1e-4,
+               dropout: float = HEAD_DROPOUT, epochs: int = 5, lr: float = 1e-5, weight_decay: float = 1e-4,
                batch_size: int = 1, alpha: float = 0.5, temperature: float = 2.0, standardize: bool = False,
                seed: int = 0, device: str | torch.device = "cpu", log_path: Path | None = None,
                reshuffle: bool = False) -> Fit:

@@ -4,7 +4,9 @@ pooled visual features (the head's input) and the teacher's logits, per split.
 The VLM's visual encoder and the teacher are frozen during distillation, so each image is
 encoded once and cached under ``<output_dir>/<dataname>/distill/cache/``; the head then trains
 from tensors. A cache file stores the key it was built for (model, config, weights, dtype, image
-list, preprocessing) and is rebuilt, with a log line, when the key differs (utils/cache.py).
+list, preprocessing) and a digest of its values, and is rebuilt, with a log line, when the key
+differs or the values no longer match their digest or are not one finite row per image
+(utils/cache.py, :func:`check_rows`).
 Stage 2 builds the caches (:func:`cached_vlm_features`, :func:`cached_teacher_logits`); stage 3
 reads them without ever building (:func:`read_vlm_features`, :func:`read_cached_teacher_logits`),
 since the head must see the features it was trained on; the predictor encodes new images in the
@@ -14,6 +16,7 @@ images are sharded across processes and the results gathered in order (utils.dis
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +28,7 @@ from transformers import AutoConfig
 from data.datasets import PIXELS, SPLITS, DatasetSplits, ImageDataset, Sample, pre_resize_key, pre_resized
 from models.teacher import load_teacher, teacher_transforms
 from models.vlm import load_processor, load_vlm, pooled_image_features
-from utils.cache import digest, image_list_id, load_cached, load_or_build, readable, weights_fingerprint
+from utils.cache import damage, digest, image_list_id, load_cached, load_or_build, weights_fingerprint
 from utils.checkpoints import STAGE_COMMANDS, file_id
 from utils.dist import distributed_rank, shard_map
 from utils.errors import UserError
@@ -45,6 +48,19 @@ def _image_batches(splits: DatasetSplits, samples: Sequence[Sample], batch_size:
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=None if transform else _as_list)
     return tqdm(loader, desc=desc, disable=distributed_rank()[0] != 0, leave=False)
+
+
+def check_rows(splits: DatasetSplits, split: str, values) -> str | None:
+    """What is wrong with a cache of one row per image of ``split`` (features or logits): not a 2-d
+    floating tensor with one row per image, or non-finite numbers; None when it is sound."""
+    count = len(splits.split(split))
+    if not isinstance(values, torch.Tensor) or values.dim() != 2 or not values.is_floating_point():
+        return "not a 2-d tensor of numbers"
+    if values.shape[0] != count:
+        return f"{values.shape[0]} rows for {count} images"
+    if not torch.isfinite(values).all():
+        return "non-finite numbers in it"
+    return None
 
 
 # ---------------------------------------------------------------- frozen VLM features
@@ -129,7 +145,7 @@ def cached_vlm_features(splits: DatasetSplits, vlm_model: str, processor_kwargs:
     processor = load_processor(vlm_model, **(processor_kwargs or {}))
     keys = _feature_keys(splits, vlm_model, processor, dtype, names, pre_resize)
     encoder = FeatureEncoder(splits, vlm_model, processor, device, dtype, batch_size, num_workers, pre_resize)
-    return load_or_build(Path(cache_dir), "vlm_features", keys, encoder.encode_split)
+    return load_or_build(Path(cache_dir), "vlm_features", keys, encoder.encode_split, partial(check_rows, splits))
 
 
 def read_vlm_features(splits: DatasetSplits, head: DistillRecord, cache_dir: str | Path,
@@ -137,21 +153,23 @@ def read_vlm_features(splits: DatasetSplits, head: DistillRecord, cache_dir: str
     """The features a head was trained on, ``{split: (N, in_dim)}``, read from stage 2's cache and
     never built: the VLM, pixel budget, pre-resize and dtype are the ones the head's record holds (a
     dtype it does not record: :func:`unrecorded_feature_dtype` of ``device``). A missing, damaged
-    or mismatched file is a UserError naming stage 2's command."""
+    (unreadable, or its values not the ones it was written with) or mismatched file is a UserError
+    naming stage 2's command, which rebuilds it."""
     dtype = recorded_dtype(head) or unrecorded_feature_dtype(device)
     vlm_model = head.base_model
     processor = load_processor(vlm_model, head.min_pixels, head.max_pixels)
     cache_dir = Path(cache_dir)
     keys = _feature_keys(splits, vlm_model, processor, dtype, names, head.pre_resize)  # None: an older head, none
-    features = load_or_build(cache_dir, "vlm_features", keys, None)
+    check = partial(check_rows, splits)
+    features = load_or_build(cache_dir, "vlm_features", keys, None, check)
     missing = [split for split in names if features[split] is None]
     if missing:
         command = STAGE_COMMANDS["distill"].format(dataname=splits.name)
-        files = [cache_dir / f"vlm_features_{split}.pt" for split in missing]
-        absent = [split for split, f in zip(missing, files) if not f.is_file()]
-        damaged = [f.name for f in files if f.is_file() and not readable(f)]
+        files = {split: cache_dir / f"vlm_features_{split}.pt" for split in missing}
+        absent = [split for split, f in files.items() if not f.is_file()]
+        damaged = {f.name: problem for split, f in files.items() if (problem := damage(f, partial(check, split)))}
         if absent or damaged:
-            what = (f"{', '.join(damaged)} cannot be read (damaged)" if damaged
+            what = ("; ".join(f"{name} {problem}" for name, problem in damaged.items()) if damaged
                     else f"the cached {'/'.join(absent)} features are missing")
             raise UserError(f"{cache_dir}: {what}; rerun `{command}` to rebuild the feature cache")
         raise UserError(f"{cache_dir}: the cached {'/'.join(missing)} features do not match these images, the "
@@ -169,8 +187,14 @@ def _teacher_key(splits: DatasetSplits, teacher_id: str, split: str) -> dict:
 def read_cached_teacher_logits(splits: DatasetSplits, teacher_id: str, cache_dir: str | Path,
                                split: str = "test") -> torch.Tensor | None:
     """Stage 2's cached teacher logits of one split, or None when the cache holds no matching ones
-    (stage 3 reads them for its statistics and never runs the teacher)."""
-    return load_cached(Path(cache_dir) / f"teacher_logits_{split}.pt", _teacher_key(splits, teacher_id, split))
+    (stage 3 reads them for its statistics and never runs the teacher); a damaged file is a
+    UserError naming stage 2's command, which rebuilds it."""
+    path, check = Path(cache_dir) / f"teacher_logits_{split}.pt", partial(check_rows, splits, split)
+    logits = load_cached(path, _teacher_key(splits, teacher_id, split), check)
+    if logits is None and (problem := damage(path, check)):
+        raise UserError(f"{path.parent}: {path.name} {problem}; rerun "
+                        f"`{STAGE_COMMANDS['distill'].format(dataname=splits.name)}` to rebuild it")
+    return logits
 
 
 def teacher_block(block: range, model, transform, splits: DatasetSplits, samples: Sequence[Sample], batch_size: int,
@@ -208,4 +232,4 @@ def cached_teacher_logits(splits: DatasetSplits, teacher_path: str | Path, devic
     teacher_id = file_id(teacher_path)
     keys = {split: _teacher_key(splits, teacher_id, split) for split in names}
     teacher = TeacherPass(splits, teacher_path, device, batch_size, num_workers)
-    return load_or_build(Path(cache_dir), "teacher_logits", keys, teacher.logits_split)
+    return load_or_build(Path(cache_dir), "teacher_logits", keys, teacher.logits_split, partial(check_rows, splits))

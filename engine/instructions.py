@@ -19,6 +19,7 @@ from pathlib import Path
 
 import openai
 from openai import OpenAI
+from openai.types.chat import ChatCompletion
 from PIL import Image
 
 from data.annotations import (ANNOTATIONS_FILE, Annotation, append_annotation, append_record,
@@ -216,12 +217,12 @@ def plan_requests(splits: DatasetSplits, folder: Path, skip_rejected: bool = Fal
     tally = Tally(skipped=len(splits.train) - len(todo))
     if limit is not None:
         todo = todo[:limit]
-    requests = []
-    for sample in todo:
-        emotion = splits.class_names[sample.label]
-        requests.append(Request(sample, splits.absolute(sample), emotion,
-                                generation_prompt(splits.class_names, emotion)))
-    return requests, tally
+    return [make_request(splits, sample) for sample in todo], tally
+
+
+def make_request(splits: DatasetSplits, sample: Sample) -> Request:
+    emotion = splits.class_names[sample.label]
+    return Request(sample, splits.absolute(sample), emotion, generation_prompt(splits.class_names, emotion))
 
 
 # ---------------------------------------------------------------------------- writing
@@ -288,6 +289,16 @@ def _say(progress, line: str) -> None:
 
 # ---------------------------------------------------------------------------- OpenAI-compatible API
 
+class NotACompletion(ValueError):
+    """A 200 answer that is no chat completion: the openai client hands a body that is not JSON
+    (e.g. a misconfigured proxy's HTML page) back as text. A failed request, like a 5xx."""
+
+    def __init__(self, body):
+        text = " ".join(str(body).split())
+        super().__init__(f"the server answered with no chat completion but {text[:60]!r}"
+                         f"{'...' if len(text) > 60 else ''}; check --base_url and any HTTP proxy")
+
+
 class OpenAIBackend:
     """Chat completions with the image as a data URL; the openai client retries rate limits,
     timeouts and 5xx itself (``max_retries``, exponential backoff, honours ``retry-after``)."""
@@ -308,17 +319,12 @@ class OpenAIBackend:
     def answer(self, request: Request) -> Outcome:
         """Ask until the answer is usable or ``max_attempts`` answers were refused; then, unless
         ``reject_label_mentions``, keep the last usable answer that only named the emotion."""
-        url, _ = image_data_url(request.path, self.max_side)
-        messages = [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": request.prompt},
-        ]}]
+        body = self.request_body(request)
         outcome = Outcome(request, "rejected")
         mentioned = None  # (sections, answer) of an answer whose only fault was naming the emotion
         while outcome.attempts < self.max_attempts:
             try:
-                response = self.client.chat.completions.create(
-                    model=self.model, messages=messages, max_tokens=self.max_new_tokens)
+                response = self.client.chat.completions.create(**body)
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
                 raise self._fatal(err) from None
             except openai.APITimeoutError as err:
@@ -327,19 +333,39 @@ class OpenAIBackend:
                 raise self._fatal(err) from None
             except (openai.APIError, ValueError) as err:  # 429/5xx after retries, 400, not JSON
                 return self._failed(outcome, err)
-            outcome.attempts += 1
-            if response.usage is not None:
-                outcome.prompt_tokens += response.usage.prompt_tokens or 0
-                outcome.completion_tokens += response.usage.completion_tokens or 0
-            choices = response.choices or []
-            outcome.answer = (choices[0].message.content or "") if choices else ""
-            outcome.sections, outcome.reason = check_answer(outcome.answer, request.emotion,
-                                                            self.accept_unstructured)
-            if outcome.sections is not None:
-                outcome.status = "done"
+            if not isinstance(response, ChatCompletion):  # a 200 page that is not JSON (a proxy's)
+                return self._failed(outcome, NotACompletion(response))
+            mentioned = self.take_answer(outcome, response, mentioned)
+            if outcome.status == "done":
                 return outcome
-            mentioned = mentioned_sections(outcome, request.emotion, self.accept_unstructured) or mentioned
         return keep_mention(outcome, mentioned, self.reject_label_mentions)
+
+    def request_body(self, request: Request) -> dict:
+        """The chat-completions request for one image: sent as is, or as a line of a batch input file."""
+        url, _ = image_data_url(request.path, self.max_side)
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": request.prompt},
+        ]}]
+        return {"model": self.model, "messages": messages, "max_tokens": self.max_new_tokens}
+
+    def take_answer(self, outcome: Outcome, response, mentioned: tuple | None) -> tuple | None:
+        """One more answer (a chat completion) counted on ``outcome`` and checked: ``status`` becomes
+        "done" when usable. Returns ``mentioned``, replaced by this answer's ``(sections, answer)``
+        when its only fault is naming the emotion."""
+        request = outcome.request
+        outcome.attempts += 1
+        if response.usage is not None:
+            outcome.prompt_tokens += response.usage.prompt_tokens or 0
+            outcome.completion_tokens += response.usage.completion_tokens or 0
+        choices = response.choices or []
+        outcome.answer = (choices[0].message.content or "") if choices else ""
+        outcome.sections, outcome.reason = check_answer(outcome.answer, request.emotion,
+                                                        self.accept_unstructured)
+        if outcome.sections is not None:
+            outcome.status = "done"
+            return mentioned
+        return mentioned_sections(outcome, request.emotion, self.accept_unstructured) or mentioned
 
     def outcomes(self, requests: Sequence[Request]) -> Iterator[Outcome]:
         """Outcomes in completion order from ``workers`` threads; a fatal error is re-raised here.

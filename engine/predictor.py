@@ -1,7 +1,8 @@
 """EmoVLM-KD as one predictor: the stage-1 VLM, the stage-2 distilled head and the stage-3 gate.
 
 ``EmoVLMKD.from_outputs(output_dir, dataname)`` loads the three parts from their stage folders
-and refuses, naming the stage to rerun, parts that are missing or were not built on each other
+and refuses, naming the stage to rerun, parts that are missing, damaged (``gate.pt``, ``head.pt`` and
+the adapter are checked against the ids their records hold) or were not built on each other
 (class names, base VLM, adapter and head ids). ``predict`` / ``predict_batch`` compute every
 module's output for PIL images: the gate's VLM input is obtained exactly as stage 3 obtained it
 (the ``vlm_signal`` / ``vlm_answer`` settings saved in ``gate.pt``), and so is its head input
@@ -24,6 +25,7 @@ from models.gates import GATE_FILE, gate_weights, head_gate_inputs, load_gate, v
 from models.heads import load_head
 from models.scorer import predict_vlm
 from models.vlm import head_features, load_processor, load_trained_vlm, vlm_torch_dtype
+from utils.checkpoints import META_FILE, verify_file
 from utils.errors import UserError
 from utils.records import DistillRecord, GateProvenance, GateRecord, VLMRecord
 
@@ -97,9 +99,11 @@ class EmoVLMKD:
         """
         root = Path(output_dir) / dataname
         vlm_dir, distill_dir, gate_dir = root / "vlm", root / "distill", root / "gate"
-        vlm_record = VLMRecord.load(vlm_dir, dataname)
+        vlm_record = VLMRecord.load(vlm_dir, dataname).need(vlm_dir, "adapter_id", dataname=dataname)
         distill_record = DistillRecord.load(distill_dir, dataname)
-        GateRecord.load(gate_dir, dataname)
+        gate_record = GateRecord.load(gate_dir, dataname)
+        if (gate_dir / GATE_FILE).is_file():  # a missing one: load_gate says stage 3 did not finish
+            verify_file(gate_dir / GATE_FILE, gate_record.gate_id, "gate_id", gate_dir / META_FILE, "gate", dataname)
         gate, checkpoint = load_gate(gate_dir, dataname)
         provenance = GateProvenance.from_checkpoint(checkpoint, gate_dir / GATE_FILE, dataname)
         # A later stage is blamed for a mismatch with an earlier one: it is the one to retrain.

@@ -5,7 +5,9 @@ of those answers.
 Stage 1's evaluation answers the test split with the VLM it has just tuned
 (:func:`predict_samples`). Stage 3 caches the answers per split under ``<gate dir>/cache/``, keyed
 by everything that decides them (adapter id, answer mode, classes, image list, pre-resize, parser and its revision:
-:func:`vlm_cache_key`), and loads the VLM only when a split misses (:func:`cached_vlm_predictions`).
+:func:`vlm_cache_key`), and loads the VLM only when a split misses (:func:`cached_vlm_predictions`). A
+cache whose answers no longer match the digest written with them, or are not one answer per image
+in range (:func:`check_answers`), is rebuilt with a warning naming it (utils/cache.py).
 Images are decoded a chunk at a time, never a whole split at once.
 """
 from __future__ import annotations
@@ -111,6 +113,29 @@ def vlm_cache_key(vlm: VLMRecord, mode: str, max_new_tokens: int, quant: str | N
     }
 
 
+def check_answers(splits: DatasetSplits, mode: str, split: str, values) -> str | None:
+    """What is wrong with a split's cached answers (``answer_split``'s dict): not one answer per
+    image, a class outside ``[0, C)`` (``-1``, no class read, too in ``generate`` mode), or
+    non-finite probabilities; None when they are sound."""
+    count, num_classes = len(splits.split(split)), len(splits.class_names)
+    if not isinstance(values, dict) or not isinstance(values.get("pred"), torch.Tensor):
+        return "no answers in it"
+    pred, probs, texts = values["pred"], values.get("probs"), values.get("texts")
+    if pred.dim() != 1 or pred.is_floating_point() or len(pred) != count:
+        return f"{tuple(pred.shape)} answers for {count} images"
+    if not count:
+        return None
+    lowest = -1 if mode == "generate" else 0
+    if not (lowest <= int(pred.min()) and int(pred.max()) < num_classes):
+        return f"answers outside the classes 0..{num_classes - 1}"
+    if mode == "score" and (not isinstance(probs, torch.Tensor) or tuple(probs.shape) != (count, num_classes)
+                            or not torch.isfinite(probs).all()):
+        return f"not {count} finite rows of {num_classes} probabilities"
+    if mode == "generate" and (not isinstance(texts, list) or len(texts) != count):
+        return f"not {count} answer texts"
+    return None
+
+
 def answer_split(answerer: VLMAnswerer, splits: DatasetSplits, split: str) -> dict:
     """One split's answers as the cache stores them (utils.cache.load_or_build's build)."""
     samples = splits.split(split)
@@ -141,6 +166,7 @@ def cached_vlm_predictions(splits: DatasetSplits, vlm: VLMRecord, cache_dir: str
                                     splits.split(split), parser, vlm_dtype, pre_resize)
     answerer = VLMAnswerer(splits.data_root, splits.class_names, mode, batch_size, max_new_tokens, parser,
                            vlm_dir=vlm_dir, device=device, quant=quant, vlm_dtype=vlm_dtype, pre_resize=pre_resize)
-    values = load_or_build(Path(cache_dir), f"vlm_{mode}", keys, partial(answer_split, answerer, splits))
+    values = load_or_build(Path(cache_dir), f"vlm_{mode}", keys, partial(answer_split, answerer, splits),
+                           partial(check_answers, splits, mode))
     answerer.release()
     return {split: VLMPredictions(**values[split]) for split in split_names}

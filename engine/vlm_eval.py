@@ -8,8 +8,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from engine.vlm_answers import predict_samples
 from utils.dist import is_main_process
+from utils.errors import UserError
 from utils.io import write_text
 from utils.metrics import NONE, classification_metrics, write_metrics
 
@@ -25,6 +28,10 @@ def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: 
     # Under torchrun every rank predicts its block of the images; rank 0 writes the files.
     result = predict_samples(model, processor, data_root, samples, class_names, mode, batch_size, max_new_tokens,
                              desc=f"eval ({mode})", parser=parser, pre_resize=pre_resize)
+    if result.probs is not None and not torch.isfinite(result.probs).all():  # never written as NaN
+        first = int((~torch.isfinite(result.probs)).any(-1).nonzero()[0])
+        raise UserError(f"{samples[first].path}: the VLM's class probabilities are not finite (NaN or infinity); "
+                        "the adapter diverged or is damaged: retrain stage 1 (train_vlm.py)")
     labels = [sample.label for sample in samples]
     metrics = classification_metrics(labels, result.pred.tolist(), class_names)
     metrics["mode"] = mode

@@ -6,15 +6,16 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint, unwrap_peft_model
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, unwrap_peft_model
 
 from data.annotations import TASKS, Annotation, categorical_conversation, to_conversations
 from data.datasets import DatasetSplits, open_image
@@ -23,7 +24,7 @@ from models.backbones import BACKBONES, backbone_for
 from models.chat import IGNORE_INDEX, encode_conversations
 from utils.dist import distributed_rank
 from utils.errors import UserError, first_line
-from utils.io import write_text
+from utils.io import follow_umask, write_failure, write_text
 from utils.metrics import save_curves_png
 from utils.outputs import check_finite
 
@@ -33,13 +34,15 @@ DEFAULT_TARGET_MODULES = BACKBONES["qwen2_vl"].lora_targets  # the paper's; each
 
 
 def build_examples(annotations: Sequence[Annotation], splits: DatasetSplits,
-                   annotations_path: str | Path) -> list[dict]:
+                   annotations_path: str | Path,
+                   missing_hint: str = "run stage 0 again to finish them") -> list[dict]:
     """``{"conversation", "image", "task"}`` items: the categorical conversation for **every**
     training image (it needs no generated text), observation and reasoning where stage 0 wrote
     an annotation for the image.
 
     An annotation whose image is gone is a UserError; one for an image outside the training
-    split (e.g. moved to the validation split) is skipped with a warning.
+    split (e.g. moved to the validation split) is skipped with a warning. ``missing_hint`` ends
+    the warning about training images without text (what to do about them).
     """
     train_paths = {sample.path for sample in splits.train}
     annotated, outside = {}, []
@@ -65,7 +68,7 @@ def build_examples(annotations: Sequence[Annotation], splits: DatasetSplits,
     missing = len(splits.train) - len(annotated)
     if missing:
         log.warning("%d of %d training images have no stage-0 text: they get the categorical conversation "
-                    "only; run stage 0 again to finish them", missing, len(splits.train))
+                    "only; %s", missing, len(splits.train), missing_hint)
     return examples
 
 
@@ -224,6 +227,35 @@ def scoring_attention(model):
 
 def last_checkpoint(trainer_dir: str | Path) -> str | None:
     return get_last_checkpoint(str(trainer_dir)) if Path(trainer_dir).is_dir() else None
+
+
+class CheckpointRights(TrainerCallback):
+    """Gives a Trainer checkpoint's safetensors files (written 0600 whatever the umask) the mode of
+    the umask, like every other file."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        follow_umask(*folder.glob("*.safetensors"))
+
+
+@contextmanager
+def checkpoint_writes(trainer_dir: str | Path) -> Iterator[None]:
+    """Training inside the block: a Trainer checkpoint that cannot be written (a full disk or quota,
+    no rights) is removed and raised as an OSError naming it (one line from ``run_cli``); the
+    checkpoints before it are kept. A complete checkpoint holds ``trainer_state.json``, written last."""
+    try:
+        yield
+    except Exception as err:
+        partial = [folder for folder in Path(trainer_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                   if not (folder / "trainer_state.json").is_file()]
+        failure = write_failure(err, partial[0] if partial else trainer_dir)
+        if failure is None:
+            raise
+        for folder in partial:
+            shutil.rmtree(folder, ignore_errors=True)
+        if failure is err:
+            raise
+        raise failure from err
 
 
 def epoch_logger(log_path: str | Path, curves_path: str | Path, history: list[dict] | None = None,

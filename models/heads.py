@@ -16,6 +16,9 @@ from utils.io import torch_save
 from utils.records import DistillRecord
 
 HIDDEN_WIDTHS = (1024, 512, 256, 128, 64)
+# The paper's head: dropout 0.1 after each hidden layer's GELU. Built in, not a flag; the one
+# default of DistillHead and engine.distill.train_head (tests/test_settings_reach.py checks it).
+HEAD_DROPOUT = 0.1
 HEAD_FILE = "head.pt"
 
 
@@ -27,7 +30,7 @@ class DistillHead(nn.Module):
     the paper's setting) unless the features were standardised in training.
     """
 
-    def __init__(self, in_dim: int, num_classes: int, depth: int = 1, dropout: float = 0.1):
+    def __init__(self, in_dim: int, num_classes: int, depth: int = 1, dropout: float = HEAD_DROPOUT):
         super().__init__()
         if not 0 <= depth <= len(HIDDEN_WIDTHS):
             raise ValueError(f"depth must be between 0 and {len(HIDDEN_WIDTHS)}, got {depth}")

@@ -15,11 +15,12 @@ from typing import Sequence
 import torch
 from peft import PeftModel
 from PIL import Image
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 from transformers.image_utils import SizeDict
 
 from models.backbones import BACKBONES, backbone_for, visual_modules
-from utils.checkpoints import file_id
+from utils.checkpoints import META_FILE, file_id, rewrite_hint, verify_file
 from utils.errors import UserError, first_line
 from utils.records import VLMRecord
 
@@ -46,6 +47,8 @@ VLM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # its test accuracy is the VLM row stage 3 reports.
 LATER_STAGES_QUANT = "none"
 LATER_STAGES_DTYPE = "fp32"
+# The LoRA adapter's weights in a stage-1 folder (PEFT's name); VLMRecord.adapter_id is its file_id.
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def vlm_torch_dtype(name: str | None) -> torch.dtype | None:
@@ -165,7 +168,11 @@ def load_vlm(model_id: str | Path, device: str | torch.device = "cpu", dtype: st
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError(f"adapter {adapter}: no adapter_config.json there; point to the folder "
                             "written by the instruction-tuning stage")
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        except SafetensorError as err:  # a truncated or damaged adapter file
+            raise UserError(f"{Path(adapter) / 'adapter_model.safetensors'}: cannot read it ({first_line(err)}); "
+                            f"{rewrite_hint('vlm', Path(adapter).parent.name)}") from None
     model.train(trainable)
     return model
 
@@ -260,11 +267,13 @@ def load_trained_vlm(vlm_dir: str | Path, device: str | torch.device, vlm_model:
     ``vlm_model`` None reads the base from the record's ``base_model``; otherwise it must name that
     same model (see :func:`base_model_path`). ``quant`` None loads the base as it was trained
     (see :func:`trained_quant`), ``"none"`` in full precision, ``"4bit"`` in 4-bit. ``dtype`` is that
-    of the weights left unquantised (None: the checkpoint's own).
+    of the weights left unquantised (None: the checkpoint's own). The adapter file must be the one
+    the record's ``adapter_id`` names (a damaged one is refused, naming stage 1's command).
     """
     vlm_dir = Path(vlm_dir)
     vlm = VLMRecord.load(vlm_dir, vlm_dir.parent.name)
     base = base_model_path(vlm, vlm_model, vlm_dir)
+    verify_file(vlm_dir / ADAPTER_FILE, vlm.adapter_id, "adapter_id", vlm_dir / META_FILE, "vlm", vlm_dir.parent.name)
     processor = load_processor(str(vlm_dir), vlm.min_pixels, vlm.max_pixels)
     model = load_vlm(base, device, dtype=dtype, quant=trained_quant(vlm.quant, quant, device), adapter=vlm_dir)
     return model, processor, vlm

@@ -12,7 +12,7 @@ tests run on the unchanged copy and must pass, so a failure really is the mutant
 
 Exit status: 0 when every mutant is killed; 1 when one survives (or the unchanged tests fail);
 2 when a mutant's old text is not found exactly once in its file (the source changed: re-anchor
-the mutant to the new text). Takes 5 minutes on 2 CPU cores (23 on a busy machine); not part of ``make test``.
+the mutant to the new text). Takes about 6 minutes on 2 CPU cores (25 on a busy machine); not part of ``make test``.
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ class Mutant:
 
 
 METHOD = "tests/test_method.py::"
+SETTINGS = "tests/test_settings_reach.py::"
+KEY = SETTINGS + "test_config_key_reaches_what_is_trained"
 MUTANTS = (
     Mutant("collator_whole_sequence", "train_vlm.py",
            "data_collator=ConversationCollator(processor, args.train_on_prompt)",
@@ -59,11 +61,22 @@ MUTANTS = (
            "        if False:",
            ("tests/test_stage1.py::test_examples_skip_val_images_and_refuse_missing_ones",),
            "stage 1 instruction-tunes on annotations of validation images"),
+    Mutant("stage1_tunes_on_authors_val_test_records", "data/annotations.py",
+           '        if split != "train":',
+           "        if False:",
+           ("tests/test_reference_annotations.py::"
+            "test_records_are_matched_by_class_and_file_name_and_each_kind_reported",),
+           "the authors' instruction records of validation and test images are trained on"),
     Mutant("stage0_annotates_val_images", "engine/instructions.py",
            "todo = [sample for sample in splits.train if sample.path not in skip]",
            "todo = [sample for sample in splits.train + splits.val if sample.path not in skip]",
            ("tests/test_stage0.py::test_normal_run_covers_training_images_only",),
            "stage 0 annotates the validation split too (it leaks into instruction tuning)"),
+    Mutant("emoset_default_writes_val", "data/prepare.py",
+           "        if not args.official_val:\n            images, val_left_out = leave_out_val(images)",
+           "        if False:\n            images, val_left_out = leave_out_val(images)",
+           ("tests/test_prepare.py::test_emoset_default_leaves_val_out_for_the_loader_to_carve_from_train",),
+           "data.prepare emoset writes val/ from val.json by default, not the reference's carve-out from train/"),
     Mutant("kl_direction", "models/heads.py",
            "    kd = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),\n"
            "                  F.log_softmax(teacher_logits / temperature, dim=-1),",
@@ -143,6 +156,32 @@ MUTANTS = (
            "    with nullcontext(), vision_dtype(model, dtype):",
            ("tests/test_demo.py::test_head_features_ignore_an_adapter_on_the_vision_tower",),
            "the demo's head features come from the adapted encoder, not the base one"),
+    # The settings of the method: each reaches what is trained (tests/test_settings_reach.py).
+    Mutant("head_without_dropout", "models/heads.py",
+           "HEAD_DROPOUT = 0.1",
+           "HEAD_DROPOUT = 0.0",
+           (SETTINGS + "test_head_has_gelu_and_dropout_0_1_active_in_training_only",),
+           "the distilled head is built without its dropout (0.0 instead of 0.1)"),
+    Mutant("head_relu", "models/heads.py",
+           "layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout)]",
+           "layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]",
+           (SETTINGS + "test_head_has_gelu_and_dropout_0_1_active_in_training_only",),
+           "the distilled head's hidden layers use ReLU instead of GELU"),
+    Mutant("gate_init_unseeded", "engine/gate.py",
+           "    torch.manual_seed(seed)\n    device = torch.device(device)\n    gate = build_gate(",
+           "    device = torch.device(device)\n    gate = build_gate(",
+           (SETTINGS + "test_gate_starts_from_pytorch_default_init_drawn_from_its_seed",),
+           "a gate's initialisation depends on the gates trained before it, not on its seed alone"),
+    Mutant("lora_dropout_ignored", "engine/vlm_train.py",
+           "lora_dropout=dropout,",
+           "lora_dropout=0.05,",
+           (KEY + "[vlm-lora_dropout]",),
+           "stage 1's --lora_dropout (and its config key) ignored: LoRA dropout fixed at the paper's 0.05"),
+    Mutant("head_weight_decay_ignored", "engine/distill.py",
+           "optimizer = per_step_adam(head.parameters(), lr, weight_decay)",
+           "optimizer = per_step_adam(head.parameters(), lr, 1e-4)",
+           (KEY + "[distill-weight_decay]",),
+           "stage 2's --weight_decay ignored: the head's Adam fixed at the paper's 1e-4"),
     Mutant("kept_logits_unshifted", "engine/vlm_train.py",
            "    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX",
            "    keep[:, 1:] = labels[:, 1:] != IGNORE_INDEX",

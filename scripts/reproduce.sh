@@ -14,6 +14,13 @@
 # Extra flags must be ones every stage takes (the shared ones: --seed, --gpu, --num_workers,
 # --skip_bad_images); set the data and output folders with DATA_ROOT and OUT. Stage 0 resumes
 # where it stopped when rerun; the later stages start over.
+#
+# Lay the dataset out first with `python -m data.prepare` (docs/reproducing.md, section 1). As the
+# reference splits them, its recipes write EmoSet, Emotion6, Abstract and ArtPhoto as train/ and
+# test/ only (`data.prepare emoset --official_val` writes EmoSet's val.json as val/ instead); with
+# no val/ folder the dataset check below carves 10% of train/ per class (seed 42) as validation
+# and saves it in $OUT/<dataname>/split.json, which every stage then uses and which records where
+# validation came from.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 usage="usage: bash scripts/reproduce.sh <dataname> [shared stage flags ...]  (e.g. FI, emoset)"
@@ -37,7 +44,7 @@ if [ "$NPROC" -gt 1 ]; then LAUNCH=("$PY" -m torch.distributed.run --nproc_per_n
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 start=$(date +%s)
 
-step "dataset check: $DATA_ROOT/$DATA (classes, split sizes, every image decoded once)"
+step "dataset check: $DATA_ROOT/$DATA (classes, split sizes, validation carved from train/ when there is no val/, every image decoded once)"
 "$PY" -m data "${COMMON[@]}"
 
 step "stage 0: instruction data from ${MODEL:-the default API model} at ${BASE_URL:-OpenAI}"

@@ -56,6 +56,8 @@ def test_val_split_is_stratified_persisted_and_checked(tmp_path):
     split_file = out / "ds" / "split.json"
     saved = json.loads(split_file.read_text())
     assert sorted(saved["val"]) == sorted(s.path for s in first.val)
+    assert saved["val_source"] == "carved by the loader from train/ (stratified 10%, seed 42): the layout has no val/ folder"
+    assert "prepared_val" not in saved  # no manifest.json: not laid out by data.prepare
     again = load_dataset(root, "ds", out)
     assert again.val == first.val and again.train == first.train
     draw(root / "ds/train/awe/new.png")

@@ -133,7 +133,7 @@ def test_the_gate_gets_the_head_signal_gate_pt_records(recorded, trained_pipelin
         del checkpoint["head_signal"]
     else:
         checkpoint["head_signal"] = recorded
-    torch.save(checkpoint, path)
+    _save_gate(checkpoint, path)
     predictor = EmoVLMKD.from_outputs(out, "toy", "cpu", str(trained_pipeline.vlm_model))
     assert predictor.head_signal == (recorded or "logits")
     images = [open_image(p) for p in test_images[1][:4]]
@@ -168,7 +168,7 @@ def test_the_vlm_loads_as_gate_pt_records(recorded, override, dtype, trained_pip
     assert (checkpoint["quant"], checkpoint["vlm_dtype"]) == ("none", "fp32")  # stage 3's defaults
     if recorded is None:
         del checkpoint["vlm_dtype"]
-        torch.save(checkpoint, path)
+        _save_gate(checkpoint, path)
     calls = []
     original = engine.predictor.load_trained_vlm
     monkeypatch.setattr(engine.predictor, "load_trained_vlm", lambda *a: calls.append(a[3:]) or original(*a))
@@ -256,6 +256,15 @@ def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+def _save_gate(checkpoint: dict, path: Path) -> None:
+    """An edited ``gate.pt``, with its id in gate/meta.json as stage 3 records it (otherwise the
+    predictor refuses it as damaged before reading it)."""
+    from utils.checkpoints import file_id
+
+    torch.save(checkpoint, path)
+    _edit_json(path.parent / "meta.json", gate_id=file_id(path))
+
+
 @pytest.mark.parametrize("damage, command", [
     ("no_vlm", "train_vlm.py"),
     ("no_gate", "train_gate.py"),
@@ -282,13 +291,13 @@ def test_missing_or_mismatched_parts_name_the_stage(trained_pipeline, tmp_path, 
     elif damage == "gate_without_format":  # an older gate.pt: its keys may mean something else
         checkpoint = torch.load(stage / "gate" / "gate.pt", weights_only=True)
         del checkpoint["format_version"]
-        torch.save(checkpoint, stage / "gate" / "gate.pt")
+        _save_gate(checkpoint, stage / "gate" / "gate.pt")
     else:
         checkpoint = torch.load(stage / "gate" / "gate.pt", weights_only=True)
         key, value = {"gate_classes": ("class_names", ["a", "b", "c", "d"]),
                       "gate_stale_head": ("head_id", "0" * 12),
                       "gate_stale_adapter": ("adapter_id", "0" * 12)}[damage]
-        torch.save({**checkpoint, key: value}, stage / "gate" / "gate.pt")
+        _save_gate({**checkpoint, key: value}, stage / "gate" / "gate.pt")
     with pytest.raises(UserError, match=command):
         EmoVLMKD.from_outputs(out, "toy")
 
@@ -307,7 +316,7 @@ def test_cli_error_is_one_line(damage, trained_pipeline, tmp_path, capsys, monke
     else:  # a gate.pt of an older (no format_version) or a newer (99) version of this code
         checkpoint = torch.load(path, weights_only=True)
         checkpoint.pop("format_version")
-        torch.save(checkpoint if damage == "format_missing" else {"format_version": 99, **checkpoint}, path)
+        _save_gate(checkpoint if damage == "format_missing" else {"format_version": 99, **checkpoint}, path)
     monkeypatch.setattr(demo, "build_app", lambda *a, **k: pytest.fail("the app must not start"))
     code = run_cli(demo.main, ["--dataname", "toy", "--output_dir", str(out)], parse=demo.parse)
     err = capsys.readouterr().err.strip().splitlines()

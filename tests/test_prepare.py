@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import run_script
 import data.prepare
-from data.datasets import load_dataset
+from data.datasets import VAL_CARVED, load_dataset
 from data.hygiene import check_layout, difference_hash
 from utils.errors import UserError
 
@@ -135,7 +135,9 @@ def make_emoset(root: Path) -> Path:
 def test_emoset_keeps_the_official_split_and_the_check_finds_planted_leakage(tmp_path):
     src = make_emoset(tmp_path / "EmoSet-118K")
     out = tmp_path / "images" / "emoset"
-    prepare("emoset", "--src", src, "--out", out)
+    prepare("emoset", "--src", src, "--out", out, "--official_val")
+    assert manifest(out)["settings"]["val"] == "official val.json (--official_val)"
+    assert manifest(out)["val_left_out"] == {"images": 0, "why": None}
     assert class_counts(out) == {"train": {"amusement": 6, "anger": 6, "awe": 6},
                                  "val": {"amusement": 2, "anger": 3, "awe": 2},
                                  "test": {"amusement": 3, "anger": 3, "awe": 4}}
@@ -149,7 +151,7 @@ def test_emoset_keeps_the_official_split_and_the_check_finds_planted_leakage(tmp
     assert len(load_dataset(out.parent, "emoset", tmp_path / "outputs").test) == 10
     # dropping removes the test-side copy only, and the manifest says so
     dropped = tmp_path / "images" / "emoset_clean"
-    prepare("emoset", "--src", src, "--out", dropped, "--drop_cross_split_duplicates")
+    prepare("emoset", "--src", src, "--out", dropped, "--drop_cross_split_duplicates", "--official_val")
     record = manifest(dropped)
     assert record["check"]["dropped"] == ["test/awe/awe_90000.jpg"]
     assert not (dropped / "test/awe/awe_90000.jpg").exists() and (dropped / "train/awe/awe_00000.jpg").exists()
@@ -160,11 +162,94 @@ def test_emoset_missing_images_stop_or_are_skipped(tmp_path, capsys):
     src = make_emoset(tmp_path / "EmoSet-118K")
     (src / "image/amusement/amusement_00007.jpg").unlink()  # a val image
     with pytest.raises(UserError, match=r"1 listed image.s. not found under .*amusement_00007.jpg.*--skip_missing"):
-        prepare("emoset", "--src", src, "--out", tmp_path / "out")
+        prepare("emoset", "--src", src, "--out", tmp_path / "out", "--official_val")
     assert not (tmp_path / "out").exists()
-    prepare("emoset", "--src", src, "--out", tmp_path / "out", "--skip_missing")
+    prepare("emoset", "--src", src, "--out", tmp_path / "out", "--skip_missing", "--official_val")
     assert "skipped 1 listed image(s) missing on disk" in capsys.readouterr().out
     assert manifest(tmp_path / "out")["counts"]["val"]["amusement"] == 1
+    # by default val.json's images are left out, so a missing one does not matter
+    prepare("emoset", "--src", src, "--out", tmp_path / "default")
+    assert manifest(tmp_path / "default")["missing_skipped"] == 0
+
+
+def test_emoset_default_leaves_val_out_for_the_loader_to_carve_from_train(tmp_path, capsys):
+    """As the reference: train/ and test/ only; the loader carves 10% of train/ as validation,
+    split.json says so, and --official_val (a settings change) writes val/ from val.json."""
+    src = make_emoset(tmp_path / "EmoSet-118K")
+    for k, emotion in enumerate(("amusement", "anger", "awe")):  # 10 training images per class: 1 carved off each
+        for i in range(4):
+            image_id = f"{emotion}_8000{i}"
+            photo(src / "image" / emotion / f"{image_id}.jpg", 5000 + 10 * k + i)
+        entries = json.loads((src / "train.json").read_text())
+        entries += [[emotion, f"{emotion}_8000{i}", f"image/{emotion}/{emotion}_8000{i}.jpg", ""] for i in range(4)]
+        (src / "train.json").write_text(json.dumps(entries))
+    out = tmp_path / "images" / "emoset"
+    prepare("emoset", "--src", src, "--out", out)
+    printed = capsys.readouterr().out
+    assert ("left out the 7 image(s) of val.json: the reference carves its validation from train/; "
+            "--official_val writes val/ from val.json") in printed
+    assert not (out / "val").exists()
+    assert class_counts(out) == {"train": {"amusement": 10, "anger": 10, "awe": 10},
+                                 "test": {"amusement": 3, "anger": 3, "awe": 4}}
+    record = manifest(out)
+    assert record["settings"]["val"] == VAL_CARVED == "carved by the loader from train/ (stratified 10%, seed 42)"
+    assert record["val_left_out"] == {"images": 7, "why": "the reference carves its validation from train/; "
+                                                          "--official_val writes val/ from val.json"}
+    assert "val" not in record["counts"] and not any(t.startswith("val/") for t, _ in record["files"])
+    # the loader carves 10% of train/ per class and records where validation came from
+    splits = load_dataset(out.parent, "emoset", tmp_path / "outputs")
+    assert splits.val_from_train and (len(splits.train), len(splits.val), len(splits.test)) == (27, 3, 10)
+    saved = json.loads((tmp_path / "outputs/emoset/split.json").read_text())
+    assert saved["val_source"] == f"{VAL_CARVED}: the layout has no val/ folder"
+    assert saved["prepared_val"] == VAL_CARVED
+    # a split.json written before val_source was recorded still loads, as it is
+    split_file = tmp_path / "outputs/emoset/split.json"
+    old = {key: value for key, value in saved.items() if key not in ("val_source", "prepared_val")}
+    split_file.write_text(json.dumps(old))
+    again = load_dataset(out.parent, "emoset", tmp_path / "outputs")
+    assert (again.train, again.val) == (splits.train, splits.val)
+    assert json.loads(split_file.read_text()) == old
+    # switching to the official val is a settings change: refused, then done with --overwrite
+    before = manifest(out)
+    with pytest.raises(UserError, match=r"other arguments \(val differ\); pass --overwrite"):
+        prepare("emoset", "--src", src, "--out", out, "--official_val")
+    assert manifest(out) == before and not (out / "val").exists()
+    prepare("emoset", "--src", src, "--out", out, "--official_val", "--overwrite")
+    assert class_counts(out)["val"] == {"amusement": 2, "anger": 3, "awe": 2}
+    assert manifest(out)["settings"]["val"] == "official val.json (--official_val)"
+    official = load_dataset(out.parent, "emoset", tmp_path / "other_outputs")
+    assert not official.val_from_train and len(official.val) == 7
+    assert not (tmp_path / "other_outputs/emoset/split.json").exists()
+    with pytest.raises(UserError, match=r"other arguments \(val differ\)"):
+        prepare("emoset", "--src", src, "--out", out)
+
+
+def test_official_val_without_val_json_is_one_clear_error(tmp_path):
+    src = make_emoset(tmp_path / "EmoSet-118K")
+    (src / "val.json").unlink()
+    with pytest.raises(UserError, match=r"--official_val: no val.json in --src .*; drop --official_val"):
+        prepare("emoset", "--src", src, "--out", tmp_path / "out", "--official_val")
+    prepare("emoset", "--src", src, "--out", tmp_path / "out")
+    assert manifest(tmp_path / "out")["val_left_out"] == {"images": 0, "why": None}
+
+
+@pytest.mark.parametrize("ratios, has_val", [((0.85, 0, 0.15), False), ((0.8, 0.05, 0.15), True)])
+def test_split_records_its_val_and_a_manifest_from_before_the_record_still_matches(tmp_path, capsys, ratios, has_val):
+    """--split 0.85 0 0.15 (Emotion6, Abstract, ArtPhoto as the reference splits them) leaves
+    validation to the loader; a VAL above 0 writes val/. A layout prepared before settings.val
+    existed is still "the same" when rerun with its arguments."""
+    src = make_folders(tmp_path / "src", {"a": 20, "b": 20})
+    out = tmp_path / "out"
+    args = ["folders", "--src", src, "--out", out, "--split", *ratios]
+    prepare(*args)
+    record = manifest(out)
+    assert (out / "val").is_dir() == has_val
+    assert record["settings"]["val"] == ("--split: a random 0.05 of each class (--seed)" if has_val else VAL_CARVED)
+    del record["settings"]["val"]
+    (out / "manifest.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    prepare(*args)
+    assert "nothing changed" in capsys.readouterr().out
 
 
 def test_prefix_csv_name_collisions_undecodable_and_cross_class_duplicate(tmp_path):

@@ -5,7 +5,7 @@ stage to rerun; and a stage's ``main`` leaves the parsed flags as the user gave 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 import pytest
 
@@ -23,8 +23,9 @@ RECORDS = {
     "vlm": VLMRecord(class_names=CLASSES, base_model="Qwen/Qwen2-VL-7B-Instruct", base_config_id="c" * 12,
                      adapter_id="a" * 12, min_pixels=3136, max_pixels=1003520, modules_to_save=[],
                      target_modules=["q_proj", "v_proj"], lora_r=8, lora_alpha=8, quant="4bit",
-                     train_on_prompt=False, epochs=5, counts={"train_images": 8}, attn_implementation="sdpa",
-                     gradient_checkpointing=True, eval_every_epoch=True),
+                     train_on_prompt=False, epochs=5, counts={"train_images": 8},
+                     reference_annotations={"file": "abstract_annotations_train.json", "records": 9, "matched": 7},
+                     attn_implementation="sdpa", gradient_checkpointing=True, eval_every_epoch=True),
     "teacher": TeacherRecord(class_names=CLASSES, model="vit_tiny_patch16_224", img_size=64, pretrained=False,
                              teacher_id="t" * 12, best_val_acc=0.5, epoch=2, train_images="1" * 16,
                              val_images="2" * 16),
@@ -41,7 +42,7 @@ KEYS_ON_DISK = {
                      "num_mentions_label", "complete"],
     "vlm": ["class_names", "base_model", "base_config_id", "adapter_id", "min_pixels", "max_pixels",
             "modules_to_save", "target_modules", "lora_r", "lora_alpha", "quant", "train_on_prompt", "epochs",
-            "counts", "attn_implementation", "gradient_checkpointing", "eval_every_epoch"],
+            "counts", "reference_annotations", "attn_implementation", "gradient_checkpointing", "eval_every_epoch"],
     "teacher": ["class_names", "model", "img_size", "pretrained", "teacher_id", "best_val_acc", "epoch",
                 "train_images", "val_images"],
     "distill": ["class_names", "base_model", "head_id", "teacher_id", "teacher_checkpoint", "adapter_id", "in_dim",
@@ -92,6 +93,42 @@ def test_a_missing_required_key_is_one_line_naming_the_file(stage, key, tmp_path
                "distill": "rerun `python train_distillation.py --dataname toy`",
                "gate": "rerun `python train_gate.py --dataname toy`"}[stage]
     assert command in message, message
+
+
+def _a_value_not_of(hint):
+    """The first of a few JSON values that does not fit the type ``hint``."""
+    from utils.records import _fits
+
+    return next(value for value in ("big", 3, None, [1], {}) if not _fits(value, hint))
+
+
+@pytest.mark.parametrize("stage, key", [(stage, field.name) for stage, record in RECORDS.items()
+                                        for field in fields(record)])
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_file_and_the_key(stage, key, tmp_path):
+    from typing import get_type_hints
+
+    record = RECORDS[stage]
+    path = record.write(tmp_path)
+    value = _a_value_not_of(get_type_hints(type(record))[key])
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    with pytest.raises(UserError) as err:
+        type(record).load(tmp_path, "toy")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: {key} is {value!r}, not "), message
+    assert "rerun `python " in message, message
+
+
+def test_gate_provenance_types_are_checked_too(tmp_path):
+    with pytest.raises(UserError, match=r"gate.pt: max_new_tokens is 'big', not int; rerun `python train_gate.py"):
+        GateProvenance.from_checkpoint({**asdict(PROVENANCE), "max_new_tokens": "big"}, tmp_path / "gate.pt", "toy")
+    with pytest.raises(UserError, match=r"meta.json: no adapter_id recorded; rerun `python train_vlm.py --dataname toy`"):
+        replace(RECORDS["vlm"], adapter_id=None).need(tmp_path, "adapter_id", dataname="toy")
+
+
+def test_a_meta_json_that_is_not_json_is_one_line(tmp_path):
+    (tmp_path / "meta.json").write_bytes(b'{"format_version": 1, "kind": "me')
+    with pytest.raises(UserError, match=r"meta.json: not a JSON record \(.*\); rerun `python train_gate.py"):
+        GateRecord.load(tmp_path, "toy")
 
 
 @pytest.mark.parametrize("stage", list(RECORDS))

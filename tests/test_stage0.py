@@ -1,8 +1,11 @@
 """Stage 0 (generate_instructions.py) against a loopback OpenAI-compatible server and a tiny local VLM."""
 import base64
+import dataclasses
+import hashlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +21,7 @@ from data.datasets import load_dataset
 from fake_openai_server import (FakeOpenAIServer, Reply, good_answer, image_urls, leaking_answer, prompt_text,
                                 refusing_key)
 import generate_instructions
-from utils.errors import UserError
+from utils.errors import UserError, run_cli
 
 KEY = "sk-test-Zq81secretvalue"
 
@@ -241,6 +244,35 @@ def test_every_request_failing_stops_the_run(toy_root, tmp_path):
     assert annotations(out) == [] and rejected(out) == []
 
 
+PROXY_PAGE = Reply(raw=b"<!DOCTYPE html><html><body><h1>Proxy login</h1></body></html>", content_type="text/html")
+
+
+def test_a_proxys_html_page_is_a_failed_request_asked_again_next_run(toy_root, tmp_path):
+    out = tmp_path / "out"
+    with FakeOpenAIServer() as server:
+        server.queue(PROXY_PAGE)  # status 200, but no chat completion
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1))
+        assert len(server.chat_bodies()) == 2 and len(annotations(out)) == 1 and rejected(out) == []
+        stage0(argv(toy_root, out, server, "--api_key", KEY, "--limit", 2, "--workers", 1))
+        assert len(server.chat_bodies()) == 4 and len(annotations(out)) == 3
+        assert server.chat_bodies()[0] == server.chat_bodies()[2]  # the failed image came back
+
+
+def test_a_proxys_html_page_for_every_request_is_one_line(toy_root, tmp_path, capsys):
+    from utils.errors import run_cli
+
+    out = tmp_path / "out"
+    with FakeOpenAIServer(default=lambda body, headers: PROXY_PAGE) as server:
+        code = run_cli(generate_instructions.main, argv(toy_root, out, server, "--api_key", KEY, "--workers", 1),
+                       parse=generate_instructions.parse)
+        assert 20 <= len(server.chat_bodies()) <= 21
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert "last 20 requests all failed" in lines[0] and "Proxy login" in lines[0], lines[0]
+    assert annotations(out) == [] and rejected(out) == []
+
+
 def test_unreachable_server_stops_at_once(toy_root, tmp_path):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
@@ -312,3 +344,211 @@ def test_sigkill_between_records_then_rerun_loses_and_duplicates_nothing(toy_roo
     assert resumed[:5] == first  # kept as written
     key = lambda a: (a.image, a.label, a.key_elements, a.reasoning)  # noqa: E731
     assert sorted(map(key, resumed)) == sorted(map(key, annotations(whole)))  # each image once, as uninterrupted
+
+
+# ---------------------------------------------------------------------------- the Batch API (--batch_api)
+
+def batch_argv(root, out, server, *extra):
+    return argv(root, out, server, "--api_key", KEY, "--batch_api", "--poll_seconds", 0.01, *extra)
+
+
+def batch_state(out):
+    return json.loads((folder(out) / "batches.json").read_text())
+
+
+class ByImage:
+    """Answers by image and by how often that image was asked, so per-request and batched runs get
+    the same answers: some good at once, some after one unstructured answer, some naming the emotion
+    twice and then clean, some naming it every time (kept, marked), some never structured (rejected)."""
+
+    def __init__(self):
+        self.asks, self.lock = {}, threading.Lock()
+
+    def __call__(self, body, headers):
+        (url,) = image_urls(body)
+        with self.lock:
+            self.asks[url] = ask = self.asks.get(url, 0) + 1
+        kind = int(hashlib.sha1(url.encode()).hexdigest(), 16) % 5
+        if kind == 0 or (kind == 1 and ask < 3):
+            return leaking_answer(body, headers)
+        if kind == 2 and ask == 1 or kind == 3:
+            return Reply(f"A lovely picture, asked {ask} times, without any sections.")
+        return Reply(f"1. Key elements: shapes seen at ask {ask}.\n2. Reasoning: the colours of {url[-20:]}.")
+
+
+def test_batch_api_outputs_equal_the_per_request_ones(toy_root, tmp_path, capsys):
+    flags = ("--limit", 20, "--max_attempts", 3)
+    per, batched = tmp_path / "per", tmp_path / "batched"
+    with FakeOpenAIServer(default=ByImage()) as server:
+        stage0(argv(toy_root, per, server, "--api_key", KEY, "--workers", 1, *flags))
+        sync_bodies = server.chat_bodies()
+    printed_per = capsys.readouterr().out
+    with FakeOpenAIServer(default=ByImage()) as server:
+        server.batch_polls = 2
+        stage0(batch_argv(toy_root, batched, server, *flags))
+        printed = capsys.readouterr()
+        assert server.chat_bodies() == []
+        # the bodies of the batches are exactly the per-request ones
+        assert sorted(map(json.dumps, server.batch_bodies())) == sorted(map(json.dumps, sync_bodies))
+        batches = list(server.batches.values())
+        sizes = [len(server.batch_lines(b["id"])) for b in batches]
+        assert server.batch_creations == 3 and sizes[0] == 20 and 20 > sizes[1] > sizes[2] > 0  # follow-ups
+        assert all(b["endpoint"] == "/v1/chat/completions" and b["completion_window"] == "24h" for b in batches)
+        uploads = [r for r in server.requests if r["path"] == "/v1/files"]
+        assert len(uploads) == 3 and {u["body"]["purpose"] for u in uploads} == {"batch"}
+        lines = server.batch_lines(batches[0]["id"])
+        assert {(line["method"], line["url"]) for line in lines} == {("POST", "/v1/chat/completions")}
+        assert len({line["custom_id"] for line in lines}) == 20
+        assert "submitted batch" in printed.out and "batch round 1" in printed.err  # the progress line
+    assert_key_nowhere(batched, printed.out, printed.err)
+
+    as_records = lambda out: sorted(json.dumps(dataclasses.asdict(a), sort_keys=True) for a in annotations(out))  # noqa: E731
+    assert as_records(batched) == as_records(per)
+    assert sorted(map(json.dumps, rejected(batched))) == sorted(map(json.dumps, rejected(per)))
+    kept = annotations(per)
+    assert rejected(per) and any(a.mentions_label for a in kept) and not all(a.mentions_label for a in kept)
+    summary = lambda text: re.search(r"this run: [^;]*", text).group(0)  # noqa: E731
+    assert summary(printed.out) == summary(printed_per)
+    usage = lambda text: re.search(r"token usage: prompt \d+, completion \d+, total \d+", text).group(0)  # noqa: E731
+    assert usage(printed.out) == usage(printed_per)
+    for name in ("meta.json", "run.json"):
+        per_record, batched_record = (json.loads((folder(o) / name).read_text()) for o in (per, batched))
+        for key in ("counts", "usage", "num_annotated", "num_rejected", "num_mentions_label", "complete"):
+            assert per_record.get(key) == batched_record.get(key), (name, key)
+    state = batch_state(batched)
+    assert state["pending"] is None and [h["batch_id"] for h in state["history"]] == [b["id"] for b in batches]
+    assert not (folder(batched) / "batch_input.jsonl").exists()
+
+
+def test_batch_api_asks_refused_answers_again_in_follow_up_batches_up_to_max_attempts(toy_root, tmp_path):
+    out = tmp_path / "out"
+    with FakeOpenAIServer(default=leaking_answer) as server:
+        server.queue(Reply("1. Key elements: a shape.\n2. Reasoning: calm colours."))  # the first line: clean
+        stage0(batch_argv(toy_root, out, server, "--limit", 4, "--max_attempts", 2, "--reject_label_mentions"))
+        first, second = (server.batch_lines(b) for b in server.batches)
+        assert server.batch_creations == 2 and len(first) == 4
+        assert [line["custom_id"] for line in second] == [line["custom_id"] for line in first[1:]]
+        assert [line["body"] for line in second] == [line["body"] for line in first[1:]]
+    assert len(annotations(out)) == 1
+    refused = rejected(out)
+    assert len(refused) == 3 and all(r["attempts"] == 2 and r["reason"].startswith("names the emotion") for r in refused)
+
+
+def test_batch_api_killed_after_submitting_resumes_the_same_batch(toy_root, tmp_path):
+    out = tmp_path / "out"
+    with FakeOpenAIServer() as server:
+        server.batch_polls = 10 ** 6  # running until told otherwise
+        # killed right after the batch was created, before its id was recorded (the 2nd state write)
+        result = run_script("tests/kill_at.py", "engine.batch_api:save_state", "2", "generate_instructions.py",
+                            *batch_argv(toy_root, out, server, "--limit", 10), timeout=120)
+        assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+        assert server.batch_creations == 1
+        (part,) = batch_state(out)["pending"]["parts"]
+        assert part["batch_id"] is None and part["input_file_id"]
+        with pytest.raises(UserError, match="still pending for 10 images; rerun with --batch_api"):
+            stage0(argv(toy_root, out, server, "--api_key", KEY, "--limit", 10))  # per request: would pay twice
+
+        # The rerun finds the batch by its input file and waits for it, holding the folder lock; killed again.
+        child = subprocess.Popen([sys.executable, "generate_instructions.py",
+                                  *batch_argv(toy_root, out, server, "--limit", 10)], cwd=REPO,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        (batch_id,) = server.batches
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sum(r["path"].endswith(f"/batches/{batch_id}")
+                                                  for r in server.requests) < 3:
+            time.sleep(0.05)
+        assert batch_state(out)["pending"]["parts"][0]["batch_id"] == batch_id
+        assert json.loads((folder(out) / ".lock.json").read_text())["pid"] == child.pid
+        child.kill()
+        child.communicate(timeout=10)
+
+        server.batch_polls = 0  # the batch ends at the next check
+        stage0(batch_argv(toy_root, out, server, "--limit", 10))
+        assert server.batch_creations == 1 and server.chat_bodies() == []
+    images = [a.image for a in annotations(out)]
+    assert len(images) == len(set(images)) == 10
+    state = batch_state(out)
+    assert state["pending"] is None and [h["batch_id"] for h in state["history"]] == [batch_id]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_batch_api_expired_failed_or_refused_stops_with_one_line_and_keeps_what_was_written(toy_root, tmp_path,
+                                                                                            capsys):
+    out = tmp_path / "out"
+    with FakeOpenAIServer() as server:
+        def run(*extra):
+            return run_cli(generate_instructions.main, batch_argv(toy_root, out, server, *extra),
+                           parse=generate_instructions.parse)
+
+        assert run("--limit", 4) == 0
+        capsys.readouterr()
+        written, meta = ((folder(out) / name).read_bytes() for name in (ANNOTATIONS_FILE, "meta.json"))
+
+        server.batch_end, server.expire_after = "expired", 3
+        assert run("--limit", 10) == 2
+        line = one_error_line(capsys)
+        assert "expired (not finished within 24h); 3 of its 10 images have their answer written" in line
+        assert "rerun the same command" in line
+        assert (folder(out) / ANNOTATIONS_FILE).read_bytes().startswith(written) and len(annotations(out)) == 7
+        assert batch_state(out)["pending"] is None
+        written = (folder(out) / ANNOTATIONS_FILE).read_bytes()
+
+        server.batch_end = "failed"
+        assert run("--limit", 10) == 2
+        line = one_error_line(capsys)
+        assert "failed (token_limit_exceeded: Enqueued token limit reached" in line and "none of its 10" in line
+        assert (folder(out) / ANNOTATIONS_FILE).read_bytes() == written and batch_state(out)["pending"] is None
+
+        creations = server.batch_creations
+        server.upload_reply = Reply(status=400, error="File is too large")
+        assert run() == 2
+        line = one_error_line(capsys)
+        assert "refused the batch input file" in line and "File is too large" in line and "--batch_max_mb" in line
+        server.upload_reply = Reply(status=401, error=f"Incorrect API key provided: {KEY}")
+        assert run() == 2
+        line = one_error_line(capsys)
+        assert "refused the API key" in line and "***" in line
+        assert server.batch_creations == creations and batch_state(out)["pending"] is None
+        assert (folder(out) / ANNOTATIONS_FILE).read_bytes() == written
+        assert (folder(out) / "meta.json").read_bytes() == meta  # the last good run's
+
+        server.upload_reply, server.batch_end = None, "completed"
+        assert run() == 0
+    splits = load_dataset(toy_root, "toy", out)
+    assert sorted(a.image for a in annotations(out)) == sorted(s.path for s in splits.train)
+    assert_key_nowhere(out, *capsys.readouterr())
+
+
+def test_dry_run_prints_the_cost_per_request_and_with_the_batch_api(toy_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    stage0(argv(toy_root, out, None, "--dry_run", "--limit", 4, "--price_in", 2.5, "--price_out", 10))
+    printed = capsys.readouterr().out
+    found = re.search(r"~([\d,]+) prompt tokens, at most ([\d,]+) output tokens", printed)
+    prompt_tokens, output_tokens = (int(n.replace(",", "")) for n in found.groups())
+    assert output_tokens == 4 * 512 and prompt_tokens > 4 * 255  # 64x64 images: 255 tokens each, plus the text
+    cost = (prompt_tokens * 2.5 + output_tokens * 10) / 1e6
+    assert f"per request ~${cost:.4f} at most, with --batch_api ~${cost / 2:.4f} at most (half price)" in printed
+    stage0(argv(toy_root, out, None, "--dry_run", "--limit", 4))
+    assert "add --price_in and --price_out" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--price_in and --price_out go together"):
+        stage0(argv(toy_root, out, None, "--dry_run", "--price_in", 2.5))
+    assert not folder(out).exists()
+
+
+def test_batch_api_splits_a_round_past_batch_max_mb(toy_root, tmp_path):
+    out = tmp_path / "out"
+    with FakeOpenAIServer() as server:
+        stage0(batch_argv(toy_root, out, server, "--limit", 6, "--batch_max_mb", 0.01))  # ~10 KB per input file
+        sizes = [len(server.batch_lines(b)) for b in server.batches]
+        files = [f["data"] for f in server.files.values() if f["purpose"] == "batch"]
+        assert len(sizes) > 1 and sum(sizes) == 6 and all(len(data) <= 0.01 * 2 ** 20 or data.count(b"\n") == 1
+                                                          for data in files)
+        (round_,) = {h["round"] for h in batch_state(out)["history"]}
+    assert len(annotations(out)) == 6 and round_ == 1

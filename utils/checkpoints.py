@@ -11,6 +11,11 @@ Each record (a ``meta.json`` or a ``.pt`` dict) is stamped by :func:`stamp` with
 :func:`check_format` refuses, naming the stage to rerun, a
 record this code cannot read (no ``format_version``, an unknown one, or another kind). The key
 names are listed in docs/ARCHITECTURE.md ("Checkpoints").
+
+The weights files are identified by their content hash (:func:`file_id`), recorded when they are
+written (``adapter_id``, ``teacher_id``, ``head_id``, ``gate_id``); :func:`verify_file` checks a
+file against its id before it is used, so a file damaged after it was written (a few flipped bytes
+in a file that still opens) is refused, naming the stage to rerun, never used.
 """
 from __future__ import annotations
 
@@ -95,10 +100,31 @@ def read_meta(folder: str | Path, stage: str, dataname: str = "<dataname>") -> d
         command = STAGE_COMMANDS[stage].format(dataname=dataname)
         raise UserError(f"{folder}: no finished {stage} stage output ({META_FILE} missing); "
                         f"run `{command}` first")
-    meta = check_format(read_json(path), path, "meta", stage, dataname)
+    try:
+        record = read_json(path)
+    except ValueError as err:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        raise UserError(f"{path}: not a JSON record ({first_line(err)}); {rewrite_hint(stage, dataname)}") from None
+    meta = check_format(record, path, "meta", stage, dataname)
     if meta.get("stage") != stage:
         raise UserError(f"{path}: written by stage {meta.get('stage')!r}, expected {stage!r}")
     return meta
+
+
+def verify_file(path: str | Path, recorded_id: str | None, field: str, record: str | Path, stage: str,
+                dataname: str = "<dataname>") -> None:
+    """Refuse ``path`` when its content hash (:func:`file_id`) is not ``recorded_id``, the
+    ``field`` of ``record`` (the meta.json that describes it): one UserError line naming the file
+    and the command of ``stage`` that rewrites it. A record written before the id was recorded
+    (None) has nothing to check against."""
+    if recorded_id is None:
+        return
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: missing, though {record} describes it; {rewrite_hint(stage, dataname)}")
+    found = file_id(path)
+    if found != recorded_id:
+        raise UserError(f"{path}: damaged or replaced (its content hash is {found}, but {record} records "
+                        f"{field} {recorded_id}); {rewrite_hint(stage, dataname)}")
 
 
 def file_id(*paths: str | Path) -> str:

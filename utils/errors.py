@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 # Errors of the file system that the user fixes (rights, read-only mounts, a full disk or quota).
 _FOLDER_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+_FULL_ERRORS = {errno.ENOSPC, errno.EDQUOT}  # of those, the full disk or quota
 
 
 class UserError(Exception):
@@ -22,17 +23,38 @@ def run_cli(main: Callable, argv: Sequence[str] | None = None, parse: Callable |
     except UserError as err:
         print(f"error: {_last_line(str(err))}", file=sys.stderr)
         return 2
-    except OSError as err:
-        if err.errno not in _FOLDER_ERRORS:
+    except (OSError, RuntimeError) as err:  # torch.save's RuntimeError chains the OSError of the write
+        failure = folder_error(err)
+        if failure is None:
             raise
-        print(f"error: {err.filename or 'an output file'}: {err.strerror}; fix its permissions or free space, "
-              "or write elsewhere with --output_dir", file=sys.stderr)
+        print(f"error: {_folder_message(failure)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: everything written so far is kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
     return 0
+
+
+def folder_error(err: BaseException) -> OSError | None:
+    """The file-system error the user fixes (rights, a read-only mount, a full disk or quota) that
+    ``err`` is, or that it was raised from or while handling (its ``__cause__``/``__context__``
+    chain, as a library's error chains the OSError of a failed write); None when there is none."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FOLDER_ERRORS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _folder_message(err: OSError) -> str:
+    name = err.filename or "an output file"
+    if err.errno in _FULL_ERRORS:
+        return (f"{name}: no space left on device ({errno.errorcode[err.errno]}: {err.strerror}); free some "
+                "space or write elsewhere with --output_dir, then rerun: earlier results are kept")
+    return f"{name}: {err.strerror}; fix its permissions or free space, or write elsewhere with --output_dir"
 
 
 def first_line(err: BaseException) -> str:

@@ -115,7 +115,7 @@ def _move_in(staging: Path, folder: Path) -> None:
 
 LOCK_FILE = ".lock"
 LOCK_INFO = ".lock.json"
-_held: dict[Path, object] = {}  # folder -> FileLock held by this process
+_held: dict[Path, tuple[object, Path]] = {}  # lock file -> (FileLock held by this process, its info file)
 
 
 def lock_folder(*folders: str | Path) -> None:
@@ -126,34 +126,55 @@ def lock_folder(*folders: str | Path) -> None:
     if distributed_rank()[0] != 0:
         return
     for folder in map(Path, folders):
-        key = folder.resolve()
-        if key in _held:
+        if (folder / LOCK_FILE).resolve() in _held:
             continue
         folder_writable(folder)
-        lock = FileLock(folder / LOCK_FILE, timeout=0)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise UserError(f"{folder} is in use by another run ({_holder(folder)}); wait for it to finish "
-                            "or write elsewhere with --output_dir") from None
-        _held[key] = lock
-        write_json(folder / LOCK_INFO, {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                                        "command": " ".join(_redact(sys.argv))})  # no --api_key values
+        _take(folder / LOCK_FILE, folder / LOCK_INFO,
+              lambda holder: f"{folder} is in use by another run ({holder}); wait for it to finish "
+                             "or write elsewhere with --output_dir")
 
 
-def _holder(folder: Path) -> str:
+def lock_output(path: str | Path, flag: str = "--out") -> None:
+    """Hold an exclusive lock on an output file (predict.py's ``--out``) as :func:`lock_folder` holds
+    a stage folder: ``.<name>.lock`` beside it, ``.<name>.lock.json`` naming the holder. A second
+    run on the same file stops at once, naming the first."""
+    if distributed_rank()[0] != 0:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _take(path.parent / f".{path.name}{LOCK_FILE}", path.parent / f".{path.name}{LOCK_INFO}",
+          lambda holder: f"{flag} {path} is in use by another run ({holder}); wait for it to finish "
+                         f"or pass another {flag}")
+
+
+def _take(lock_file: Path, info: Path, busy: Callable[[str], str]) -> None:
+    """Acquire ``lock_file`` (without waiting) and write ``info``; a held one is a UserError ``busy(holder)``."""
+    key = lock_file.resolve()
+    if key in _held:
+        return
+    lock = FileLock(lock_file, timeout=0)
     try:
-        info = read_json(folder / LOCK_INFO)
+        lock.acquire()
+    except Timeout:
+        raise UserError(busy(_holder(info))) from None
+    _held[key] = (lock, info)
+    write_json(info, {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                      "command": " ".join(_redact(sys.argv))})  # no --api_key values
+
+
+def _holder(info: Path) -> str:
+    try:
+        info = read_json(info)
         return f"PID {info['pid']}, started {info['started']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "PID unknown"
 
 
 def release_locks() -> None:
-    """Release every folder lock this process holds."""
+    """Release every lock this process holds."""
     while _held:
-        folder, lock = _held.popitem()
-        (folder / LOCK_INFO).unlink(missing_ok=True)
+        _, (lock, info) = _held.popitem()
+        info.unlink(missing_ok=True)
         lock.release()
 
 

@@ -9,9 +9,10 @@
 
 A record's fields are the keys on disk, in their order. ``load(folder, dataname)`` reads a finished
 stage's meta.json, format-checked by ``utils.checkpoints.read_meta`` (a missing folder, another
-``format_version`` or a missing key is one UserError line naming the file and the command that
-rewrites it); ``write(folder)`` writes it, stamped (a stage writes it last). Fields that older
-folders may lack default to None. ``check_run`` refuses an output made for other classes or on
+``format_version``, a missing key or a value not of its field's type is one UserError line naming
+the file, the key and the command that rewrites it); ``write(folder)`` writes it, stamped (a stage
+writes it last). Fields that older folders may lack default to None; a reader that needs one asks
+for it with ``need``. ``check_run`` refuses an output made for other classes or on
 another base VLM than the current run's; ``check_built_on`` refuses one that was not built on the
 record it is given, blaming the later stage (the one to rerun).
 
@@ -21,9 +22,10 @@ of ``gate.pt``, and its ``check_built_on`` holds the gate against stage 1's and 
 """
 from __future__ import annotations
 
+import types
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar, Sequence, Union, get_args, get_origin, get_type_hints
 
 from utils.checkpoints import META_FILE, STAGE_COMMANDS, read_meta, rewrite_hint, write_meta
 from utils.errors import UserError
@@ -31,13 +33,35 @@ from utils.errors import UserError
 
 def _from_dict(cls, record: dict, path: str | Path, stage: str, dataname: str):
     """An instance of the record class ``cls`` from ``record``'s keys (others are ignored); a
-    required key that is missing is a UserError naming the file and the command rewriting it."""
+    required key that is missing, or a value not of its field's type, is a UserError naming the
+    file, the key and the command rewriting it."""
     missing = [field.name for field in fields(cls) if field.name not in record
                and field.default is MISSING and field.default_factory is MISSING]
     if missing:
         raise UserError(f"{path}: no {', '.join(missing)} recorded; {rewrite_hint(stage, dataname)}")
+    hints = get_type_hints(cls)
+    for field in fields(cls):
+        if field.name in record and not _fits(record[field.name], hints[field.name]):
+            shown = repr(record[field.name])
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise UserError(f"{path}: {field.name} is {shown}, not {field.type}; {rewrite_hint(stage, dataname)}")
     names = {field.name for field in fields(cls)}
     return cls(**{key: value for key, value in record.items() if key in names})
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value fits a field's type (``int | None``, ``list[str]``, ``float``, ...)."""
+    if get_origin(hint) in (Union, types.UnionType):
+        return any(_fits(value, arg) for arg in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(item, get_args(hint)[0]) for item in value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, get_origin(hint) or hint)
 
 
 def _rerun(folder: str | Path, stage: str, dataname: str, problem: str) -> UserError:
@@ -56,6 +80,15 @@ class StageRecord:
         """The record of ``folder``; a missing, unreadable or incomplete one is a UserError naming the command."""
         meta = read_meta(folder, cls.STAGE, dataname)
         return _from_dict(cls, meta, Path(folder) / META_FILE, cls.STAGE, dataname)
+
+    def need(self, folder: str | Path, *keys: str, dataname: str = "<dataname>"):
+        """This record, when it records each of ``keys`` (fields older folders may lack, that the
+        caller cannot do without); otherwise a UserError naming the file and the command."""
+        missing = [key for key in keys if getattr(self, key) is None]
+        if missing:
+            raise UserError(f"{Path(folder) / META_FILE}: no {', '.join(missing)} recorded; "
+                            f"{rewrite_hint(self.STAGE, dataname)}")
+        return self
 
     def write(self, folder: str | Path) -> Path:
         """``<folder>/meta.json``, stamped with this code's format."""
@@ -103,6 +136,7 @@ class VLMRecord(StageRecord):
     train_on_prompt: bool | None = None
     epochs: int | None = None
     counts: dict | None = None
+    reference_annotations: dict | None = None  # trained on the authors' JSON: ReferenceReport.counts()
     # How the training ran (None in a meta.json written before they were recorded): the attention
     # implementation (transformers' name, e.g. "sdpa"), gradient checkpointing, and whether the
     # validation split was scored after each epoch (log.txt's val_acc; the last epoch is saved either way).
