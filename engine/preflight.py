@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import math
 import os
-import re
 import resource
 import shutil
 import statistics
@@ -46,11 +44,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import train_distillation
 import train_gate
 import train_vlm
-from data.annotations import Annotation, categorical_conversation, to_conversations
+from data.annotations import ANNOTATIONS_FILE, TASKS, Annotation, read_annotations, to_conversations
 from data.datasets import load_dataset, open_image, pre_resized
 from data.prompts import generation_prompt
 from engine.batches import TrainingOrder, per_step_adam, per_step_epoch
@@ -61,7 +60,7 @@ from models.backbones import backbone_for
 from models.chat import encode_conversations
 from models.gates import GATES, build_gate
 from models.heads import DistillHead, distillation_loss
-from models.scorer import score_classes
+from models.scorer import predict_vlm
 from models.teacher import build_teacher, data_config, teacher_transforms
 from models.vlm import (LATER_STAGES_DTYPE, load_processor, load_vlm, pooled_image_features, resolve_quant,
                         vision_hidden_size, vlm_torch_dtype)
@@ -341,8 +340,6 @@ def data_report(splits, processor, vlm_args, images: list) -> dict:
     sizes = []
     for sample in _sample(splits.train + splits.val + splits.test, 256):
         try:
-            from PIL import Image
-
             with Image.open(splits.absolute(sample)) as image:
                 sizes.append(image.size)
         except OSError:
@@ -352,16 +349,15 @@ def data_report(splits, processor, vlm_args, images: list) -> dict:
     for image in images:
         grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
         tokens.append(int(grid.prod()) // (merge * merge))
-    annotation = Annotation("x", splits.class_names[0], " ".join(["word"] * ASSUMED_ANSWER_WORDS),
-                            " ".join(["word"] * ASSUMED_ANSWER_WORDS), "assumed")
-    conversations = {"categorical": categorical_conversation(splits.class_names[0], splits.class_names),
-                     **to_conversations(annotation, splits.class_names)}
-    for task, conversation in conversations.items():
-        batch = encode_conversations(processor, [conversation], [images[0]], vlm_args.train_on_prompt)
-        lengths.append({"task": task, "tokens": int(batch["input_ids"].shape[1]) - tokens[0]})
+    rows = training_conversations(splits, vlm_args, 1)  # the first sampled image's three conversations
+    for sample, conversation, task in rows:
+        image = open_image(splits.absolute(sample))
+        grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+        batch = encode_conversations(processor, [conversation], [image], vlm_args.train_on_prompt)
+        lengths.append({"task": task, "tokens": int(batch["input_ids"].shape[1]) - int(grid.prod()) // (merge * merge)})
     text_per_image = sum(row["tokens"] for row in lengths)
     mean_visual = statistics.mean(tokens)
-    per_image = len(conversations) * mean_visual + text_per_image
+    per_image = len(rows) * mean_visual + text_per_image
     widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
     return {"classes": splits.class_names, "splits": {name: len(splits.split(name)) for name in ("train", "val", "test")},
             "image_size": {"sampled": len(sizes), "width_median": statistics.median(widths) if widths else None,
@@ -371,12 +367,44 @@ def data_report(splits, processor, vlm_args, images: list) -> dict:
             "visual_tokens": {"sampled": len(tokens), "min": min(tokens), "median": statistics.median(tokens),
                               "max": max(tokens), "mean": mean_visual},
             "text_tokens_per_conversation": lengths,
-            "text_assumption": f"stage-0 sections assumed {ASSUMED_ANSWER_WORDS} words each",
+            "text_assumption": "stage 0's text" if not _is_assumed(splits, vlm_args)
+            else f"stage-0 sections assumed {ASSUMED_ANSWER_WORDS} words each (no annotations yet)",
             "stage1_tokens": int(round(per_image * len(splits.train) * vlm_args.epochs)),
-            "conversations_per_image": len(conversations)}
+            "conversations_per_image": len(rows)}
 
 
 # ---------------------------------------------------------------- 3. short timed runs
+
+def _assumed_annotation(sample, splits) -> Annotation:
+    words = " ".join(["word"] * ASSUMED_ANSWER_WORDS)
+    return Annotation(sample.path, splits.class_names[sample.label], words, words, "assumed")
+
+
+def _is_assumed(splits, vlm_args) -> bool:
+    return vlm_args.annotations is not None or not (
+        Path(vlm_args.output_dir) / vlm_args.dataname / "instructions" / ANNOTATIONS_FILE).is_file()
+
+
+def training_conversations(splits, vlm_args, count: int) -> list[tuple]:
+    """``(sample, conversation, task)`` of ``count`` training images, every task in turn, as stage 1
+    builds them: stage 0's text where its annotations exist (the default file), else sections of
+    ASSUMED_ANSWER_WORDS words."""
+    annotations = {}
+    path = Path(vlm_args.output_dir) / vlm_args.dataname / "instructions" / ANNOTATIONS_FILE
+    if not vlm_args.annotations and path.is_file():
+        try:
+            annotations = {a.image: a for a in read_annotations(path)}
+        except Exception:  # noqa: BLE001 - a damaged file is stage 1's to report; assume lengths here
+            annotations = {}
+    rows = []
+    for sample in _sample(splits.train, count):
+        annotation = annotations.get(sample.path) or _assumed_annotation(sample, splits)
+        for task, conversation in to_conversations(annotation, splits.class_names).items():
+            rows.append((sample, conversation, task))
+    rows.sort(key=lambda row: TASKS.index(row[2]))  # interleave below
+    by_task = [[row for row in rows if row[2] == task] for task in TASKS]
+    return [row for group in zip(*by_task) for row in group]
+
 
 def time_vlm_training(vlm_args, vlm_model, processor, images, splits, device, warmup, steps) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -384,8 +412,7 @@ def time_vlm_training(vlm_args, vlm_model, processor, images, splits, device, wa
     on_gpu = device.type == "cuda"
     quant = resolve_quant(vlm_args.quant, device)
     result = {"unit": "optimiser step", "quant": quant}
-    conversations = [categorical_conversation(splits.class_names[s.label], splits.class_names)
-                     for s in splits.train[:len(images)]]
+    conversations = training_conversations(splits, vlm_args, len(images))
     with measured(device, result):
         model = load_vlm(vlm_model, device, dtype=torch.bfloat16 if on_gpu else None, quant=quant, trainable=True)
         targets = list(vlm_args.target_modules or backbone_for(model).lora_targets)
@@ -393,8 +420,9 @@ def time_vlm_training(vlm_args, vlm_model, processor, images, splits, device, wa
                           vlm_args.modules_to_save, quantized=quant is not None, gradient_checkpointing=on_gpu)
         per_step = vlm_args.batch_size * vlm_args.grad_accum
         total = (warmup + steps) * per_step
-        examples = [{"conversation": conversations[i % len(conversations)], "image": str(splits.absolute(
-            splits.train[i % len(conversations)])), "task": "categorical"} for i in range(total)]
+        examples = [{"conversation": conversations[i % len(conversations)][1],
+                     "image": str(splits.absolute(conversations[i % len(conversations)][0])),
+                     "task": conversations[i % len(conversations)][2]} for i in range(total)]
         stamps = []
 
         class Clock(TrainerCallback):
@@ -418,13 +446,17 @@ def time_vlm_training(vlm_args, vlm_model, processor, images, splits, device, wa
     return result
 
 
-def time_scorer(vlm_model, processor, images, class_names, device, batch_size, warmup, steps) -> dict:
-    result = {"unit": "image"}
+def time_answers(vlm_model, processor, images, class_names, device, mode: str, batch_size: int,
+                 max_new_tokens: int, pre_resize: int, warmup, steps) -> dict:
+    """The tuned VLM answering images as stage 1's evaluation and stage 3 run it (unquantised, float32,
+    images pre-resized): ``score`` (the class scorer) or ``generate`` (greedy decoding up to
+    ``max_new_tokens``; a random model never stops early, so this is the most it costs)."""
+    result = {"unit": "image", "mode": mode}
     with measured(device, result):
         model = load_vlm(vlm_model, device, dtype=vlm_torch_dtype(LATER_STAGES_DTYPE))
-        batch = images[:batch_size]
-        seconds = timed_steps(lambda: score_classes(model, processor, batch, class_names, batch_size),
-                              warmup, steps, device)
+        batch = pre_resized(images[:batch_size], pre_resize)
+        seconds = timed_steps(lambda: predict_vlm(model, processor, batch, class_names, mode, batch_size,
+                                                  max_new_tokens), warmup, steps, device)
     result["seconds_per_unit"] = seconds / len(batch)
     del model
     return result
@@ -514,11 +546,12 @@ def projection(measurements: dict, counts: dict, nproc: int, ratio: float) -> li
     return rows
 
 
-STAGE_PEAKS = {"stage 1": ("vlm_train", "scorer"), "stage 2": ("features", "teacher", "head"),
-               "stage 3": ("scorer", "gate")}
+STAGE_PEAKS = {"stage 1": ("vlm_train", "eval"), "stage 2": ("features", "teacher", "head"),
+               "stage 3": ("answers", "gate")}
 REMEDIES = {"vlm_train": "lower --max_pixels, use --quant 4bit (QLoRA, CUDA) or a smaller --batch_size "
                          "(gradient checkpointing is on for every GPU run)",
-            "scorer": "lower --eval_batch_size / --vlm_batch_size, --quant 4bit or --vlm_dtype bf16 (stage 3)",
+            "eval": "a smaller --eval_batch_size (stage 1's test evaluation) or --skip_eval",
+            "answers": "a smaller --vlm_batch_size, --quant 4bit or --vlm_dtype bf16 (stage 3)",
             "features": "lower --feature_batch_size or --feature_dtype bf16",
             "teacher": "a smaller --teacher_batch_size (or --teacher_img_size)",
             "head": "a smaller --batch_size", "gate": "a smaller --batch_size"}
@@ -616,8 +649,16 @@ def main(args) -> None:
     measurements = {}
     measurements["vlm_train"] = time_vlm_training(vlm_args, vlm_model, processor, images, splits, device,
                                                   args.warmup, args.steps)
-    measurements["scorer"] = time_scorer(vlm_model, processor, images, splits.class_names, device,
-                                         min(gate_args.vlm_batch_size, len(images)), args.warmup, args.steps)
+    # The VLM answering: stage 1's test evaluation (--eval_mode) and stage 3's answers (--vlm_answer).
+    answer_runs = {"eval": (vlm_args.eval_mode, vlm_args.eval_batch_size, vlm_args.max_new_tokens, vlm_args.pre_resize),
+                   "answers": (gate_args.vlm_answer, gate_args.vlm_batch_size, gate_args.max_new_tokens,
+                               gate_args.pre_resize)}
+    for part, (mode, batch, new_tokens, pre_resize) in answer_runs.items():
+        same = next((other for other, run in answer_runs.items() if other in measurements and run == answer_runs[part]),
+                    None)
+        measurements[part] = dict(measurements[same]) if same else time_answers(
+            vlm_model, processor, images, splits.class_names, device, mode, min(batch, len(images)), new_tokens,
+            pre_resize, args.warmup, args.steps)
     measurements["features"] = time_features(vlm_model, processor, images, device,
                                              FEATURE_DTYPES[distill_args.feature_dtype],
                                              min(distill_args.feature_batch_size, len(images)),
@@ -643,14 +684,14 @@ def main(args) -> None:
     seeds = len(as_list(gate_args.seeds)) if gate_args.seeds is not None else 1
     counts = {  # part: (stage, measurement, units, sharded across --nproc)
         "VLM training": ("stage 1", "vlm_train", vlm_steps, True),
-        "test scoring": ("stage 1", "scorer", 0 if vlm_args.skip_eval else len(splits.test), True),
+        "test evaluation": ("stage 1", "eval", 0 if vlm_args.skip_eval else len(splits.test), True),
         "teacher training": ("stage 2", "teacher",
                              math.ceil(n_train / distill_args.teacher_batch_size) * distill_args.teacher_epochs, False),
         "teacher logits": ("stage 2", ("teacher", "forward_seconds_per_image"), n_all, True),
         "VLM features": ("stage 2", "features", n_all, True),
         "head training": ("stage 2", "head", math.ceil(n_train / distill_args.batch_size) * distill_args.epochs * heads,
                           False),
-        "VLM answers": ("stage 3", "scorer", n_all, True),
+        "VLM answers": ("stage 3", "answers", n_all, True),
         "gate training": ("stage 3", "gate",
                           math.ceil(n_train / gate_args.batch_size) * gate_args.epochs * len(gate_names) * seeds, False),
     }
