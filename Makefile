@@ -11,7 +11,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv quickstart test bench mutations reproduce preflight browser-test clean-toy
+.PHONY: venv quickstart test bench mutations reproduce preflight gpu-check browser-test clean-toy
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ preflight: venv
 	@if [ -z "$(DATA)" ]; then echo "usage: make preflight DATA=<dataname>  (e.g. DATA=FI)"; exit 2; fi
 	$(PY) -m engine.preflight --dataname $(DATA) --vlm_config configs/paper_vlm.yaml \
 	  --distill_config configs/paper_distill.yaml --gate_config configs/paper_gate.yaml $(ARGS)
+
+# On a GPU machine: the tests marked `cuda` and the preflight on the toy world (docs/gpu.md).
+gpu-check: venv
+	PY=$(PY) bash scripts/gpu_check.sh
 
 $(VENV)/.browser: $(VENV)/.installed requirements-browser.txt
 	$(PY) -m pip install -r requirements-browser.txt
