@@ -602,10 +602,34 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def environment_lines(env: dict) -> list[str]:
+    """The environment in a few lines: what works, and what will not."""
+    wrong = [f"{row['name']} {row['installed'] or 'missing'} (wants {row['required'] or 'any'})"
+             for row in env["requirements"] if not row["ok"]]
+    four_bit = env["four_bit"]
+    api = env["stage0_api"]
+    return [
+        f"device {env['device']}: {env['name']}, {env['memory_bytes'] / GIB:.1f} GiB, bf16 {env['bf16']}, "
+        f"CUDA {env['cuda']}, driver {env['driver']}, attention {'SDPA' if env['attention']['sdpa'] else 'none!'}"
+        f"{' (flash-attn installed)' if env['attention']['flash_attn_installed'] else ''}",
+        f"4-bit: {'works' if four_bit['ok'] else 'FAILS' if four_bit['ok'] is False else 'n/a'} ({four_bit['why']})",
+        "libraries: " + ("as requirements.txt asks" if not wrong else "NOT as requirements.txt asks: " + "; ".join(wrong)),
+        f"disk: {env['disk_free_bytes'] / GIB:.1f} GiB free under --output_dir, "
+        + ("writable" if env["output_dir_writable"] else "NOT writable"),
+        f"weights: VLM {env['vlm_weights']['model']} {'cached' if env['vlm_weights']['cached'] else 'NOT cached'}, "
+        f"teacher {env['teacher_weights']['model']} "
+        f"{'cached' if env['teacher_weights']['cached'] else 'NOT cached'} ({env['teacher_weights']['where']})",
+        "stage 0: " + ("API key set" if api["api_key_set"] else "no OPENAI_API_KEY")
+        + (f", --base_url {api['base_url']}" if api["base_url"] else "")
+        + (f", ping: {api.get('ping')}" if api["pinged"] else " (nothing sent; --ping checks the key)"),
+    ]
+
+
 def table(report: dict) -> str:
     nproc = report["nproc"]
     lines = [f"preflight {report['dataname']} on {report['environment']['name']} "
              f"(speed ratio {report['speed_ratio']:g}{' (assumed)' if report['speed_ratio'] != 1 else ''})",
+             *environment_lines(report["environment"]),
              f"{'stage':8} {'part':22} {'units':>10} {'per unit':>10} {'1 device':>10} {f'{nproc} device(s)':>12}"]
     for row in report["projection"]:
         lines.append(f"{row['stage']:8} {row['part']:22} {row['units']:>10} {_fmt_seconds(row['seconds_per_unit']):>10} "
