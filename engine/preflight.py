@@ -94,8 +94,9 @@ def get_args_parser():
     group.add_argument("--teacher_batch_size", type=int, default=None, help="stage 2's --teacher_batch_size")
     group.add_argument("--feature_batch_size", type=int, default=None, help="stage 2's --feature_batch_size")
     group = parser.add_argument_group("preflight")
-    group.add_argument("--steps", type=int, default=3, help="timed steps of each short run (after the warm-up)")
-    group.add_argument("--warmup", type=int, default=1, help="untimed steps before each short run")
+    group.add_argument("--steps", type=int, default=5, help="timed steps of each short run (after the warm-up)")
+    group.add_argument("--warmup", type=int, default=3,
+                       help="untimed steps before each short run (the first few steps of a run are slower)")
     group.add_argument("--images", type=int, default=8, help="images of the user's data each short run uses")
     group.add_argument("--head_steps", type=int, default=300, help="timed steps of the head and of the gate")
     group.add_argument("--nproc", type=int, default=1, help="devices the sharded passes would run on")
