@@ -104,3 +104,12 @@ def test_device_memory_below_the_peaks_exits_2_with_one_line_per_stage(tmp_path,
     assert [line.split()[1:3] for line in errors] == [["stage", "1"], ["stage", "2"], ["stage", "3"]]
     assert all("does not fit" in line and "GiB" in line and "0.01 GiB" in line for line in errors)
     assert all(" --" in line for line in errors)  # each names a flag to change
+
+
+@pytest.mark.parametrize("extra, message", [(("--nproc", "0"), "--nproc must be at least 1"),
+                                            (("--device_memory", "-1"), "--device_memory must be")])
+def test_bad_flags_are_one_line_errors(extra, message, tmp_path, capsys):
+    code = preflight.run(["--dataname", "toy", "--output_dir", str(tmp_path), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}")
+    assert not (tmp_path / "toy").exists()
