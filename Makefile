@@ -11,7 +11,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv quickstart test bench mutations reproduce browser-test clean-toy
+.PHONY: venv quickstart test bench mutations reproduce preflight gpu-check browser-test clean-toy
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ mutations: venv
 reproduce: venv
 	@if [ -z "$(DATA)" ]; then echo "usage: make reproduce DATA=<dataname>  (e.g. DATA=FI)"; exit 2; fi
 	PY=$(PY) bash scripts/reproduce.sh $(DATA)
+
+# Measures the run `make reproduce DATA=...` would make on this machine before making it: the
+# environment, the data, short timed runs of every stage, the projected time and memory
+# (docs/reproducing.md#preflight). ARGS passes more flags, e.g. ARGS="--nproc 4 --device_memory 80".
+preflight: venv
+	@if [ -z "$(DATA)" ]; then echo "usage: make preflight DATA=<dataname>  (e.g. DATA=FI)"; exit 2; fi
+	$(PY) -m engine.preflight --dataname $(DATA) --vlm_config configs/paper_vlm.yaml \
+	  --distill_config configs/paper_distill.yaml --gate_config configs/paper_gate.yaml $(ARGS)
+
+# On a GPU machine: the tests marked `cuda` and the preflight on the toy world (docs/gpu.md).
+gpu-check: venv
+	PY=$(PY) bash scripts/gpu_check.sh
 
 $(VENV)/.browser: $(VENV)/.installed requirements-browser.txt
 	$(PY) -m pip install -r requirements-browser.txt
