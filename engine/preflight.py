@@ -55,7 +55,7 @@ from data.prompts import generation_prompt
 from engine.batches import TrainingOrder, per_step_adam, per_step_epoch
 from engine.distill import teacher_epoch
 from engine.features import FEATURE_DTYPES
-from engine.vlm_train import ConversationCollator, trainer_settings, wrap_lora
+from engine.vlm_train import AnswerLogitsTrainer, ConversationCollator, gradient_checkpointing, trainer_settings, wrap_lora
 from models.backbones import backbone_for
 from models.chat import encode_conversations
 from models.gates import GATES, build_gate
@@ -91,6 +91,10 @@ def get_args_parser():
     group.add_argument("--min_pixels", type=int, default=None, help="stage 1's --min_pixels")
     group.add_argument("--max_pixels", type=int, default=None, help="stage 1's --max_pixels")
     group.add_argument("--quant", choices=("auto", "4bit", "none"), default=None, help="stage 1's --quant")
+    group.add_argument("--gradient_checkpointing", choices=("auto", "on", "off"), default=None,
+                       help="stage 1's --gradient_checkpointing")
+    group.add_argument("--attn_implementation", choices=("sdpa", "flash_attention_2", "eager"), default=None,
+                       help="stage 1's --attn_implementation")
     group.add_argument("--teacher_batch_size", type=int, default=None, help="stage 2's --teacher_batch_size")
     group.add_argument("--feature_batch_size", type=int, default=None, help="stage 2's --feature_batch_size")
     group = parser.add_argument_group("preflight")
@@ -132,7 +136,8 @@ def stage_args(args) -> dict[str, argparse.Namespace]:
     def config(path):
         return ["--config", path] if path else []
 
-    vlm = train_vlm.parse(common + model + config(args.vlm_config) + given("min_pixels", "max_pixels", "quant"))
+    vlm = train_vlm.parse(common + model + config(args.vlm_config) + given("min_pixels", "max_pixels", "quant",
+                                                                              "gradient_checkpointing", "attn_implementation"))
     distill = train_distillation.parse(common + model + config(args.distill_config)
                                        + given("teacher_batch_size", "feature_batch_size"))
     gate = train_gate.parse(common + model + config(args.gate_config))
@@ -408,17 +413,20 @@ def training_conversations(splits, vlm_args, count: int) -> list[tuple]:
 
 
 def time_vlm_training(vlm_args, vlm_model, processor, images, splits, device, warmup, steps) -> dict:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
 
     on_gpu = device.type == "cuda"
     quant = resolve_quant(vlm_args.quant, device)
     result = {"unit": "optimiser step", "quant": quant}
     conversations = training_conversations(splits, vlm_args, len(images))
     with measured(device, result):
-        model = load_vlm(vlm_model, device, dtype=torch.bfloat16 if on_gpu else None, quant=quant, trainable=True)
+        model = load_vlm(vlm_model, device, dtype=torch.bfloat16 if on_gpu else None, quant=quant, trainable=True,
+                         attn_implementation=vlm_args.attn_implementation)
         targets = list(vlm_args.target_modules or backbone_for(model).lora_targets)
+        checkpointing = gradient_checkpointing(vlm_args.gradient_checkpointing, on_gpu)
+        result["gradient_checkpointing"] = checkpointing
         model = wrap_lora(model, vlm_args.lora_r, vlm_args.lora_alpha, vlm_args.lora_dropout, targets,
-                          vlm_args.modules_to_save, quantized=quant is not None, gradient_checkpointing=on_gpu)
+                          vlm_args.modules_to_save, quantized=quant is not None, gradient_checkpointing=checkpointing)
         per_step = vlm_args.batch_size * vlm_args.grad_accum
         total = (warmup + steps) * per_step
         examples = [{"conversation": conversations[i % len(conversations)][1],
@@ -434,7 +442,8 @@ def time_vlm_training(vlm_args, vlm_model, processor, images, splits, device, wa
         with tempfile.TemporaryDirectory() as tmp:
             settings = {**trainer_settings(vlm_args, tmp, on_gpu), "max_steps": warmup + steps, "save_strategy": "no",
                         "logging_strategy": "no", "dataloader_num_workers": 0}
-            trainer = Trainer(model=model, args=TrainingArguments(**settings), train_dataset=examples,
+            # Stage 1's own trainer: the output layer only where the loss reads it.
+            trainer = AnswerLogitsTrainer(model=model, args=TrainingArguments(**settings), train_dataset=examples,
                               data_collator=ConversationCollator(processor, vlm_args.train_on_prompt),
                               callbacks=[Clock()])
             _sync(device)
@@ -549,8 +558,8 @@ def projection(measurements: dict, counts: dict, nproc: int, ratio: float) -> li
 
 STAGE_PEAKS = {"stage 1": ("vlm_train", "eval"), "stage 2": ("features", "teacher", "head"),
                "stage 3": ("answers", "gate")}
-REMEDIES = {"vlm_train": "lower --max_pixels, use --quant 4bit (QLoRA, CUDA) or a smaller --batch_size "
-                         "(gradient checkpointing is on for every GPU run)",
+REMEDIES = {"vlm_train": "lower --max_pixels, use --quant 4bit (QLoRA, CUDA), --gradient_checkpointing on "
+                         "or a smaller --batch_size",
             "eval": "a smaller --eval_batch_size (stage 1's test evaluation) or --skip_eval",
             "answers": "a smaller --vlm_batch_size, --quant 4bit or --vlm_dtype bf16 (stage 3)",
             "features": "lower --feature_batch_size or --feature_dtype bf16",
