@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Sequence
@@ -204,6 +205,8 @@ class Query:
     category: str = "all"
     cell: tuple[str, str] | None = None             # (pair, cell) of the complementarity table
     confusion: tuple[str, int, int] | None = None   # (module, true class, predicted class; -1: none)
+    either_right: str | None = None                 # a pair's oracle cell: the VLM or the other right
+    final_right: bool | None = None                 # the gate's accuracy cell: EmoVLM-KD right
     true_class: int | None = None
     pred_module: str = "final"
     pred_class: int | None = None
@@ -223,6 +226,11 @@ def select(run: Run, query: Query) -> list[int]:
         if not in_category(record, query.category):
             continue
         if query.cell and (record.label is None or not in_cell(record, *query.cell)):
+            continue
+        if query.either_right and (record.label is None or not (record.right("vlm") or record.right(
+                query.either_right.removeprefix("vlm_vs_")))):
+            continue
+        if query.final_right is not None and (record.label is None or record.right("final") != query.final_right):
             continue
         if query.confusion:
             module, true, pred = query.confusion
@@ -253,6 +261,50 @@ def sort_indices(run: Run, indices: list[int], sort: str) -> list[int]:
             weights = run.records[i].weights
             return weights.get(name, 0.0) if weights else 0.0
     return sorted(indices, key=lambda i: (-key(i) if high_first else key(i), i))
+
+
+def parse_selection(text: str | None) -> dict:
+    """The ``Query`` fields a clicked table cell stands for, from its text form: "" (none),
+    ``cell:<pair>:<cell>``, ``oracle:<pair>``, ``gate:right``, ``confusion:<module>:<true>:<pred>``
+    or ``category:<name>``."""
+    parts = (text or "").strip().split(":")
+    try:
+        if parts == [""]:
+            return {}
+        if parts[0] == "cell" and len(parts) == 3 and parts[1] in ("vlm_vs_head", "vlm_vs_teacher") \
+                and parts[2] in CELLS:
+            return {"cell": (parts[1], parts[2])}
+        if parts[0] == "oracle" and len(parts) == 2 and parts[1] in ("vlm_vs_head", "vlm_vs_teacher"):
+            return {"either_right": parts[1]}
+        if parts == ["gate", "right"]:
+            return {"final_right": True}
+        if parts[0] == "confusion" and len(parts) == 4 and parts[1] in MODULES:
+            return {"confusion": (parts[1], int(parts[2]), int(parts[3]))}
+        if parts[0] == "category" and len(parts) == 2:
+            return {"category": parts[1]}
+    except ValueError:
+        pass
+    raise UserError(f"selection {text!r} is not a table cell")
+
+
+def describe_selection(run: Run, text: str | None) -> str:
+    """A selection in words."""
+    picked = parse_selection(text)
+    if "cell" in picked:
+        pair, cell = picked["cell"]
+        other = MODULE_LABELS[pair.removeprefix("vlm_vs_")]
+        return {"both_right": f"VLM and {other} both right", "a_only": f"VLM right, {other} wrong",
+                "b_only": f"{other} right, VLM wrong", "both_wrong": f"VLM and {other} both wrong"}[cell]
+    if "either_right" in picked:
+        return f"VLM or {MODULE_LABELS[picked['either_right'].removeprefix('vlm_vs_')]} right (oracle)"
+    if "final_right" in picked:
+        return "EmoVLM-KD right"
+    if "confusion" in picked:
+        module, true, pred = picked["confusion"]
+        return f"true {class_name(run, true)}, {MODULE_LABELS[module]} predicted {class_name(run, pred)}"
+    if "category" in picked:
+        return run.categories.get(picked["category"], picked["category"])
+    return "no table cell"
 
 
 def page(indices: Sequence[int], number: int, size: int) -> tuple[list[int], int, int]:
@@ -327,6 +379,10 @@ def safe_image_path(root: str | Path, image: str) -> Path:
     return path
 
 
+def default_thumbnail_folder() -> Path:
+    return Path(tempfile.gettempdir()) / "emovlm-kd-thumbnails"
+
+
 class Thumbnails:
     """Thumbnails made on demand and cached on disk (``folder``), one file per image and size."""
 
@@ -348,3 +404,10 @@ class Thumbnails:
                 img.save(partial, "JPEG", quality=85)
                 partial.replace(thumb)
         return thumb
+
+    def placeholder(self) -> Path:
+        """A grey square for an image that cannot be shown (gone, refused, undecodable)."""
+        path = self.folder / f"placeholder-{self.side}.png"
+        if not path.is_file():
+            Image.new("RGB", (self.side, self.side), (200, 200, 200)).save(path)
+        return path
