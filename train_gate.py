@@ -32,10 +32,10 @@ from data.datasets import REFERENCE_PRE_RESIZE, load_dataset
 from data.prompts import PARSERS
 from engine.features import read_cached_teacher_logits, read_vlm_features
 from engine.fit import EpochLog
-from engine.gate import GateData, gate_training_data, predictions, split_accuracies, train_gate
+from engine.gate import GateData, gate_logits, gate_training_data, predictions, split_accuracies, train_gate
 from engine.vlm_answers import cached_vlm_predictions
-from models.gates import (GATE_FILE, GATE_LABELS, GATES, HEAD_SIGNALS, SIGNALS, head_gate_inputs, save_gate,
-                          vlm_gate_inputs)
+from models.gates import (GATE_FILE, GATE_LABELS, GATES, HEAD_SIGNALS, SIGNALS, gate_weights, head_gate_inputs,
+                          save_gate, vlm_gate_inputs)
 from models.heads import head_logits, load_head
 from models.scorer import EVAL_MODES
 from models.vlm import LATER_STAGES_DTYPE, LATER_STAGES_QUANT, VLM_DTYPES
@@ -139,6 +139,7 @@ def gate_inputs(args, splits, answers: dict, head, features: dict) -> dict:
     data = {split: GateData(vlm_pred=answers[split].pred,
                             vlm_signal=vlm_gate_inputs(answers[split], num_classes, args.vlm_signal),
                             head_logits=head_logits(head, features[split]),
+                            vlm_probs=answers[split].probs,
                             labels=torch.tensor([s.label for s in splits.split(split)], dtype=torch.long))
             for split in ("train", "val", "test")}
     if args.head_signal == "logits":  # the gate reads head_logits as they are
@@ -169,6 +170,24 @@ def gate_test_predictions(data: dict, results: dict, teacher_pred) -> dict:
             "gates": {name: predictions(result.model, test).tolist() for name, result in results.items()}}
 
 
+def _rounded(values: torch.Tensor) -> list:
+    return [[round(float(v), 5) for v in row] for row in values.tolist()]
+
+
+def gate_test_outputs(test: GateData, gate, images: list[str] | None) -> dict:
+    """Per test image, what the explorer tab of demo.py shows: the image's path (relative to
+    --data_root), each module's class probabilities (the VLM's in score mode only, else None) and
+    the selected gate's source weights (None for gates that expose none)."""
+    with torch.no_grad():
+        final = gate_logits(gate, test).softmax(-1)
+        device = next(gate.parameters()).device
+        weights = gate_weights(gate, test.vlm_signal.to(device), test.head_input().to(device))
+    return {"images": images, "vlm_probs": None if test.vlm_probs is None else _rounded(test.vlm_probs.float()),
+            "head_probs": _rounded(test.head_logits.float().softmax(-1)), "final_probs": _rounded(final),
+            "gate_weights": None if weights is None else
+            {name: [round(float(v), 5) for v in value.cpu().tolist()] for name, value in weights.items()}}
+
+
 def add_statistics(metrics: dict, preds: dict) -> None:
     """Bootstrap intervals into each accuracy's row, McNemar p-values into each gate's, and the
     complementarity counts with the oracle beside the selected gate's accuracy."""
@@ -185,7 +204,8 @@ def add_statistics(metrics: dict, preds: dict) -> None:
 
 
 def write_results(args, out_dir: Path, data: dict, results: dict, selected: str, class_names,
-                  provenance: GateProvenance, resolved: dict, teacher_pred=None, head_dir: Path | None = None) -> str:
+                  provenance: GateProvenance, resolved: dict, teacher_pred=None, head_dir: Path | None = None,
+                  images: list[str] | None = None) -> str:
     """gate.pt (and gate_<name>.pt), metrics.json, pictures, table.md, run.json; meta.json last."""
     def save(path: Path, name: str, result) -> Path:
         return save_gate(path, name, result.model, class_names, best_val_acc=result.best_val_acc,
@@ -214,6 +234,7 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
     }
     add_statistics(metrics, preds)
     metrics["test_predictions"] = preds
+    metrics["test_outputs"] = gate_test_outputs(data["test"], results[selected].model, images)
     write_json(out_dir / "metrics.json", metrics)
     save_confusion_png(metrics["gates"][selected]["confusion_matrix"], class_names,
                        out_dir / "confusion_matrix.png", f"{args.dataname}: EmoVLM-KD ({selected})")
@@ -280,7 +301,7 @@ def main(args) -> None:
         results, selected = fit_gates(run_args, names, data, len(splits.class_names), device, run_dir / "log.txt")
         finite = [(f"the {name} gate's validation loss", results[name].history[-1]["val_loss"]) for name in names]
         table = write_results(run_args, run_dir, data, results, selected, splits.class_names, provenance, resolved,
-                              teacher_pred, distill_dir)
+                              teacher_pred, distill_dir, [sample.path for sample in splits.test])
         run_dir = staged.commit(finite, "--lr")
         published = index == 0 and default_head  # the folder the demo, the predictor and the report read
         if published:

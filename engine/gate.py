@@ -30,6 +30,7 @@ class GateData:
     # (N, C) what the gate is given of the head (--head_signal): its logits or their softmax; None:
     # the logits themselves (models.gates.head_gate_inputs makes it).
     head_signal: torch.Tensor | None = None
+    vlm_probs: torch.Tensor | None = None  # (N, C) the VLM's class probabilities (score mode only)
 
     def head_input(self) -> torch.Tensor:
         """The gate's head input: ``head_signal`` where set, else the head's logits."""
