@@ -156,6 +156,12 @@ MUTANTS = (
            "    with nullcontext(), vision_dtype(model, dtype):",
            ("tests/test_demo.py::test_head_features_ignore_an_adapter_on_the_vision_tower",),
            "the demo's head features come from the adapted encoder, not the base one"),
+    Mutant("ablation_selected_gate", "utils/ablation.py",
+           'return [metrics["gates"][PAPER_GATE]["accuracy"] for metrics in runs if PAPER_GATE in metrics.get("gates", {})]',
+           'return [metrics["gates"][metrics["gate"]]["accuracy"] for metrics in runs]',
+           ("tests/test_report.py::test_depth_ablation_compares_the_papers_gate_on_every_row",
+            "tests/test_report.py::test_alpha_ablation_compares_the_papers_gate_on_every_row"),
+           "the depth/alpha ablation's EmoVLM-KD column takes the gate each run selected (rows compare different gates)"),
     # The settings of the method: each reaches what is trained (tests/test_settings_reach.py).
     Mutant("head_without_dropout", "models/heads.py",
            "HEAD_DROPOUT = 0.1",
