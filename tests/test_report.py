@@ -96,3 +96,96 @@ def test_alpha_ablation_compares_the_papers_gate_on_every_row(tmp_path):
     text = build_ablation(tmp_path, ["FI"], "alpha")
     assert table_rows(text) == [["0", "50.00", "64.00"], ["0.5 *", "60.00", "70.00"], ["1", "55.00", "not run"]]
     assert "concat_linear" in text
+
+
+# ---------------------------------------------------------------- efficiency row (tiny models)
+
+def fake_stages(root, vlm_dir, gates=("moe", "concat_linear"), published="moe"):
+    """Stage 1's record on the tiny VLM, a depth-1 head on its features and stage 3's gate files
+    (``--gate all`` style: gate_<name>.pt each, ``published`` as gate.pt)."""
+    from models.gates import build_gate, save_gate
+    from models.heads import DistillHead, save_head
+    from models.vlm import vision_hidden_size
+    from transformers import AutoConfig
+    from utils.checkpoints import file_id
+    from utils.records import DistillRecord, VLMRecord
+
+    classes = ["amusement", "anger", "awe"]
+    VLMRecord(class_names=classes, base_model=str(vlm_dir)).write(root / "vlm")
+    in_dim = vision_hidden_size(AutoConfig.from_pretrained(vlm_dir))
+    head = save_head(root / "distill" / "head.pt", DistillHead(in_dim, len(classes), depth=1), classes)
+    DistillRecord(class_names=classes, base_model=str(vlm_dir), head_id=file_id(head), run="depth=1,alpha=0.5,seed=42",
+                  depth=1, alpha=0.5, seed=42).write(root / "distill")
+    for name in gates:
+        save_gate(root / "gate" / f"gate_{name}.pt", name, build_gate(name, len(classes)), classes)
+    save_gate(root / "gate" / "gate.pt", published, build_gate(published, len(classes)), classes)
+    return in_dim, len(classes)
+
+
+def test_efficiency_figures_equal_a_hand_count_on_the_tiny_models(tmp_path, tiny_vlm_dir, capsys):
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    from utils.report import main
+
+    in_dim, c = fake_stages(tmp_path / "toy", tiny_vlm_dir)
+    main(["--output_dir", str(tmp_path), "--efficiency", "--out", str(tmp_path / "efficiency.md")])
+    text = capsys.readouterr().out
+    figures = json.loads((tmp_path / "toy" / "efficiency.json").read_text())
+    loaded = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir)
+    vlm = sum(p.numel() for p in loaded.parameters())  # the loaded weights, against the meta count
+    assert figures["vlm"]["parameters"]["total"] == vlm
+    assert figures["vlm"]["parameters"]["visual"] == sum(p.numel() for p in loaded.model.visual.parameters())
+    head = in_dim * 1024 + 1024 + 1024 * c + c  # in -> 1024 -> C
+    gate = 2 * c * c + c                         # concat_linear: 2C -> C
+    assert figures["head"]["parameters"] == head and figures["gates"]["concat_linear"]["parameters"] == gate
+    assert figures["head"]["flops_per_image"] == 2 * (in_dim * 1024 + 1024 * c)
+    assert figures["gates"]["concat_linear"]["flops_per_image"] == 2 * 2 * c * c
+    # The paper's gate is the one added, not the published MoE (selected on validation).
+    assert figures["gate"] == "concat_linear" and figures["published_gate"] == "moe"
+    total = figures["head_and_gate"]
+    assert total["parameters"] == head + gate
+    assert total["share_of_vlm_parameters_percent"] == pytest.approx(100 * (head + gate) / vlm)
+    tokens, params = figures["vlm"]["tokens"], figures["vlm"]["parameters"]
+    assert tokens["patches"] > 0 and tokens["sequence"] > tokens["patches"] // 4
+    assert figures["vlm"]["flops_per_image"] == 2 * params["visual"] * tokens["patches"] + 2 * params["language"] * tokens["sequence"]
+    flops = 2 * (in_dim * 1024 + 1024 * c) + 2 * 2 * c * c
+    assert total["flops_per_image"] == flops
+    assert total["share_of_vlm_flops_percent"] == pytest.approx(100 * flops / figures["vlm"]["flops_per_image"])
+    assert f"| head + concat_linear gate | {head + gate:,} |" in text and "0.003% of parameters" in text
+    assert (tmp_path / "efficiency.md").read_text() in text
+
+
+def test_efficiency_of_qwen2_vl_7b_from_its_config_alone():
+    """Qwen2-VL-7B-Instruct's published dimensions: 8,291,375,616 parameters without a weight
+    read; a depth-1 head on its 3,584-d features is 3.68M, ~0.044%, and the paper's 0.003% is a
+    64-wide hidden layer (the last of the widths)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, Qwen2VLConfig
+
+    from utils.efficiency import mlp_parameters, vlm_parameters
+
+    config = Qwen2VLConfig(
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16))
+    with torch.device("meta"):
+        total = vlm_parameters(AutoModelForImageTextToText.from_config(config))["total"]
+    assert total == 8_291_375_616
+    head = mlp_parameters([3584, 1024, 8])
+    assert head == 3_679_240 and round(100 * head / total, 3) == 0.044
+    last_widths = 100 * (mlp_parameters([3584, 64, 8]) + 136) / total  # + the 8-class concat_linear gate
+    assert round(last_widths, 3) == 0.003 and f"{last_widths:.4f}" == "0.0028"  # as utils.efficiency's note says
+
+
+def test_efficiency_without_a_gate_is_one_line(tmp_path, tiny_vlm_dir, capsys):
+    from utils.errors import run_cli
+    from utils.report import main
+
+    fake_stages(tmp_path / "toy", tiny_vlm_dir, gates=())
+    (tmp_path / "toy" / "gate" / "gate.pt").unlink()
+    assert run_cli(main, ["--output_dir", str(tmp_path), "--datasets", "toy", "--efficiency"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train_gate.py --dataname toy" in err
+    assert not (tmp_path / "toy" / "efficiency.json").exists()
