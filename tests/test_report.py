@@ -189,3 +189,76 @@ def test_efficiency_without_a_gate_is_one_line(tmp_path, tiny_vlm_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train_gate.py --dataname toy" in err
     assert not (tmp_path / "toy" / "efficiency.json").exists()
+
+
+# ---------------------------------------------------------------- several runs side by side
+
+def fake_metrics(folder, dataset, labels, vlm, gate, images=None):
+    """A stage-3 metrics.json with stored test predictions (no intervals: the report computes them)."""
+    import numpy as np
+
+    acc = lambda preds: float(np.mean(np.array(preds) == np.array(labels)))  # noqa: E731
+    write_json(folder / dataset / "gate" / "metrics.json", {
+        "vlm": metric(acc(vlm), 0.5), "head": metric(acc(vlm), 0.5), "teacher": None,
+        "gates": {"concat_linear": metric(acc(gate), 0.5)}, "gate": "concat_linear",
+        "test_images": images or [f"{dataset}/test/{i}.jpg" for i in range(len(labels))],
+        "test_predictions": {"labels": labels, "vlm": vlm, "head": vlm, "teacher": None,
+                             "gates": {"concat_linear": gate}}})
+
+
+def test_runs_table_has_a_row_per_run_and_module_and_pairs_them(tmp_path, capsys):
+    from utils.report import main
+    from utils.stats import bootstrap_ci, mcnemar
+
+    labels = [0, 1] * 20
+    wrong = [1 - y for y in labels]
+    base_gate = labels[:30] + wrong[30:]   # 30 of 40 right
+    other_gate = labels[:38] + wrong[38:]  # 38 of 40 right: 8 images only the second gets right
+    for dataset in ("FI", "emotion6"):
+        fake_metrics(tmp_path / "base", dataset, labels, labels[:20] + wrong[20:], base_gate)
+        fake_metrics(tmp_path / "other", dataset, labels, labels[:20] + wrong[20:], other_gate)
+    main(["--runs", f"base={tmp_path / 'base'}", f"other={tmp_path / 'other'}", "--out", str(tmp_path / "runs.md")])
+    text = capsys.readouterr().out
+    low, high = bootstrap_ci([True] * 38 + [False] * 2)
+    rows = table_rows(text.split("\n\n")[0])[1:]  # after the header
+    assert [row[:2] for row in rows] == [["base", "VLM"], ["base", "distill module"], ["base", "EmoVLM-KD (concat_linear)"],
+                                         ["other", "VLM"], ["other", "distill module"], ["other", "EmoVLM-KD (concat_linear)"]]
+    assert "| run | module | FI | emotion6 |" in text  # datasets sorted: upper case first
+    assert rows[5][2] == rows[5][3] == f"95.00 [{100 * low:.2f}, {100 * high:.2f}]"
+    p = mcnemar([True] * 30 + [False] * 10, [True] * 38 + [False] * 2)["p_value"]
+    assert f"| FI | EmoVLM-KD (concat_linear) | base vs other | +20.00 | 0 | 8 | {p:.3g} | exact binomial |" in text
+    assert "| FI | VLM | base vs other | +0.00 | 0 | 0 | 1 |" in text
+    assert (tmp_path / "runs.md").read_text() in text
+
+
+def test_runs_over_other_test_images_are_refused_in_one_line(tmp_path, capsys):
+    from utils.errors import run_cli
+    from utils.report import main
+
+    labels = [0, 1] * 5
+    fake_metrics(tmp_path / "base", "FI", labels, labels, labels)
+    fake_metrics(tmp_path / "other", "FI", labels, labels, labels,
+                 images=[f"FI/test/{i}.jpg" for i in range(9)] + ["FI/test/other.jpg"])
+    out = tmp_path / "runs.md"
+    argv = ["--runs", f"base={tmp_path / 'base'}", f"other={tmp_path / 'other'}", "--out", str(out)]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "FI's test images differ between base and other" in err
+    assert "image 9 is FI/test/9.jpg vs FI/test/other.jpg" in err and not out.exists()
+    fake_metrics(tmp_path / "other", "FI", labels * 2, labels * 2, labels * 2)
+    assert run_cli(main, argv) == 2
+    assert "10 vs 20 images" in capsys.readouterr().err and not out.exists()
+
+
+def test_runs_folder_without_results_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from utils.errors import run_cli
+    from utils.report import main
+
+    fake_metrics(tmp_path / "base", "FI", [0, 1], [0, 1], [0, 1])
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "runs.md"
+    assert run_cli(main, ["--runs", f"base={tmp_path / 'base'}", f"other={tmp_path / 'empty'}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--runs other={tmp_path / 'empty'}: no <dataset>/gate/metrics.json" in err
+    assert not out.exists()
+    assert run_cli(main, ["--runs", "base"]) == 2 and "expected NAME=FOLDER" in capsys.readouterr().err
