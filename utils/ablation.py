@@ -7,9 +7,9 @@ and stage 3's ``gate/runs/<head run>/seed=<s>/metrics.json`` (EmoVLM-KD's). Ever
 one gate type across its rows: the depth and alpha tables' EmoVLM-KD column is the paper's gate
 (``concat_linear``) on every row, whichever gate a run selected (a ``--gate all`` run on the
 default head selects the variant best on validation; a run without a ``concat_linear`` gate
-counts as not run); the gate table is where the gates differ. One row per setting, mean ± standard deviation over the seeds found, the paper's
-best setting marked; a PNG per swept parameter (error bars over seeds) is written beside the
-dataset's outputs.
+counts as not run); the gate table is where the gates differ. One row per setting, mean ± standard
+deviation over the seeds found, the paper's best setting marked; a PNG per swept parameter (error
+bars over seeds) is written beside the dataset's outputs.
 """
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ def ablation_table(dataset: str, parameter: str, rows: list[dict]) -> str:
         note = (f"`*` the paper's best {parameter} ({PAPER_SETTING[parameter]:g}); {held} held at "
                 f"{PAPER_SETTING[held]:g}. EmoVLM-KD: the paper's gate ({PAPER_GATE}) on every row, "
                 f"whichever gate a stage-3 run selected; `not run`: no {PAPER_GATE} gate fused that head "
-                f"(`python train_gate.py --dataname {dataset} --head {parameter}=<value>,{held}={PAPER_SETTING[held]:g}`).")
+                f"(`python train_gate.py --dataname {dataset} --head "
+                f"{parameter}=<value>,{held}={PAPER_SETTING[held]:g}`).")
     return (f"### {dataset}: ablation of {parameter}\n\n" + _markdown(header, body)
             + f"\n\nTest accuracy, mean ± std over seeds. {note}")
 

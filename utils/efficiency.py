@@ -147,8 +147,8 @@ def efficiency(root: Path) -> dict:
                 "flops_per_image": flops, "share_of_vlm_flops_percent": 100 * flops / vlm_flops}
 
     head_row = row(parameter_count(head), module_flops(head, torch.zeros(1, head.in_dim)))
-    gate_rows = {name: row(parameter_count(gate), module_flops(gate, torch.zeros(1, num_classes), torch.zeros(1, num_classes)))
-                 for name, gate in gates.items()}
+    inputs = (torch.zeros(1, num_classes), torch.zeros(1, num_classes))  # one image's VLM signal, head logits
+    gate_rows = {name: row(parameter_count(gate), module_flops(gate, *inputs)) for name, gate in gates.items()}
     published = load_gate(gate_dir, dataset)[1]["gate"]
     fused = PAPER_GATE if PAPER_GATE in gate_rows else published
     total = row(head_row["parameters"] + gate_rows[fused]["parameters"],

@@ -133,8 +133,9 @@ def build_runs(specs: list[str], datasets: list[str] | None = None) -> str:
     for name in runs:
         labels = list(dict.fromkeys(label for metrics in found[name].values() for label in modules(metrics)))
         for label in labels:
-            rows.append([name, label] + [cell(found[name][d], label) if d in found[name] and label in modules(found[name][d])
-                                         else "" for d in datasets])
+            rows.append([name, label] + [cell(found[name][d], label)
+                                         if d in found[name] and label in modules(found[name][d]) else ""
+                                         for d in datasets])
     text = (_markdown(["run", "module", *datasets], rows)
             + "\n\nTest accuracy % [95% percentile bootstrap interval over the test images]. Runs: "
             + ", ".join(f"`{name}` = `{folder}`" for name, folder in runs.items()) + ".")
