@@ -121,7 +121,8 @@ def save_ablation_png(dataset: str, parameter: str, rows: list[dict], path: Path
     """Accuracy against the swept value, error bars = std over seeds (bars for the gate types)."""
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
-    series = [("EmoVLM-KD", "fused")] if parameter == "gate" else [("distilled head", "head"), ("EmoVLM-KD", "fused")]
+    series = ([("EmoVLM-KD", "fused")] if parameter == "gate"
+              else [("distilled head", "head"), (f"EmoVLM-KD ({PAPER_GATE})", "fused")])
     for offset, (label, key) in enumerate(series):
         points = [(i, row) for i, row in enumerate(rows) if row[key]]
         if not points:
