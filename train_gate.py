@@ -205,8 +205,10 @@ def add_statistics(metrics: dict, preds: dict) -> None:
 
 def write_results(args, out_dir: Path, data: dict, results: dict, selected: str, class_names,
                   provenance: GateProvenance, resolved: dict, teacher_pred=None, head_dir: Path | None = None,
-                  images: list[str] | None = None) -> str:
-    """gate.pt (and gate_<name>.pt), metrics.json, pictures, table.md, run.json; meta.json last."""
+                  test_images: list[str] | None = None) -> str:
+    """gate.pt (and gate_<name>.pt), metrics.json, pictures, table.md, run.json; meta.json last.
+    ``test_images``: the test split's image paths, in the order of the stored predictions (the
+    report pairs two runs' predictions only over the same list)."""
     def save(path: Path, name: str, result) -> Path:
         return save_gate(path, name, result.model, class_names, best_val_acc=result.best_val_acc,
                          epoch=result.best_epoch, **asdict(provenance))
@@ -231,10 +233,11 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
         # Test answers no class could be read from (with --vlm_answer generate; `parser` says how).
         "vlm_unparseable": int((data["test"].vlm_pred < 0).sum()),
         "seed": args.seed, **asdict(provenance),
+        "test_images": test_images,
     }
     add_statistics(metrics, preds)
     metrics["test_predictions"] = preds
-    metrics["test_outputs"] = gate_test_outputs(data["test"], results[selected].model, images)
+    metrics["test_outputs"] = gate_test_outputs(data["test"], results[selected].model, test_images)
     write_json(out_dir / "metrics.json", metrics)
     save_confusion_png(metrics["gates"][selected]["confusion_matrix"], class_names,
                        out_dir / "confusion_matrix.png", f"{args.dataname}: EmoVLM-KD ({selected})")
@@ -301,7 +304,7 @@ def main(args) -> None:
         results, selected = fit_gates(run_args, names, data, len(splits.class_names), device, run_dir / "log.txt")
         finite = [(f"the {name} gate's validation loss", results[name].history[-1]["val_loss"]) for name in names]
         table = write_results(run_args, run_dir, data, results, selected, splits.class_names, provenance, resolved,
-                              teacher_pred, distill_dir, [sample.path for sample in splits.test])
+                              teacher_pred, distill_dir, [sample.path for sample in splits.split("test")])
         run_dir = staged.commit(finite, "--lr")
         published = index == 0 and default_head  # the folder the demo, the predictor and the report read
         if published:

@@ -62,6 +62,8 @@ def test_pipeline_outputs_table_and_accuracy(trained_pipeline):
     assert metrics["splits"]["test"]["vlm_accuracy"] == metrics["vlm"]["accuracy"]
     assert metrics["splits"]["test"]["head_accuracy"] == metrics["head"]["accuracy"]
     assert sum(row["n"] for row in metrics["splits"].values()) == 128
+    # The test images in the order of the stored predictions: the report pairs runs only over the same list.
+    assert len(metrics["test_images"]) == len(set(metrics["test_images"])) == len(metrics["test_predictions"]["labels"]) == 32
     for key in ("vlm", "head", "teacher"):
         assert 0 <= metrics[key]["accuracy"] <= 1 and "macro_f1" in metrics[key]
     chosen = metrics["gate"]

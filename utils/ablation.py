@@ -3,10 +3,13 @@
     python -m utils.report --datasets FI --ablation depth      # also: alpha, gate, all
 
 Numbers come from stage 2's ``distill/runs/<setting>/metrics.json`` (the head's test accuracy)
-and stage 3's ``gate/runs/<head run>/seed=<s>/metrics.json`` (EmoVLM-KD's, the gate each run
-selected). One row per setting, mean ± standard deviation over the seeds found, the paper's
-best setting marked; a PNG per swept parameter (error bars over seeds) is written beside the
-dataset's outputs.
+and stage 3's ``gate/runs/<head run>/seed=<s>/metrics.json`` (EmoVLM-KD's). Every table compares
+one gate type across its rows: the depth and alpha tables' EmoVLM-KD column is the paper's gate
+(``concat_linear``) on every row, whichever gate a run selected (a ``--gate all`` run on the
+default head selects the variant best on validation; a run without a ``concat_linear`` gate
+counts as not run); the gate table is where the gates differ. One row per setting, mean ± standard
+deviation over the seeds found, the paper's best setting marked; a PNG per swept parameter (error
+bars over seeds) is written beside the dataset's outputs.
 """
 from __future__ import annotations
 
@@ -45,13 +48,15 @@ def gate_runs(root: Path, head_run: str, head_id: str | None) -> list[dict]:
     return [metrics for metrics in runs if metrics.get("head_id") == head_id]
 
 
-def _fused_accuracy(metrics: dict) -> float:
-    return metrics["gates"][metrics["gate"]]["accuracy"]
+def paper_gate_accuracies(runs: list[dict]) -> list[float]:
+    """The test accuracy of the paper's gate (``concat_linear``) in each gate run that trained it,
+    whichever gate the run selected: the rows of a depth or alpha table compare one gate type."""
+    return [metrics["gates"][PAPER_GATE]["accuracy"] for metrics in runs if PAPER_GATE in metrics.get("gates", {})]
 
 
 def head_rows(root: Path, parameter: str) -> list[dict]:
     """Per value of ``parameter`` (depth or alpha, the other held at the paper's value): the head's
-    test accuracies over seeds and EmoVLM-KD's over every gate run on those heads."""
+    test accuracies over seeds and EmoVLM-KD's, the paper's gate in every gate run on those heads."""
     held = "alpha" if parameter == "depth" else "depth"
     groups: dict = {}
     for name, record in list_runs(root / "distill").items():
@@ -60,7 +65,7 @@ def head_rows(root: Path, parameter: str) -> list[dict]:
             continue
         group = groups.setdefault(setting[parameter], {"head": [], "fused": []})
         group["head"].append(read_json(root / "distill" / RUNS / name / "metrics.json")["accuracy"])
-        group["fused"] += [_fused_accuracy(m) for m in gate_runs(root, name, record.head_id)]
+        group["fused"] += paper_gate_accuracies(gate_runs(root, name, record.head_id))
     return [{"value": value, **groups[value], "paper": value == PAPER_SETTING[parameter]} for value in sorted(groups)]
 
 
@@ -104,7 +109,10 @@ def ablation_table(dataset: str, parameter: str, rows: list[dict]) -> str:
         body = [[mark(row), _cell(row["head"]), _cell(row["fused"])] for row in rows]
         held = "alpha" if parameter == "depth" else "depth"
         note = (f"`*` the paper's best {parameter} ({PAPER_SETTING[parameter]:g}); {held} held at "
-                f"{PAPER_SETTING[held]:g}. EmoVLM-KD: the gate each stage-3 run selected.")
+                f"{PAPER_SETTING[held]:g}. EmoVLM-KD: the paper's gate ({PAPER_GATE}) on every row, "
+                f"whichever gate a stage-3 run selected; `not run`: no {PAPER_GATE} gate fused that head "
+                f"(`python train_gate.py --dataname {dataset} --head "
+                f"{parameter}=<value>,{held}={PAPER_SETTING[held]:g}`).")
     return (f"### {dataset}: ablation of {parameter}\n\n" + _markdown(header, body)
             + f"\n\nTest accuracy, mean ± std over seeds. {note}")
 
@@ -113,7 +121,8 @@ def save_ablation_png(dataset: str, parameter: str, rows: list[dict], path: Path
     """Accuracy against the swept value, error bars = std over seeds (bars for the gate types)."""
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
-    series = [("EmoVLM-KD", "fused")] if parameter == "gate" else [("distilled head", "head"), ("EmoVLM-KD", "fused")]
+    series = ([("EmoVLM-KD", "fused")] if parameter == "gate"
+              else [("distilled head", "head"), (f"EmoVLM-KD ({PAPER_GATE})", "fused")])
     for offset, (label, key) in enumerate(series):
         points = [(i, row) for i, row in enumerate(rows) if row[key]]
         if not points:
