@@ -162,7 +162,7 @@ MUTANTS = (
            ("tests/test_report.py::test_depth_ablation_compares_the_papers_gate_on_every_row",
             "tests/test_report.py::test_alpha_ablation_compares_the_papers_gate_on_every_row"),
            "the depth/alpha ablation's EmoVLM-KD column takes the gate each run selected (rows compare different gates)"),
-    Mutant("efficiency_selected_gate", "utils/efficiency.py",
+    Mutant("efficiency_selected_gate", "engine/efficiency.py",
            "    fused = PAPER_GATE if PAPER_GATE in gate_rows else published",
            "    fused = published",
            ("tests/test_report.py::test_efficiency_figures_equal_a_hand_count_on_the_tiny_models",),

@@ -127,10 +127,10 @@ def test_efficiency_figures_equal_a_hand_count_on_the_tiny_models(tmp_path, tiny
 
     from transformers import AutoModelForImageTextToText
 
-    from utils.report import main
+    from engine.efficiency import main
 
     in_dim, c = fake_stages(tmp_path / "toy", tiny_vlm_dir)
-    main(["--output_dir", str(tmp_path), "--efficiency", "--out", str(tmp_path / "efficiency.md")])
+    main(["--output_dir", str(tmp_path), "--out", str(tmp_path / "efficiency.md")])
     text = capsys.readouterr().out
     figures = json.loads((tmp_path / "toy" / "efficiency.json").read_text())
     loaded = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir)
@@ -164,7 +164,7 @@ def test_efficiency_of_qwen2_vl_7b_from_its_config_alone():
     import torch
     from transformers import AutoModelForImageTextToText, Qwen2VLConfig
 
-    from utils.efficiency import mlp_parameters, vlm_parameters
+    from engine.efficiency import mlp_parameters, vlm_parameters
 
     config = Qwen2VLConfig(
         text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -176,16 +176,16 @@ def test_efficiency_of_qwen2_vl_7b_from_its_config_alone():
     head = mlp_parameters([3584, 1024, 8])
     assert head == 3_679_240 and round(100 * head / total, 3) == 0.044
     last_widths = 100 * (mlp_parameters([3584, 64, 8]) + 136) / total  # + the 8-class concat_linear gate
-    assert round(last_widths, 3) == 0.003 and f"{last_widths:.4f}" == "0.0028"  # as utils.efficiency's note says
+    assert round(last_widths, 3) == 0.003 and f"{last_widths:.4f}" == "0.0028"  # as engine.efficiency's note says
 
 
 def test_efficiency_without_a_gate_is_one_line(tmp_path, tiny_vlm_dir, capsys):
     from utils.errors import run_cli
-    from utils.report import main
+    from engine.efficiency import main
 
     fake_stages(tmp_path / "toy", tiny_vlm_dir, gates=())
     (tmp_path / "toy" / "gate" / "gate.pt").unlink()
-    assert run_cli(main, ["--output_dir", str(tmp_path), "--datasets", "toy", "--efficiency"]) == 2
+    assert run_cli(main, ["--output_dir", str(tmp_path), "--datasets", "toy"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train_gate.py --dataname toy" in err
     assert not (tmp_path / "toy" / "efficiency.json").exists()

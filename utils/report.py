@@ -2,7 +2,6 @@
 
     python -m utils.report --output_dir outputs [--datasets FI emotion6] [--out results.md]
     python -m utils.report --datasets FI --ablation depth    # the paper's ablations: depth, alpha, gate, all
-    python -m utils.report --datasets FI --efficiency        # parameters and FLOPs the head and gate add
     python -m utils.report --runs base=outputs other=outputs/other   # runs side by side, paired tests
 
 Numbers come from ``<output_dir>/<dataset>/gate/metrics.json`` (written by train_gate.py),
@@ -135,29 +134,17 @@ def main(argv=None) -> None:
     parser.add_argument("--ablation", choices=(*ABLATIONS, "all"), default=None,
                         help="instead of the main table: the paper's ablation of the head depth, the distillation "
                              "weight alpha or the gate type (or all), from the kept runs; writes a PNG per table")
-    parser.add_argument("--efficiency", action="store_true",
-                        help="instead of the main table: the parameters and FLOPs per image the distilled head and "
-                             "the gate add, as a share of the VLM's (from the checkpoints and the VLM's config), "
-                             "beside the paper's 0.003%%; writes <output_dir>/<dataset>/efficiency.json")
     parser.add_argument("--runs", nargs="+", metavar="NAME=FOLDER", default=None,
                         help="instead of the main table: several output folders side by side, a row per run and "
                              "module, a column per dataset, 95%% intervals, McNemar of each run against the first")
     args = parser.parse_args(argv)
-    chosen = [flag for flag, value in (("--ablation", args.ablation), ("--efficiency", args.efficiency),
-                                       ("--runs", args.runs)) if value]
+    chosen = [flag for flag, value in (("--ablation", args.ablation), ("--runs", args.runs)) if value]
     if len(chosen) > 1:
         raise UserError(f"{' and '.join(chosen)}: choose one table")
     if args.runs:
         from utils.runs import build_runs
 
         text = build_runs(args.runs, args.datasets)
-    elif args.efficiency:
-        from utils.efficiency import build_efficiency  # loads torch and transformers: only when asked
-
-        datasets = args.datasets or sorted(p.parent.parent.name for p in Path(args.output_dir).glob("*/gate/gate.pt"))
-        if not datasets:
-            raise UserError(f"--output_dir {args.output_dir}: no dataset with a stage-3 gate.pt; pass --datasets")
-        text = build_efficiency(args.output_dir, datasets)
     elif args.ablation:
         datasets = args.datasets or sorted(p.name for p in Path(args.output_dir).glob("*") if (p / "distill").is_dir())
         if not datasets:

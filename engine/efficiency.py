@@ -22,6 +22,8 @@ printed beside it as the likely origin of the figure.
 """
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -33,8 +35,8 @@ from data.datasets import REFERENCE_PRE_RESIZE
 from models.gates import GATE_FILE, load_gate
 from models.heads import HIDDEN_WIDTHS, load_head
 from utils.checkpoints import META_FILE
-from utils.errors import UserError, first_line
-from utils.io import write_json
+from utils.errors import UserError, first_line, run_cli
+from utils.io import write_json, write_text
 from utils.records import VLMRecord
 
 PAPER_SHARE_PERCENT = 0.003  # the paper's "0.003% of the parameters" for the head and the gate
@@ -220,3 +222,26 @@ def build_efficiency(output_dir: str | Path, datasets: list[str]) -> str:
         parts.append(efficiency_table(figures) + f" Figures: [{EFFICIENCY_FILE}]({dataset}/{EFFICIENCY_FILE}).")
     return "\n\n".join(parts) + "\n"
 
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engine.efficiency",
+                                     description="The parameters and FLOPs per image the distilled head and the gate "
+                                                 "add, as a share of the VLM's (from the checkpoints and the VLM's "
+                                                 "config), beside the paper's 0.003%; writes "
+                                                 "<output_dir>/<dataset>/efficiency.json")
+    parser.add_argument("--output_dir", default="outputs")
+    parser.add_argument("--datasets", nargs="*", default=None,
+                        help="dataset names (default: every dataset with a stage-3 gate.pt)")
+    parser.add_argument("--out", default=None, help="also write the tables to this file")
+    args = parser.parse_args(argv)
+    datasets = args.datasets or sorted(p.parent.parent.name for p in Path(args.output_dir).glob("*/gate/gate.pt"))
+    if not datasets:
+        raise UserError(f"--output_dir {args.output_dir}: no dataset with a stage-3 gate.pt; pass --datasets")
+    text = build_efficiency(args.output_dir, datasets)
+    print(text)
+    if args.out:
+        write_text(args.out, text)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
