@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from data.datasets import load_dataset, open_image
-from engine import export as export_module
+import engine.export
 from engine.predictor import EXPORT_FILE, EmoVLMKD
 from tests.pipeline import finished, trained_pipeline  # noqa: F401  (fixtures)
 from utils.errors import run_cli
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def export_cli(run, out, *extra):
-    return run_cli(export_module.main, ["--output_dir", str(run.output_dir), "--dataname", "toy",
+    return run_cli(engine.export.main, ["--output_dir", str(run.output_dir), "--dataname", "toy",
                                         "--out", str(out), "--license", "apache-2.0", *extra])
 
 
@@ -70,7 +70,7 @@ def test_model_card_is_in_the_hubs_format(exported):
 
 
 def test_hub_base_model_id_goes_into_the_card():
-    meta = export_module.card_metadata("x", "mit", {"dataname": "FI", "base_model": "Qwen/Qwen2-VL-7B-Instruct"},
+    meta = engine.export.card_metadata("x", "mit", {"dataname": "FI", "base_model": "Qwen/Qwen2-VL-7B-Instruct"},
                                        {"vlm": {"accuracy": 0.7}})
     assert meta["base_model"] == "Qwen/Qwen2-VL-7B-Instruct" and meta["license"] == "mit"
 
