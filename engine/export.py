@@ -12,6 +12,7 @@ The folder holds what ``EmoVLMKD.from_pretrained(folder)`` (and ``predict.py --m
     distill/                stage 2: head.pt, meta.json (its adapter id, pixel budget, feature dtype, pre_resize)
     gate/                   stage 3: gate.pt (the selected variant and its provenance), meta.json
     teacher/                stage 2's teacher, only with --with_teacher
+    merged/                 only with --merge: the VLM with the adapter merged in (save_pretrained)
     metrics.json, table.md  stage 3's test metrics and table (with 95% intervals)
     figures/*.png           the confusion matrices and training curves
     README.md               a model card in the Hub's format (YAML header, then the text)
@@ -38,7 +39,7 @@ from models.gates import GATE_FILE
 from utils.checkpoints import META_FILE, STAGE_COMMANDS
 from utils.errors import UserError, first_line, run_cli
 from utils.io import read_json, write_json, write_text
-from utils.records import TeacherRecord
+from utils.records import TeacherRecord, VLMRecord
 
 STAGES = ("vlm", "distill", "gate")
 FIGURES = ("vlm/curves.png", "vlm/eval_score/confusion_matrix.png", "vlm/eval_generate/confusion_matrix.png",
@@ -56,6 +57,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="the model card's license, a Hub license id (e.g. apache-2.0, cc-by-nc-4.0, other); "
                              "the base VLM's and the dataset's terms apply too")
     parser.add_argument("--with_teacher", action="store_true", help="also copy stage 2's teacher (teacher.pt)")
+    parser.add_argument("--merge", action="store_true",
+                        help="also write merged/: the VLM with the adapter merged into its unquantised base "
+                             "(save_pretrained; for servers that take one model folder, e.g. vllm serve)")
+    parser.add_argument("--vlm_model", default=None,
+                        help="with --merge: where the base VLM is, if its recorded local folder moved")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="then upload the folder to this Hub model repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     return parser
@@ -65,7 +71,8 @@ def main(argv=None) -> None:
     args = get_args_parser().parse_args(argv)
     if args.push_to_hub:
         check_repo_id(args.push_to_hub)  # before any work
-    folder = export(args.output_dir, args.dataname, args.out, args.license, args.with_teacher)
+    folder = export(args.output_dir, args.dataname, args.out, args.license, args.with_teacher,
+                    merge=args.merge, vlm_model=args.vlm_model)
     print(f"exported {args.dataname} to {folder}")
     if args.push_to_hub:
         url = push_to_hub(folder, args.push_to_hub, args.private)
@@ -74,8 +81,10 @@ def main(argv=None) -> None:
 
 # ---------------------------------------------------------------- export
 
-def export(output_dir: str | Path, dataname: str, out: str | Path, license: str, with_teacher: bool = False) -> Path:
-    """Write the export of ``<output_dir>/<dataname>`` to ``out`` (staged, swapped in when complete)."""
+def export(output_dir: str | Path, dataname: str, out: str | Path, license: str, with_teacher: bool = False,
+           merge: bool = False, vlm_model: str | None = None) -> Path:
+    """Write the export of ``<output_dir>/<dataname>`` to ``out`` (staged, swapped in when complete);
+    ``merge``: also ``merged/``, the VLM with the adapter merged in (:func:`merge_vlm`)."""
     root, out = Path(output_dir) / dataname, Path(out)
     check_out(out)
     parts = check_parts(root / "vlm", root / "distill", root / "gate", dataname, verify_adapter=True)
@@ -96,7 +105,9 @@ def export(output_dir: str | Path, dataname: str, out: str | Path, license: str,
             if (root / "gate" / name).is_file():
                 shutil.copyfile(root / "gate" / name, staging / name)
         figures = copy_figures(root, staging / "figures", with_teacher)
-        record = export_record(dataname, parts, teacher, with_teacher)
+        record = export_record(dataname, parts, teacher, with_teacher, merge)
+        if merge:
+            merge_vlm(staging / "vlm", staging / "merged", vlm_model)
         write_json(staging / "class_names.json", list(parts.vlm_record.class_names))
         write_text(staging / "README.md", model_card(out.name, license, record, metrics,
                                                      _read_text(staging / "table.md"), figures))
@@ -152,7 +163,8 @@ def copy_figures(root: Path, dst: Path, with_teacher: bool) -> list[str]:
     return copied
 
 
-def export_record(dataname: str, parts, teacher: TeacherRecord | None, with_teacher: bool) -> dict:
+def export_record(dataname: str, parts, teacher: TeacherRecord | None, with_teacher: bool,
+                  merged: bool = False) -> dict:
     vlm, distill, provenance = parts.vlm_record, parts.distill_record, parts.provenance
     return {
         "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "dataname": dataname,
@@ -165,8 +177,23 @@ def export_record(dataname: str, parts, teacher: TeacherRecord | None, with_teac
         "feature_dtype": distill.feature_dtype, "feature_pre_resize": distill.pre_resize,
         "answer_pre_resize": provenance.pre_resize, "vlm_signal": provenance.vlm_signal,
         "vlm_answer": provenance.vlm_answer, "head_signal": provenance.head_signal,
-        "quant": provenance.quant, "vlm_dtype": provenance.vlm_dtype,
+        "quant": provenance.quant, "vlm_dtype": provenance.vlm_dtype, "merged": merged,
     }
+
+
+def merge_vlm(vlm_dir: Path, dst: Path, vlm_model: str | None = None) -> Path:
+    """``dst``: the base VLM, loaded unquantised in its checkpoint's dtype, with the stage-1 adapter
+    merged in (PEFT's ``merge_and_unload``; ``modules_to_save`` copies replace the base modules), and
+    the processor; a plain transformers folder (``save_pretrained``). On the CPU: it needs the
+    base model's size in memory."""
+    from models.vlm import base_model_path, load_processor, load_vlm
+
+    record = VLMRecord.load(vlm_dir)
+    model = load_vlm(base_model_path(record, vlm_model, vlm_dir), "cpu", quant=None, adapter=vlm_dir)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(dst)
+    load_processor(str(vlm_dir), record.min_pixels, record.max_pixels).save_pretrained(dst)
+    return dst
 
 
 def swap_in(staging: Path, out: Path) -> None:
@@ -259,6 +286,8 @@ print(model.predict(image)["final_label"])
 ```bash
 python predict.py --model {name} --images photos/ --out predictions.jsonl
 ```
+
+{'`merged/` is the VLM with the adapter merged into its base, a plain transformers folder (e.g. `vllm serve merged`); it gives the VLM answers only.' if record.get('merged') else ''}
 
 `export.json` lists the ids that tie the parts: adapter `{record['adapter_id']}`, head `{record['head_id']}`,
 gate `{record['gate_id']}`; the loader refuses parts whose files do not match them.

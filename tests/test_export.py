@@ -170,3 +170,22 @@ def test_predict_py_model_flag_gives_the_stage_folders_records(exported, trained
     rows = [sorted(map(json.loads, path.read_text().splitlines()), key=lambda r: json.dumps(r, sort_keys=True))
             for path in (staged, loaded)]
     assert len(rows[0]) == 4 and rows[0] == rows[1]
+
+
+def test_merge_gives_the_logits_of_base_plus_adapter(exported, trained_pipeline, tmp_path):  # noqa: F811
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from models.vlm import load_vlm
+
+    merged_dir = engine.export.merge_vlm(exported / "vlm", tmp_path / "merged")
+    assert (merged_dir / "config.json").is_file() and list(merged_dir.glob("*.safetensors"))
+    assert not (merged_dir / "adapter_config.json").exists()  # a plain transformers folder
+    adapted = load_vlm(str(trained_pipeline.vlm_model), "cpu", adapter=exported / "vlm")
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
+    base = AutoModelForImageTextToText.from_pretrained(trained_pipeline.vlm_model).eval()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got, plain = (model(input_ids=ids).logits for model in (adapted, merged, base))
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(plain, want, atol=1e-2)  # the adapter changes them: the check has teeth
