@@ -49,7 +49,12 @@ FLAG_RULES = {"max_new_tokens": "count", "port": "port", "num_examples": "index"
 
 def get_args_parser():
     parser = base_parser("Gradio demo of a trained EmoVLM-KD (stages 1-3).")
+    for action in parser._actions:  # --model names the model instead (examples still come from --dataname)
+        if action.dest == "dataname":
+            action.required = False
     model = parser.add_argument_group("model")
+    model.add_argument("--model", default=None,
+                       help="an export folder (python -m engine.export) to load instead of --dataname's stage folders")
     model.add_argument("--vlm_model", default=None,
                        help="where to read the base VLM from (default: the id saved by stage 1); "
                             "must be the model stage 1 trained")
@@ -193,9 +198,16 @@ def main(args) -> None:
     """Load the trained stages and serve the app until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _gradio()  # a missing gradio fails here, before the models load
-    predictor = EmoVLMKD.from_outputs(args.output_dir, args.dataname, resolve_device(args.gpu),
-                                      args.vlm_model, args.quant, args.vlm_dtype)
-    examples = example_images(args.data_root, args.dataname, args.output_dir, args.num_examples)
+    if not args.model and not args.dataname:
+        raise UserError("give --dataname (the stage folders under --output_dir) or --model (an export folder)")
+    if args.model:
+        predictor = EmoVLMKD.from_pretrained(args.model, resolve_device(args.gpu), args.vlm_model, args.quant,
+                                             args.vlm_dtype)
+    else:
+        predictor = EmoVLMKD.from_outputs(args.output_dir, args.dataname, resolve_device(args.gpu),
+                                          args.vlm_model, args.quant, args.vlm_dtype)
+    examples = example_images(args.data_root, args.dataname, args.output_dir, args.num_examples) \
+        if args.dataname else []
     app = build_app(predictor, examples, args.max_new_tokens, args.max_image_side,
                     args.max_upload_pixels)
     app.queue(default_concurrency_limit=1)  # one model, one prediction at a time

@@ -189,3 +189,26 @@ def test_merge_gives_the_logits_of_base_plus_adapter(exported, trained_pipeline,
         want, got, plain = (model(input_ids=ids).logits for model in (adapted, merged, base))
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(plain, want, atol=1e-2)  # the adapter changes them: the check has teeth
+
+
+def test_demo_model_flag_loads_an_export(exported, monkeypatch, tmp_path, capsys):
+    import demo
+
+    served = []
+
+    class App:
+        def queue(self, **kwargs):
+            return self
+
+        def launch(self, **kwargs):
+            served.append(kwargs)
+
+    monkeypatch.setattr(demo, "build_app", lambda predictor, examples, *rest: served.append((predictor, examples))
+                        or App())
+    assert run_cli(demo.main, ["--model", str(exported)], parse=demo.parse) == 0
+    (predictor, examples), _ = served
+    assert predictor.class_names == json.loads((exported / "class_names.json").read_text()) and examples == []
+    assert run_cli(demo.main, ["--model", str(tmp_path)], parse=demo.parse) == 2
+    assert "not an EmoVLM-KD export" in capsys.readouterr().err
+    assert run_cli(demo.main, [], parse=demo.parse) == 2
+    assert "--model" in capsys.readouterr().err.strip().splitlines()[-1]
