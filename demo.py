@@ -57,7 +57,12 @@ FLAG_RULES = {"max_new_tokens": "count", "port": "port", "num_examples": "index"
 
 def get_args_parser():
     parser = base_parser("Gradio demo of a trained EmoVLM-KD (stages 1-3).")
+    for action in parser._actions:  # --model names the model instead (examples still come from --dataname)
+        if action.dest == "dataname":
+            action.required = False
     model = parser.add_argument_group("model")
+    model.add_argument("--model", default=None,
+                       help="an export folder (python -m engine.export) to load instead of --dataname's stage folders")
     model.add_argument("--vlm_model", default=None,
                        help="where to read the base VLM from (default: the id saved by stage 1); "
                             "must be the model stage 1 trained")
@@ -162,7 +167,7 @@ class ExplorerRuns:
         """Every stage-3 run of ``dataname`` (the published one the default) and, with
         ``predictions``, predict.py's file over ``images`` (then the default)."""
         loaders = {name: (lambda path=path, name=name: explorer.load_stage3_run(path, data_root, dataname, name))
-                   for name, path in explorer.stage3_runs(output_dir, dataname).items()}
+                   for name, path in (explorer.stage3_runs(output_dir, dataname).items() if dataname else ())}
         default = explorer.PUBLISHED
         if predictions:
             default = f"predictions: {Path(predictions).name}"
@@ -475,13 +480,25 @@ def main(args) -> None:
     if bool(args.predictions) != bool(args.images):
         raise UserError("--predictions and --images go together: predict.py's file and the folder it predicted")
     _gradio()  # a missing gradio fails here, before the models load
-    runs = ExplorerRuns.from_outputs(args.output_dir, args.dataname, args.data_root, args.predictions, args.images)
-    if args.predictions:
+    if not args.model and not args.dataname:
+        raise UserError("give --dataname (the stage folders under --output_dir) or --model (an export folder)")
+    if args.no_model and not args.dataname:
+        raise UserError("--no_model serves the explorer tab of --dataname's stage-3 runs: give --dataname")
+    # The explorer tab reads --dataname's stage-3 runs and --predictions (an export alone has no tab).
+    runs = ExplorerRuns.from_outputs(args.output_dir, args.dataname, args.data_root, args.predictions,
+                                     args.images) if args.dataname or args.predictions else None
+    if args.predictions and runs is not None:
         runs.get(runs.default)  # a bad --predictions file or --images folder: one line, before serving
-    predictor = None if args.no_model else EmoVLMKD.from_outputs(
-        args.output_dir, args.dataname, resolve_device(args.gpu), args.vlm_model, args.quant, args.vlm_dtype)
-    examples = [] if args.no_model else example_images(args.data_root, args.dataname, args.output_dir,
-                                                        args.num_examples)
+    if args.no_model:
+        predictor = None
+    elif args.model:
+        predictor = EmoVLMKD.from_pretrained(args.model, resolve_device(args.gpu), args.vlm_model, args.quant,
+                                             args.vlm_dtype)
+    else:
+        predictor = EmoVLMKD.from_outputs(args.output_dir, args.dataname, resolve_device(args.gpu),
+                                          args.vlm_model, args.quant, args.vlm_dtype)
+    examples = example_images(args.data_root, args.dataname, args.output_dir, args.num_examples) \
+        if args.dataname and not args.no_model else []
     app = build_app(predictor, examples, args.max_new_tokens, args.max_image_side, args.max_upload_pixels,
                     runs=runs, page_size=args.page_size)
     app.queue(default_concurrency_limit=1)  # one model, one prediction at a time

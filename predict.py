@@ -2,9 +2,11 @@
 
     python predict.py --dataname emoset --images photos/ --out predictions.jsonl
     python predict.py --dataname emoset --images photos/ --out predictions.csv --explain
+    python predict.py --model exports/emovlm-kd-emoset --images photos/ --out predictions.jsonl   # an export
     torchrun --nproc_per_node 8 predict.py --dataname emoset --images photos/ --out predictions.jsonl
 
-Loads <output_dir>/<dataname>/{vlm,distill,gate} (as demo.py does) and writes one record per
+Loads <output_dir>/<dataname>/{vlm,distill,gate} (as demo.py does), or with --model an export of
+them (``python -m engine.export``; docs/sharing.md), and writes one record per
 image found under --images (recursively; .jpg .jpeg .png .webp .bmp .gif): the final label and
 probabilities, the VLM's answer and probabilities, the distilled head's probabilities and, for
 gates that expose them, the gate's source weights; --explain adds the generated key elements
@@ -29,7 +31,13 @@ FLAG_RULES = {"max_new_tokens": "count"}
 
 def get_args_parser():
     parser = base_parser("Predict every image of a folder with the trained EmoVLM-KD.", batch_size=8)
+    for action in parser._actions:  # --model names the model instead
+        if action.dest == "dataname":
+            action.required = False
+            action.help += "; not needed with --model"
     group = parser.add_argument_group("prediction")
+    group.add_argument("--model", default=None,
+                       help="an export folder (python -m engine.export) to load instead of --dataname's stage folders")
     group.add_argument("--images", required=True, help="folder of images (searched recursively)")
     group.add_argument("--out", required=True, help="output file: one record per image; appended to on a rerun")
     group.add_argument("--format", choices=FORMATS, default=None,
@@ -50,14 +58,20 @@ def get_args_parser():
 def main(args) -> None:
     """Predict every image under ``args.images`` into ``args.out`` (rank 0 prints the counts)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.model and not args.dataname:
+        raise UserError("give --dataname (the stage folders under --output_dir) or --model (an export folder)")
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder; give a file name such as {out / 'predictions.jsonl'}")
     list_images(args.images, out)  # a wrong folder fails before the models load
     lock_output(out)  # one run per output file, until main returns (rank 0 only)
     rank, _ = init_distributed()
-    predictor = EmoVLMKD.from_outputs(args.output_dir, args.dataname, training_device(args.gpu),
-                                      args.vlm_model, args.quant, args.vlm_dtype)
+    if args.model:
+        predictor = EmoVLMKD.from_pretrained(args.model, training_device(args.gpu), args.vlm_model, args.quant,
+                                             args.vlm_dtype)
+    else:
+        predictor = EmoVLMKD.from_outputs(args.output_dir, args.dataname, training_device(args.gpu),
+                                          args.vlm_model, args.quant, args.vlm_dtype)
     counts = predict_folder(predictor, args.images, out, output_format(out, args.format), args.batch_size,
                             args.explain, args.max_new_tokens, args.skip_bad_images)
     leave_process_group()

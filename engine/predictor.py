@@ -1,6 +1,7 @@
 """EmoVLM-KD as one predictor: the stage-1 VLM, the stage-2 distilled head and the stage-3 gate.
 
 ``EmoVLMKD.from_outputs(output_dir, dataname)`` loads the three parts from their stage folders
+(``EmoVLMKD.from_pretrained(folder)`` from an export of them, engine/export.py)
 and refuses, naming the stage to rerun, parts that are missing, damaged (``gate.pt``, ``head.pt`` and
 the adapter are checked against the ids their records hold) or were not built on each other
 (class names, base VLM, adapter and head ids). ``predict`` / ``predict_batch`` compute every
@@ -10,6 +11,7 @@ module's output for PIL images: the gate's VLM input is obtained exactly as stag
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -24,9 +26,10 @@ from models.chat import generate_texts
 from models.gates import GATE_FILE, gate_weights, head_gate_inputs, load_gate, vlm_gate_inputs
 from models.heads import load_head
 from models.scorer import predict_vlm
-from models.vlm import head_features, load_processor, load_trained_vlm, vlm_torch_dtype
+from models.vlm import ADAPTER_FILE, head_features, load_processor, load_trained_vlm, vlm_torch_dtype
 from utils.checkpoints import META_FILE, verify_file
-from utils.errors import UserError
+from utils.errors import UserError, first_line
+from utils.io import read_json
 from utils.records import DistillRecord, GateProvenance, GateRecord, VLMRecord
 
 DEFAULT_MAX_IMAGE_SIDE = 4096
@@ -59,6 +62,65 @@ def open_upload(path: str | Path, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
 
 def _as_dict(probs: torch.Tensor, class_names: Sequence[str]) -> dict[str, float]:
     return {name: float(p) for name, p in zip(class_names, probs)}
+
+
+# An export (engine/export.py) is one folder: vlm/, distill/, gate/ as the stages wrote them (the
+# files the predictor reads), and this file naming the dataset and the ids that tie them.
+EXPORT_FILE = "export.json"
+EXPORT_FORMAT = "emovlm-kd-export"
+EXPORT_VERSION = 1
+
+
+def read_export(folder: str | Path) -> dict:
+    """``export.json`` of an export folder; anything else is a UserError naming the command that writes one."""
+    path = Path(folder) / EXPORT_FILE
+    try:
+        export = read_json(path)
+    except FileNotFoundError:
+        raise UserError(f"{folder}: not an EmoVLM-KD export (no {EXPORT_FILE}); write one with "
+                        "`python -m engine.export --dataname <dataname> --out <folder>`") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read it ({first_line(err)}); export again with "
+                        "`python -m engine.export`") from None
+    if not isinstance(export, dict) or export.get("format") != EXPORT_FORMAT \
+            or export.get("format_version") != EXPORT_VERSION or not isinstance(export.get("dataname"), str):
+        raise UserError(f"{path}: not an export of this code's format (format {EXPORT_FORMAT!r}, version "
+                        f"{EXPORT_VERSION}); export again with `python -m engine.export`")
+    return export
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The small parts of a finished run, checked against each other (:func:`check_parts`)."""
+    vlm_dir: Path
+    vlm_record: VLMRecord
+    distill_record: DistillRecord
+    gate_record: GateRecord
+    provenance: GateProvenance
+    checkpoint: dict
+    head: torch.nn.Module
+    gate: torch.nn.Module
+
+
+def check_parts(vlm_dir: Path, distill_dir: Path, gate_dir: Path, dataname: str,
+                verify_adapter: bool = False) -> Parts:
+    """Read and check stage 1's record, stage 2's head and stage 3's gate (not the VLM; the adapter
+    file too with ``verify_adapter``, else the VLM's loading checks it): a part that is missing,
+    damaged or not built on the others is a UserError naming the stage to rerun."""
+    vlm_record = VLMRecord.load(vlm_dir, dataname).need(vlm_dir, "adapter_id", dataname=dataname)
+    if verify_adapter:
+        verify_file(vlm_dir / ADAPTER_FILE, vlm_record.adapter_id, "adapter_id", vlm_dir / META_FILE, "vlm", dataname)
+    distill_record = DistillRecord.load(distill_dir, dataname)
+    gate_record = GateRecord.load(gate_dir, dataname)
+    if (gate_dir / GATE_FILE).is_file():  # a missing one: load_gate says stage 3 did not finish
+        verify_file(gate_dir / GATE_FILE, gate_record.gate_id, "gate_id", gate_dir / META_FILE, "gate", dataname)
+    gate, checkpoint = load_gate(gate_dir, dataname)
+    provenance = GateProvenance.from_checkpoint(checkpoint, gate_dir / GATE_FILE, dataname)
+    # A later stage is blamed for a mismatch with an earlier one: it is the one to retrain.
+    distill_record.check_built_on(vlm_record, distill_dir, vlm_dir, dataname)
+    provenance.check_built_on(checkpoint["class_names"], vlm_record, distill_record, gate_dir, vlm_dir, dataname)
+    head, _ = load_head(distill_dir, dataname=dataname)
+    return Parts(Path(vlm_dir), vlm_record, distill_record, gate_record, provenance, checkpoint, head, gate)
 
 
 class EmoVLMKD:
@@ -98,31 +160,37 @@ class EmoVLMKD:
         gate.pt without ``vlm_dtype``: in the checkpoint's own dtype, as then).
         """
         root = Path(output_dir) / dataname
-        vlm_dir, distill_dir, gate_dir = root / "vlm", root / "distill", root / "gate"
-        vlm_record = VLMRecord.load(vlm_dir, dataname).need(vlm_dir, "adapter_id", dataname=dataname)
-        distill_record = DistillRecord.load(distill_dir, dataname)
-        gate_record = GateRecord.load(gate_dir, dataname)
-        if (gate_dir / GATE_FILE).is_file():  # a missing one: load_gate says stage 3 did not finish
-            verify_file(gate_dir / GATE_FILE, gate_record.gate_id, "gate_id", gate_dir / META_FILE, "gate", dataname)
-        gate, checkpoint = load_gate(gate_dir, dataname)
-        provenance = GateProvenance.from_checkpoint(checkpoint, gate_dir / GATE_FILE, dataname)
-        # A later stage is blamed for a mismatch with an earlier one: it is the one to retrain.
-        distill_record.check_built_on(vlm_record, distill_dir, vlm_dir, dataname)
-        provenance.check_built_on(checkpoint["class_names"], vlm_record, distill_record, gate_dir, vlm_dir, dataname)
-        head, _ = load_head(distill_dir, dataname=dataname)
+        parts = check_parts(root / "vlm", root / "distill", root / "gate", dataname)
+        return cls._from_parts(parts, device, vlm_model, quant, vlm_dtype)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
+                        vlm_model: str | None = None, quant: str | None = None,
+                        vlm_dtype: str | None = None) -> "EmoVLMKD":
+        """Load an export (``python -m engine.export``, a folder or a Hub download of one): the same
+        parts, checked the same way, as the stage folders it was exported from, so the same predictions.
+        The base VLM is read from the hub id or local path recorded (``vlm_model``: its moved folder)."""
+        folder = Path(folder)
+        export = read_export(folder)
+        parts = check_parts(folder / "vlm", folder / "distill", folder / "gate", export["dataname"])
+        return cls._from_parts(parts, device, vlm_model, quant, vlm_dtype)
+
+    @classmethod
+    def _from_parts(cls, parts: "Parts", device, vlm_model, quant, vlm_dtype) -> "EmoVLMKD":
+        vlm_record, distill_record, provenance = parts.vlm_record, parts.distill_record, parts.provenance
         # By default the VLM loads as stage 3 loaded it for the gate's inputs; when that was as
         # trained, load_trained_vlm's own default also covers a machine where 4-bit cannot run.
         quant = quant or provenance.quant
         if quant == (vlm_record.quant or "none"):
             quant = None
         dtype = vlm_torch_dtype(vlm_dtype or provenance.vlm_dtype)
-        model, processor, _ = load_trained_vlm(vlm_dir, device, vlm_model, quant, dtype)
+        model, processor, _ = load_trained_vlm(parts.vlm_dir, device, vlm_model, quant, dtype)
         # The head's features are pooled as stage 2 pooled them: the base model's processor with
         # the pixel budget recorded in the distill folder.
         feature_processor = load_processor(vlm_record.base_model, distill_record.min_pixels,
                                            distill_record.max_pixels)
-        return cls(model, processor, head.to(device), gate.to(device), vlm_record.class_names,
-                   checkpoint["gate"], provenance.vlm_signal, provenance.vlm_answer,
+        return cls(model, processor, parts.head.to(device), parts.gate.to(device), vlm_record.class_names,
+                   parts.checkpoint["gate"], provenance.vlm_signal, provenance.vlm_answer,
                    provenance.max_new_tokens, feature_processor, recorded_dtype(distill_record),
                    provenance.parser, provenance.head_signal, provenance.pre_resize, distill_record.pre_resize)
 
