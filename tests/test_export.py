@@ -203,8 +203,8 @@ def test_demo_model_flag_loads_an_export(exported, monkeypatch, tmp_path, capsys
         def launch(self, **kwargs):
             served.append(kwargs)
 
-    monkeypatch.setattr(demo, "build_app", lambda predictor, examples, *rest: served.append((predictor, examples))
-                        or App())
+    monkeypatch.setattr(demo, "build_app", lambda predictor, examples, *rest, **options:
+                        served.append((predictor, examples)) or App())
     assert run_cli(demo.main, ["--model", str(exported)], parse=demo.parse) == 0
     (predictor, examples), _ = served
     assert predictor.class_names == json.loads((exported / "class_names.json").read_text()) and examples == []
