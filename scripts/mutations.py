@@ -65,10 +65,10 @@ MUTANTS = (
            ("tests/test_stage0.py::test_normal_run_covers_training_images_only",),
            "stage 0 annotates the validation split too (it leaks into instruction tuning)"),
     Mutant("kl_direction", "models/heads.py",
-           "    kd = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),\n"
-           "                  F.log_softmax(teacher_logits / temperature, dim=-1),",
-           "    kd = F.kl_div(F.log_softmax(teacher_logits / temperature, dim=-1),\n"
-           "                  F.log_softmax(student_logits / temperature, dim=-1),",
+           "    log_student = F.log_softmax(student_logits / temperature, dim=-1)\n"
+           "    log_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)\n",
+           "    log_student = F.log_softmax(teacher_logits / temperature, dim=-1)\n"
+           "    log_teacher = F.log_softmax(student_logits / temperature, dim=-1)\n",
            ("tests/test_stage2.py::test_loss_matches_the_formula",),
            "KL of the student from the teacher swapped: KL(student, teacher) instead of KL(teacher, student)"),
     Mutant("t_squared", "models/heads.py",
@@ -105,14 +105,14 @@ MUTANTS = (
     # head_last_epoch and gate_last_epoch, and the head's and the gate's tests notice it too (the
     # teacher's does not: its 3-epoch toy run ends on an epoch as good as its best).
     Mutant("fit_last_epoch", "engine/fit.py",
-           "    model.load_state_dict(best_state)\n",
+           "        model.load_state_dict(self.best_state)\n",
            "",
            ("tests/test_fit.py::test_fit_keeps_the_state_best_on_validation_and_one_row_per_epoch",
             METHOD + "test_head_keeps_the_epoch_best_on_validation_not_on_training",
             METHOD + "test_gate_keeps_the_epoch_best_on_validation_not_on_training"),
            "the teacher, the head and the gate keep their last epoch, not the best on validation"),
     Mutant("fit_best_is_last", "engine/fit.py",
-           "if best_score is None or score(row) > best_score:",
+           "if self.best_score is None or self.score(row) > self.best_score:",
            "if True:",
            ("tests/test_fit.py::test_fit_keeps_the_state_best_on_validation_and_one_row_per_epoch",),
            "engine.fit reports and keeps the last epoch as the best"),

@@ -9,7 +9,7 @@ import torch
 
 import train_distillation
 import train_gate
-from engine.batches import TrainingOrder, per_step_epoch
+from engine.batches import MemberAdam, TrainingOrder, per_step_epoch
 from engine.distill import train_head
 import engine.gate
 from engine.gate import GateData
@@ -35,14 +35,18 @@ def _gate_data(n: int, seed: int) -> GateData:
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts of Adam steps and of ``Tensor.item`` calls made by the training loops (each one a
+    """Counts of Adam steps (torch.optim.Adam's and MemberAdam's) and of ``Tensor.item`` calls made by the training loops (each one a
     host synchronisation on a GPU; Adam's own reads of its CPU step counter are not counted)."""
     counts = {"steps": 0, "items": 0}
-    step, item = torch.optim.Adam.step, torch.Tensor.item
+    step, member_step, item = torch.optim.Adam.step, MemberAdam.step, torch.Tensor.item
 
     def counting_step(self, *args, **kwargs):
         counts["steps"] += 1
         return step(self, *args, **kwargs)
+
+    def counting_member_step(self, *args, **kwargs):  # the head's (an ensemble of one)
+        counts["steps"] += 1
+        return member_step(self, *args, **kwargs)
 
     def counting_item(self):
         counts["items"] += sys._getframe(1).f_globals["__name__"] in ("engine.batches", "engine.distill", "engine.gate",
@@ -50,6 +54,7 @@ def counted(monkeypatch):
         return item(self)
 
     monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
+    monkeypatch.setattr(MemberAdam, "step", counting_member_step)
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
     return counts
 
