@@ -67,12 +67,14 @@ def epoch_steps(count: int, batch_size: int) -> list[int]:
 
 def ensemble_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Sequence[torch.Tensor],
                    targets: Sequence[torch.Tensor], loss: Callable[..., torch.Tensor], orders: Sequence[TrainingOrder],
-                   batch_size: int, epoch: int, extras: Callable[[], Iterable[tuple]] | None = None) -> dict:
+                   batch_size: int, epoch: int, extras: Callable[[], Iterable[tuple]] | None = None,
+                   per_member: bool = False) -> dict:
     """One epoch of :func:`per_step_epoch` for the E members stacked in ``model``, all in one step:
-    member ``e`` visits the rows in ``orders[e]``'s sequence, so its step sees
-    ``inputs[rows_e]``; ``model`` takes (E, B, ...) inputs (plus ``extras()``'s next tuple per step,
-    e.g. the members' dropout masks) and ``loss`` returns the members' losses (E,). Their sum is
-    differentiated: each member's weights get the gradient of its own loss alone.
+    member ``e`` visits the rows in ``orders[e]``'s sequence, so its step sees ``inputs[rows_e]``
+    (``inputs[e][rows_e]`` with ``per_member``: each member its own (N, ...) data); ``model`` takes
+    (E, B, ...) inputs (plus ``extras()``'s next tuple per step, e.g. the members' dropout masks)
+    and ``loss`` returns the members' losses (E,). Their sum is differentiated: each member's
+    weights get the gradient of its own loss alone.
 
     Returns ``{"train_loss": [E means over the rows]}``, read back once per epoch.
     """
@@ -80,8 +82,10 @@ def ensemble_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: S
     members, count = rows_all.shape
     total = torch.zeros(members, device=inputs[0].device)
     per_step = extras() if extras is not None else itertools.repeat(())
+    member = torch.arange(members, device=rows_all.device).unsqueeze(1)
     for rows, extra in zip(rows_all.split(batch_size, dim=1), per_step):
-        step_loss = loss(model(*(tensor[rows] for tensor in inputs), *extra), *(tensor[rows] for tensor in targets))
+        at = (member, rows) if per_member else rows
+        step_loss = loss(model(*(tensor[at] for tensor in inputs), *extra), *(tensor[at] for tensor in targets))
         optimizer.zero_grad(set_to_none=True)
         step_loss.sum().backward()
         optimizer.step()

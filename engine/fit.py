@@ -57,15 +57,19 @@ class Fit:
 
 class EpochLog:
     """``log.txt``: one JSON line per history row, the whole file rewritten atomically after each
-    row (a killed run leaves whole lines). Several fits may add to one log."""
+    row (a killed run leaves whole lines). Several fits may add to one log; with ``group`` the
+    lines are kept sorted by ``group(row)`` (stably), so fits trained together (an ensemble's
+    members, whose rows arrive epoch by epoch) leave the log fits trained one after another do."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, group: Callable[[dict], object] | None = None):
         self.path = Path(path)
+        self.group = group
         self.rows: list[dict] = []
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        rows = self.rows if self.group is None else sorted(self.rows, key=self.group)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 class Selection:

@@ -72,8 +72,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if student_logits.dim() == 3:
         kd = F.kl_div(_per_member(log_student), _per_member(log_teacher), reduction="none",
                       log_target=True).sum(dim=1) / student_logits.shape[1]
-        picked = F.log_softmax(student_logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        ce = _nll_mean(picked)
+        ce = member_cross_entropy(student_logits, targets)
     else:
         kd = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
         ce = F.cross_entropy(student_logits, targets)
@@ -86,6 +85,12 @@ def _per_member(values: torch.Tensor) -> torch.Tensor:
     log round alike whatever E."""
     flat = values.reshape(len(values), -1)
     return F.pad(flat, (0, 1))[:, :flat.shape[1]]
+
+
+def member_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each member's ``F.cross_entropy(logits[i], targets[i])``, (E,), for logits (E, B, C) and
+    targets (E, B), rounding exactly as on its own (the gates of an ensemble)."""
+    return _nll_mean(F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1))
 
 
 _NLL_LEVELS = 8  # torch's nll_loss sums a batch in this many cascaded levels

@@ -224,6 +224,31 @@ def test_member_adam_is_adam_on_each_member():
         torch.testing.assert_close(stacked.detach()[i], reference[i].detach(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_each_gate_of_an_ensemble_equals_the_gate_trained_alone(split):
+    """Stage 3's variants x seeds as one ensemble (with --gate_train_split val each seed fits and
+    picks on its own halves of validation): each gate is bit for bit the gate trained alone."""
+    from engine.gate import GateData, gate_training_data, train_gate, train_gates
+    from models.gates import GATES
+
+    def gate_data(n: int, seed: int) -> GateData:
+        generator = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, CLASSES, (n,), generator=generator)
+        onehot = torch.nn.functional.one_hot(labels, CLASSES).float()
+        return GateData(vlm_pred=labels, vlm_signal=onehot * (torch.rand(n, 1, generator=generator) > 0.3),
+                        head_logits=torch.randn(n, CLASSES, generator=generator) + onehot, labels=labels)
+
+    data = {"train": gate_data(30, 0), "val": gate_data(21, 1)}
+    members = [(name, seed, *gate_training_data(data, split, seed)) for seed in (0, 1) for name in GATES]
+    together = train_gates(members, CLASSES, epochs=3, lr=1e-2, batch_size=1)
+    for (name, seed, fit, select), member in zip(members, together):
+        alone = train_gate(name, CLASSES, fit, select, epochs=3, lr=1e-2, batch_size=1, seed=seed)
+        assert member.history == alone.history and member.best_epoch == alone.best_epoch, (name, seed)
+        assert all(torch.equal(member.best_state[key], value) for key, value in alone.best_state.items()), (name, seed)
+    # Mutant-style: the seeds are the gates' own.
+    assert not torch.equal(together[0].best_state["linear.weight"], together[len(GATES)].best_state["linear.weight"])
+
+
 def test_a_diverged_member_stops_alone():
     """A member whose loss turns non-finite gets fit's own DivergedError; the others train on."""
     from engine.fit import Selection, fit_members
