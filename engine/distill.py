@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.datasets import DatasetSplits, ImageDataset
-from engine.batches import MemberAdam, TrainingOrder, ensemble_epoch, epoch_steps
+from engine.batches import MemberAdam, TrainingOrder, epoch_steps, per_step_epoch
 from engine.fit import EpochLog, Fit, fit, fit_members
 from models.heads import DistillHead, DropoutMasks, HeadEnsemble, distillation_loss
 from models.teacher import teacher_transforms
@@ -131,7 +131,7 @@ def train_heads(features: dict[str, torch.Tensor], teacher_logits: dict[str, tor
     masks = DropoutMasks(ensemble, generators, epoch_steps(len(x_all), batch_size), device)
     alphas = torch.tensor([float(settings[i]["alpha"]) for i in ranked], device=device)
     loss = partial(distillation_loss, alpha=alphas, temperature=temperature)
-    train_epoch = partial(ensemble_epoch, ensemble, optimizer, (x_all,), (t_all, y_all), loss, orders, batch_size,
+    train_epoch = partial(per_step_epoch, ensemble, optimizer, (x_all,), (t_all, y_all), loss, orders, batch_size,
                           extras=lambda: ((step_masks,) for step_masks in masks.epoch()))
 
     def evaluate() -> list[dict]:

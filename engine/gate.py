@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.batches import MemberAdam, TrainingOrder, ensemble_epoch
+from engine.batches import MemberAdam, TrainingOrder, per_step_epoch
 from engine.fit import EpochLog, Fit, by_val_acc_then_loss, fit_members
 from models.gates import GateEnsemble, build_gate
 from models.heads import member_cross_entropy
@@ -137,7 +137,7 @@ def train_gates(members: Sequence[tuple[str, int, GateData, GateData]], num_clas
     labels = torch.stack([train.labels for train in trains]).to(device)
     orders = [TrainingOrder(len(labels[0]), torch.Generator(device=device).manual_seed(seed), reshuffle)
               for _, seed, _, _ in members]
-    train_epoch = partial(ensemble_epoch, ensemble, optimizer, (signal, head_in), (labels,), member_cross_entropy,
+    train_epoch = partial(per_step_epoch, ensemble, optimizer, (signal, head_in), (labels,), member_cross_entropy,
                           orders, batch_size, per_member=True)
     selects = [member[3] for member in members]  # the data each gate's epoch is picked on
     evaluate = partial(_evaluate_each, ensemble, selects)

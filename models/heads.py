@@ -129,25 +129,32 @@ class _StackedLinear(torch.autograd.Function):
     """``F.linear`` of each member on its own rows, (n, B, in) -> (n, B, out), one batched product
     per pass, each member's numbers rounding as its lone ``F.linear`` (addmm) would: the weight's
     gradient is computed as addmm's backward computes it for a transposed weight (grad^T @ input,
-    not input^T @ grad, which rounds otherwise)."""
+    not input^T @ grad, which rounds otherwise). That gradient is written into ``buffer``, kept
+    from step to step, and set as the weight's ``.grad`` (not accumulated: one backward pass per
+    step): a stack of wide layers (27 x 1024 x 3,584 floats) would otherwise be allocated, and its
+    pages faulted in, anew at every step."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(h, weight)
+        ctx.weight, ctx.buffer = weight, buffer
         return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         h, weight = ctx.saved_tensors
         grad_h = grad.bmm(weight) if ctx.needs_input_grad[0] else None
-        return grad_h, grad.transpose(1, 2).bmm(h), grad.sum(dim=1)
+        ctx.weight.grad = torch.bmm(grad.transpose(1, 2), h, out=ctx.buffer)
+        return grad_h, None, grad.sum(dim=1), None
 
 
-def _stacked_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Each member's ``F.linear(h[i], weight[i], bias[i])``, (n, B, out), with its roundings."""
+def _stacked_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    buffer: torch.Tensor) -> torch.Tensor:
+    """Each member's ``F.linear(h[i], weight[i], bias[i])``, (n, B, out), with its roundings;
+    ``buffer`` (like ``weight``) receives the weight's gradient."""
     if h.shape[1] * h.shape[2] * weight.shape[1] < _BMM_OWN_LOOP:
         return torch.stack([F.linear(h[i], _row(weight, i), _row(bias, i)) for i in range(len(h))])
-    return _StackedLinear.apply(h, weight, bias)
+    return _StackedLinear.apply(h, weight, bias, buffer)
 
 
 def _row(stacked: torch.Tensor, index: int) -> torch.Tensor:
@@ -197,6 +204,13 @@ class HeadEnsemble(nn.Module):
             for depth, (start, size) in self.blocks.items()})
         self.register_buffer("feature_mean", torch.stack([head.feature_mean for head in heads]))
         self.register_buffer("feature_std", torch.stack([head.feature_std for head in heads]))
+        self._grad_buffers: dict[int, torch.Tensor] = {}  # per stacked weight, its gradient's storage
+
+    def _grad_buffer(self, weight: torch.Tensor) -> torch.Tensor:
+        buffer = self._grad_buffers.get(id(weight))
+        if buffer is None or buffer.device != weight.device:
+            buffer = self._grad_buffers[id(weight)] = torch.empty_like(weight)
+        return buffer
 
     def __len__(self) -> int:
         return len(self.depths)
@@ -227,9 +241,11 @@ class HeadEnsemble(nn.Module):
         for k in range(self.depths[0] + 1):
             count = self.counts[k] if k < len(self.counts) else 0
             if k in self.blocks:  # the members of depth k end here: rows count.. of h
-                logits.append(_stacked_linear(h[count:], self.out_weight[str(k)], self.out_bias[str(k)]))
+                weight = self.out_weight[str(k)]
+                logits.append(_stacked_linear(h[count:], weight, self.out_bias[str(k)], self._grad_buffer(weight)))
             if count:
-                h = F.gelu(_stacked_linear(h[:count], self.hidden_weight[k], self.hidden_bias[k]))
+                weight = self.hidden_weight[k]
+                h = F.gelu(_stacked_linear(h[:count], weight, self.hidden_bias[k], self._grad_buffer(weight)))
                 if masks is not None:
                     h = h * masks[k]  # nn.Dropout's own product: input * (bernoulli(1 - p) / (1 - p))
         return torch.cat(logits[::-1])  # deepest first, as the members
