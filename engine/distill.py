@@ -101,8 +101,9 @@ def train_heads(features: dict[str, torch.Tensor], teacher_logits: dict[str, tor
     before building it), its dropout masks (the global generator's continuation, models.heads.
     DropoutMasks) and its order of the training rows (engine.batches.TrainingOrder: one seeded
     order kept every epoch, or a new one each epoch with ``reshuffle``), and takes its own alpha.
-    Adam is elementwise, so stacking the heads changes nothing but rounding; a single setting is an
-    ensemble of one and computes exactly what a lone ``DistillHead`` does. The cached tensors move
+    Every operation rounds for each head as for the head alone, so each ends bit for bit as the
+    head trained alone; a single setting is an ensemble of one and computes exactly what a lone
+    ``DistillHead`` does. The cached tensors move
     to ``device`` once, the losses are summed there and read back once per epoch.
     Returns per setting, in order, its fit (``model``: that head alone, best weights, eval mode,
     CPU) or the DivergedError that stopped it (``names[i]``, default "head", names it; ``log_paths[i]``
@@ -129,8 +130,7 @@ def train_heads(features: dict[str, torch.Tensor], teacher_logits: dict[str, tor
     orders = [TrainingOrder(len(x_all), torch.Generator(device=device).manual_seed(settings[i]["seed"]), reshuffle)
               for i in ranked]
     masks = DropoutMasks(ensemble, generators, epoch_steps(len(x_all), batch_size), device)
-    alphas = torch.tensor([float(settings[i]["alpha"]) for i in ranked], device=device)
-    loss = partial(distillation_loss, alpha=alphas, temperature=temperature)
+    loss = partial(distillation_loss, alpha=[settings[i]["alpha"] for i in ranked], temperature=temperature)
     train_epoch = partial(per_step_epoch, ensemble, optimizer, (x_all,), (t_all, y_all), loss, orders, batch_size,
                           extras=lambda: ((step_masks,) for step_masks in masks.epoch()))
 

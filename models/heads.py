@@ -5,6 +5,7 @@ its checkpoint ``head.pt`` (:func:`save_head` writes it, :func:`load_head` reads
 stacked, each drawing its dropout masks from its own generator (:class:`DropoutMasks`)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -58,12 +59,12 @@ class DistillHead(nn.Module):
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                      alpha: float | torch.Tensor, temperature: float) -> torch.Tensor:
+                      alpha: float | Sequence[float], temperature: float) -> torch.Tensor:
     """``alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, y)``.
 
     KL is averaged over the batch; T^2 keeps the soft-target gradients on the scale of the CE term.
     Logits (B, C) and targets (B,) give one loss. Logits (E, B, C) and targets (E, B), E heads of an
-    ensemble each on its own batch, give one loss per head (E,), ``alpha`` a number or (E,): each
+    ensemble each on its own batch, with one alpha per head, give one loss per head (E,): each
     computed with the very roundings of the (B, C) form, whatever E (so, with the gradients, an
     ensemble's member trains exactly as the head alone).
     """
@@ -73,10 +74,34 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         kd = F.kl_div(_per_member(log_student), _per_member(log_teacher), reduction="none",
                       log_target=True).sum(dim=1) / student_logits.shape[1]
         ce = member_cross_entropy(student_logits, targets)
+        alpha = _PerMember(tuple(float(value) for value in alpha))
     else:
         kd = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
         ce = F.cross_entropy(student_logits, targets)
     return alpha * temperature ** 2 * kd + (1 - alpha) * ce
+
+
+class _PerMember:
+    """One number per member in the loss's arithmetic: products and differences with numbers are
+    taken in double, per member, as Python takes them for a lone head's float alpha, and a product
+    with a tensor (E,) multiplies each member's entry by its number rounded to the tensor's dtype,
+    as a float times a tensor does."""
+
+    def __init__(self, values: tuple[float, ...]):
+        self.values = values
+
+    def __mul__(self, other):
+        if isinstance(other, torch.Tensor):
+            return _member_numbers(self.values, other.dtype, other.device) * other
+        return _PerMember(tuple(value * other for value in self.values))
+
+    def __rsub__(self, other: float) -> "_PerMember":
+        return _PerMember(tuple(other - value for value in self.values))
+
+
+@functools.lru_cache(maxsize=64)
+def _member_numbers(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)  # made once per sweep, not per step
 
 
 def _per_member(values: torch.Tensor) -> torch.Tensor:
