@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig
 
 from data.datasets import REFERENCE_PRE_RESIZE, load_dataset
-from engine.distill import train_head, train_teacher
+from engine.distill import train_heads, train_teacher
 from engine.features import FEATURE_DTYPES, cached_teacher_logits, cached_vlm_features
 from models.heads import HEAD_FILE, head_logits, save_head
 from models.teacher import (DEFAULT_TEACHER, build_teacher, data_config, default_img_size, read_teacher_checkpoint,
@@ -33,7 +33,7 @@ from utils.cli import add_base_vlm_flag, base_parser, parse_args, stage_dir
 from utils.dist import barrier, distributed_rank, init_distributed, leave_process_group, training_device
 from utils.errors import run_cli
 from utils.metrics import classification_metrics, save_curves_png, write_metrics
-from utils.outputs import StagedOutput, lock_folder, publish, releases_locks
+from utils.outputs import DivergedError, StagedOutput, lock_folder, publish, releases_locks
 from utils.records import DistillRecord, TeacherRecord, VLMRecord
 from utils.run import record_run, seed_everything
 from utils.sweeps import RUNS, as_list, default_setting, run_name, settings
@@ -205,14 +205,14 @@ def main(args) -> None:
     in_dim = vision_hidden_size(AutoConfig.from_pretrained(base_model))
     sweep = settings(depths, alphas, seeds)
     if len(sweep) > 1:
-        print(f"sweep: {len(sweep)} heads on the cached features ({', '.join(run_name(**s) for s in sweep)})")
+        print(f"sweep: {len(sweep)} heads on the cached features, trained together as one ensemble "
+              f"({', '.join(run_name(**s) for s in sweep)})")
     inputs = {"features": features, "teacher_logits": teacher_logits, "labels": labels,
               "teacher_test": teacher_test, "teacher_path": teacher_path,
               "teacher_id": file_id(teacher_path),  # hashed once for every head of a sweep
               "encoding": encoding, "adapter_id": vlm_record.adapter_id, "base_model": base_model,
               "resolved": resolved, "in_dim": in_dim, "world": world, "device": device}
-    for setting in sweep:
-        train_one_head(args, setting, splits.class_names, out_dir, inputs)
+    train_sweep(args, sweep, splits.class_names, out_dir, inputs)
     default = default_setting(depths, alphas, seeds)
     if default is not None:
         publish(out_dir / RUNS / run_name(**default), out_dir)
@@ -222,20 +222,37 @@ def main(args) -> None:
               f"`python train_gate.py --dataname {args.dataname} --head depth=..,alpha=..`")
 
 
-def train_one_head(args, setting: dict, class_names, out_dir: Path, inputs: dict) -> Path:
-    """Train the head of one (depth, alpha, seed) setting into ``distill/runs/<setting>/`` with its
-    checkpoint, metrics.json, curves, log and run record, swapped in (meta.json last) once finite."""
+def train_sweep(args, sweep: list[dict], class_names, out_dir: Path, inputs: dict) -> list[Path]:
+    """Train the heads of every (depth, alpha, seed) setting of ``sweep`` together, as one ensemble
+    (engine.distill.train_heads: each head exactly as it trains alone), each into its own
+    ``distill/runs/<setting>/`` with its checkpoint, metrics.json, curves, log and run record,
+    swapped in (meta.json last) once finite. A head whose loss turns non-finite stops alone: the
+    others are still kept, then its DivergedError is raised."""
+    names = [run_name(**setting) for setting in sweep]
+    staged = [StagedOutput(out_dir / RUNS / name) for name in names]  # a run's old head stays until the new one is complete
+    run_dirs = [stage.begin() for stage in staged]
+    features, teacher_logits, labels = inputs["features"], inputs["teacher_logits"], inputs["labels"]
+    results = train_heads(features, teacher_logits, labels, inputs["in_dim"], len(class_names), sweep,
+                          epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                          temperature=args.temperature, standardize=args.standardize_features,
+                          device=inputs["device"], log_paths=[run_dir / "log.txt" for run_dir in run_dirs],
+                          names=["head" if len(sweep) == 1 else f"head ({name})" for name in names],
+                          reshuffle=args.reshuffle)
+    diverged = next((result for result in results if isinstance(result, DivergedError)), None)
+    folders = [write_head_run(args, setting, class_names, stage, result, inputs)
+               for setting, stage, result in zip(sweep, staged, results) if not isinstance(result, DivergedError)]
+    if diverged is not None:
+        raise diverged
+    return folders
+
+
+def write_head_run(args, setting: dict, class_names, staged: StagedOutput, result, inputs: dict) -> Path:
+    """One trained head of a sweep into its staged run folder, then swapped in."""
     name = run_name(**setting)
-    staged = StagedOutput(out_dir / RUNS / name)  # a run's old head stays until the new one is complete
-    run_dir = staged.begin()
+    run_dir = staged.staging
     features, teacher_logits, labels = inputs["features"], inputs["teacher_logits"], inputs["labels"]
     teacher_test, teacher_path, teacher_id = inputs["teacher_test"], inputs["teacher_path"], inputs["teacher_id"]
     in_dim = inputs["in_dim"]
-    result = train_head(features, teacher_logits, labels, in_dim, len(class_names), depth=setting["depth"],
-                        epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                        batch_size=args.batch_size, alpha=setting["alpha"], temperature=args.temperature,
-                        standardize=args.standardize_features, seed=setting["seed"], device=inputs["device"],
-                        log_path=run_dir / "log.txt", reshuffle=args.reshuffle)
     head = result.model
     save_curves_png(result.history, run_dir / "curves.png", f"stage 2: distillation head ({name})")
     head_path = save_head(run_dir / HEAD_FILE, head, class_names, base_model=inputs["base_model"],

@@ -32,7 +32,7 @@ from data.datasets import REFERENCE_PRE_RESIZE, load_dataset
 from data.prompts import PARSERS
 from engine.features import read_cached_teacher_logits, read_vlm_features
 from engine.fit import EpochLog
-from engine.gate import GateData, gate_logits, gate_training_data, predictions, split_accuracies, train_gate
+from engine.gate import GateData, gate_logits, gate_training_data, predictions, split_accuracies, train_gates
 from engine.vlm_answers import cached_vlm_predictions
 from models.gates import (GATE_FILE, GATE_LABELS, GATES, HEAD_SIGNALS, SIGNALS, gate_weights, head_gate_inputs,
                           save_gate, vlm_gate_inputs)
@@ -45,7 +45,7 @@ from utils.dist import init_distributed, leave_process_group, training_device
 from utils.errors import UserError, run_cli
 from utils.io import read_json, write_json, write_text
 from utils.metrics import classification_metrics, save_confusion_png, save_curves_png
-from utils.outputs import StagedOutput, lock_folder, publish, releases_locks
+from utils.outputs import DivergedError, StagedOutput, lock_folder, publish, releases_locks
 from utils.records import DistillRecord, GateProvenance, GateRecord, VLMRecord
 from utils.report import complementarity_table, dataset_rows, markdown_table
 from utils.run import record_run, seed_everything
@@ -297,11 +297,20 @@ def main(args) -> None:
     resolved = {"head_run": head_record.run, "seeds": seeds}  # run.json's args hold what was given
     teacher_pred = teacher_test_predictions(args, splits, head_record)
     print(f"fusing head {head_record.run} ({distill_dir})")
-    for index, seed in enumerate(seeds):
+    runs = []
+    for seed in seeds:
         run_args = argparse.Namespace(**{**vars(args), "seed": seed})  # this run's own seed in run.json
         staged = StagedOutput(out_dir / RUNS / head_record.run / f"seed={seed}")  # swapped in once finite
-        run_dir = staged.begin()
-        results, selected = fit_gates(run_args, names, data, len(splits.class_names), device, run_dir / "log.txt")
+        runs.append((run_args, staged, staged.begin()))
+    fitted = fit_gates([run_args for run_args, _, _ in runs], names, data, len(splits.class_names), device,
+                       [run_dir / "log.txt" for _, _, run_dir in runs])
+    diverged = None
+    for index, ((run_args, staged, run_dir), outcome) in enumerate(zip(runs, fitted)):
+        if isinstance(outcome, DivergedError):  # this seed's run is not kept; the other seeds' are
+            diverged = diverged or outcome
+            continue
+        results, selected = outcome
+        seed_everything(run_args.seed)
         finite = [(f"the {name} gate's validation loss", results[name].history[-1]["val_loss"]) for name in names]
         table = write_results(run_args, run_dir, data, results, selected, splits.class_names, provenance, resolved,
                               teacher_pred, distill_dir, [sample.path for sample in splits.split("test")])
@@ -310,25 +319,42 @@ def main(args) -> None:
         if published:
             publish(run_dir, out_dir)
         print(table)
-        print(f"saved gate {selected!r} (seed {seed}: val acc {results[selected].best_val_acc:.4f} at epoch "
+        print(f"saved gate {selected!r} (seed {run_args.seed}: val acc {results[selected].best_val_acc:.4f} at epoch "
               f"{results[selected].best_epoch}) to {run_dir / 'gate.pt'}"
               + (f" and {out_dir / 'gate.pt'}" if published else ""))
+    if diverged is not None:
+        raise diverged
 
 
-def fit_gates(args, names: list[str], data: dict, num_classes: int, device, log_path: Path) -> tuple[dict, str]:
-    """Train every gate in ``names`` with ``args.seed``; ``(results, the name best on validation)``."""
-    seed_everything(args.seed)
-    epoch_log = EpochLog(log_path)  # one JSON line per gate and epoch
-    fit, select = gate_training_data(data, args.gate_train_split, args.seed)
-    print(f"training {', '.join(f'{name} ({GATE_LABELS[name]})' for name in names)} on {len(fit.labels)} cached "
-          f"{args.gate_train_split} examples, picking the epoch on {len(select.labels)} other validation examples "
-          f"({args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr:g}, wd {args.weight_decay:g}, "
-          f"seed {args.seed}, {'a new order each epoch' if args.reshuffle else 'one order for every epoch'})")
-    results = {name: train_gate(name, num_classes, fit, select, args.epochs,
-                                args.lr, args.weight_decay, args.batch_size, args.seed, device, epoch_log,
-                                args.reshuffle)
-               for name in names}
-    return results, max(names, key=lambda name: results[name].best_val_acc)  # the first of equals wins
+def fit_gates(seed_args: list, names: list[str], data: dict, num_classes: int, device,
+              log_paths: list[Path]) -> list[tuple[dict, str] | DivergedError]:
+    """Train every gate in ``names`` once per seed (each of ``seed_args``' ``seed``), all of them
+    together as one ensemble (engine.gate.train_gates: each gate exactly as it trains alone). Per
+    seed ``(results, the name best on validation)``, or the DivergedError of its first diverged
+    gate; each seed's gates log to its ``log_paths`` entry, in the order of ``names``."""
+    members, logs = [], []
+    for args, log_path in zip(seed_args, log_paths):
+        seed_everything(args.seed)
+        epoch_log = EpochLog(log_path, group=lambda row: names.index(row["gate"]))  # one JSON line per gate and epoch
+        fit, select = gate_training_data(data, args.gate_train_split, args.seed)
+        print(f"training {', '.join(f'{name} ({GATE_LABELS[name]})' for name in names)} on {len(fit.labels)} cached "
+              f"{args.gate_train_split} examples, picking the epoch on {len(select.labels)} other validation examples "
+              f"({args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr:g}, wd {args.weight_decay:g}, "
+              f"seed {args.seed}, {'a new order each epoch' if args.reshuffle else 'one order for every epoch'})")
+        members += [(name, args.seed, fit, select) for name in names]
+        logs += [epoch_log] * len(names)
+    if len(members) > 1:
+        print(f"the {len(members)} gates train together as one ensemble")
+    first = seed_args[0]
+    fitted = train_gates(members, num_classes, first.epochs, first.lr, first.weight_decay, first.batch_size, device,
+                         logs, first.reshuffle)
+    outcomes = []
+    for start in range(0, len(fitted), len(names)):
+        results = dict(zip(names, fitted[start:start + len(names)]))
+        error = next((result for result in results.values() if isinstance(result, DivergedError)), None)
+        outcomes.append(error if error is not None else
+                        (results, max(names, key=lambda name: results[name].best_val_acc)))  # the first of equals wins
+    return outcomes
 
 
 def teacher_test_predictions(args, splits, head_record: DistillRecord):

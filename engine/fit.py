@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from utils.io import write_text
-from utils.outputs import check_finite
+from utils.outputs import DivergedError, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,50 @@ class Fit:
 
 class EpochLog:
     """``log.txt``: one JSON line per history row, the whole file rewritten atomically after each
-    row (a killed run leaves whole lines). Several fits may add to one log."""
+    row (a killed run leaves whole lines). Several fits may add to one log; with ``group`` the
+    lines are kept sorted by ``group(row)`` (stably), so fits trained together (an ensemble's
+    members, whose rows arrive epoch by epoch) leave the log fits trained one after another do."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, group: Callable[[dict], object] | None = None):
         self.path = Path(path)
+        self.group = group
         self.rows: list[dict] = []
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        rows = self.rows if self.group is None else sorted(self.rows, key=self.group)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+class Selection:
+    """One model's history and the epoch best on validation by ``score``, with that epoch's state
+    (a CPU copy, taken by ``state()`` only when an epoch is better than all before it)."""
+
+    def __init__(self, score: Callable[[dict], object] = by_val_acc):
+        self.score = score
+        self.history: list[dict] = []
+        self.best_score = self.best_state = None
+        self.best_epoch = 0
+
+    def add(self, row: dict, state: Callable[[], dict[str, torch.Tensor]]) -> None:
+        self.history.append(row)
+        if self.best_score is None or self.score(row) > self.best_score:
+            self.best_score, self.best_epoch, self.best_state = self.score(row), row["epoch"], state()
+
+    def fit(self, model: nn.Module) -> Fit:
+        """The finished fit: ``model`` with the best epoch's weights loaded, in eval mode."""
+        model.load_state_dict(self.best_state)
+        model.eval()
+        return Fit(model, self.best_epoch, self.history, self.best_state)
+
+
+def epoch_row(epoch: int, train_loss: float, validated: dict, tag: dict | None, name: str, flags: str) -> dict:
+    """One history row; a non-finite loss stops with a DivergedError naming ``name`` and ``flags``."""
+    row = {**(tag or {}), "epoch": epoch, "train_loss": train_loss,
+           "val_loss": validated["val_loss"], "val_acc": validated["val_acc"]}
+    check_finite(row["train_loss"] + row["val_loss"], f"the {name}'s loss in epoch {epoch}", flags)
+    log.info("%s %s", name, json.dumps(row))
+    return row
 
 
 def fit(model: nn.Module, epochs: int, train_epoch: Callable[[int], dict], evaluate: Callable[[], dict], *,
@@ -80,27 +115,58 @@ def fit(model: nn.Module, epochs: int, train_epoch: Callable[[int], dict], evalu
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    history: list[dict] = []
-    best_score = best_state = None
-    best_epoch = 0
+    selection = Selection(score)
     for epoch in range(1, epochs + 1):
         model.train()
         trained = train_epoch(epoch)
         model.eval()
         with torch.no_grad():
             validated = evaluate()
-        row = {**(tag or {}), "epoch": epoch, "train_loss": trained["train_loss"],
-               "val_loss": validated["val_loss"], "val_acc": validated["val_acc"]}
-        check_finite(row["train_loss"] + row["val_loss"], f"the {name}'s loss in epoch {epoch}", flags)
-        history.append(row)
-        log.info("%s %s", name, json.dumps(row))
+        row = epoch_row(epoch, trained["train_loss"], validated, tag, name, flags)
         if epoch_log is not None:
             epoch_log.add(row)
-        if best_score is None or score(row) > best_score:
-            best_score, best_epoch, best_state = score(row), epoch, _cpu_copy(model)
-    model.load_state_dict(best_state)
-    model.eval()
-    return Fit(model, best_epoch, history, best_state)
+        selection.add(row, lambda: _cpu_copy(model))
+    return selection.fit(model)
+
+
+def fit_members(model: nn.Module, epochs: int, train_epoch: Callable[[int], dict],
+                evaluate: Callable[[], list[dict]], member_state: Callable[[int], dict[str, torch.Tensor]], *,
+                names: list[str], flags: str, score: Callable[[dict], object] = by_val_acc,
+                tags: list[dict | None] | None = None,
+                epoch_logs: list[EpochLog | None] | None = None) -> list[Selection | DivergedError]:
+    """:func:`fit` for the E members stacked in ``model``, trained together, each selected alone.
+
+    ``train_epoch(epoch)`` returns ``{"train_loss": [E values]}``, ``evaluate()`` E rows of
+    ``{"val_loss", "val_acc"}``; each member gets its own history row per epoch (tagged
+    ``tags[e]``, logged to ``epoch_logs[e]``) and keeps its own best epoch, whose state
+    ``member_state(e)`` copies. A member whose loss turns non-finite stops there: its entry is the
+    DivergedError ``fit`` would raise; the others train on (their weights and gradients are their
+    own). Returns per member its :class:`Selection` (``.fit(lone model)`` finishes it) or error.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    selections: list[Selection | DivergedError] = [Selection(score) for _ in names]
+    tags, epoch_logs = tags or [None] * len(names), epoch_logs or [None] * len(names)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        trained = train_epoch(epoch)["train_loss"]
+        model.eval()
+        with torch.no_grad():
+            validated = evaluate()
+        for index, selection in enumerate(selections):
+            if isinstance(selection, DivergedError):
+                continue
+            try:
+                row = epoch_row(epoch, trained[index], validated[index], tags[index], names[index], flags)
+            except DivergedError as error:
+                selections[index] = error
+                continue
+            if epoch_logs[index] is not None:
+                epoch_logs[index].add(row)
+            selection.add(row, lambda: member_state(index))  # noqa: B023 (called at once)
+        if all(isinstance(selection, DivergedError) for selection in selections):
+            break
+    return selections
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:

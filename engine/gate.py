@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from functools import partial
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.batches import TrainingOrder, per_step_adam, per_step_epoch
-from engine.fit import EpochLog, Fit, by_val_acc_then_loss, fit
-from models.gates import build_gate
+from engine.batches import MemberAdam, TrainingOrder, per_step_epoch
+from engine.fit import EpochLog, Fit, by_val_acc_then_loss, fit_members
+from models.gates import GateEnsemble, build_gate
+from models.heads import member_cross_entropy
 from utils.errors import UserError
+from utils.outputs import DivergedError
 
 
 @dataclass
@@ -89,11 +92,62 @@ def gate_logits(gate: nn.Module, data: GateData, batch_size: int = 4096) -> torc
     return torch.cat(parts)
 
 
-def _evaluate(gate: nn.Module, data: GateData) -> dict:
-    """``{"val_loss", "val_acc"}`` of the gate on ``data`` (cross-entropy, accuracy)."""
-    logits = gate_logits(gate, data)
+def _scores(logits: torch.Tensor, data: GateData) -> dict:
+    """``{"val_loss", "val_acc"}`` of a gate's logits on ``data`` (cross-entropy, accuracy)."""
     loss = F.cross_entropy(logits, data.labels).item()
     return {"val_loss": loss, "val_acc": (logits.argmax(dim=1) == data.labels).float().mean().item()}
+
+
+def _evaluate(gate: nn.Module, data: GateData) -> dict:
+    """``{"val_loss", "val_acc"}`` of the gate on ``data`` (cross-entropy, accuracy)."""
+    return _scores(gate_logits(gate, data), data)
+
+
+def _evaluate_each(ensemble: GateEnsemble, selects: Sequence[GateData]) -> list[dict]:
+    """:func:`_evaluate` of each gate of ``ensemble``, alone with its current weights, on its own
+    ``selects[i]``."""
+    return [_scores(gate_logits(ensemble.member(index), data), data) for index, data in enumerate(selects)]
+
+
+def train_gates(members: Sequence[tuple[str, int, GateData, GateData]], num_classes: int, epochs: int = 10,
+                lr: float = 1e-4, weight_decay: float = 1e-4, batch_size: int = 1, device: str | torch.device = "cpu",
+                epoch_logs: Sequence[EpochLog | None] | None = None,
+                reshuffle: bool = False) -> list[Fit | DivergedError]:
+    """Train one gate per member ``(name, seed, train, val)`` with cross-entropy and Adam, all as one
+    ensemble (models.gates.GateEnsemble: one step for all, each gate with its own weights, order
+    and data, engine.batches.MemberAdam); each keeps its epoch best on its ``val`` (engine.fit).
+
+    Each gate draws what :func:`train_gate` draws alone with its seed (its initialisation, its
+    order of the training rows) and computes exactly what it computes alone. The members' training
+    sets must have one size (stage 3's seeds: the same split, or same-sized halves of validation).
+    Returns per member, in order, its fit (``model``: the gate, best weights, eval mode) or the
+    DivergedError that stopped it; ``epoch_logs[i]`` receives member i's rows (tagged with its name).
+    """
+    device = torch.device(device)
+    if len({len(train.labels) for _, _, train, _ in members}) > 1:
+        raise ValueError("the gates of an ensemble need training sets of one size")
+    gates = []
+    for name, seed, _, _ in members:
+        torch.manual_seed(seed)
+        gates.append(build_gate(name, num_classes))
+    ensemble = GateEnsemble(gates).to(device)
+    optimizer = MemberAdam(ensemble.parameters(), lr, weight_decay)
+    trains = [train for _, _, train, _ in members]
+    signal = torch.stack([train.vlm_signal for train in trains]).to(device)
+    head_in = torch.stack([train.head_input() for train in trains]).to(device)
+    labels = torch.stack([train.labels for train in trains]).to(device)
+    orders = [TrainingOrder(len(labels[0]), torch.Generator(device=device).manual_seed(seed), reshuffle)
+              for _, seed, _, _ in members]
+    train_epoch = partial(per_step_epoch, ensemble, optimizer, (signal, head_in), (labels,), member_cross_entropy,
+                          orders, batch_size, per_member=True)
+    selects = [member[3] for member in members]  # the data each gate's epoch is picked on
+    evaluate = partial(_evaluate_each, ensemble, selects)
+    selections = fit_members(ensemble, epochs, train_epoch, evaluate, ensemble.member_state,
+                             names=[f"{name} gate" for name, _, _, _ in members], flags="--lr",
+                             score=by_val_acc_then_loss, tags=[{"gate": name} for name, _, _, _ in members],
+                             epoch_logs=list(epoch_logs) if epoch_logs is not None else None)
+    return [selection if isinstance(selection, DivergedError) else selection.fit(ensemble.member(i))
+            for i, selection in enumerate(selections)]
 
 
 def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epochs: int = 10,
@@ -108,20 +162,15 @@ def train_gate(name: str, num_classes: int, train: GateData, val: GateData, epoc
     gate loop iterates its once-shuffled training list; ``reshuffle`` draws a new order each epoch
     (engine.batches.TrainingOrder). One step per image (``batch_size`` 1) is the reference code's
     regime; the inputs sit on ``device`` and the loss is read back once per epoch, so small batches stay cheap. Each
-    history row carries the gate's name, so several gates can share one ``epoch_log``. Returns the
-    fit; its ``model`` is the gate (best weights, eval mode).
+    history row carries the gate's name, so several gates can share one ``epoch_log``. The gate is
+    an ensemble of one (:func:`train_gates`): a gate trained among others equals it. Returns the
+    fit; its ``model`` is the gate (best weights, eval mode); a non-finite loss raises the DivergedError.
     """
-    torch.manual_seed(seed)
-    device = torch.device(device)
-    gate = build_gate(name, num_classes).to(device)
-    optimizer = per_step_adam(gate.parameters(), lr, weight_decay)
-    signal, head_in, labels = train.vlm_signal.to(device), train.head_input().to(device), train.labels.to(device)
-    order = TrainingOrder(len(labels), torch.Generator(device=device).manual_seed(seed), reshuffle)
-    train_epoch = partial(per_step_epoch, gate, optimizer, (signal, head_in), (labels,), F.cross_entropy, order,
-                          batch_size)
-    evaluate = partial(_evaluate, gate, val)
-    return fit(gate, epochs, train_epoch, evaluate, name=f"{name} gate", flags="--lr", score=by_val_acc_then_loss,
-               tag={"gate": name}, epoch_log=epoch_log)
+    [result] = train_gates([(name, seed, train, val)], num_classes, epochs, lr, weight_decay, batch_size, device,
+                           [epoch_log], reshuffle)
+    if isinstance(result, DivergedError):
+        raise result
+    return result
 
 
 def predictions(gate: nn.Module, data: GateData) -> torch.Tensor:

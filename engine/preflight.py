@@ -52,14 +52,14 @@ import train_vlm
 from data.annotations import ANNOTATIONS_FILE, TASKS, Annotation, read_annotations, to_conversations
 from data.datasets import load_dataset, open_image, pre_resized
 from data.prompts import generation_prompt
-from engine.batches import TrainingOrder, per_step_adam, per_step_epoch
+from engine.batches import MemberAdam, TrainingOrder, epoch_steps, per_step_epoch
 from engine.distill import teacher_epoch
 from engine.features import FEATURE_DTYPES
 from engine.vlm_train import AnswerLogitsTrainer, ConversationCollator, gradient_checkpointing, trainer_settings, wrap_lora
 from models.backbones import backbone_for
 from models.chat import encode_conversations
-from models.gates import GATES, build_gate
-from models.heads import DistillHead, distillation_loss
+from models.gates import GATES, GateEnsemble, build_gate
+from models.heads import DistillHead, DropoutMasks, HeadEnsemble, distillation_loss, member_cross_entropy
 from models.scorer import predict_vlm
 from models.teacher import build_teacher, data_config, teacher_transforms
 from models.vlm import (LATER_STAGES_DTYPE, load_processor, load_vlm, pooled_image_features, resolve_quant,
@@ -520,20 +520,25 @@ def time_small(kind: str, in_dim: int, num_classes: int, batch_size: int, steps:
     rows = batch_size * steps
     result = {"unit": "optimiser step"}
     with measured(device, result):
-        if kind == "head":
-            model = DistillHead(in_dim, num_classes, depth).to(device)
+        if kind == "head":  # a single run is an ensemble of one (engine.distill.train_heads)
+            head = DistillHead(in_dim, num_classes, depth)
+            generator = torch.Generator().set_state(torch.get_rng_state())
+            model = HeadEnsemble([head]).to(device)
             inputs = (torch.randn(rows, in_dim, device=device),)
             targets = (torch.randn(rows, num_classes, device=device),
                        torch.randint(num_classes, (rows,), device=device))
-            loss = partial(distillation_loss, alpha=alpha, temperature=temperature)
-        else:
-            model = build_gate(kind, num_classes).to(device)
-            inputs = (torch.randn(rows, num_classes, device=device), torch.randn(rows, num_classes, device=device))
-            targets = (torch.randint(num_classes, (rows,), device=device),)
-            loss = torch.nn.functional.cross_entropy
-        optimizer = per_step_adam(model.parameters(), lr, weight_decay)
-        order = TrainingOrder(rows, torch.Generator(device=device).manual_seed(seed))
-        epoch = lambda: per_step_epoch(model, optimizer, inputs, targets, loss, order, batch_size, 1)  # noqa: E731
+            loss = partial(distillation_loss, alpha=[alpha], temperature=temperature)
+            masks = DropoutMasks(model, [generator], epoch_steps(rows, batch_size), device)
+            extras, per_member = (lambda: ((step_masks,) for step_masks in masks.epoch())), False
+        else:  # engine.gate.train_gates: each member its own (N, ...) data
+            model = GateEnsemble([build_gate(kind, num_classes)]).to(device)
+            inputs = (torch.randn(1, rows, num_classes, device=device), torch.randn(1, rows, num_classes, device=device))
+            targets = (torch.randint(num_classes, (1, rows), device=device),)
+            loss, extras, per_member = member_cross_entropy, None, True
+        optimizer = MemberAdam(model.parameters(), lr, weight_decay)
+        orders = [TrainingOrder(rows, torch.Generator(device=device).manual_seed(seed))]
+        epoch = lambda: per_step_epoch(model, optimizer, inputs, targets, loss, orders, batch_size, 1,  # noqa: E731
+                                       extras=extras, per_member=per_member)
         seconds = timed_steps(epoch, 1, 1, device)
     result["seconds_per_unit"] = seconds / steps
     result["timed_steps"] = steps

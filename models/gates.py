@@ -9,9 +9,11 @@ read uniformly with ``gate_weights``. The VLM input is made from the VLM's answe
 :func:`vlm_gate_inputs` (one of ``SIGNALS``), the head input from the head's logits by
 :func:`head_gate_inputs` (one of ``HEAD_SIGNALS``), the same way in stage 3 and in the predictor.
 ``gate.pt`` is written by :func:`save_gate` and read back by :func:`load_gate`.
+:class:`GateEnsemble` trains several gates (stage 3's variants and seeds) in one step.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -155,6 +157,72 @@ GATE_LABELS = {
     "dynamic_weight": "dynamic source weights + linear",
     "cross_gate": "cross sigmoid gating + linear",
 }
+
+
+class GateEnsemble(nn.Module):
+    """Gates trained together, one optimiser step for all (stage 3's variants and seeds).
+
+    The members of one variant (same class, same parameter shapes) keep their parameters stacked,
+    (members, ...) per parameter; each step hands every member its slices (views, so gradients flow
+    into the stacks) and runs the member's own module code on its own rows, so each computes
+    exactly what it computes alone. ``forward`` takes (E, B, C) inputs and returns (E, B, C);
+    :meth:`member` is member ``i`` as a lone gate with its current weights.
+    """
+
+    def __init__(self, gates: Sequence[nn.Module]):
+        super().__init__()
+        self.blueprints = [copy.deepcopy(gate) for gate in gates]  # lone copies, for member()
+        self._members = list(gates)  # their parameters become views into the stacks below
+        groups: dict[tuple, list[int]] = {}
+        for index, gate in enumerate(gates):
+            key = (type(gate), tuple((name, tuple(p.shape)) for name, p in gate.named_parameters()))
+            groups.setdefault(key, []).append(index)
+        self.stacks = nn.ParameterList()
+        self.groups: list[tuple[list[int], list[str], int]] = []  # (members, parameter names, first stack)
+        self.position: dict[int, tuple[int, int]] = {}  # member -> (group, its index in the group)
+        for group, ((_, shapes), members) in enumerate(groups.items()):
+            names = [name for name, _ in shapes]
+            self.groups.append((members, names, len(self.stacks)))
+            for name in names:
+                self.stacks.append(nn.Parameter(torch.stack(
+                    [dict(gates[i].named_parameters())[name].detach() for i in members])))
+            for slot, i in enumerate(members):
+                self.position[i] = (group, slot)
+                for name in names:
+                    owner, attr = _owner(gates[i], name)
+                    del owner._parameters[attr]
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def forward(self, vlm_signal: torch.Tensor, head_input: torch.Tensor) -> torch.Tensor:
+        for members, names, first in self.groups:
+            views = [stack.unbind(0) for stack in self.stacks[first:first + len(names)]]
+            for slot, i in enumerate(members):
+                for name, stack_views in zip(names, views):
+                    owner, attr = _owner(self._members[i], name)
+                    object.__setattr__(owner, attr, stack_views[slot])  # a plain attribute: the module reads it
+        return torch.stack([gate(vlm_signal[i], head_input[i]) for i, gate in enumerate(self._members)])
+
+    def member_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Member ``index``'s state dict (CPU copies), as its lone gate's."""
+        group, slot = self.position[index]
+        _, names, first = self.groups[group]
+        return {name: self.stacks[first + k][slot].detach().to("cpu", copy=True) for k, name in enumerate(names)}
+
+    def member(self, index: int) -> nn.Module:
+        """Member ``index`` as a lone gate with its current weights, on the stacks' device, eval mode."""
+        gate = copy.deepcopy(self.blueprints[index])
+        gate.load_state_dict(self.member_state(index))
+        return gate.to(self.stacks[0].device).eval()
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The submodule holding parameter ``name`` ("experts.0.weight") and the attribute's name."""
+    *path, attr = name.split(".")
+    for part in path:
+        module = getattr(module, part)
+    return module, attr
 
 
 def build_gate(name: str, num_classes: int) -> nn.Module:

@@ -9,7 +9,7 @@ import torch
 
 import train_distillation
 import train_gate
-from engine.batches import TrainingOrder, per_step_epoch
+from engine.batches import MemberAdam, TrainingOrder, per_step_epoch
 from engine.distill import train_head
 import engine.gate
 from engine.gate import GateData
@@ -35,10 +35,10 @@ def _gate_data(n: int, seed: int) -> GateData:
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts of Adam steps and of ``Tensor.item`` calls made by the training loops (each one a
-    host synchronisation on a GPU; Adam's own reads of its CPU step counter are not counted)."""
+    """Counts of optimiser steps (MemberAdam's: a single head or gate is an ensemble of one) and of
+    ``Tensor.item`` calls made by the training loops (each one a host synchronisation on a GPU)."""
     counts = {"steps": 0, "items": 0}
-    step, item = torch.optim.Adam.step, torch.Tensor.item
+    step, item = MemberAdam.step, torch.Tensor.item
 
     def counting_step(self, *args, **kwargs):
         counts["steps"] += 1
@@ -49,7 +49,7 @@ def counted(monkeypatch):
                                                                       "engine.fit")
         return item(self)
 
-    monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
+    monkeypatch.setattr(MemberAdam, "step", counting_step)
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
     return counts
 
@@ -82,25 +82,26 @@ def test_head_epoch_loss_is_the_mean_of_its_step_losses():
     assert result.history[0]["train_loss"] == pytest.approx(per_image.mean().item(), rel=1e-5)
 
 
-def test_per_step_adam_is_adam():
+def test_member_adam_is_adam():
     """The fused optimiser of the per-image loops takes Adam's steps (with the weight decay added
     to the gradient, not decoupled as in AdamW): a few steps match the reference implementation."""
-    from engine.batches import per_step_adam
+    from engine.batches import MemberAdam
 
     torch.manual_seed(0)
-    reference, fused = torch.nn.Linear(DIM, CLASSES), torch.nn.Linear(DIM, CLASSES)
-    fused.load_state_dict(reference.state_dict())
+    reference = torch.nn.Linear(DIM, CLASSES)
+    stacked = [torch.nn.Parameter(p.detach().clone().unsqueeze(0)) for p in reference.parameters()]  # one member
     optimizers = (torch.optim.Adam(reference.parameters(), lr=1e-2, weight_decay=1e-1, foreach=False),
-                  per_step_adam(fused.parameters(), 1e-2, 1e-1))
+                  MemberAdam(stacked, 1e-2, 1e-1))
     x, y = torch.randn(5, DIM), torch.randint(0, CLASSES, (5,))
     for _ in range(5):
-        for model, optimizer in zip((reference, fused), optimizers):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    assert optimizers[1].defaults["fused"]
-    for a, b in zip(reference.parameters(), fused.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        optimizers[0].zero_grad()
+        torch.nn.functional.cross_entropy(reference(x), y).backward()
+        optimizers[0].step()
+        optimizers[1].zero_grad()
+        torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, stacked[0][0], stacked[1][0]), y).backward()
+        optimizers[1].step()
+    for a, b in zip(reference.parameters(), stacked):
+        torch.testing.assert_close(a, b[0], rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- the order of the training rows
@@ -113,22 +114,26 @@ class RowRecorder(torch.nn.Module):
         self.linear = torch.nn.Linear(1, CLASSES)
         self.seen: list[int] = []
 
-    def forward(self, x):
-        self.seen += x[:, 0].long().tolist()
+    def forward(self, x):  # x: (1 member, B, 1)
+        self.seen += x[0, :, 0].long().tolist()
         return self.linear(x)
 
 
 def _visits(reshuffle: bool, seed: int, epochs: int = 3) -> list[list[int]]:
-    """The rows each epoch of per_step_epoch visits, in order, under a TrainingOrder."""
+    """The rows each epoch of per_step_epoch visits, in order, under a TrainingOrder (one member)."""
     model = RowRecorder()
     rows = torch.arange(N_TRAIN, dtype=torch.float32).unsqueeze(1)
     labels = torch.zeros(N_TRAIN, dtype=torch.long)
     order = TrainingOrder(N_TRAIN, torch.Generator().manual_seed(seed), reshuffle)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def loss(logits, targets):  # the member's loss, (1,)
+        return torch.nn.functional.cross_entropy(logits[0], targets[0]).unsqueeze(0)
+
     visits = []
     for epoch in range(1, epochs + 1):
         model.seen = []
-        per_step_epoch(model, optimizer, (rows,), (labels,), torch.nn.functional.cross_entropy, order, 1, epoch)
+        per_step_epoch(model, optimizer, (rows,), (labels,), loss, [order], 1, epoch)
         visits.append(model.seen)
     return visits
 

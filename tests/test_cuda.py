@@ -9,7 +9,7 @@ import torch
 
 from bench.world import CONFIGS, ToyRun, write_annotations
 from engine import preflight
-from engine.batches import per_step_adam
+from engine.batches import MemberAdam
 from models.vlm import load_processor, load_vlm, pooled_image_features
 
 pytestmark = pytest.mark.cuda
@@ -47,19 +47,25 @@ def test_four_bit_loading_runs_a_forward(tiny_vlm_dir, toy_root, tmp_path):
 
 
 def test_fused_adam_on_cuda_follows_adam_on_cpu():
+    """MemberAdam (the head's and the gate's optimiser: the fused kernel on each member's slice of
+    the stacked weights) on CUDA takes the steps torch's Adam takes on the CPU."""
     torch.manual_seed(0)
     cpu = torch.nn.Linear(16, 4)
-    gpu = torch.nn.Linear(16, 4).cuda()
-    gpu.load_state_dict(cpu.state_dict())
+    stacks = [torch.nn.Parameter(tensor.detach().cuda().unsqueeze(0).repeat(2, *[1] * tensor.dim()))
+              for tensor in (cpu.weight, cpu.bias)]  # two members, both the CPU model
     reference = torch.optim.Adam(cpu.parameters(), lr=1e-2, weight_decay=1e-4)
-    fused = per_step_adam(gpu.parameters(), 1e-2, 1e-4)
+    fused = MemberAdam(stacks, 1e-2, 1e-4)
     for _ in range(20):
         x = torch.randn(8, 16)
-        for model, optimizer, inputs in ((cpu, reference, x), (gpu, fused, x.cuda())):
-            optimizer.zero_grad()
-            model(inputs).square().mean().backward()
-            optimizer.step()
-    assert torch.allclose(cpu.weight, gpu.weight.cpu(), atol=1e-5)
+        reference.zero_grad()
+        cpu(x).square().mean().backward()
+        reference.step()
+        fused.zero_grad()
+        (x.cuda() @ stacks[0].transpose(1, 2) + stacks[1].unsqueeze(1)).square().mean(dim=(1, 2)).sum().backward()
+        fused.step()
+    for member in range(2):
+        assert torch.allclose(cpu.weight, stacks[0][member].detach().cpu(), atol=1e-5)
+        assert torch.allclose(cpu.bias, stacks[1][member].detach().cpu(), atol=1e-5)
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ STAGES = {"distill": ("train_distillation.py", train_distillation, STAGE2, ("met
     ("distill", "utils.cache:store", 2),                   # frozen pass: 1 split cached
     ("distill", "engine.distill:distillation_loss", 10),   # head training, epoch 2 (7 calls an epoch)
     ("gate", "utils.cache:store", 2),                      # VLM answers: 1 split cached
-    ("gate", "engine.gate:_evaluate", 3)])                 # gate training, epoch 3
+    ("gate", "engine.gate:_evaluate_each", 3)])            # gate training, epoch 3
 def test_killed_then_rerun_ends_as_an_uninterrupted_run(stage, target, call, finished, trained_pipeline):
     script, module, argv, kept_files, same_as_uninterrupted = STAGES[stage]
     folder = finished.stage(stage)

@@ -32,6 +32,7 @@ import torch
 import yaml
 from torch import nn
 
+from engine.batches import MemberAdam
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread
@@ -164,42 +165,57 @@ def install_spies(mp: pytest.MonkeyPatch, record: Record, tokenizer) -> None:
             return entry["result"]
         return fit
 
+    def fit_members_spy(real, name):  # the heads of a sweep, stage 3's gates: one entry per member
+        def fit_members(model, epochs, train_epoch, evaluate, member_state, **kwargs):
+            selections = real(model, epochs, train_epoch, evaluate, member_state, **kwargs)
+            for index, selection in enumerate(selections):
+                record.add("fit", {"name": name, "model": model.member(index), "epochs": epochs,
+                                   "result": selection})
+            return selections
+        return fit_members
+
     def adam_spy(real):
-        def per_step_adam(params, lr, weight_decay):
+        def member_adam(params, lr, weight_decay):
             optimizer = real(params, lr, weight_decay)
             record.add("optimizer", optimizer)
             return optimizer
-        return per_step_adam
+        return member_adam
 
-    for module in (engine.distill, engine.gate):
-        mp.setattr(module, "fit", fit_spy(module.fit))
-        mp.setattr(module, "per_step_adam", adam_spy(module.per_step_adam))
+    mp.setattr(engine.distill, "fit", fit_spy(engine.distill.fit))
+    for module, name in ((engine.distill, "head"), (engine.gate, "gate")):
+        mp.setattr(module, "fit_members", fit_members_spy(module.fit_members, name))
+        mp.setattr(module, "MemberAdam", adam_spy(module.MemberAdam))
 
-    real_batches = engine.batches.shuffled_batches
+    class RecordedOrder:
+        """The first member's order, recorded each epoch as each step's rows."""
 
-    def shuffled_batches(order, batch_size):  # one call per epoch of the head or the gate
-        batches = real_batches(order, batch_size)
-        record.add("epoch_batches", [rows.tolist() for rows in batches])
-        return batches
+        def __init__(self, order, batch_size):
+            self.order, self.batch_size = order, batch_size
 
-    mp.setattr(engine.batches, "shuffled_batches", shuffled_batches)
+        def epoch_rows(self):
+            rows = self.order.epoch_rows()
+            record.add("epoch_batches", [chunk.tolist() for chunk in rows.split(self.batch_size)])
+            return rows
+
+    def epoch_spy(real, module):
+        def per_step_epoch(model, optimizer, inputs, targets, loss, orders, batch_size, epoch, **kwargs):
+            if module is engine.gate and epoch == 1:
+                record.add("gate_inputs", [tensor[0].detach().cpu() for tensor in inputs])  # the first member's
+            orders = [RecordedOrder(orders[0], batch_size), *orders[1:]]
+            return real(model, optimizer, inputs, targets, loss, orders, batch_size, epoch, **kwargs)
+        return per_step_epoch
 
     real_loss = engine.distill.distillation_loss
 
     def distillation_loss(student, teacher, targets, alpha, temperature):
-        record.calls.setdefault("loss_settings", set()).add((alpha, temperature))
+        for each in alpha if isinstance(alpha, (list, tuple)) else [alpha]:  # an ensemble's: one per member
+            record.calls.setdefault("loss_settings", set()).add((each, temperature))
         return real_loss(student, teacher, targets, alpha, temperature)
 
     mp.setattr(engine.distill, "distillation_loss", distillation_loss)
 
-    real_epoch = engine.gate.per_step_epoch
-
-    def per_step_epoch(model, optimizer, inputs, targets, loss, order, batch_size, epoch):
-        if epoch == 1:
-            record.add("gate_inputs", [tensor.detach().cpu() for tensor in inputs])
-        return real_epoch(model, optimizer, inputs, targets, loss, order, batch_size, epoch)
-
-    mp.setattr(engine.gate, "per_step_epoch", per_step_epoch)
+    for module in (engine.distill, engine.gate):
+        mp.setattr(module, "per_step_epoch", epoch_spy(module.per_step_epoch, module))
 
     real_score = models.scorer.score_classes
 
@@ -375,6 +391,9 @@ def teacher_optimizer(record: Record):
 
 
 def groups(optimizer, key: str) -> set:
+    if isinstance(optimizer, MemberAdam):  # one setting for every member
+        return {{"lr": optimizer.lr, "weight_decay": optimizer.weight_decay, "betas": optimizer.betas,
+                 "eps": optimizer.eps}[key]}
     return {group[key] for group in optimizer.param_groups}
 
 
@@ -584,7 +603,7 @@ def test_gate_starts_from_pytorch_default_init_drawn_from_its_seed(tmp_path, mon
     for seed in (42, 7):
         args = train_gate.parse(["--dataname", "toy", "--epochs", "1", "--seed", str(seed)])
         torch.manual_seed(1234)  # whatever state an earlier computation left
-        train_gate.fit_gates(args, ["bilinear", "concat_linear"], data, classes, "cpu", tmp_path / "log.txt")
+        train_gate.fit_gates([args], ["bilinear", "concat_linear"], data, classes, "cpu", [tmp_path / "log.txt"])
     assert [name for name, _ in starts] == ["bilinear", "concat_linear"] * 2
     for (name, state), seed in zip(starts, (42, 42, 7, 7)):
         torch.manual_seed(seed)
@@ -619,13 +638,14 @@ def test_lora_adapts_the_language_model_without_biases(runs, name):
 
 def test_optimisers_are_the_references(runs):
     """Adam (not AdamW) with torch's defaults for the teacher, the head and the gate, as the
-    reference code; AdamW without weight decay for stage 1, the Trainer's."""
-    optimisers = [teacher_optimizer(runs("distill", "paper_teacher")),
-                  runs("distill", "paper").first("optimizer"), runs("gate", "paper").first("optimizer")]
+    reference code (the head and the gate through MemberAdam: torch's fused Adam kernel on each
+    member, without amsgrad); AdamW without weight decay for stage 1, the Trainer's."""
+    teacher = teacher_optimizer(runs("distill", "paper_teacher"))
+    assert type(teacher) is torch.optim.Adam and groups(teacher, "amsgrad") == {False}
+    optimisers = [teacher, runs("distill", "paper").first("optimizer"), runs("gate", "paper").first("optimizer")]
+    assert [type(optimizer) for optimizer in optimisers[1:]] == [MemberAdam, MemberAdam]
     for optimizer in optimisers:
-        assert type(optimizer) is torch.optim.Adam
         assert groups(optimizer, "betas") == {(0.9, 0.999)} and groups(optimizer, "eps") == {1e-8}
-        assert groups(optimizer, "amsgrad") == {False}
     trainer = trainer_optimizer(runs("vlm", "paper"))
     assert isinstance(trainer, torch.optim.AdamW) and groups(trainer, "weight_decay") == {0.0}
     assert groups(trainer, "betas") == {(0.9, 0.999)}
