@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 ANNOTATIONS_FILE = "annotations_train.jsonl"
 TASKS = ("observation", "reasoning", "categorical")
+# The tasks whose answers are stage 0's text; the categorical one needs none.
+TEXT_TASKS = ("observation", "reasoning")
 
 
 @dataclass(frozen=True)
