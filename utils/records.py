@@ -108,6 +108,11 @@ class StageRecord:
                             f"{base_model!r}; pass the same --vlm_model or retrain that stage")
 
 
+# Stage 1's conversations per training image (train_vlm.py --tasks; data.annotations builds them):
+# a VLMRecord without ``tasks`` was trained on all three.
+TASKS = ("observation", "reasoning", "categorical")
+
+
 @dataclass(frozen=True, kw_only=True)
 class InstructionsRecord(StageRecord):
     """Stage 0: who wrote the annotations and how many training images they cover."""
