@@ -15,7 +15,7 @@ from pathlib import Path
 
 from utils.errors import UserError
 from utils.io import read_json
-from utils.report import vlm_label, vlm_tasks
+from utils.report import vlm_tasks
 from utils.stats import bootstrap_ci, correctness, mcnemar
 
 MODULES = (("VLM", "vlm"), ("distill module", "head"), ("teacher", "teacher"))
@@ -121,15 +121,15 @@ def paired_rows(datasets: list[str], found: dict) -> list[list[str]]:
 
 
 def tasks_note(folder: Path, per_dataset: dict) -> str:
-    """`` (VLM: categorical only)`` for a run whose stage 1 trained on fewer than the three tasks
-    (per dataset where they differ), else nothing."""
+    """`` (VLM tuned on categorical only)`` for a run whose stage 1 trained on fewer than the three
+    tasks (per dataset where they differ), else nothing."""
     tasks = {dataset: vlm_tasks(folder, dataset) for dataset in per_dataset}
     if not any(tasks.values()):
         return ""
-    labels = {vlm_label(value) for value in tasks.values()}
-    if len(labels) == 1:
-        return f" ({labels.pop()})"
-    return " (" + "; ".join(f"{dataset}: {vlm_label(value)}" for dataset, value in tasks.items()) + ")"
+    shown = {dataset: f"{', '.join(value)} only" if value else "all three tasks" for dataset, value in tasks.items()}
+    if len(set(shown.values())) == 1:
+        return f" (VLM tuned on {next(iter(shown.values()))})"
+    return " (VLM tuned on " + "; ".join(f"{dataset}: {text}" for dataset, text in shown.items()) + ")"
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
