@@ -159,6 +159,10 @@ def test_report_names_the_tasks_of_the_vlm_row(categorical_run, tmp_path):
     from utils.runs import build_runs
 
     output_dir, _ = categorical_run
+    # Before stage 3 the VLM row is stage 1's own evaluation (the same number stage 3 reports).
+    stage1 = json.loads((output_dir / "toy" / "vlm" / "eval_score" / "metrics.json").read_text())
+    row = next(line for line in build_report(output_dir).splitlines() if "| VLM (categorical only) |" in line)
+    assert f"| {100 * stage1['accuracy']:.2f} |" in row
     base = tmp_path / "base"
     shutil.copytree(output_dir, tmp_path / "cat_only")
     (base / "toy" / "vlm").mkdir(parents=True)

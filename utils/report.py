@@ -79,6 +79,16 @@ def zero_shot_results(output_dir: str | Path, dataset: str) -> list[ZeroShotResu
     return results
 
 
+def stage1_metrics(output_dir: str | Path, dataset: str) -> dict | None:
+    """Stage 1's own test evaluation of the tuned VLM (``vlm/eval_score/metrics.json``, else
+    ``eval_generate``): the VLM row of a dataset stage 3 has not run on yet; None without one."""
+    for mode in ("score", "generate"):
+        path = Path(output_dir) / dataset / "vlm" / f"eval_{mode}" / "metrics.json"
+        if path.is_file():
+            return read_json(path)
+    return None
+
+
 def vlm_tasks(output_dir: str | Path, dataset: str) -> list[str] | None:
     """The tasks stage 1 trained ``dataset``'s VLM on (``vlm/meta.json``'s ``tasks``) when they are
     not all three; None when they are, or when no record says (an older folder trained all three)."""
@@ -147,6 +157,7 @@ def build_report(output_dir: str | Path, datasets: list[str] | None = None) -> s
     output_dir = Path(output_dir)
     if datasets is None:
         datasets = sorted({p.parent.parent.name for p in output_dir.glob("*/gate/metrics.json")}
+                          | {p.parent.parent.parent.name for p in output_dir.glob("*/vlm/eval_*/metrics.json")}
                           | {p.parent.parent.parent.parent.name for p in
                              output_dir.glob(f"*/{ZeroShotRecord.STAGE}/*/eval_*/metrics.json")})
     if not datasets:
@@ -154,10 +165,11 @@ def build_report(output_dir: str | Path, datasets: list[str] | None = None) -> s
     rows, pictures, extras, gates = [], [], [], []
     for name in datasets:
         path = output_dir / name / "gate" / "metrics.json"
-        zero_shot = zero_shot_results(output_dir, name)
-        if not path.is_file() and not zero_shot:
+        zero_shot, stage1 = zero_shot_results(output_dir, name), stage1_metrics(output_dir, name)
+        if not path.is_file() and not zero_shot and stage1 is None:
             raise UserError(f"{path}: missing; run `python train_gate.py --dataname {name}` first")
-        metrics = read_json(path) if path.is_file() else {}  # a dataset with zero-shot results only
+        # Before stage 3: the VLM row from stage 1's evaluation (the same number), and the zero-shot rows.
+        metrics = read_json(path) if path.is_file() else {"vlm": stage1} if stage1 else {}
         gates.append(len(metrics.get("gates", {})))
         rows += dataset_rows(name, metrics, zero_shot, vlm_tasks(output_dir, name))
         if complementarity_table(metrics):
