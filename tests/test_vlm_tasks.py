@@ -265,3 +265,15 @@ def test_zero_shot_on_another_family_and_refuses_another_base_of_the_same_name(t
                    parse=train_vlm.parse) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds the zero-shot evaluation of" in err[0], err
+
+
+def test_preflight_counts_the_tasks_stage_1_will_train(toy_root, tiny_vlm_dir, tmp_path):
+    import train_vlm
+    from data.datasets import load_dataset
+    from engine.preflight import training_conversations
+
+    splits = load_dataset(toy_root, "toy", tmp_path)
+    for tasks, expected in ((("categorical",), ["categorical"] * 2),
+                            ((), ["observation", "reasoning", "categorical"] * 2)):
+        args = train_vlm.parse(stage1_argv(toy_root, tmp_path, tiny_vlm_dir, *(("--tasks", *tasks) if tasks else ())))
+        assert [task for _, _, task in training_conversations(splits, args, 2)] == expected
