@@ -12,6 +12,12 @@ meta.json), with the loss on the answers only, and writes the adapter, processor
     python train_vlm.py --dataname toy --vlm_model checkpoints/tiny-qwen2-vl --config configs/toy_vlm.yaml
     python train_vlm.py --dataname emoset --eval_only --eval_mode generate
     python train_vlm.py --dataname abstract --annotations abstract_annotations_train.json   # the authors' data
+    python train_vlm.py --dataname emoset --tasks categorical --output_dir outputs/cat_only   # one task, no stage 0
+    python train_vlm.py --dataname emoset --eval_only --zero_shot --vlm_model Qwen/Qwen2-VL-7B-Instruct   # no adapter
+
+``--tasks`` chooses the conversations trained on (default all three; recorded in meta.json);
+``--eval_only --zero_shot`` evaluates the base VLM without an adapter into
+``<output_dir>/<dataname>/vlm_zero_shot/<model name>/``, never touching ``vlm/``.
 """
 from __future__ import annotations
 
