@@ -12,6 +12,12 @@ meta.json), with the loss on the answers only, and writes the adapter, processor
     python train_vlm.py --dataname toy --vlm_model checkpoints/tiny-qwen2-vl --config configs/toy_vlm.yaml
     python train_vlm.py --dataname emoset --eval_only --eval_mode generate
     python train_vlm.py --dataname abstract --annotations abstract_annotations_train.json   # the authors' data
+    python train_vlm.py --dataname emoset --tasks categorical --output_dir outputs/cat_only   # one task, no stage 0
+    python train_vlm.py --dataname emoset --eval_only --zero_shot --vlm_model Qwen/Qwen2-VL-7B-Instruct   # no adapter
+
+``--tasks`` chooses the conversations trained on (default all three; recorded in meta.json);
+``--eval_only --zero_shot`` evaluates the base VLM without an adapter into
+``<output_dir>/<dataname>/vlm_zero_shot/<model name>/``, never touching ``vlm/``.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import SchedulerType
 
-from data.annotations import ANNOTATIONS_FILE, ReferenceReport, load_annotations
+from data.annotations import ANNOTATIONS_FILE, TASKS, TEXT_TASKS, ReferenceReport, load_annotations
 from data.datasets import REFERENCE_PRE_RESIZE, load_dataset
 from data.prompts import PARSERS
 from engine.vlm_eval import evaluate_vlm
@@ -45,10 +51,11 @@ from utils.dist import (barrier, distributed_rank, is_main_process, leave_proces
 from utils.errors import UserError, run_cli
 from utils.io import follow_umask, names_failed_writes, write_json
 from utils.outputs import StagedOutput, lock_folder, releases_locks, staging_dir
-from utils.records import InstructionsRecord, VLMRecord
+from utils.records import InstructionsRecord, VLMRecord, ZeroShotRecord, zero_shot_folder, zero_shot_name
 from utils.run import record_run, seed_everything
 
 DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
+ZERO_SHOT_STAGE = ZeroShotRecord.STAGE  # <output_dir>/<dataname>/vlm_zero_shot/<model name>/ (--zero_shot)
 log = logging.getLogger("train_vlm")
 
 
@@ -94,7 +101,10 @@ def get_args_parser():
                             "or the authors' instruction data as released: one JSON array of {gpt_response, img, "
                             "img_path, label} records (told by its first character '['), matched to the training "
                             "images by class and file name; records of validation or test images are never "
-                            "trained on"),
+                            "trained on")
+    train.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK",
+                       help=f"the conversations trained on, any of {', '.join(TASKS)} (the paper's three by "
+                            "default); categorical alone reads no instruction annotations (no stage 0 needed)")
     train.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=5)
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--lr_scheduler", default="constant", choices=[s.value for s in SchedulerType],
@@ -115,6 +125,10 @@ def get_args_parser():
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in vlm/trainer/")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval_only", action="store_true", help="evaluate the trained adapter, no training")
+    evaluation.add_argument("--zero_shot", action="store_true",
+                            help="with --eval_only: evaluate the base VLM (--vlm_model) without any adapter, with "
+                                 "the same prompt and scorer (--eval_mode, --parser), into "
+                                 f"<output_dir>/<dataname>/{ZERO_SHOT_STAGE}/<model name>/; vlm/ is not touched")
     evaluation.add_argument("--eval_mode", choices=EVAL_MODES, default="score")
     evaluation.add_argument("--eval_every_epoch", choices=("auto", "on", "off"), default="auto",
                             help="after each epoch score the validation images with the class scorer (one prompt "
@@ -139,9 +153,31 @@ def get_args_parser():
 
 
 def check_args(args) -> None:
-    """The rules across flags (each flag's own range is in FLAG_RULES)."""
+    """The rules across flags (each flag's own range is in FLAG_RULES); ``args.tasks`` is put in
+    the order of ``TASKS``, each once."""
     if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
         raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
+    args.tasks = check_tasks(args.tasks)
+    if args.annotations and not text_tasks(args.tasks):
+        raise UserError(f"--annotations: --tasks {' '.join(args.tasks)} reads no instruction text; leave "
+                        "--annotations out or add observation or reasoning to --tasks")
+    if args.zero_shot and not args.eval_only:
+        raise UserError("--zero_shot evaluates the base VLM and trains nothing; add --eval_only")
+
+
+def check_tasks(tasks) -> list[str]:
+    """``--tasks`` in the order of ``TASKS``, each once; an unknown name or none is a UserError."""
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise UserError(f"--tasks {unknown[0]}: not a task; choose from {', '.join(TASKS)}")
+    if not tasks:
+        raise UserError(f"--tasks: name at least one of {', '.join(TASKS)}")
+    return [task for task in TASKS if task in tasks]
+
+
+def text_tasks(tasks) -> list[str]:
+    """The chosen tasks whose answers are stage 0's text (observation, reasoning)."""
+    return [task for task in tasks if task in TEXT_TASKS]
 
 
 def eval_every_epoch(choice: str, splits) -> bool:
@@ -191,6 +227,48 @@ def load_for_eval(args, splits, out_dir: Path, gpu: int | None) -> tuple:
     return model, processor
 
 
+def zero_shot_dir(args) -> Path:
+    """Where ``--zero_shot`` evaluates ``--vlm_model``: beside vlm/, named after the base."""
+    return zero_shot_folder(args.output_dir, args.dataname, args.vlm_model or DEFAULT_VLM)
+
+
+def zero_shot(args, splits, gpu: int | None) -> dict:
+    """The base VLM without an adapter, evaluated as the tuned one is (the same prompt, class scorer
+    or decoding and parser, pixel budget, pre-resize, unquantised float32 unless ``--quant 4bit``)
+    into :func:`zero_shot_dir`: ``eval_<mode>/`` (metrics.json marked ``zero_shot`` with its
+    ``base_model``, predictions, confusion PNG), run.json, then meta.json (a ZeroShotRecord)."""
+    vlm_model = args.vlm_model or DEFAULT_VLM
+    folder = zero_shot_dir(args)
+    config = Path(vlm_model) / "config.json"
+    config_id = file_id(config) if config.is_file() else None
+    if (folder / META_FILE).is_file():  # another base of the same name: never mixed into one folder
+        recorded = ZeroShotRecord.load(folder, args.dataname)
+        if recorded.base_model != vlm_model and (config_id is None or recorded.base_config_id != config_id):
+            raise UserError(f"{folder}: holds the zero-shot evaluation of {recorded.base_model!r}, not --vlm_model "
+                            f"{vlm_model}; move that folder away or pass another --output_dir")
+    device = training_device(gpu)
+    quant = None if args.quant in ("auto", "none") else args.quant  # auto: as the tuned VLM is evaluated
+    processor = load_processor(vlm_model, args.min_pixels, args.max_pixels)  # stage 1's budget
+    model = load_vlm(vlm_model, device, dtype=vlm_torch_dtype(LATER_STAGES_DTYPE), quant=quant)  # no adapter
+    if is_main_process():
+        print(f"zero-shot: base model {vlm_model}, no adapter -> {folder}")
+    eval_dir = folder / f"eval_{args.eval_mode}"
+    metrics = evaluate_vlm(model, processor, splits.data_root, splits.test, splits.class_names, eval_dir,
+                           args.eval_mode, args.eval_batch_size, args.max_new_tokens,
+                           title=f"{args.dataname}: zero-shot {zero_shot_name(vlm_model)} ({args.eval_mode})",
+                           parser=args.parser, pre_resize=args.pre_resize,
+                           record={"zero_shot": True, "base_model": vlm_model})
+    if is_main_process():
+        size = processor.image_processor.size
+        record_run(folder, args, resolved={"vlm_model": vlm_model, "quant": quant})
+        ZeroShotRecord(class_names=splits.class_names, base_model=vlm_model, base_config_id=config_id,
+                       min_pixels=size.shortest_edge, max_pixels=size.longest_edge, quant=quant,
+                       vlm_dtype=LATER_STAGES_DTYPE).write(folder)
+        print(f"zero-shot test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+              f"unparseable {metrics['unparseable']} of {metrics['n']} -> {eval_dir}")
+    return metrics
+
+
 def annotations_file(args, class_names) -> Path:
     if args.annotations:
         path = Path(args.annotations)
@@ -201,7 +279,8 @@ def annotations_file(args, class_names) -> Path:
     path = folder / ANNOTATIONS_FILE
     if not path.is_file():
         raise UserError(f"{path}: no instruction annotations; run "
-                        f"`python generate_instructions.py --dataname {args.dataname}` first")
+                        f"`python generate_instructions.py --dataname {args.dataname}` first, or train the "
+                        "categorical conversation alone (--tasks categorical), which needs none")
     if (folder / META_FILE).is_file():
         InstructionsRecord.load(folder, args.dataname).check_run(folder, class_names=class_names)
     return path
@@ -239,7 +318,7 @@ def save_outputs(args, settings: TrainingSettings, model, processor, class_names
     reference_counts = reference.counts() if reference is not None else None
     if reference is not None:
         write_json(out_dir / REFERENCE_REPORT_FILE, asdict(reference))
-    record_run(out_dir, args, train_examples=sum(counts["conversations"].values()), counts=counts,
+    record_run(out_dir, args, train_examples=sum(counts["conversations"].values()), counts=counts, tasks=args.tasks,
                resolved=asdict(settings), reference_annotations=reference_counts)
     # Lets a later stage accept the same local base folder after it moved.
     config = Path(settings.vlm_model) / "config.json"
@@ -252,7 +331,7 @@ def save_outputs(args, settings: TrainingSettings, model, processor, class_names
               train_on_prompt=args.train_on_prompt, epochs=args.epochs, counts=counts,
               reference_annotations=reference_counts, attn_implementation=settings.attn_implementation,
               gradient_checkpointing=settings.gradient_checkpointing,
-              eval_every_epoch=settings.eval_every_epoch).write(out_dir)
+              eval_every_epoch=settings.eval_every_epoch, tasks=list(args.tasks)).write(out_dir)
     history = read_history(out_dir / "log.txt")
     staged.commit([("the final training loss", history[-1]["train_loss"])] if history else [], "--lr")
     print(f"saved adapter and processor to {final_dir}")
@@ -261,15 +340,17 @@ def save_outputs(args, settings: TrainingSettings, model, processor, class_names
 def train(args, splits, out_dir: Path, gpu: int | None) -> None:
     """Instruction-tune the VLM and save the adapter (rank 0)."""
     vlm_model = args.vlm_model or DEFAULT_VLM
-    path = annotations_file(args, splits.class_names)
-    annotations, reference = load_annotations(path, splits)
+    path, annotations, reference = None, [], None
+    if text_tasks(args.tasks):  # the categorical conversation alone needs no stage-0 text
+        path = annotations_file(args, splits.class_names)
+        annotations, reference = load_annotations(path, splits)
     if reference is not None and is_main_process():
         print(reference.summary(len(splits.train))
               + f"\n  (every record's fate: {out_dir / REFERENCE_REPORT_FILE} once trained)")
     if reference is None:
-        examples = build_examples(annotations, splits, path)
+        examples = build_examples(annotations, splits, path, tasks=args.tasks)
     else:
-        examples = build_examples(annotations, splits, path,
+        examples = build_examples(annotations, splits, path, tasks=args.tasks,
                                   missing_hint="the authors' file has no usable record for them (counted above)")
     counts = example_counts(examples, len(splits.train))
     device = training_device(gpu)
@@ -301,9 +382,12 @@ def train(args, splits, out_dir: Path, gpu: int | None) -> None:
     training_args = training_arguments(args, trainer_dir, on_gpu)
     check_placement(training_args, device)
     batches = -(-len(examples) // (args.batch_size * training_args.world_size))
-    tasks = ", ".join(f"{number} {task}" for task, number in counts["conversations"].items())
-    print(f"{counts['train_images']} training images ({counts['with_text']} with stage-0 text, "
-          f"{counts['without_text']} without: categorical only); {len(examples)} conversations ({tasks}); "
+    tasks = ", ".join(f"{number} {task}" for task, number in counts["conversations"].items() if task in args.tasks)
+    texts = (f"{counts['with_text']} with stage-0 text, {counts['without_text']} without"
+             + (": categorical only" if "categorical" in args.tasks else ": left out") if text_tasks(args.tasks)
+             else "no stage-0 text read")
+    print(f"{counts['train_images']} training images ({texts}); --tasks {' '.join(args.tasks)}: "
+          f"{len(examples)} conversations ({tasks}); "
           f"effective batch "
           f"{args.batch_size * args.grad_accum * training_args.world_size} "
           f"({training_args.world_size} process(es)); ~{-(-batches // args.grad_accum)} optimizer steps per epoch"
@@ -334,7 +418,8 @@ def release_memory() -> None:
 @releases_locks
 def main(args) -> None:
     """Stage 1 on parsed flags (checked by ``parse``): lock the folder, then train (and evaluate) or only evaluate."""
-    lock_folder(stage_dir(args, "vlm"))  # one run per folder, until main returns
+    # One run per folder, until main returns; a zero-shot evaluation writes (and locks) its own, not vlm/.
+    lock_folder(zero_shot_dir(args) if args.zero_shot else stage_dir(args, "vlm"))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     # Before anything touches CUDA: a single process sees only its GPU (see pin_single_gpu).
@@ -343,6 +428,10 @@ def main(args) -> None:
     splits = load_dataset(args.data_root, args.dataname, args.output_dir, args.skip_bad_images)
     if distributed_rank()[0] == 0:
         print(splits.summary())
+    if args.zero_shot:
+        zero_shot(args, splits, gpu)  # sharded across the ranks
+        leave_process_group()
+        return
     out_dir = stage_dir(args, "vlm")
     if not args.eval_only:
         train(args, splits, out_dir, gpu)

@@ -20,11 +20,14 @@ from data.prompts import (OBSERVATION_QUESTION, REASONING_QUESTION, SYSTEM_MESSA
                           categorical_answer, categorical_question, mentions_word, split_sections)
 from utils.errors import UserError
 from utils.io import read_utf8
+from utils.records import TASKS as RECORDED_TASKS
 
 log = logging.getLogger(__name__)
 
 ANNOTATIONS_FILE = "annotations_train.jsonl"
-TASKS = ("observation", "reasoning", "categorical")
+TASKS = RECORDED_TASKS  # ("observation", "reasoning", "categorical"), the order they are recorded in
+# The tasks whose answers are stage 0's text; the categorical one needs none.
+TEXT_TASKS = ("observation", "reasoning")
 
 
 @dataclass(frozen=True)

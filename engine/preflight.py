@@ -355,7 +355,7 @@ def data_report(splits, processor, vlm_args, images: list) -> dict:
     for image in images:
         grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
         tokens.append(int(grid.prod()) // (merge * merge))
-    rows = training_conversations(splits, vlm_args, 1)  # the first sampled image's three conversations
+    rows = training_conversations(splits, vlm_args, 1)  # the first sampled image's conversations (--tasks)
     for sample, conversation, task in rows:
         image = open_image(splits.absolute(sample))
         grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
@@ -392,9 +392,10 @@ def _is_assumed(splits, vlm_args) -> bool:
 
 
 def training_conversations(splits, vlm_args, count: int) -> list[tuple]:
-    """``(sample, conversation, task)`` of ``count`` training images, every task in turn, as stage 1
-    builds them: stage 0's text where its annotations exist (the default file), else sections of
-    ASSUMED_ANSWER_WORDS words."""
+    """``(sample, conversation, task)`` of ``count`` training images, every task of stage 1's
+    ``--tasks`` in turn, as stage 1 builds them: stage 0's text where its annotations exist (the
+    default file), else sections of ASSUMED_ANSWER_WORDS words."""
+    tasks = getattr(vlm_args, "tasks", None) or TASKS
     annotations = {}
     path = Path(vlm_args.output_dir) / vlm_args.dataname / "instructions" / ANNOTATIONS_FILE
     if not vlm_args.annotations and path.is_file():
@@ -406,9 +407,10 @@ def training_conversations(splits, vlm_args, count: int) -> list[tuple]:
     for sample in _sample(splits.train, count):
         annotation = annotations.get(sample.path) or _assumed_annotation(sample, splits)
         for task, conversation in to_conversations(annotation, splits.class_names).items():
-            rows.append((sample, conversation, task))
+            if task in tasks:
+                rows.append((sample, conversation, task))
     rows.sort(key=lambda row: TASKS.index(row[2]))  # interleave below
-    by_task = [[row for row in rows if row[2] == task] for task in TASKS]
+    by_task = [[row for row in rows if row[2] == task] for task in TASKS if task in tasks]
     return [row for group in zip(*by_task) for row in group]
 
 

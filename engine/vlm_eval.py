@@ -15,15 +15,17 @@ from utils.dist import is_main_process
 from utils.errors import UserError
 from utils.io import write_text
 from utils.metrics import NONE, classification_metrics, write_metrics
+from utils.stats import bootstrap_ci, correctness
 
 
 def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: Sequence[str],
                  out_dir: str | Path, mode: str = "score", batch_size: int = 8,
                  max_new_tokens: int = 256, title: str = "", parser: str = "lenient",
-                 pre_resize: int | None = None) -> dict:
+                 pre_resize: int | None = None, record: dict | None = None) -> dict:
     """Predict ``samples`` (data.datasets.Sample), write metrics.json, confusion PNG and
     predictions.jsonl into ``out_dir``; return the metrics. Each image is first pre-resized to
-    ``pre_resize`` px on its longer side (0 or None: not; data.datasets.pre_resize). Under torchrun
+    ``pre_resize`` px on its longer side (0 or None: not; data.datasets.pre_resize); ``record``'s keys
+    are added to metrics.json (a zero-shot evaluation's ``zero_shot`` and ``base_model``). Under torchrun
     the images are sharded across the ranks (each must call this) and only rank 0 writes."""
     # Under torchrun every rank predicts its block of the images; rank 0 writes the files.
     result = predict_samples(model, processor, data_root, samples, class_names, mode, batch_size, max_new_tokens,
@@ -38,6 +40,8 @@ def evaluate_vlm(model, processor, data_root: str | Path, samples, class_names: 
     metrics["pre_resize"] = pre_resize or 0  # how the images were prepared (data.datasets.pre_resize)
     if mode == "generate":  # how the decoded answers were read; "unparseable" counts the misses
         metrics["parser"] = parser
+    metrics["ci95"] = list(bootstrap_ci(correctness(labels, result.pred.tolist())))
+    metrics.update(record or {})
     rows = []
     for i, sample in enumerate(samples):
         pred = int(result.pred[i])

@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, unwrap_peft_model
 
-from data.annotations import TASKS, Annotation, categorical_conversation, to_conversations
+from data.annotations import TASKS, TEXT_TASKS, Annotation, categorical_conversation, to_conversations
 from data.datasets import DatasetSplits, open_image
 from engine.vlm_answers import predict_samples
 from models.backbones import BACKBONES, backbone_for
@@ -34,15 +34,17 @@ DEFAULT_TARGET_MODULES = BACKBONES["qwen2_vl"].lora_targets  # the paper's; each
 
 
 def build_examples(annotations: Sequence[Annotation], splits: DatasetSplits,
-                   annotations_path: str | Path,
-                   missing_hint: str = "run stage 0 again to finish them") -> list[dict]:
-    """``{"conversation", "image", "task"}`` items: the categorical conversation for **every**
-    training image (it needs no generated text), observation and reasoning where stage 0 wrote
-    an annotation for the image.
+                   annotations_path: str | Path | None,
+                   missing_hint: str = "run stage 0 again to finish them",
+                   tasks: Sequence[str] = TASKS) -> list[dict]:
+    """``{"conversation", "image", "task"}`` items of the ``tasks`` chosen (stage 1's ``--tasks``,
+    default all three): the categorical conversation for **every** training image (it needs no
+    generated text), observation and reasoning where stage 0 wrote an annotation for the image.
 
     An annotation whose image is gone is a UserError; one for an image outside the training
     split (e.g. moved to the validation split) is skipped with a warning. ``missing_hint`` ends
-    the warning about training images without text (what to do about them).
+    the warning about training images without text (what to do about them). No conversation at
+    all (text tasks only, and no training image has text) is a UserError.
     """
     train_paths = {sample.path for sample in splits.train}
     annotated, outside = {}, []
@@ -64,19 +66,25 @@ def build_examples(annotations: Sequence[Annotation], splits: DatasetSplits,
         conversations = annotated.get(sample.path) or {
             "categorical": categorical_conversation(splits.class_names[sample.label], splits.class_names)}
         examples.extend({"conversation": conversation, "image": image, "task": task}
-                        for task, conversation in conversations.items())
+                        for task, conversation in conversations.items() if task in tasks)
     missing = len(splits.train) - len(annotated)
-    if missing:
-        log.warning("%d of %d training images have no stage-0 text: they get the categorical conversation "
-                    "only; %s", missing, len(splits.train), missing_hint)
+    if missing and any(task in TEXT_TASKS for task in tasks):
+        log.warning("%d of %d training images have no stage-0 text: they get %s; %s", missing, len(splits.train),
+                    "the categorical conversation only" if "categorical" in tasks else "no conversation",
+                    missing_hint)
+    if not examples:
+        raise UserError(f"--tasks {' '.join(tasks)}: no training image has stage-0 text ({annotations_path}), so "
+                        "there is nothing to train on; run stage 0 or add categorical to --tasks")
     return examples
 
 
 def example_counts(examples: Sequence[dict], num_train: int) -> dict:
-    """Training images with and without generated text, and conversations per task."""
+    """Training images with and without generated text trained on, and conversations per task
+    (0 for a task not chosen)."""
     per_task = {task: sum(example["task"] == task for example in examples) for task in TASKS}
-    return {"train_images": num_train, "with_text": per_task["observation"],
-            "without_text": num_train - per_task["observation"], "conversations": per_task}
+    with_text = len({example["image"] for example in examples if example["task"] in TEXT_TASKS})
+    return {"train_images": num_train, "with_text": with_text, "without_text": num_train - with_text,
+            "conversations": per_task}
 
 
 class ConversationCollator:

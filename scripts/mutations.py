@@ -44,6 +44,7 @@ class Mutant:
 METHOD = "tests/test_method.py::"
 SETTINGS = "tests/test_settings_reach.py::"
 KEY = SETTINGS + "test_config_key_reaches_what_is_trained"
+TASKS = "tests/test_vlm_tasks.py::"
 MUTANTS = (
     Mutant("collator_whole_sequence", "train_vlm.py",
            "data_collator=ConversationCollator(processor, args.train_on_prompt)",
@@ -216,6 +217,28 @@ MUTANTS = (
            ("tests/test_stage1.py::test_eval_every_epoch_logs_val_acc_and_changes_no_weight",),
            "the validation after each epoch scores with dropout on: it draws from the training's random "
            "numbers and changes the weights"),
+    Mutant("stage1_ignores_tasks", "engine/vlm_train.py",
+           "                        for task, conversation in conversations.items() if task in tasks)",
+           "                        for task, conversation in conversations.items())",
+           (TASKS + "test_build_examples_keeps_only_the_tasks_asked_for",
+            TASKS + "test_tasks_reach_the_trainer_and_the_default_is_all_three"),
+           "stage 1's --tasks ignored: every annotated image trains all three conversations"),
+    Mutant("vlm_row_hides_tasks", "utils/report.py",
+           "                label = vlm_label(tasks)",
+           "                label = vlm_label(None)",
+           (TASKS + "test_report_names_the_tasks_of_the_vlm_row",),
+           "the report's VLM row does not say it was tuned on fewer tasks"),
+    Mutant("zero_shot_loads_the_adapter", "train_vlm.py",
+           "    model = load_vlm(vlm_model, device, dtype=vlm_torch_dtype(LATER_STAGES_DTYPE), quant=quant)  # no adapter",
+           "    model = load_vlm(vlm_model, device, dtype=vlm_torch_dtype(LATER_STAGES_DTYPE), quant=quant,\n"
+           "                     adapter=stage_dir(args, 'vlm') if stage_dir(args, 'vlm').is_dir() else None)",
+           (TASKS + "test_zero_shot_scores_the_base_without_adapter_into_its_own_folder",),
+           "the zero-shot evaluation scores the tuned VLM (its stage-1 adapter loaded) instead of the base"),
+    Mutant("zero_shot_writes_into_vlm", "train_vlm.py",
+           "    return zero_shot_folder(args.output_dir, args.dataname, args.vlm_model or DEFAULT_VLM)",
+           "    return stage_dir(args, 'vlm')",
+           (TASKS + "test_zero_shot_scores_the_base_without_adapter_into_its_own_folder",),
+           "the zero-shot evaluation writes into the tuned VLM's folder (overwriting its evaluation)"),
 )
 
 

@@ -13,7 +13,7 @@ from tests.pipeline import PIPELINE_GATE_ARGS, CONFIGS, finished, trained_pipeli
 from utils.checkpoints import FORMAT_VERSION
 from utils.errors import UserError
 from utils.records import (DistillRecord, GateProvenance, GateRecord, InstructionsRecord, TeacherRecord,
-                           VLMRecord)
+                           VLMRecord, ZeroShotRecord)
 
 CLASSES = ["anger", "awe", "fear", "joy"]
 # One record per stage folder, every field set (the values a stage writes).
@@ -25,7 +25,8 @@ RECORDS = {
                      target_modules=["q_proj", "v_proj"], lora_r=8, lora_alpha=8, quant="4bit",
                      train_on_prompt=False, epochs=5, counts={"train_images": 8},
                      reference_annotations={"file": "abstract_annotations_train.json", "records": 9, "matched": 7},
-                     attn_implementation="sdpa", gradient_checkpointing=True, eval_every_epoch=True),
+                     attn_implementation="sdpa", gradient_checkpointing=True, eval_every_epoch=True,
+                     tasks=["categorical"]),
     "teacher": TeacherRecord(class_names=CLASSES, model="vit_tiny_patch16_224", img_size=64, pretrained=False,
                              teacher_id="t" * 12, best_val_acc=0.5, epoch=2, train_images="1" * 16,
                              val_images="2" * 16),
@@ -35,6 +36,9 @@ RECORDS = {
                              alpha=0.5, seed=42, min_pixels=3136, max_pixels=1003520,
                              feature_dtype="torch.float32"),
     "gate": GateRecord(class_names=CLASSES, gate="concat_linear", gate_id="g" * 12),
+    "vlm_zero_shot": ZeroShotRecord(class_names=CLASSES, base_model="Qwen/Qwen2-VL-7B-Instruct",
+                                    base_config_id="c" * 12, min_pixels=3136, max_pixels=1003520, quant=None,
+                                    vlm_dtype="fp32"),
 }
 # The keys each stage wrote before the records, in that order (after format_version, kind, stage).
 KEYS_ON_DISK = {
@@ -42,7 +46,10 @@ KEYS_ON_DISK = {
                      "num_mentions_label", "complete"],
     "vlm": ["class_names", "base_model", "base_config_id", "adapter_id", "min_pixels", "max_pixels",
             "modules_to_save", "target_modules", "lora_r", "lora_alpha", "quant", "train_on_prompt", "epochs",
-            "counts", "reference_annotations", "attn_implementation", "gradient_checkpointing", "eval_every_epoch"],
+            "counts", "reference_annotations", "attn_implementation", "gradient_checkpointing", "eval_every_epoch",
+            "tasks"],
+    "vlm_zero_shot": ["class_names", "base_model", "base_config_id", "zero_shot", "min_pixels", "max_pixels", "quant",
+                      "vlm_dtype"],
     "teacher": ["class_names", "model", "img_size", "pretrained", "teacher_id", "best_val_acc", "epoch",
                 "train_images", "val_images"],
     "distill": ["class_names", "base_model", "head_id", "teacher_id", "teacher_checkpoint", "adapter_id", "in_dim",

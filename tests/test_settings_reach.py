@@ -49,7 +49,7 @@ CHANGED = {
     "vlm": {"vlm_model": TINY, "quant": "none", "lora_r": 4, "lora_alpha": 16, "lora_dropout": 0.2,
             "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"], "epochs": 2, "lr": 3.0e-4,
             "lr_scheduler": "linear", "warmup_ratio": 0.1, "max_grad_norm": 1.5, "batch_size": 3,
-            "max_new_tokens": 7},
+            "max_new_tokens": 7, "tasks": ["categorical"]},
     "distill": {"feature_dtype": "bf16", "pre_resize": 32, "teacher_model": "vit_tiny_patch16_224",
                 "teacher_img_size": 48, "no_teacher_pretrained": True, "teacher_lr": 1.0e-3,
                 "teacher_weight_decay": 0.02, "teacher_batch_size": 5, "teacher_epochs": 4, "depth": [2],
@@ -473,6 +473,8 @@ CHECKS: dict[str, dict[str, Check]] = {
         "warmup_ratio": Check(lambda r: r.first("trainer").args.get_warmup_steps(1000) / 1000),
         "max_grad_norm": Check(lambda r: r.first("trainer").args.max_grad_norm),
         "batch_size": Check(lambda r: r.first("trainer").args.per_device_train_batch_size),
+        # the conversations the Trainer trains on (the world's stage 0 wrote text for every image)
+        "tasks": Check(lambda r: sorted({example["task"] for example in r.first("trainer").train_dataset}), sorted),
         # the decoding limit of the test evaluation (--eval_mode generate)
         "max_new_tokens": Check(lambda r: r.first("max_new_tokens"), runs=("paper_eval", "changed_eval")),
     },

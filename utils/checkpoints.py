@@ -38,6 +38,7 @@ READABLE_VERSIONS = (FORMAT_VERSION,)
 STAGE_COMMANDS = {
     "instructions": "python generate_instructions.py --dataname {dataname}",
     "vlm": "python train_vlm.py --dataname {dataname}",
+    "vlm_zero_shot": "python train_vlm.py --dataname {dataname} --eval_only --zero_shot --vlm_model <base>",
     "teacher": "python train_distillation.py --dataname {dataname} --retrain_teacher",
     "distill": "python train_distillation.py --dataname {dataname}",
     "gate": "python train_gate.py --dataname {dataname}",

@@ -2,6 +2,7 @@
 
     InstructionsRecord  instructions/meta.json                      (generate_instructions.py)
     VLMRecord           vlm/meta.json                               (train_vlm.py)
+    ZeroShotRecord      vlm_zero_shot/<model name>/meta.json        (train_vlm.py --eval_only --zero_shot)
     TeacherRecord       teacher/meta.json                           (train_distillation.py)
     DistillRecord       distill/meta.json, distill/runs/<run>/...   (train_distillation.py)
     GateRecord          gate/meta.json                              (train_gate.py)
@@ -107,6 +108,11 @@ class StageRecord:
                             f"{base_model!r}; pass the same --vlm_model or retrain that stage")
 
 
+# Stage 1's conversations per training image (train_vlm.py --tasks; data.annotations builds them):
+# a VLMRecord without ``tasks`` was trained on all three.
+TASKS = ("observation", "reasoning", "categorical")
+
+
 @dataclass(frozen=True, kw_only=True)
 class InstructionsRecord(StageRecord):
     """Stage 0: who wrote the annotations and how many training images they cover."""
@@ -143,6 +149,36 @@ class VLMRecord(StageRecord):
     attn_implementation: str | None = None
     gradient_checkpointing: bool | None = None
     eval_every_epoch: bool | None = None
+    # The conversations trained on (--tasks, in data.annotations.TASKS order); None in a meta.json
+    # written before it was recorded: all three.
+    tasks: list[str] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZeroShotRecord(StageRecord):
+    """A base VLM evaluated as it is, without an adapter (``train_vlm.py --eval_only --zero_shot``):
+    which base, how it was loaded and its pixel budget. Its folder is :func:`zero_shot_folder`; its
+    ``eval_<mode>/metrics.json`` has the tuned VLM's evaluation keys plus ``zero_shot`` and ``base_model``."""
+    STAGE: ClassVar[str] = "vlm_zero_shot"
+    base_model: str
+    base_config_id: str | None = None
+    zero_shot: bool = True
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    quant: str | None = None  # "4bit", or None: full precision
+    vlm_dtype: str | None = None  # the unquantised weights' dtype ("fp32": as the tuned VLM is evaluated)
+
+
+def zero_shot_name(model_id: str | Path) -> str:
+    """The folder name of a base VLM's zero-shot evaluation: the last part of its hub id or local
+    folder (``Qwen/Qwen2-VL-7B-Instruct`` -> ``Qwen2-VL-7B-Instruct``)."""
+    path = Path(str(model_id).rstrip("/\\"))
+    return path.name or path.resolve().name or "base"
+
+
+def zero_shot_folder(output_dir: str | Path, dataname: str, model_id: str | Path) -> Path:
+    """``<output_dir>/<dataname>/vlm_zero_shot/<model name>/``: beside ``vlm/``, never inside it."""
+    return Path(output_dir) / dataname / ZeroShotRecord.STAGE / zero_shot_name(model_id)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,19 +4,24 @@
     python -m utils.report --datasets FI --ablation depth    # the paper's ablations: depth, alpha, gate, all
     python -m utils.report --runs base=outputs other=outputs/other   # runs side by side, paired tests
 
-Numbers come from ``<output_dir>/<dataset>/gate/metrics.json`` (written by train_gate.py),
-the paper's reported accuracies (arXiv 2505.07164) stand beside them, and the confusion-matrix and
-curve pictures of each stage are linked.
+Numbers come from ``<output_dir>/<dataset>/gate/metrics.json`` (written by train_gate.py) and the
+zero-shot evaluations of base VLMs, ``<output_dir>/<dataset>/vlm_zero_shot/<model name>/eval_<mode>/
+metrics.json`` (``train_vlm.py --eval_only --zero_shot``; :func:`zero_shot_results`); the VLM row
+names the tasks stage 1 trained on when they are not all three (:func:`vlm_tasks`). The paper's
+reported accuracies (arXiv 2505.07164) stand beside them, and the confusion-matrix and curve
+pictures of each stage are linked.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from utils.ablation import ABLATIONS, build_ablation
 from utils.errors import UserError, run_cli
 from utils.io import read_json, write_text
+from utils.records import TASKS, ZeroShotRecord
 
 # Reported accuracy (%) in the paper, by dataset (lower-case) and row.
 PAPER = {
@@ -46,14 +51,71 @@ def _p(test: dict | None) -> str:
     return "" if not test else f"{test['p_value']:.3g}"
 
 
-def dataset_rows(name: str, metrics: dict) -> list[list[str]]:
+@dataclass(frozen=True)
+class ZeroShotResult:
+    """One zero-shot evaluation of a base VLM on a dataset's test split."""
+    name: str         # the folder name, the base's last path part (e.g. Qwen2-VL-7B-Instruct)
+    base_model: str   # the hub id or local folder evaluated
+    mode: str         # score or generate
+    metrics: dict     # its metrics.json (accuracy, macro_f1, ci95, ...)
+    path: Path        # that metrics.json
+
+    @property
+    def label(self) -> str:
+        return f"zero-shot {self.name} ({self.mode})"
+
+
+def zero_shot_results(output_dir: str | Path, dataset: str) -> list[ZeroShotResult]:
+    """Every zero-shot evaluation kept for ``dataset`` under ``output_dir``
+    (``<dataset>/vlm_zero_shot/<model name>/eval_<mode>/metrics.json`` marked ``zero_shot``), by
+    name then mode; none: an empty list."""
+    folder = Path(output_dir) / dataset / ZeroShotRecord.STAGE
+    results = []
+    for path in sorted(folder.glob("*/eval_*/metrics.json")):
+        metrics = read_json(path)
+        if metrics.get("zero_shot"):
+            results.append(ZeroShotResult(path.parent.parent.name, metrics.get("base_model") or path.parent.parent.name,
+                                          metrics.get("mode") or path.parent.name.removeprefix("eval_"), metrics, path))
+    return results
+
+
+def stage1_metrics(output_dir: str | Path, dataset: str) -> dict | None:
+    """Stage 1's own test evaluation of the tuned VLM (``vlm/eval_score/metrics.json``, else
+    ``eval_generate``): the VLM row of a dataset stage 3 has not run on yet; None without one."""
+    for mode in ("score", "generate"):
+        path = Path(output_dir) / dataset / "vlm" / f"eval_{mode}" / "metrics.json"
+        if path.is_file():
+            return read_json(path)
+    return None
+
+
+def vlm_tasks(output_dir: str | Path, dataset: str) -> list[str] | None:
+    """The tasks stage 1 trained ``dataset``'s VLM on (``vlm/meta.json``'s ``tasks``) when they are
+    not all three; None when they are, or when no record says (an older folder trained all three)."""
+    path = Path(output_dir) / dataset / "vlm" / "meta.json"
+    tasks = read_json(path).get("tasks") if path.is_file() else None
+    return None if not tasks or set(tasks) == set(TASKS) else list(tasks)
+
+
+def vlm_label(tasks: list[str] | None) -> str:
+    """The VLM row's name: ``VLM``, or with fewer tasks e.g. ``VLM (categorical only)``."""
+    return "VLM" if not tasks else f"VLM ({', '.join(tasks)} only)"
+
+
+def dataset_rows(name: str, metrics: dict, zero_shot: list[ZeroShotResult] = (),
+                 tasks: list[str] | None = None) -> list[list[str]]:
     """Table rows ``[dataset, model, accuracy, macro-F1, paper accuracy, 95% CI, McNemar p vs VLM,
-    vs head]`` of one dataset (the last three empty where metrics.json has no statistics)."""
+    vs head]`` of one dataset (the last three empty where metrics.json has no statistics): the
+    ``zero_shot`` results first, then the modules of stage 3's ``metrics`` (the VLM row named after
+    its ``tasks`` when not all three)."""
     paper = PAPER.get(name.lower(), {})
-    rows = []
+    rows = [[name, result.label, _pct(result.metrics["accuracy"]), _pct(result.metrics["macro_f1"]), "",
+             _ci(result.metrics), "", ""] for result in zero_shot]
     for label, key in ROWS:
         result = metrics.get(key)
         if result:
+            if key == "vlm":
+                label = vlm_label(tasks)
             rows.append([name, label, _pct(result["accuracy"]), _pct(result["macro_f1"]),
                          str(paper.get(label, "")), _ci(result), "", ""])
     for gate, result in metrics.get("gates", {}).items():
@@ -94,30 +156,41 @@ def markdown_table(rows: list[list[str]], header: list[str] | None = None) -> st
 def build_report(output_dir: str | Path, datasets: list[str] | None = None) -> str:
     output_dir = Path(output_dir)
     if datasets is None:
-        datasets = sorted(p.parent.parent.name for p in output_dir.glob("*/gate/metrics.json"))
+        datasets = sorted({p.parent.parent.name for p in output_dir.glob("*/gate/metrics.json")}
+                          | {p.parent.parent.parent.name for p in output_dir.glob("*/vlm/eval_*/metrics.json")}
+                          | {p.parent.parent.parent.parent.name for p in
+                             output_dir.glob(f"*/{ZeroShotRecord.STAGE}/*/eval_*/metrics.json")})
     if not datasets:
         raise UserError(f"{output_dir}: no */gate/metrics.json found; run train_gate.py first")
-    rows, pictures, extras = [], [], []
+    rows, pictures, extras, gates = [], [], [], []
     for name in datasets:
         path = output_dir / name / "gate" / "metrics.json"
-        if not path.is_file():
+        zero_shot, stage1 = zero_shot_results(output_dir, name), stage1_metrics(output_dir, name)
+        if not path.is_file() and not zero_shot and stage1 is None:
             raise UserError(f"{path}: missing; run `python train_gate.py --dataname {name}` first")
-        metrics = read_json(path)
-        rows += dataset_rows(name, metrics)
+        # Before stage 3: the VLM row from stage 1's evaluation (the same number), and the zero-shot rows.
+        metrics = read_json(path) if path.is_file() else {"vlm": stage1} if stage1 else {}
+        gates.append(len(metrics.get("gates", {})))
+        rows += dataset_rows(name, metrics, zero_shot, vlm_tasks(output_dir, name))
         if complementarity_table(metrics):
             extras.append(f"{name}, complementarity on the test split:\n\n{complementarity_table(metrics)}")
         links = [f"[{pic}]({name}/{pic})" for pic in PICTURES if (output_dir / name / pic).is_file()]
+        links += [f"[{pic}]({name}/{pic})" for pic in (result.path.relative_to(output_dir / name).parent.as_posix()
+                                                       + "/confusion_matrix.png" for result in zero_shot)
+                  if (output_dir / name / pic).is_file()]
         if links:
             pictures.append(f"- {name}: " + ", ".join(links))
     text = markdown_table(rows)
     text += "\n\nAccuracy and macro-F1 on each dataset's test split; paper numbers from arXiv 2505.07164."
-    if any(len(read_json(output_dir / n / "gate" / "metrics.json").get("gates", {})) > 1
-           for n in datasets):
+    if any(count > 1 for count in gates):
         text += " `*` marks the gate saved for the demo."
     if any(len(row) > 5 and row[5] for row in rows):
         text += (" 95% CI: percentile bootstrap over the test images (1,000 resamples, seed 0). McNemar: paired "
                  "test of each EmoVLM-KD row against the VLM alone and the head alone, exact binomial when fewer "
                  "than 25 images differ, otherwise chi-square with continuity correction.")
+    if any(row[1].startswith("zero-shot ") for row in rows):
+        text += (" Zero-shot: the base VLM without an adapter, asked the same categorical question and read by "
+                 "the same scorer (score) or parser (generate) as the tuned VLM.")
     if extras:
         text += "\n\n" + "\n\n".join(extras)
     if pictures:

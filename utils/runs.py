@@ -15,6 +15,7 @@ from pathlib import Path
 
 from utils.errors import UserError
 from utils.io import read_json
+from utils.report import vlm_tasks
 from utils.stats import bootstrap_ci, correctness, mcnemar
 
 MODULES = (("VLM", "vlm"), ("distill module", "head"), ("teacher", "teacher"))
@@ -119,6 +120,18 @@ def paired_rows(datasets: list[str], found: dict) -> list[list[str]]:
     return rows
 
 
+def tasks_note(folder: Path, per_dataset: dict) -> str:
+    """`` (VLM tuned on categorical only)`` for a run whose stage 1 trained on fewer than the three
+    tasks (per dataset where they differ), else nothing."""
+    tasks = {dataset: vlm_tasks(folder, dataset) for dataset in per_dataset}
+    if not any(tasks.values()):
+        return ""
+    shown = {dataset: f"{', '.join(value)} only" if value else "all three tasks" for dataset, value in tasks.items()}
+    if len(set(shown.values())) == 1:
+        return f" (VLM tuned on {next(iter(shown.values()))})"
+    return " (VLM tuned on " + "; ".join(f"{dataset}: {text}" for dataset, text in shown.items()) + ")"
+
+
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -138,7 +151,8 @@ def build_runs(specs: list[str], datasets: list[str] | None = None) -> str:
                                          for d in datasets])
     text = (_markdown(["run", "module", *datasets], rows)
             + "\n\nTest accuracy % [95% percentile bootstrap interval over the test images]. Runs: "
-            + ", ".join(f"`{name}` = `{folder}`" for name, folder in runs.items()) + ".")
+            + ", ".join(f"`{name}` = `{folder}`" + tasks_note(folder, found[name]) for name, folder in runs.items())
+            + ".")
     if paired:
         text += ("\n\n" + _markdown(["dataset", "module", "runs", "accuracy difference (points)",
                                      "right only in the first", "right only in the second", "McNemar p", "test"], paired)
