@@ -6,6 +6,7 @@ import statistics
 import numpy as np
 import pytest
 
+from tests.pipeline import trained_pipeline  # noqa: F401  (session fixture: the toy pipeline)
 from tests.test_report import metric, table_rows
 from utils.io import read_json, write_json
 from utils.stats import bootstrap_ci
@@ -187,6 +188,13 @@ def test_main_table_without_zero_shot_or_results(tmp_path, capsys):
     shutil.rmtree(fi / "vlm_zero_shot")
     text, _ = build_main_table(tmp_path / "out", ["FI"])
     assert "| zero-shot VLM | not run |  |  |" in text
+    # Without kept runs, a published gate/metrics.json on a head of another setting gives no head or EmoVLM-KD.
+    published = read_json(tmp_path / "out" / "emotion6" / "gate" / "metrics.json")
+    write_json(tmp_path / "out" / "flickr" / "gate" / "metrics.json", {**published, "head_run": "depth=3,alpha=0.5,seed=42"})
+    rows = {row[0]: row[1:] for row in table_rows(build_main_table(tmp_path / "out", ["flickr"])[0])[1:]}
+    assert rows["distilled head (depth 1, alpha 0.5)"] == ["not run", "", ""]
+    assert rows["EmoVLM-KD (concat_linear)"] == ["not run", "", "88.90"]  # the paper's Flickr figure beside it
+    assert rows["instruction-tuned VLM"][0] == f"{100 * published['vlm']['accuracy']:.2f}"
 
 
 def test_main_table_of_several_runs(tmp_path, capsys):
@@ -207,3 +215,23 @@ def test_main_table_of_several_runs(tmp_path, capsys):
     assert rows[("base", "EmoVLM-KD (concat_linear)")][0].endswith("(n=3)")
     lines = list(csv.DictReader((tmp_path / "tables" / "main_runs.csv").open()))
     assert {line["run"] for line in lines} == {"base", "other"}
+
+
+def test_main_table_of_the_toy_pipeline(trained_pipeline):
+    """On real stage outputs (one seed each, `--gate all`): each row is the file's number, the
+    teacher named by its timm model, EmoVLM-KD the concat_linear gate whichever was selected."""
+    from utils.main_table import build_main_table
+    from utils.records import TeacherRecord
+
+    metrics = read_json(trained_pipeline.stage("gate") / "metrics.json")
+    text, table_csv = build_main_table(trained_pipeline.output_dir, ["toy"])  # nothing written into the shared run
+    rows = {row[0]: row[1:] for row in table_rows(text)[1:]}
+    ci = lambda r: f"[{100 * r['ci95'][0]:.2f}, {100 * r['ci95'][1]:.2f}]"  # noqa: E731
+    cells = lambda r: [f"{100 * r['accuracy']:.2f}", ci(r)]  # noqa: E731
+    teacher = TeacherRecord.load(trained_pipeline.stage("teacher"), "toy").model  # vit_tiny_patch16_224
+    assert rows[teacher] == cells(metrics["teacher"]) and rows["ViT-B/16"] == ["not run", ""]
+    assert rows["instruction-tuned VLM"] == cells(metrics["vlm"])
+    assert rows["distilled head (depth 1, alpha 0.5)"] == cells(metrics["head"])
+    assert rows["EmoVLM-KD (concat_linear)"] == cells(metrics["gates"]["concat_linear"])
+    assert rows["zero-shot VLM"] == ["not run", ""]
+    assert "toy,ok,1," in table_csv

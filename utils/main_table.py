@@ -134,32 +134,34 @@ def other_teachers(root: Path) -> dict[str, Result]:
     return rows
 
 
+def _evaluation(path: Path) -> Result:
+    """A VLM evaluation folder's result: ``metrics.json``'s accuracy and, for the interval, the
+    per-image correctness from ``predictions.jsonl`` beside it (``label`` and ``pred`` per image)."""
+    correct = None
+    predictions = path.parent / "predictions.jsonl"
+    if predictions.is_file():
+        lines = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines() if line.strip()]
+        correct = np.array([line.get("pred") == line["label"] for line in lines], dtype=bool)
+    return _single(read_json(path), correct)
+
+
 def zero_shot_vlms(root: Path) -> dict[str, Result]:
     """Base VLMs evaluated without an adapter (``train_vlm.py --eval_only --zero_shot``), one row per
     model and evaluation mode: ``vlm_zero_shot/<model name>/eval_<mode>/metrics.json`` (its
-    ``accuracy``) and ``predictions.jsonl`` beside it (``label`` and ``pred`` per test image, for the
-    interval)."""
-    rows = {}
-    for path in sorted((root / "vlm_zero_shot").glob("*/eval_*/metrics.json")):
-        mode = path.parent.name.removeprefix("eval_")
-        correct = None
-        predictions = path.parent / "predictions.jsonl"
-        if predictions.is_file():
-            lines = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines() if line.strip()]
-            correct = np.array([line.get("pred") == line["label"] for line in lines], dtype=bool)
-        rows[f"zero-shot {path.parent.parent.name} ({mode})"] = _single(read_json(path), correct)
-    return rows
+    ``accuracy``) and ``predictions.jsonl`` beside it (for the interval)."""
+    return {f"zero-shot {path.parent.parent.name} ({path.parent.name.removeprefix('eval_')})": _evaluation(path)
+            for path in sorted((root / "vlm_zero_shot").glob("*/eval_*/metrics.json"))}
 
 
 def tuned_vlm(root: Path) -> dict[str, Result]:
     """The instruction-tuned VLM (stage 1's adapter) as stage 3 reads it: ``gate/metrics.json``'s
     ``vlm`` (its interval and predictions), else stage 1's own test evaluation,
-    ``vlm/eval_score/metrics.json`` (the same number, see docs/reproducing.md)."""
+    ``vlm/eval_score/metrics.json`` with ``predictions.jsonl`` (the same number, see docs/reproducing.md)."""
     gate = _read(root / "gate" / "metrics.json")
     if gate and gate.get("vlm"):
         return {TUNED_VLM: _single(gate["vlm"], _correct(gate.get("test_predictions"), "vlm"))}
-    stage1 = _read(root / "vlm" / "eval_score" / "metrics.json")
-    return {TUNED_VLM: _single(stage1)} if stage1 else {}
+    stage1 = root / "vlm" / "eval_score" / "metrics.json"
+    return {TUNED_VLM: _evaluation(stage1)} if stage1.is_file() else {}
 
 
 def _paper_heads(root: Path) -> list[tuple[str, object]]:
@@ -173,15 +175,25 @@ def _paper_heads(root: Path) -> list[tuple[str, object]]:
             and record.teacher_id == default.get("teacher_id")]
 
 
+def _published(root: Path) -> dict | None:
+    """``gate/metrics.json`` when the head it fused is at the paper's setting (its ``head_run``, e.g.
+    ``depth=1,alpha=0.5,seed=42``; a file too old to name it is taken as it is), else None."""
+    gate = _read(root / "gate" / "metrics.json")
+    if gate is None or not gate.get("head_run"):
+        return gate
+    setting = dict(part.partition("=")[::2] for part in gate["head_run"].split(","))
+    return gate if all(setting.get(key) == f"{value:g}" for key, value in PAPER_SETTING.items()) else None
+
+
 def distilled_head(root: Path) -> dict[str, Result]:
     """The distilled head at the paper's setting over its seeds: each kept run's
     ``distill/runs/depth=1,alpha=0.5,seed=S/metrics.json`` (``accuracy``; runs distilled from another
     teacher than the default head's are left out), its per-image predictions from a gate run on it
     (``gate/runs/<run>/seed=*/metrics.json``, ``test_predictions.head``). Without kept runs:
-    ``gate/metrics.json``'s ``head``."""
+    ``gate/metrics.json``'s ``head`` if that head is at the paper's setting."""
     heads = _paper_heads(root)
     if not heads:
-        gate = _read(root / "gate" / "metrics.json")
+        gate = _published(root)
         if gate and gate.get("head"):
             return {HEAD: _single(gate["head"], _correct(gate.get("test_predictions"), "head"))}
         return {}
@@ -197,11 +209,11 @@ def emovlm_kd(root: Path) -> dict[str, Result]:
     """EmoVLM-KD with the paper's gate (``concat_linear``), whichever gate a run selected: every gate
     seed on every head seed at the paper's setting, ``gate/runs/<head run>/seed=S/metrics.json``
     (``gates.concat_linear``: accuracy and ``test_predictions``; gate runs on a head since retrained
-    are left out). Without kept runs: ``gate/metrics.json``'s ``gates.concat_linear``. A run without
-    a ``concat_linear`` gate is not counted."""
+    are left out). Without kept runs: ``gate/metrics.json``'s ``gates.concat_linear`` if the head it
+    fused is at the paper's setting. A run without a ``concat_linear`` gate is not counted."""
     runs = [metrics for name, record in _paper_heads(root) for metrics in gate_runs(root, name, record.head_id)]
-    if not runs and (root / "gate" / "metrics.json").is_file():
-        runs = [read_json(root / "gate" / "metrics.json")]
+    if not runs and _published(root):
+        runs = [_published(root)]
     runs = [metrics for metrics in runs if PAPER_GATE in metrics.get("gates", {})]
     if not runs:
         return {}
