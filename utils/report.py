@@ -130,13 +130,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Markdown table of results across datasets.")
     parser.add_argument("--output_dir", default="outputs")
     parser.add_argument("--datasets", nargs="*", default=None,
-                        help="dataset names (default: every dataset with a gate/metrics.json)")
+                        help="dataset names (default: every dataset with a gate/metrics.json; with --table main, "
+                             "every dataset with results of any stage)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--ablation", choices=(*ABLATIONS, "all"), default=None,
-                        help="instead of the main table: the paper's ablation of the head depth, the distillation "
+                        help="instead of the results table: the paper's ablation of the head depth, the distillation "
                              "weight alpha or the gate type (or all), from the kept runs; writes a PNG per table")
     parser.add_argument("--runs", nargs="+", metavar="NAME=FOLDER", default=None,
-                        help="instead of the main table: several output folders side by side, a row per run and "
+                        help="instead of the results table: several output folders side by side, a row per run and "
                              "module, a column per dataset, 95%% intervals, McNemar of each run against the first")
     parser.add_argument("--table", choices=("main",), default=None,
                         help="the paper's main table: a row per method (conventional classifiers, zero-shot VLMs, the "
