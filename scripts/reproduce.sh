@@ -61,4 +61,5 @@ step "stage 3: every gate variant on the VLM's decoded answers, read strictly (c
 
 step "results (python -m utils.report)"
 "$PY" -m utils.report --output_dir "$OUT" --datasets "$DATA"
+"$PY" -m utils.report --output_dir "$OUT" --table main   # every dataset run so far; $OUT/tables/main.md, main.csv
 echo "reproduction of $DATA finished in $(( $(date +%s) - start )) s"

@@ -3,6 +3,7 @@
     python -m utils.report --output_dir outputs [--datasets FI emotion6] [--out results.md]
     python -m utils.report --datasets FI --ablation depth    # the paper's ablations: depth, alpha, gate, all
     python -m utils.report --runs base=outputs other=outputs/other   # runs side by side, paired tests
+    python -m utils.report --table main    # the paper's main table: a row per method, <output_dir>/tables/main.md, .csv
 
 Numbers come from ``<output_dir>/<dataset>/gate/metrics.json`` (written by train_gate.py) and the
 zero-shot evaluations of base VLMs, ``<output_dir>/<dataset>/vlm_zero_shot/<model name>/eval_<mode>/
@@ -202,19 +203,32 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Markdown table of results across datasets.")
     parser.add_argument("--output_dir", default="outputs")
     parser.add_argument("--datasets", nargs="*", default=None,
-                        help="dataset names (default: every dataset with a gate/metrics.json)")
+                        help="dataset names (default: every dataset with a gate/metrics.json; with --table main, "
+                             "every dataset with results of any stage)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--ablation", choices=(*ABLATIONS, "all"), default=None,
-                        help="instead of the main table: the paper's ablation of the head depth, the distillation "
+                        help="instead of the results table: the paper's ablation of the head depth, the distillation "
                              "weight alpha or the gate type (or all), from the kept runs; writes a PNG per table")
     parser.add_argument("--runs", nargs="+", metavar="NAME=FOLDER", default=None,
-                        help="instead of the main table: several output folders side by side, a row per run and "
+                        help="instead of the results table: several output folders side by side, a row per run and "
                              "module, a column per dataset, 95%% intervals, McNemar of each run against the first")
+    parser.add_argument("--table", choices=("main",), default=None,
+                        help="the paper's main table: a row per method (conventional classifiers, zero-shot VLMs, the "
+                             "tuned VLM, the head, EmoVLM-KD), a column per dataset, the paper's numbers beside ours; "
+                             "writes <output_dir>/tables/main.md and main.csv (with --runs: a row per run and method, "
+                             "tables/main_runs.*)")
     args = parser.parse_args(argv)
-    chosen = [flag for flag, value in (("--ablation", args.ablation), ("--runs", args.runs)) if value]
+    # --table main --runs: the main table of several output folders, a row per run and method
+    chosen = [flag for flag, value in (("--ablation", args.ablation), ("--table", args.table),
+                                       ("--runs", args.runs and not args.table)) if value]
     if len(chosen) > 1:
         raise UserError(f"{' and '.join(chosen)}: choose one table")
-    if args.runs:
+    if args.table:
+        from utils.main_table import build_main_table, write_main_table
+
+        text, table_csv = build_main_table(args.output_dir, args.datasets, args.runs)
+        written = write_main_table(args.output_dir, text, table_csv, runs=bool(args.runs))
+    elif args.runs:
         from utils.runs import build_runs
 
         text = build_runs(args.runs, args.datasets)
@@ -228,6 +242,8 @@ def main(argv=None) -> None:
     print(text)
     if args.out:
         write_text(args.out, text)
+    if args.table:
+        print(f"written: {written} and {written.with_suffix('.csv').name} beside it")
 
 
 if __name__ == "__main__":
