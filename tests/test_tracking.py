@@ -174,6 +174,28 @@ print(sorted(str(path.relative_to(root)) for path in root.rglob("*")))
     assert files == "['outputs', 'outputs/toy', 'outputs/toy/gate', 'outputs/toy/gate/log.txt']"
 
 
+@needs_tensorboard
+def test_under_a_launcher_only_rank_0_logs(tmp_path, monkeypatch):
+    from engine.fit import EpochLog
+    from utils.tracking import tracked
+
+    root = tmp_path / "outputs" / "toy"
+    args = train_gate.parse(["--dataname", "toy", "--output_dir", str(tmp_path / "outputs"), "--report_to", "tensorboard"])
+
+    @tracked("gate")
+    def main(args):
+        EpochLog(root / "gate" / "log.txt").add({"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_acc": 0.5})
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    main(args)
+    assert not (root / "gate" / "tensorboard").exists()
+    monkeypatch.setenv("RANK", "0")
+    main(args)
+    [run] = (root / "gate" / "tensorboard").glob("*/gate")
+    assert event_scalars(run)["val_acc"] == [(1, 0.5)]
+
+
 def test_stage1_environment_points_the_trainer_into_the_stage_folder(tmp_path, monkeypatch):
     """The Trainer's integrations read their folders from the environment: set under the stage
     folder while it trains, a variable the user set kept, all restored afterwards."""

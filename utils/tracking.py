@@ -15,7 +15,9 @@ teacher and the heads stage 2 trained, side by side. Offline files go under the 
 ``<stage>/tensorboard/<start time>/<run>/``, ``<stage>/wandb/``, ``<stage>/mlruns/`` (unless
 ``MLFLOW_TRACKING_URI`` names another store). Under a launcher only rank 0 logs.
 
-With ``--report_to none`` (the default) nothing is imported and nothing is written.
+The flag itself (``add_report_to_flag``) and its check before any work (a tracker whose package
+is missing: one line naming the ``pip install``) are ``utils.cli``'s. With ``--report_to none``
+(the default) no tracker package is imported and nothing is written.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+
+from accelerate.state import PartialState
+from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 
 from utils.cli import NONE, trackers
 from utils.dist import distributed_rank
@@ -89,11 +94,29 @@ def trainer_environment(args, folder: str | Path) -> Iterator[None]:
 
 # ---------------------------------------------------------------- stages 2-3: accelerate's trackers
 
+# What a launcher sets; hidden while accelerate's process state is made for rank 0 alone.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def one_process_state() -> None:
+    """accelerate's trackers log through its process-aware logger, which needs accelerate's process
+    state. Only rank 0 logs, and stages 2-3 train after leaving the launcher's process group: the
+    state is made for this one process (the launcher's variables hidden meanwhile), never by joining
+    a group the other ranks have left. A state made before (the Trainer's, stage 1) is kept."""
+    if PartialState._shared_state != {}:  # the test accelerate's logger makes
+        return
+    launcher = {key: os.environ.pop(key) for key in LAUNCHER_VARIABLES if key in os.environ}
+    try:
+        PartialState()
+    finally:
+        os.environ.update(launcher)
+
+
 class _Run:
     """One tracked run: one accelerate tracker per ``--report_to`` name, started on its first row."""
 
     def __init__(self, names: list[str], name: str, group: str, folder: Path, tb_dir: str, config: dict):
-        from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+        one_process_state()
         self.trackers = []
         for tracker in names:
             if tracker == "tensorboard":
@@ -123,7 +146,7 @@ class _MLflowRun:
     active run, so each row resumes this run (by id) and ends it again."""
 
     def __init__(self, tracker_class, name: str, group: str, folder: Path):
-        import mlflow
+        import mlflow  # installed only where asked for (--report_to mlflow)
         self.mlflow = mlflow
         if "MLFLOW_TRACKING_URI" not in os.environ:
             mlflow.set_tracking_uri((folder / MLFLOW_DIR).resolve().as_uri())
