@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import train_distillation
 import train_gate
 import train_vlm
 from bench.world import CONFIGS, ToyRun, write_annotations
-from conftest import run_script
+from conftest import REPO, run_script
 from utils.errors import UserError, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,6 +121,28 @@ def test_stage1_logs_every_step_and_the_epoch_rows(tracked_world):
     for tag, key in (("train/epoch_loss", "train_loss"), ("train/val_acc", "val_acc")):
         assert [step for step, _ in scalars[tag]] == [row["step"] for row in rows]
         assert [value for _, value in scalars[tag]] == pytest.approx([row[key] for row in rows], rel=1e-6)
+
+
+@needs_tensorboard
+def test_under_torchrun_rank_0_alone_writes_the_runs(tracked_world, tmp_path):
+    """Stage 3 on two gloo processes: the VLM answers sharded, the gates trained and logged by rank 0
+    (accelerate's process state is made for it alone: no hang on the group the others left)."""
+    output_dir = tmp_path / "outputs"
+    for stage in ("vlm", "distill"):
+        shutil.copytree(tracked_world.stage(stage), output_dir / "toy" / stage,
+                        ignore=shutil.ignore_patterns("tensorboard", ".lock*"))
+    shutil.copy(tracked_world.output_dir / "toy" / "split.json", output_dir / "toy" / "split.json")
+    argv = [*tracked_world.argv("--config", str(CONFIGS / "toy_gate.yaml"), "--epochs", "2", "--gate", "concat_linear",
+                                "--report_to", "tensorboard")]
+    argv[argv.index("--output_dir") + 1] = str(output_dir)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train_gate.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sharded over 2 processes" in result.stderr
+    gate = output_dir / "toy" / "gate"
+    [run] = (one_run(gate / "tensorboard")).glob("*/seed=42/concat_linear")
+    assert_rows_logged(run, read_log(next((gate / "runs").glob("*/seed=42/log.txt"))))
 
 
 @pytest.mark.parametrize("script", sorted(STAGES))
