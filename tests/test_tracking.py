@@ -237,7 +237,7 @@ def test_stage1_environment_points_the_trainer_into_the_stage_folder(tmp_path, m
         assert logging_dir.parent.parent == folder / "tensorboard" and logging_dir.name == "vlm"
         assert os.environ["WANDB_PROJECT"] == "mine" and os.environ["WANDB_DIR"] == str(folder)
         assert os.environ["WANDB_RUN_GROUP"].startswith("toy/vlm/")
-        assert os.environ["MLFLOW_TRACKING_URI"] == (folder / "mlruns").resolve().as_uri()
+        assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{(folder / 'mlflow.db').resolve()}"
     assert "TENSORBOARD_LOGGING_DIR" not in os.environ and "MLFLOW_TRACKING_URI" not in os.environ
     assert os.environ["WANDB_PROJECT"] == "mine"
 
@@ -282,7 +282,7 @@ def test_wandb_offline_runs_of_one_group(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed (pip install mlflow)")
-def test_mlflow_file_store_runs_of_one_group(tmp_path, monkeypatch):
+def test_mlflow_store_in_the_stage_folder_runs_of_one_group(tmp_path, monkeypatch):
     import mlflow
 
     from engine.fit import EpochLog
@@ -304,7 +304,7 @@ def test_mlflow_file_store_runs_of_one_group(tmp_path, monkeypatch):
                 log.add(row)
 
     main(args)
-    client = mlflow.MlflowClient((root / "distill" / "mlruns").resolve().as_uri())
+    client = mlflow.MlflowClient(f"sqlite:///{(root / 'distill' / 'mlflow.db').resolve()}")
     [experiment] = [e for e in client.search_experiments() if e.name == "emovlm-kd"]
     found = client.search_runs([experiment.experiment_id])
     assert sorted(run.info.run_name for run in found) == ["toy/distill/depth=0,alpha=0.5,seed=1",

@@ -12,7 +12,7 @@ arguments as its config. A run is named after the dataset, the stage folder and 
 below it (``toy/distill/depth=1,alpha=0.5,seed=42``, ``toy/gate/<head run>/seed=42/concat_linear``);
 the runs of one invocation share a group (``toy/distill/<start time>``): a sweep's heads, or the
 teacher and the heads stage 2 trained, side by side. Offline files go under the stage folder:
-``<stage>/tensorboard/<start time>/<run>/``, ``<stage>/wandb/``, ``<stage>/mlruns/`` (unless
+``<stage>/tensorboard/<start time>/<run>/``, ``<stage>/wandb/``, ``<stage>/mlflow.db`` (unless
 ``MLFLOW_TRACKING_URI`` names another store). Under a launcher only rank 0 logs.
 
 The flag itself (``add_report_to_flag``) and its check before any work (a tracker whose package
@@ -38,7 +38,15 @@ from utils.outputs import unstaged_name
 from utils.sweeps import RUNS
 
 PROJECT = "emovlm-kd"  # the W&B project and MLflow experiment unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say
-TENSORBOARD_DIR, WANDB_DIR, MLFLOW_DIR = "tensorboard", "wandb", "mlruns"  # under the stage folder
+TENSORBOARD_DIR, WANDB_DIR = "tensorboard", "wandb"  # under the stage folder
+# MLflow's store under the stage folder: an SQLite file (MLflow's own local default; its plain-file
+# store is refused by MLflow 3 unless opted into), the runs' artifacts beside it.
+MLFLOW_DB, MLFLOW_ARTIFACTS = "mlflow.db", "mlartifacts"
+
+
+def mlflow_store(folder: Path) -> str:
+    """The MLflow tracking URI of a stage folder's own store (``MLFLOW_TRACKING_URI`` wins)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(folder) / MLFLOW_DB).resolve()}"
 
 
 def run_config(args) -> dict:
@@ -81,7 +89,7 @@ def trainer_environment(args, folder: str | Path) -> Iterator[None]:
         settings.update(WANDB_PROJECT=PROJECT, WANDB_DIR=str(folder), WANDB_RUN_GROUP=f"{args.dataname}/{folder.name}/{started}")
         (folder / WANDB_DIR).mkdir(parents=True, exist_ok=True)
     if "mlflow" in names:
-        settings.update(MLFLOW_TRACKING_URI=(folder / MLFLOW_DIR).resolve().as_uri(), MLFLOW_EXPERIMENT_NAME=PROJECT)
+        settings.update(MLFLOW_TRACKING_URI=mlflow_store(folder), MLFLOW_EXPERIMENT_NAME=PROJECT)
     saved = {key: os.environ.get(key) for key in settings}
     os.environ.update({key: value for key, value in settings.items() if saved[key] is None})
     try:
@@ -148,11 +156,9 @@ class _MLflowRun:
     def __init__(self, tracker_class, name: str, group: str, folder: Path):
         import mlflow  # installed only where asked for (--report_to mlflow)
         self.mlflow = mlflow
-        if "MLFLOW_TRACKING_URI" not in os.environ:
-            mlflow.set_tracking_uri((folder / MLFLOW_DIR).resolve().as_uri())
-        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT)
-        self.make = functools.partial(tracker_class, experiment_name=experiment, run_name=name, tags={"group": group})
-        self.tracker = self.make()
+        mlflow.set_tracking_uri(mlflow_store(folder))
+        self.tracker = tracker_class(experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT), run_name=name,
+                                     tags={"group": group}, logging_dir=(folder / MLFLOW_ARTIFACTS).resolve().as_uri())
         self.run_id = None
 
     def start(self) -> None:
