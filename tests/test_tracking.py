@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -260,25 +261,33 @@ def test_runs_are_named_after_dataset_stage_and_run(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install wandb)")
 def test_wandb_offline_runs_of_one_group(tmp_path, monkeypatch):
-    from utils.tracking import tracked
+    """Two heads trained together: two offline W&B runs under the stage folder, each named after
+    its head, both in the invocation's group, each holding the rows (read as bytes: the W&B SDK
+    has no public reader of offline runs)."""
     from engine.fit import EpochLog
+    from utils.tracking import tracked
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     root = tmp_path / "outputs" / "toy"
     args = train_gate.get_args_parser().parse_args(["--dataname", "toy", "--output_dir", str(tmp_path / "outputs"),
                                                     "--report_to", "wandb"])
+    heads = ("depth=0,alpha=0.5,seed=1", "depth=1,alpha=0.5,seed=1")
 
     @tracked("distill")
     def main(args):
-        for run in ("depth=0,alpha=0.5,seed=1", "depth=1,alpha=0.5,seed=1"):
-            log = EpochLog(root / "distill" / "runs" / run / "log.txt")
-            for epoch in (1, 2):
+        logs = [EpochLog(root / "distill" / "runs" / head / "log.txt") for head in heads]
+        for epoch in (1, 2):
+            for log in logs:
                 log.add({"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 2.0 / epoch, "val_acc": 0.25 * epoch})
 
     main(args)
-    runs = sorted((root / "distill" / "wandb").glob("offline-run-*"))
+    runs = [next(run.glob("*.wandb")).read_bytes() for run in sorted((root / "distill" / "wandb").glob("offline-run-*"))]
     assert len(runs) == 2
+    assert sorted(head for head in heads for data in runs if f"toy/distill/{head}".encode() in data) == sorted(heads)
+    groups = {group for data in runs for group in re.findall(rb"toy/distill/\d{8}-\d{6}", data)}
+    assert len(groups) == 1
+    assert all(b"val_acc" in data and b"report_to" in data for data in runs)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed (pip install mlflow)")

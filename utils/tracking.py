@@ -129,15 +129,17 @@ class _Run:
         for tracker in names:
             if tracker == "tensorboard":
                 made = TensorBoardTracker(tb_dir, folder / TENSORBOARD_DIR)
-            elif tracker == "wandb":
+            elif tracker == "wandb":  # the config given to wandb.init: several runs are open at once, and
+                # WandBTracker.store_init_configuration writes to the global wandb.config (no run's own)
                 (folder / WANDB_DIR).mkdir(parents=True, exist_ok=True)
                 made = WandBTracker(os.environ.get("WANDB_PROJECT", PROJECT), name=name, group=group,
-                                    dir=str(folder), reinit="create_new")
+                                    dir=str(folder), reinit="create_new", config=config)
             else:
                 made = _MLflowRun(MLflowTracker, name, group, folder)
-            made.main_process_only = False  # only rank 0 opens runs at all (no accelerate process state needed)
+            made.main_process_only = False  # the rank check is ours: only rank 0 opens runs (tracked)
             made.start()
-            made.store_init_configuration(config)
+            if tracker != "wandb":
+                made.store_init_configuration(config)
             self.trackers.append(made)
 
     def log(self, values: dict, step: int) -> None:
