@@ -285,7 +285,8 @@ def epoch_logger(log_path: str | Path, curves_path: str | Path, history: list[di
                 steps, self.steps = self.steps, []
                 row = self.write(state, {**steps[-1], "loss": sum(step["loss"] for step in steps) / len(steps)})
                 if self.report is not None:  # "train_loss" is the Trainer's name for the run's mean at its end
-                    self.report({"epoch_loss": row["train_loss"], **({"val_acc": row["val_acc"]} if "val_acc" in row else {})})
+                    self.report({"epoch_loss": row["train_loss"],
+                                 **({"val_acc": row["val_acc"]} if "val_acc" in row else {})})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             # Logging is per epoch; the epoch's loss arrives here, after on_epoch_end.

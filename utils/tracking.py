@@ -86,7 +86,8 @@ def trainer_environment(args, folder: str | Path) -> Iterator[None]:
     if "tensorboard" in names:
         settings["TENSORBOARD_LOGGING_DIR"] = str(folder / TENSORBOARD_DIR / started / folder.name)
     if "wandb" in names:
-        settings.update(WANDB_PROJECT=PROJECT, WANDB_DIR=str(folder), WANDB_RUN_GROUP=f"{args.dataname}/{folder.name}/{started}")
+        settings.update(WANDB_PROJECT=PROJECT, WANDB_DIR=str(folder),
+                        WANDB_RUN_GROUP=f"{args.dataname}/{folder.name}/{started}")
         (folder / WANDB_DIR).mkdir(parents=True, exist_ok=True)
     if "mlflow" in names:
         settings.update(MLFLOW_TRACKING_URI=mlflow_store(folder), MLFLOW_EXPERIMENT_NAME=PROJECT)
