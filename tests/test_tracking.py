@@ -166,6 +166,19 @@ def test_a_missing_tracker_package_is_one_line_before_any_work(script, monkeypat
         stage.parse(argv[:-2] + ["none", "tensorboard"])
 
 
+def test_report_to_from_a_settings_file_is_checked_as_on_the_command_line(tmp_path, monkeypatch):
+    config = tmp_path / "gate.yaml"
+    config.write_text("report_to: tensorboard\n", encoding="utf-8")
+    argv = ["--dataname", "toy", "--config", str(config)]
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        train_gate.parse(argv)
+    monkeypatch.delitem(sys.modules, "tensorboard")
+    if HAS_TENSORBOARD:
+        assert train_gate.parse(argv).report_to == ["tensorboard"]
+        assert train_gate.parse([*argv, "--report_to", "none"]).report_to == ["none"]  # the command line wins
+
+
 def test_report_to_is_off_by_default_and_imports_no_tracker(tmp_path):
     """Without --report_to: every stage parses it as none, the Trainer is told none and logs per
     epoch as before, a stage's log.txt rows go nowhere else, and no tracker package is imported
