@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv quickstart test bench mutations reproduce preflight gpu-check browser-test clean-toy
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-tracking.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements-dev.txt

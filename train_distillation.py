@@ -29,7 +29,7 @@ from models.teacher import (DEFAULT_TEACHER, build_teacher, data_config, default
 from models.vlm import vision_hidden_size
 from utils.cache import image_list_id
 from utils.checkpoints import file_id, verify_file
-from utils.cli import add_base_vlm_flag, base_parser, parse_args, stage_dir
+from utils.cli import add_base_vlm_flag, add_report_to_flag, base_parser, parse_args, stage_dir
 from utils.dist import barrier, distributed_rank, init_distributed, leave_process_group, training_device
 from utils.errors import run_cli
 from utils.metrics import classification_metrics, save_curves_png, write_metrics
@@ -37,6 +37,7 @@ from utils.outputs import DivergedError, StagedOutput, lock_folder, publish, rel
 from utils.records import DistillRecord, TeacherRecord, VLMRecord
 from utils.run import record_run, seed_everything
 from utils.sweeps import RUNS, as_list, default_setting, run_name, settings
+from utils.tracking import tracked
 
 # What each numeric flag must be (utils.cli.check_flags; the shared flags are checked too).
 FLAG_RULES = {"feature_batch_size": "count", "teacher_img_size": "count", "teacher_lr": "positive",
@@ -92,6 +93,7 @@ def get_args_parser():
                            "(recorded in each head run's run.json and metrics.json)")
     head.add_argument("--standardize_features", action="store_true",
                       help="standardise features with the training mean/std (saved in the head)")
+    add_report_to_flag(parser)
     return parser
 
 
@@ -158,6 +160,7 @@ def teacher_checkpoint(args, splits, device, rank: int) -> Path:
 
 
 @releases_locks
+@tracked("distill")
 def main(args) -> None:
     """Stage 2 on parsed flags: the teacher, the cached frozen passes, then the heads of the sweep."""
     depths, alphas = as_list(args.depth), as_list(args.alpha)

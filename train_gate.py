@@ -40,7 +40,7 @@ from models.heads import head_logits, load_head
 from models.scorer import EVAL_MODES
 from models.vlm import LATER_STAGES_DTYPE, LATER_STAGES_QUANT, VLM_DTYPES
 from utils.checkpoints import META_FILE, file_id
-from utils.cli import add_base_vlm_flag, base_parser, parse_args, stage_dir
+from utils.cli import add_base_vlm_flag, add_report_to_flag, base_parser, parse_args, stage_dir
 from utils.dist import init_distributed, leave_process_group, training_device
 from utils.errors import UserError, run_cli
 from utils.io import read_json, write_json, write_text
@@ -51,6 +51,7 @@ from utils.report import complementarity_table, dataset_rows, markdown_table
 from utils.run import record_run, seed_everything
 from utils.stats import fusion_statistics
 from utils.sweeps import RUNS, as_list, resolve_head
+from utils.tracking import tracked
 
 log = logging.getLogger("train_gate")
 
@@ -112,6 +113,7 @@ def get_args_parser():
     gate.add_argument("--epochs", "--epoch", dest="epochs", type=int, default=10)
     gate.add_argument("--lr", type=float, default=1e-4)
     gate.add_argument("--weight_decay", type=float, default=1e-4)
+    add_report_to_flag(parser)
     return parser
 
 
@@ -254,6 +256,7 @@ def write_results(args, out_dir: Path, data: dict, results: dict, selected: str,
 
 
 @releases_locks
+@tracked("gate")
 def main(args) -> None:
     """Stage 3 on parsed flags: the frozen inputs (cached), then every gate once per seed."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

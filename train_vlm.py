@@ -45,7 +45,7 @@ from models.vlm import (ATTN_IMPLEMENTATIONS, DEFAULT_MAX_PIXELS, LATER_STAGES_D
                         attn_implementation, check_attn_implementation, load_processor, load_trained_vlm, load_vlm,
                         resolve_quant, vlm_torch_dtype)
 from utils.checkpoints import META_FILE, file_id
-from utils.cli import base_parser, parse_args, stage_dir
+from utils.cli import add_report_to_flag, base_parser, parse_args, stage_dir
 from utils.dist import (barrier, distributed_rank, is_main_process, leave_process_group, pin_single_gpu,
                         training_device)
 from utils.errors import UserError, run_cli
@@ -53,6 +53,7 @@ from utils.io import follow_umask, names_failed_writes, write_json
 from utils.outputs import StagedOutput, lock_folder, releases_locks, staging_dir
 from utils.records import InstructionsRecord, VLMRecord, ZeroShotRecord, zero_shot_folder, zero_shot_name
 from utils.run import record_run, seed_everything
+from utils.tracking import trainer_environment
 
 DEFAULT_VLM = "Qwen/Qwen2-VL-7B-Instruct"
 ZERO_SHOT_STAGE = ZeroShotRecord.STAGE  # <output_dir>/<dataname>/vlm_zero_shot/<model name>/ (--zero_shot)
@@ -123,6 +124,7 @@ def get_args_parser():
                             "(less memory, ~30%% more compute); auto: on where CUDA trains (the reference run), "
                             "off on CPU")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in vlm/trainer/")
+    add_report_to_flag(train)
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval_only", action="store_true", help="evaluate the trained adapter, no training")
     evaluation.add_argument("--zero_shot", action="store_true",
@@ -399,11 +401,13 @@ def train(args, splits, out_dir: Path, gpu: int | None) -> None:
                           (read_history(staging / "log.txt") or read_history(out_dir / "log.txt"))
                           if checkpoint else None, validate)
     # The output layer runs only where the loss reads it (the answers; every text token with --train_on_prompt).
-    trainer = AnswerLogitsTrainer(model=model, args=training_args, train_dataset=examples,
-                                  data_collator=ConversationCollator(processor, args.train_on_prompt),
-                                  callbacks=[logger, CheckpointRights()])
-    with checkpoint_writes(trainer_dir):  # a checkpoint the disk cannot hold: one line naming it
-        trainer.train(resume_from_checkpoint=checkpoint)
+    with trainer_environment(args, out_dir):  # --report_to: the Trainer's trackers write under vlm/
+        trainer = AnswerLogitsTrainer(model=model, args=training_args, train_dataset=examples,
+                                      data_collator=ConversationCollator(processor, args.train_on_prompt),
+                                      callbacks=[logger, CheckpointRights()])
+        logger.report = trainer.log  # the epoch rows to the trackers too
+        with checkpoint_writes(trainer_dir):  # a checkpoint the disk cannot hold: one line naming it
+            trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():  # saving is rank 0's alone
         save_outputs(args, settings, model, processor, splits.class_names, out_dir, counts, reference)
 

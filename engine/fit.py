@@ -23,6 +23,7 @@ from torch import nn
 
 from utils.io import write_text
 from utils.outputs import DivergedError, check_finite
+from utils.tracking import track_row
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class EpochLog:
     """``log.txt``: one JSON line per history row, the whole file rewritten atomically after each
     row (a killed run leaves whole lines). Several fits may add to one log; with ``group`` the
     lines are kept sorted by ``group(row)`` (stably), so fits trained together (an ensemble's
-    members, whose rows arrive epoch by epoch) leave the log fits trained one after another do."""
+    members, whose rows arrive epoch by epoch) leave the log fits trained one after another do.
+    While a stage runs with ``--report_to``, each row also goes to its trackers (utils.tracking)."""
 
     def __init__(self, path: str | Path, group: Callable[[dict], object] | None = None):
         self.path = Path(path)
@@ -70,6 +72,7 @@ class EpochLog:
         self.rows.append(row)
         rows = self.rows if self.group is None else sorted(self.rows, key=self.group)
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        track_row(self.path, row)
 
 
 class Selection:

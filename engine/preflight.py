@@ -443,7 +443,7 @@ def time_vlm_training(vlm_args, vlm_model, processor, images, splits, device, wa
 
         with tempfile.TemporaryDirectory() as tmp:
             settings = {**trainer_settings(vlm_args, tmp, on_gpu), "max_steps": warmup + steps, "save_strategy": "no",
-                        "logging_strategy": "no", "dataloader_num_workers": 0}
+                        "logging_strategy": "no", "report_to": "none", "dataloader_num_workers": 0}  # a measurement, not a run
             # Stage 1's own trainer: the output layer only where the loss reads it.
             trainer = AnswerLogitsTrainer(model=model, args=TrainingArguments(**settings), train_dataset=examples,
                               data_collator=ConversationCollator(processor, vlm_args.train_on_prompt),

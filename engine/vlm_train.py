@@ -27,6 +27,7 @@ from utils.errors import UserError, first_line
 from utils.io import follow_umask, write_failure, write_text
 from utils.metrics import save_curves_png
 from utils.outputs import check_finite
+from utils.tracking import trainer_reporting
 
 log = logging.getLogger(__name__)
 
@@ -271,21 +272,40 @@ def epoch_logger(log_path: str | Path, curves_path: str | Path, history: list[di
     """A TrainerCallback appending one JSON line per epoch (mean loss, lr, grad norm and, with
     ``validate`` (:func:`val_scorer`), the validation accuracy ``val_acc`` of the weights at the
     epoch's end) to log.txt and redrawing the curves; only the main process writes. Validating
-    changes no weight and no choice of weights: the Trainer saves the last epoch's either way."""
+    changes no weight and no choice of weights: the Trainer saves the last epoch's either way.
+
+    With ``--report_to`` the Trainer logs every step (utils.tracking.trainer_reporting): the
+    epoch's row is then the mean of its steps' losses with the last step's lr and grad norm, and
+    goes to the trackers through ``report`` (set it to the Trainer's ``log``) as ``epoch_loss``
+    and ``val_acc``."""
     class EpochLogger(TrainerCallback):
         def __init__(self):
             self.history = list(history or [])
             self.val_acc = None
+            self.steps: list[dict] = []  # the epoch's step logs, when the Trainer logs every step
+            self.report: Callable[[dict], None] | None = None
 
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
             # Every rank scores its share of the images; the Trainer logs the epoch right after.
             if validate is not None:
                 self.val_acc = validate(model)
+            if self.steps:  # logged per step (rank 0): the epoch's row from its steps
+                steps, self.steps = self.steps, []
+                row = self.write(state, {**steps[-1], "loss": sum(step["loss"] for step in steps) / len(steps)})
+                if self.report is not None:  # "train_loss" is the Trainer's name for the run's mean at its end
+                    self.report({"epoch_loss": row["train_loss"],
+                                 **({"val_acc": row["val_acc"]} if "val_acc" in row else {})})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             # Logging is per epoch; the epoch's loss arrives here, after on_epoch_end.
             if not state.is_world_process_zero or not logs or "loss" not in logs:
                 return
+            if args.logging_strategy == "steps":
+                self.steps.append(dict(logs))
+                return
+            self.write(state, logs)
+
+        def write(self, state, logs: dict) -> dict:
             check_finite(logs["loss"], f"the training loss in epoch {round(float(state.epoch))}", "--lr")
             row = {"epoch": round(float(state.epoch)), "train_loss": float(logs["loss"]),
                    "lr": float(logs.get("learning_rate", 0.0)), "step": state.global_step}
@@ -299,6 +319,7 @@ def epoch_logger(log_path: str | Path, curves_path: str | Path, history: list[di
             save_curves_png([{k: h[k] for k in ("epoch", "train_loss", "val_acc") if k in h} for h in self.history],
                             curves_path, "stage 1: instruction tuning")
             print(json.dumps(row))
+            return row
 
     return EpochLogger()
 
@@ -338,7 +359,7 @@ def trainer_settings(args, trainer_dir: str | Path, on_gpu: bool) -> dict:
     tf32 = on_gpu and tf32_supported()
     if on_gpu and not tf32:
         log.warning("this GPU has no TF32 matmuls (it needs compute capability 8.0 or newer); training without")
-    return dict(
+    settings = dict(
         output_dir=str(trainer_dir),
         num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size,
@@ -368,6 +389,7 @@ def trainer_settings(args, trainer_dir: str | Path, on_gpu: bool) -> dict:
         # CPU processes under a launcher talk through gloo (nccl is GPU only).
         ddp_backend="gloo" if not on_gpu and distributed_rank()[2] > 1 else None,
     )
+    return {**settings, **trainer_reporting(args)}  # --report_to: the Trainer's tracker integrations
 
 
 def training_arguments(args, trainer_dir: str | Path, on_gpu: bool) -> TrainingArguments:

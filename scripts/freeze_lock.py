@@ -3,7 +3,7 @@
     python scripts/freeze_lock.py            # rewrites requirements.lock from this environment
 
 The lock is a pip *constraints* file (``pip install -r requirements.txt -c requirements.lock``): it
-pins the versions of whatever requirements.txt (and requirements-dev.txt) pull in, nothing more;
+pins the versions of whatever requirements.txt (and requirements-dev.txt, requirements-tracking.txt) pull in, nothing more;
 packages of other platforms' markers (CUDA wheels on macOS) are simply not installed there.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
-ROOTS = ("requirements.txt", "requirements-dev.txt")
+ROOTS = ("requirements.txt", "requirements-dev.txt", "requirements-tracking.txt")
 
 
 def root_names() -> list[str]:

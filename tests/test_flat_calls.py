@@ -8,6 +8,7 @@ them, PEP 709) are not counted.
 """
 from __future__ import annotations
 
+import inspect
 import shutil
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ class Walks:
     """Records, at each call of a patched function, the walk from ``main`` to it."""
 
     def __init__(self, script, stop: bool = False):
-        self.main = script.main.__wrapped__  # under utils.outputs.releases_locks
+        self.main = inspect.unwrap(script.main)  # under utils.outputs.releases_locks (and utils.tracking.tracked)
         self.stop = stop
         self.walks: list[list[str]] = []
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 from pathlib import Path
@@ -45,6 +46,39 @@ def add_base_vlm_flag(group) -> None:
                             "which a given one must match")
 
 
+# --report_to's trackers (utils/tracking.py) -> the package each needs (what the error names).
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+NONE = "none"
+
+
+def add_report_to_flag(group) -> None:
+    """``--report_to`` of a training stage (stages 1-3; :func:`parse_args` checks its packages)."""
+    group.add_argument("--report_to", nargs="+", choices=[NONE, *TRACKERS], default=[NONE],
+                       help="follow the training in TensorBoard, W&B or MLflow (one or more; none: off): "
+                            "per-epoch train_loss, val_loss, val_acc (stage 1: also per-step loss and learning "
+                            "rate), the arguments as the run's config; files under the stage folder")
+
+
+def trackers(report_to) -> list[str]:
+    """The trackers ``--report_to`` asks for, in order, without ``none`` ([] for none or no flag)."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    return list(dict.fromkeys(name for name in names if name != NONE))
+
+
+def check_report_to(report_to) -> None:
+    """One UserError line, before any work, for ``none`` beside a tracker or for a tracker whose
+    package is not installed (naming the ``pip install`` that adds it)."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if NONE in names and len(set(names)) > 1:
+        raise UserError(f"--report_to {' '.join(names)}: none turns tracking off; give it alone or leave it out")
+    for name in trackers(names):
+        try:
+            importlib.import_module(TRACKERS[name])
+        except ImportError:
+            raise UserError(f"--report_to {name}: the {TRACKERS[name]} package is not installed; "
+                            f"pip install {TRACKERS[name]}") from None
+
+
 def load_config(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
@@ -69,10 +103,13 @@ def load_config(path: str) -> dict:
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
                rules: dict[str, str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; values from ``--config`` become defaults that the command line overrides.
-    With ``rules`` (see :func:`check_flags`) every numeric flag is checked before anything runs."""
+    With ``rules`` (see :func:`check_flags`) every numeric flag is checked before anything runs;
+    so is ``--report_to`` (:func:`check_report_to`), where the stage has it."""
     args = _parse(parser, argv)
     if rules is not None:
         check_flags(parser, args, rules)
+    if hasattr(args, "report_to"):
+        check_report_to(args.report_to)
     return args
 
 

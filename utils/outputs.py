@@ -49,6 +49,11 @@ def staging_dir(folder: str | Path) -> Path:
     return folder.parent / f".{folder.name}.new"
 
 
+def unstaged_name(name: str) -> str:
+    """The output folder's name for a staging folder's (:func:`staging_dir`); other names as they are."""
+    return name[1:-len(".new")] if name.startswith(".") and name.endswith(".new") and len(name) > 5 else name
+
+
 class StagedOutput:
     """Stage results written beside ``folder`` and swapped in by :meth:`commit`."""
 
