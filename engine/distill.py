@@ -175,6 +175,13 @@ def teacher_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimiz
     return {"train_loss": total / count}
 
 
+def teacher_loader_options(device: torch.device, num_workers: int) -> dict:
+    """The teacher's DataLoader settings: pinned host memory when the batches go to a GPU, and the
+    ``num_workers`` workers kept alive across epochs (not restarted each epoch)."""
+    return {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda",
+            "persistent_workers": num_workers > 0}
+
+
 def describe_teacher_training(world: int, batch_size: int, precision: str) -> str:
     """The log's line on how the teacher trains, e.g. ``teacher: data-parallel over 2 processes,
     global batch 10 (5+5 per step), fp32``."""
@@ -204,8 +211,7 @@ def train_teacher(model: torch.nn.Module, splits: DatasetSplits, data_config: di
     teacher_autocast(device, precision)  # refuses an unknown precision before any work
     group = gradient_group(device) if world > 1 else None
     train_tf, eval_tf = teacher_transforms(data_config)
-    # Pinned host memory when the batches go to a GPU; workers kept alive across epochs.
-    options = {"num_workers": num_workers, "pin_memory": device.type == "cuda", "persistent_workers": num_workers > 0}
+    options = teacher_loader_options(device, num_workers)
     train_loader = DataLoader(SeededAugmentation(ImageDataset(splits.data_root, splits.train, train_tf)),
                               batch_sampler=GlobalBatches(len(splits.train), batch_size, seed, rank, world),
                               collate_fn=collate_share, **options)
