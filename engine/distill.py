@@ -214,7 +214,7 @@ def train_teacher(model: torch.nn.Module, splits: DatasetSplits, data_config: di
     options = teacher_loader_options(device, num_workers)
     train_loader = DataLoader(SeededAugmentation(ImageDataset(splits.data_root, splits.train, train_tf)),
                               batch_sampler=GlobalBatches(len(splits.train), batch_size, seed, rank, world),
-                              collate_fn=collate_share, **options)
+                              collate_fn=collate_share, generator=torch.Generator().manual_seed(seed), **options)
     val_block = shard_range(len(splits.val), rank, world, unit=batch_size)
     val_loader = DataLoader(ImageDataset(splits.data_root, [splits.val[i] for i in val_block], eval_tf),
                             batch_size=batch_size, **options)
