@@ -15,8 +15,9 @@ Targets: (2) <= 1.3 x (1); (3) >= 5 x (2).
 Also (4), the data-parallel teacher (engine.distill.train_teacher): one teacher epoch (training at
 the reference's global batch 10, then validation) of the tiny ViT at 64 px on 400 toy images
 (4 classes, 100 each: 360 train+val), under ``torchrun`` with 1 and with 2 gloo processes on the
-CPU, each process's torch threads set so both runs use every core (2 threads for 1 process, 1
-each for 2), timed inside the processes after their imports; best of two runs each. Target
+CPU, one torch thread per process (a process per core, as a process per GPU; two threads in one
+process on this shared machine spin against each other: measured 13x slower), timed inside the
+processes after their imports; best of two runs each. Target
 (none in the issue, which expects near 1x on 2 cores: the row is for the overhead): 2 processes /
 1 process < 1. ``python -m bench.distill_cost --teacher`` runs (4) alone.
 """
@@ -139,12 +140,11 @@ def teacher_epoch_here(images: Path, split_dir: Path) -> None:
 
 
 def teacher_epoch_seconds(images: Path, split_dir: Path, nproc: int) -> float:
-    """Wall time of one teacher epoch on ``nproc`` gloo processes (torchrun), every core used."""
-    threads = max(1, (os.cpu_count() or 1) // nproc)
+    """Wall time of one teacher epoch on ``nproc`` gloo processes (torchrun), one thread each."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "bench.distill_cost", "--teacher_epoch", str(images), str(split_dir)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)})
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     lines = [line for line in result.stdout.splitlines() if line.startswith(TEACHER_MARK)]
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"the {nproc}-process teacher epoch failed:\n{result.stderr[-3000:]}")
