@@ -7,7 +7,7 @@ teacher logits are computed once and cached.
 
     python train_distillation.py --dataname emoset --gpu 1
     python train_distillation.py --dataname emoset --teacher_checkpoint my_vit.pt   # reuse a teacher
-    torchrun --nproc_per_node 4 train_distillation.py --dataname emoset   # features sharded (or accelerate launch)
+    torchrun --nproc_per_node 4 train_distillation.py --dataname emoset   # teacher data-parallel, features sharded (or accelerate launch)
     python train_distillation.py --dataname toy --vlm_model checkpoints/tiny-qwen2-vl --config configs/toy_distill.yaml
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig
 
 from data.datasets import REFERENCE_PRE_RESIZE, load_dataset
-from engine.distill import train_heads, train_teacher
+from engine.distill import TEACHER_PRECISIONS, train_heads, train_teacher
 from engine.features import FEATURE_DTYPES, cached_teacher_logits, cached_vlm_features
 from models.heads import HEAD_FILE, head_logits, save_head
 from models.teacher import (DEFAULT_TEACHER, build_teacher, data_config, default_img_size, read_teacher_checkpoint,
@@ -75,6 +75,9 @@ def get_args_parser():
     teacher.add_argument("--teacher_weight_decay", type=float, default=1e-5)
     teacher.add_argument("--teacher_batch_size", type=int, default=10)
     teacher.add_argument("--teacher_epochs", type=int, default=10)
+    teacher.add_argument("--teacher_precision", choices=TEACHER_PRECISIONS, default="fp32",
+                         help="fp32 (the reference code's) or bf16: the teacher's forward passes under torch.autocast "
+                              "in bfloat16 (for CUDA; on the CPU torch's CPU autocast, usually slower)")
     head = parser.add_argument_group("distillation head (--batch_size is its mini-batch)")
     head.add_argument("--depth", type=int, nargs="+", default=[1], choices=range(6),
                       help="hidden layers, widths [1024, 512, 256, 128, 64][:depth]; several values: "
@@ -119,20 +122,26 @@ def existing_teacher(args, splits, folder: Path) -> Path | None:
 
 def fit_teacher(args, splits, folder: Path, device) -> Path:
     """Fine-tune the stage's own teacher into ``folder/teacher.pt`` (with its run record and
-    meta.json), staged so the old teacher stays until the new one is complete."""
-    staged = StagedOutput(folder)  # the old teacher stays until the new one is complete
-    new_dir = staged.begin()
+    meta.json), staged so the old teacher stays until the new one is complete. Under a launcher
+    every process trains it (data-parallel); rank 0 writes."""
+    rank, world = init_distributed()
+    staged = StagedOutput(folder) if rank == 0 else None  # the old teacher stays until the new one is complete
+    new_dir = staged.begin() if staged is not None else None
     pretrained = not args.no_teacher_pretrained
     model = build_teacher(args.teacher_model, len(splits.class_names), args.teacher_img_size, pretrained)
     config = data_config(model, args.teacher_img_size)
     size = config["input_size"][-1]
-    print(f"training teacher {args.teacher_model} ({'pretrained' if pretrained else 'from scratch'}, {size} px, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) for {args.teacher_epochs} epochs")
+    if rank == 0:
+        print(f"training teacher {args.teacher_model} ({'pretrained' if pretrained else 'from scratch'}, {size} px, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) for {args.teacher_epochs} epochs")
     result = train_teacher(model, splits, config, device, args.teacher_epochs, args.teacher_lr,
-                           args.teacher_weight_decay, args.teacher_batch_size, args.num_workers, args.seed, new_dir)
+                           args.teacher_weight_decay, args.teacher_batch_size, args.num_workers, args.seed, new_dir,
+                           precision=args.teacher_precision)
+    if rank != 0:
+        return folder / "teacher.pt"
     path = save_teacher(new_dir / "teacher.pt", model, args.teacher_model, size, splits.class_names, config,
                         pretrained, result.best_val_acc, result.best_epoch)
-    record_run(new_dir, args)
+    record_run(new_dir, args, processes=world)
     TeacherRecord(class_names=splits.class_names, model=args.teacher_model, img_size=size, pretrained=pretrained,
                   teacher_id=file_id(path), best_val_acc=result.best_val_acc, epoch=result.best_epoch,
                   **split_ids(splits)).write(new_dir)
@@ -143,8 +152,8 @@ def fit_teacher(args, splits, folder: Path, device) -> Path:
 
 
 def teacher_checkpoint(args, splits, device, rank: int) -> Path:
-    """The teacher to distil: --teacher_checkpoint, the stage's own trained one, or a new one (rank 0
-    trains while the other processes wait)."""
+    """The teacher to distil: --teacher_checkpoint, the stage's own trained one, or a new one (trained
+    by every process, data-parallel; rank 0 writes it)."""
     if args.teacher_checkpoint:
         path = Path(args.teacher_checkpoint)
         read_teacher_checkpoint(path, splits.class_names, args.dataname)  # refuses a missing file or other classes now
@@ -153,7 +162,7 @@ def teacher_checkpoint(args, splits, device, rank: int) -> Path:
     if existing_teacher(args, splits, folder) is not None:
         if rank == 0:
             print(f"reusing the trained teacher in {folder}; --retrain_teacher replaces it")
-    elif rank == 0:
+    else:
         fit_teacher(args, splits, folder, device)
     barrier()
     return folder / "teacher.pt"

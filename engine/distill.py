@@ -4,13 +4,16 @@ it trains from: engine/features.py).
 """
 from __future__ import annotations
 
+import random
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from data.datasets import DatasetSplits, ImageDataset
@@ -18,59 +21,217 @@ from engine.batches import MemberAdam, TrainingOrder, epoch_steps, per_step_epoc
 from engine.fit import EpochLog, Fit, fit, fit_members
 from models.heads import HEAD_DROPOUT, DistillHead, DropoutMasks, HeadEnsemble, distillation_loss
 from models.teacher import teacher_transforms
+from utils.dist import (all_sum, broadcast_state, distributed_rank, gradient_group, init_distributed, shard_range,
+                        sum_gradients)
 from utils.metrics import save_curves_png
 from utils.outputs import DivergedError
 
 
+# The teacher's compute precision (--teacher_precision): fp32, the reference code's, or bf16 autocast.
+TEACHER_PRECISIONS = ("fp32", "bf16")
+
+
+def teacher_autocast(device: torch.device, precision: str):
+    """The context the teacher's forward passes run in: none for fp32; for bf16, torch.autocast on
+    the device (CUDA; on the CPU, torch's CPU autocast: the same arithmetic, usually slower)."""
+    if precision not in TEACHER_PRECISIONS:
+        raise ValueError(f"teacher precision {precision!r} is not one of {TEACHER_PRECISIONS}")
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's order and augmentation draws, mixed from the run's seed and the epoch."""
+    return int(np.random.SeedSequence((seed, epoch)).generate_state(1, np.uint64)[0] >> 1)
+
+
+class GlobalBatches(Sampler):
+    """This process's share of every global batch of the teacher's training images.
+
+    Each epoch, every process draws the same order of the ``count`` images (seeded by ``seed`` and
+    the epoch: :meth:`set_epoch`) and cuts it into global batches of ``batch_size`` (the last one
+    partial); this process takes its contiguous share of each (``utils.dist.shard_range``: 10
+    images over 2 processes 5+5, over 3 4/3/3; a share may be empty). Every image also gets its
+    own augmentation seed, drawn with the order, so its random crop and flip do not depend on the
+    process that loads it (:class:`SeededAugmentation`). Yields lists of ``(index, seed)``.
+    """
+
+    def __init__(self, count: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.count, self.batch_size, self.seed, self.rank, self.world = count, batch_size, seed, rank, world
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_batches(self) -> list[list[tuple[int, int]]]:
+        """This epoch's global batches of ``(index, augmentation seed)``, the same on every process."""
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(self.count, generator=generator).tolist()
+        seeds = torch.randint(0, 2 ** 62, (self.count,), generator=generator).tolist()
+        rows = list(zip(order, seeds))
+        return [rows[start:start + self.batch_size] for start in range(0, self.count, self.batch_size)]
+
+    def global_sizes(self) -> list[int]:
+        """The number of images of each global batch (every process's shares together)."""
+        return [min(self.batch_size, self.count - start) for start in range(0, self.count, self.batch_size)]
+
+    def __iter__(self):
+        for batch in self.global_batches():
+            yield [batch[i] for i in shard_range(len(batch), self.rank, self.world)]
+
+    def __len__(self) -> int:
+        return -(-self.count // self.batch_size)
+
+
+class SeededAugmentation(Dataset):
+    """``dataset[index]`` with its random transform drawn from the item's own seed (``(index, seed)``
+    keys, :class:`GlobalBatches`): Python's ``random`` and torch's CPU generator are seeded for the
+    item and restored after it, so an image's augmentation is the same whichever process or worker
+    loads it, and the global generators are left as they were. A plain index loads as ``dataset``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        index, seed = key
+        state = random.getstate()
+        random.seed(seed)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(state)
+
+
+def collate_share(batch: list):
+    """A share of a global batch collated; None for an empty share (a process without images this step)."""
+    return default_collate(batch) if batch else None
+
+
 @torch.no_grad()
-def evaluate_teacher(model, loader, device) -> dict:
-    """``{"val_loss", "val_acc"}`` of the teacher over ``loader`` (mean cross-entropy, accuracy)."""
+def evaluate_teacher(model, loader, device, *, precision: str = "fp32", sharded: bool = False) -> dict:
+    """``{"val_loss", "val_acc"}`` of the teacher over ``loader`` (mean cross-entropy, accuracy).
+
+    ``sharded``: ``loader`` holds this process's block of the images; the sums are added across the
+    processes, so every process gets the same numbers (and picks the same best epoch)."""
     model.eval()
     loss = 0.0
     correct = total = 0
     for images, labels in loader:
-        logits = model(images.to(device))
+        with teacher_autocast(device, precision):
+            logits = model(images.to(device))
         loss += F.cross_entropy(logits.float(), labels.to(device), reduction="sum").item()
         correct += (logits.argmax(-1).cpu() == labels).sum().item()
         total += len(labels)
+    if sharded:
+        loss, correct, total = all_sum(loss, correct, total)
     return {"val_loss": loss / max(total, 1), "val_acc": correct / max(total, 1)}
 
 
-def teacher_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                  device: torch.device, epochs: int, epoch: int) -> dict:
-    """One epoch of the teacher's fine-tuning over ``loader``: ``{"train_loss"}``, the mean cross-entropy."""
-    total = count = 0.0
-    for images, labels in tqdm(loader, desc=f"teacher epoch {epoch}/{epochs}", leave=False):
-        loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+def teacher_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
+                  device: torch.device, epochs: int, epoch: int, *, precision: str = "fp32", group=None) -> dict:
+    """One epoch of the teacher's fine-tuning over ``loader``: ``{"train_loss"}``, the mean cross-entropy.
+
+    ``loader`` yields ``(images, labels)`` batches; a DataLoader over :class:`GlobalBatches` yields
+    this process's share of each global batch (None: no images here this step). Each step's loss
+    is the sum of the cross-entropy over the local images divided by the *global* batch's size,
+    the gradients are summed across the processes (``group``), and every process takes the same
+    Adam step: the optimiser steps of one process at the global batch size, whatever the number of
+    processes.
+    """
+    sampler = getattr(loader, "batch_sampler", None)
+    sizes, world = None, 1
+    if isinstance(sampler, GlobalBatches):
+        sampler.set_epoch(epoch)
+        sizes, world = sampler.global_sizes(), sampler.world
+    device = torch.device(device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    rows = 0
+    progress = tqdm(loader, desc=f"teacher epoch {epoch}/{epochs}", leave=False, disable=distributed_rank()[0] != 0)
+    for step, share in enumerate(progress):
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if share is not None:
+            images, labels = share
+            labels = labels.to(device, non_blocking=True)
+            with teacher_autocast(device, precision):
+                logits = model(images.to(device, non_blocking=True))
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            (loss / (sizes[step] if sizes is not None else len(labels))).backward()
+            loss_sum += loss.detach()
+            rows += len(labels)
+        if world > 1:
+            sum_gradients(model.parameters(), group)
         optimizer.step()
-        total += loss.item() * len(labels)
-        count += len(labels)
+    total, count = float(loss_sum), rows
+    if world > 1:
+        total, count = all_sum(total, count)
     return {"train_loss": total / count}
+
+
+def teacher_loader_options(device: torch.device, num_workers: int) -> dict:
+    """The teacher's DataLoader settings: pinned host memory when the batches go to a GPU, and the
+    ``num_workers`` workers kept alive across epochs (not restarted each epoch)."""
+    return {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda",
+            "persistent_workers": num_workers > 0}
+
+
+def describe_teacher_training(world: int, batch_size: int, precision: str) -> str:
+    """The log's line on how the teacher trains, e.g. ``teacher: data-parallel over 2 processes,
+    global batch 10 (5+5 per step), fp32``."""
+    if world == 1:
+        return f"teacher: one process, batch {batch_size}, {precision}"
+    shares = "+".join(str(len(shard_range(batch_size, rank, world))) for rank in range(world))
+    return f"teacher: data-parallel over {world} processes, global batch {batch_size} ({shares} per step), {precision}"
 
 
 def train_teacher(model: torch.nn.Module, splits: DatasetSplits, data_config: dict, device: torch.device,
                   epochs: int, lr: float, weight_decay: float, batch_size: int, num_workers: int,
-                  seed: int, out_dir: Path) -> Fit:
+                  seed: int, out_dir: Path | None, *, precision: str = "fp32") -> Fit:
     """Fine-tune the teacher with Adam; keep the epoch best on validation (engine.fit).
 
-    Returns the fit (``model`` holds the best weights); writes ``log.txt`` and ``curves.png``.
+    Under a launcher every process trains (:func:`teacher_epoch`): each global batch of
+    ``batch_size`` images is split across the processes, the gradients summed, and every process
+    takes the same step, so the weights are those one process trains at ``batch_size``. Validation
+    is sharded the same way (whole batches per process) and its sums added, so every process keeps
+    the same epoch. The images are visited in a seeded order, a new one each epoch, the same for
+    any number of processes and workers (:class:`GlobalBatches`).
+
+    Returns the fit (``model`` holds the best weights); writes ``log.txt`` and ``curves.png`` into
+    ``out_dir`` (None: nothing written, the other processes of a launcher).
     """
+    device = torch.device(device)
+    rank, world = init_distributed()
+    teacher_autocast(device, precision)  # refuses an unknown precision before any work
+    group = gradient_group(device) if world > 1 else None
     train_tf, eval_tf = teacher_transforms(data_config)
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(ImageDataset(splits.data_root, splits.train, train_tf), batch_size=batch_size,
-                              shuffle=True, num_workers=num_workers, generator=generator)
-    val_loader = DataLoader(ImageDataset(splits.data_root, splits.val, eval_tf), batch_size=batch_size,
-                            num_workers=num_workers)
+    options = teacher_loader_options(device, num_workers)
+    train_loader = DataLoader(SeededAugmentation(ImageDataset(splits.data_root, splits.train, train_tf)),
+                              batch_sampler=GlobalBatches(len(splits.train), batch_size, seed, rank, world),
+                              collate_fn=collate_share, generator=torch.Generator().manual_seed(seed), **options)
+    val_block = shard_range(len(splits.val), rank, world, unit=batch_size)
+    val_loader = DataLoader(ImageDataset(splits.data_root, [splits.val[i] for i in val_block], eval_tf),
+                            batch_size=batch_size, **options)
     model.to(device)
+    if world > 1:
+        broadcast_state(model, group)  # every process starts from rank 0's weights
+    if rank == 0:
+        print(describe_teacher_training(world, batch_size, precision))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
-    train_epoch = partial(teacher_epoch, model, train_loader, optimizer, device, epochs)
-    evaluate = partial(evaluate_teacher, model, val_loader, device)
+    train_epoch = partial(teacher_epoch, model, train_loader, optimizer, device, epochs, precision=precision,
+                          group=group)
+    evaluate = partial(evaluate_teacher, model, val_loader, device, precision=precision, sharded=world > 1)
     fitted = fit(model, epochs, train_epoch, evaluate, name="teacher", flags="--teacher_lr",
-                 epoch_log=EpochLog(out_dir / "log.txt"))
-    save_curves_png(fitted.history, out_dir / "curves.png", "stage 2: teacher fine-tuning")
+                 epoch_log=EpochLog(out_dir / "log.txt") if out_dir is not None else None)
+    if out_dir is not None:
+        save_curves_png(fitted.history, out_dir / "curves.png", "stage 2: teacher fine-tuning")
     return fitted
 
 

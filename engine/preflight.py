@@ -505,7 +505,8 @@ def time_teacher(distill_args, splits, device, warmup, steps) -> dict:
                                      weight_decay=distill_args.teacher_weight_decay)
         loader = [(images, labels)]
         result["seconds_per_unit"] = timed_steps(
-            lambda: teacher_epoch(model, loader, optimizer, device, 1, 1), warmup, steps, device)
+            lambda: teacher_epoch(model, loader, optimizer, device, 1, 1, precision=distill_args.teacher_precision),
+            warmup, steps, device)
         model.eval()
         with torch.no_grad():
             forward = timed_steps(lambda: model(images.to(device)), warmup, steps, device)

@@ -52,7 +52,7 @@ CHANGED = {
             "max_new_tokens": 7, "tasks": ["categorical"]},
     "distill": {"feature_dtype": "bf16", "pre_resize": 32, "teacher_model": "vit_tiny_patch16_224",
                 "teacher_img_size": 48, "no_teacher_pretrained": True, "teacher_lr": 1.0e-3,
-                "teacher_weight_decay": 0.02, "teacher_batch_size": 5, "teacher_epochs": 4, "depth": [2],
+                "teacher_weight_decay": 0.02, "teacher_batch_size": 5, "teacher_epochs": 4, "teacher_precision": "bf16", "depth": [2],
                 "alpha": [0.25], "temperature": 4.0, "lr": 2.0e-3, "weight_decay": 0.03, "epochs": 3,
                 "batch_size": 6, "reshuffle": True, "standardize_features": True},
     "gate": {"gate": "bilinear", "vlm_signal": "probs", "head_signal": "probs", "vlm_answer": "score",
@@ -492,8 +492,13 @@ CHECKS: dict[str, dict[str, Check]] = {
         "teacher_lr": Check(lambda r: groups(teacher_optimizer(r), "lr"), lambda v: {v}, runs=TEACHER_RUNS),
         "teacher_weight_decay": Check(lambda r: groups(teacher_optimizer(r), "weight_decay"), lambda v: {v},
                                       runs=TEACHER_RUNS),
-        "teacher_batch_size": Check(lambda r: teacher_loader(r).batch_size, runs=TEACHER_RUNS),
+        # (the global batch: split across the processes under a launcher, whole in one process)
+        "teacher_batch_size": Check(lambda r: (teacher_loader(r).batch_sampler.batch_size,
+                                               len(next(iter(teacher_loader(r).batch_sampler)))),
+                                    lambda v: (v, v), runs=TEACHER_RUNS),
         "teacher_epochs": Check(lambda r: fitted(r, "teacher")["epochs"], runs=TEACHER_RUNS),
+        "teacher_precision": Check(lambda r: fitted(r, "teacher")["train_epoch"].keywords["precision"],
+                                   runs=TEACHER_RUNS),
         # the head trained: its layers, loss, optimiser, epochs, batches and order
         "depth": Check(lambda r: [hidden_layers(e["model"]) for e in r.calls["fit"] if e["name"] == "head"]),
         "alpha": Check(lambda r: sorted({alpha for alpha, _ in r.calls["loss_settings"]})),

@@ -88,7 +88,7 @@ def leave_process_group() -> None:
 # each rank takes one contiguous block of the items, the blocks are gathered in rank order, so
 # the result is the one-process result in the one-process order.
 
-# Ranks other than 0 may wait for hours (rank 0 fine-tuning stage 2's teacher).
+# A process may wait for hours on the others (a long share of a pass, rank 0's writing).
 PROCESS_GROUP_TIMEOUT = timedelta(hours=12)
 
 
@@ -183,6 +183,65 @@ def shard_map(count: int, compute: Callable[..., T], *data, unit: int = 1) -> T:
         first_rank, message = failed[0]
         raise UserError(f"rank {first_rank} of {world} failed on its share of {count}: {message}")
     return concat_parts([result for _, result in gathered])
+
+
+# ---------------------------------------------------------------- data-parallel training
+# Stage 2's teacher trains on every process (engine.distill.train_teacher): the same weights on
+# each, the gradients of each step summed across them, the same optimiser step everywhere.
+
+_GRADIENT_GROUPS: dict[str, object] = {}
+
+
+def gradient_group(device: torch.device):
+    """The process group the teacher's gradients are summed over: NCCL's on CUDA (where available),
+    else the launcher's gloo group (None). Every process must call it (a collective)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not dist.is_nccl_available():
+        return None
+    if "nccl" not in _GRADIENT_GROUPS:
+        torch.cuda.set_device(device)
+        _GRADIENT_GROUPS["nccl"] = dist.new_group(backend="nccl")
+    return _GRADIENT_GROUPS["nccl"]
+
+
+def broadcast_state(model: torch.nn.Module, group=None) -> None:
+    """Every process's ``model`` set to rank 0's weights and buffers (in place)."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0, group=group)
+
+
+def sum_gradients(parameters, group=None) -> None:
+    """Replace each parameter's gradient by its sum over the processes, in one flat all-reduce.
+
+    A process without a gradient for a parameter (no images in its share this step) adds zeros;
+    a parameter no process has a gradient for keeps None, so the optimiser skips it as one process
+    would."""
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        return
+    reference = next((p.grad for p in params if p.grad is not None), params[0])
+    flat = torch.cat([*(p.grad.reshape(-1) if p.grad is not None
+                        else torch.zeros(p.numel(), dtype=reference.dtype, device=reference.device) for p in params),
+                      torch.tensor([float(p.grad is not None) for p in params], dtype=reference.dtype,
+                                   device=reference.device)])
+    dist.all_reduce(flat, group=group)
+    present = flat[-len(params):].tolist()
+    offset = 0
+    for param, has in zip(params, present):
+        count = param.numel()
+        param.grad = flat[offset:offset + count].view_as(param) if has else None
+        offset += count
+
+
+def all_sum(*values: float) -> list[float]:
+    """Each value summed over the processes (float64, over the launcher's gloo group): every
+    process gets the same sums. Without a launcher, the values as they are."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    totals = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(totals)
+    return totals.tolist()
 
 
 # ---------------------------------------------------------------- per-rank part files
