@@ -341,9 +341,27 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
                           commit_message="Upload EmoVLM-KD export")
     except LocalTokenNotFoundError:
         raise UserError("--push_to_hub: no Hugging Face token; set HF_TOKEN or run `huggingface-cli login`") from None
-    except (HfHubHTTPError, OSError) as err:
+    except HfHubHTTPError as err:
         raise UserError(f"--push_to_hub {repo_id}: the Hub refused the upload ({first_line(err)})") from None
+    except network_errors() as err:
+        raise UserError(f"--push_to_hub {repo_id}: could not reach the Hub ({first_line(err) or type(err).__name__}); "
+                        "check the connection (or HF_ENDPOINT) and push again: the export folder is complete") from None
     return str(url)
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a connection that failed on the way to the Hub: OSError (requests' errors
+    derive from it) and the transport errors of the HTTP client huggingface_hub uses (httpx, or
+    httpx2 in its 2.x releases), whichever are installed."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
 if __name__ == "__main__":

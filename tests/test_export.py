@@ -146,6 +146,20 @@ def test_push_to_hub_uploads_the_export_folder(trained_pipeline, tmp_path, monke
     assert not any("hf_secret" in p.read_bytes().decode("latin-1") for p in out.rglob("*") if p.is_file())
 
 
+def test_push_without_a_connection_is_one_line_and_keeps_the_export(trained_pipeline, tmp_path, monkeypatch,  # noqa: F811
+                                                                      capsys):
+    """No mock: huggingface_hub's own client, pointed at a closed local port, fails to connect."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    out = tmp_path / "export"
+    assert export_cli(trained_pipeline, out, "--push_to_hub", "someone/emovlm-kd-toy") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "could not reach the Hub" in err and "Traceback" not in err
+    assert (out / "export.json").is_file()  # the export was written before the push and is kept
+
+
 def test_invalid_repo_id_is_one_line_before_any_work(trained_pipeline, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "export"
     assert export_cli(trained_pipeline, out, "--push_to_hub", "not/a/repo--id") == 2
