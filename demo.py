@@ -87,7 +87,7 @@ def get_args_parser():
                         help="uploads above this many pixels are refused with a message")
     explore = parser.add_argument_group("explorer tab")
     explore.add_argument("--predictions", default=None,
-                         help="a JSON Lines file predict.py wrote, explored over --images (no labels)")
+                         help="a file predict.py wrote (JSON Lines or CSV), explored over --images (no labels)")
     explore.add_argument("--images", default=None, help="the folder --predictions was predicted over")
     explore.add_argument("--no_model", action="store_true",
                          help="serve the explorer tab alone, at once, loading no model (no single-image tab, "
