@@ -156,8 +156,8 @@ def load_predictions(path: str | Path, images: str | Path) -> Run:
         raise UserError(f"--images {images}: no such folder")
     with open(path, encoding="utf-8", errors="replace") as fh:
         lines = fh.read().split("\n")  # line breaks only (a text may hold other Unicode separators)
-    first = next((line for line in lines if line.strip()), "")
-    rows = _csv_rows(path, lines) if first.startswith("image,") else _jsonl_rows(lines)
+    start = next((i for i, line in enumerate(lines) if line.strip()), 0)
+    rows = _csv_rows(lines, start) if lines[start].startswith("image,") else _jsonl_rows(lines)
     records, class_names, gate = [], None, None
     for number, row in rows:
         try:
@@ -195,14 +195,15 @@ def _jsonl_rows(lines: list[str]):
                 yield number, err
 
 
-def _csv_rows(path: Path, lines: list[str]):
-    """``(line number, record)`` per row of predict.py's CSV file, its ``<field>.<name>`` columns
-    nested back into the JSON Lines record's dicts (engine.predict_folder.csv_columns); an empty
-    cell is None, an empty ``gate_weights`` (a gate without source weights) too."""
-    header = next(csv.reader(lines[:1]))
+def _csv_rows(lines: list[str], start: int):
+    """``(line number, record or the error reading it)`` per row of predict.py's CSV file (its header
+    on line ``start + 1``), its ``<field>.<name>`` columns nested back into the JSON Lines record's
+    dicts (engine.predict_folder.csv_columns); an empty cell is None, an empty ``gate_weights`` (a
+    gate without source weights) too."""
+    header = next(csv.reader(lines[start:start + 1]))
     nested = {field: [column.split(".", 1)[1] for column in header if column.startswith(field + ".")]
               for field in (*(f"{module}_probs" for module in MODULES), "gate_weights")}
-    for number, row in enumerate(csv.reader(lines[1:]), start=2):
+    for number, row in enumerate(csv.reader(lines[start + 1:]), start=start + 2):
         if not row:
             continue
         if len(row) != len(header):
