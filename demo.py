@@ -29,7 +29,8 @@ from PIL import Image
 
 from data.datasets import load_dataset
 from engine import explorer
-from engine.predictor import DEFAULT_MAX_IMAGE_SIDE, DEFAULT_MAX_UPLOAD_PIXELS, EmoVLMKD, open_upload
+from engine.predictor import (DEFAULT_MAX_IMAGE_SIDE, DEFAULT_MAX_UPLOAD_PIXELS, EmoVLMKD, open_upload,
+                              require_model_source)
 from models.vlm import VLM_DTYPES
 from utils.cli import base_parser, parse_args, resolve_device
 from utils.errors import UserError, run_cli
@@ -87,7 +88,7 @@ def get_args_parser():
                         help="uploads above this many pixels are refused with a message")
     explore = parser.add_argument_group("explorer tab")
     explore.add_argument("--predictions", default=None,
-                         help="a JSON Lines file predict.py wrote, explored over --images (no labels)")
+                         help="a file predict.py wrote (JSON Lines or CSV), explored over --images (no labels)")
     explore.add_argument("--images", default=None, help="the folder --predictions was predicted over")
     explore.add_argument("--no_model", action="store_true",
                          help="serve the explorer tab alone, at once, loading no model (no single-image tab, "
@@ -480,8 +481,7 @@ def main(args) -> None:
     if bool(args.predictions) != bool(args.images):
         raise UserError("--predictions and --images go together: predict.py's file and the folder it predicted")
     _gradio()  # a missing gradio fails here, before the models load
-    if not args.model and not args.dataname:
-        raise UserError("give --dataname (the stage folders under --output_dir) or --model (an export folder)")
+    require_model_source(args)
     if args.no_model and not args.dataname:
         raise UserError("--no_model serves the explorer tab of --dataname's stage-3 runs: give --dataname")
     # The explorer tab reads --dataname's stage-3 runs and --predictions (an export alone has no tab).
@@ -491,12 +491,8 @@ def main(args) -> None:
         runs.get(runs.default)  # a bad --predictions file or --images folder: one line, before serving
     if args.no_model:
         predictor = None
-    elif args.model:
-        predictor = EmoVLMKD.from_pretrained(args.model, resolve_device(args.gpu), args.vlm_model, args.quant,
-                                             args.vlm_dtype)
     else:
-        predictor = EmoVLMKD.from_outputs(args.output_dir, args.dataname, resolve_device(args.gpu),
-                                          args.vlm_model, args.quant, args.vlm_dtype)
+        predictor = EmoVLMKD.from_args(args, resolve_device(args.gpu))
     examples = example_images(args.data_root, args.dataname, args.output_dir, args.num_examples) \
         if args.dataname and not args.no_model else []
     app = build_app(predictor, examples, args.max_new_tokens, args.max_image_side, args.max_upload_pixels,

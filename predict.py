@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from engine.predict_folder import FORMATS, list_images, output_format, predict_folder
-from engine.predictor import EmoVLMKD
+from engine.predictor import EmoVLMKD, require_model_source
 from models.vlm import VLM_DTYPES
 from utils.cli import base_parser, parse_args
 from utils.dist import init_distributed, leave_process_group, training_device
@@ -58,20 +58,14 @@ def get_args_parser():
 def main(args) -> None:
     """Predict every image under ``args.images`` into ``args.out`` (rank 0 prints the counts)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not args.model and not args.dataname:
-        raise UserError("give --dataname (the stage folders under --output_dir) or --model (an export folder)")
+    require_model_source(args)
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder; give a file name such as {out / 'predictions.jsonl'}")
     list_images(args.images, out)  # a wrong folder fails before the models load
     lock_output(out)  # one run per output file, until main returns (rank 0 only)
     rank, _ = init_distributed()
-    if args.model:
-        predictor = EmoVLMKD.from_pretrained(args.model, training_device(args.gpu), args.vlm_model, args.quant,
-                                             args.vlm_dtype)
-    else:
-        predictor = EmoVLMKD.from_outputs(args.output_dir, args.dataname, training_device(args.gpu),
-                                          args.vlm_model, args.quant, args.vlm_dtype)
+    predictor = EmoVLMKD.from_args(args, training_device(args.gpu))
     counts = predict_folder(predictor, args.images, out, output_format(out, args.format), args.batch_size,
                             args.explain, args.max_new_tokens, args.skip_bad_images)
     leave_process_group()

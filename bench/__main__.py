@@ -16,7 +16,7 @@ from bench import TARGETS_KEY, format_targets  # sets the offline environment fi
 from utils.io import write_json
 
 BENCHMARKS = ("vlm_predict", "vlm_train_cost", "distill_cost", "gate_cost", "batch_one", "sweep_cost",
-              "memory", "prepare_check", "verify_cost")
+              "memory", "prepare_check", "verify_cost", "explorer_cost")
 
 
 def main(argv=None) -> None:

@@ -3,13 +3,14 @@ filters, sorting, paging, confusion matrices, and the safe resolution of image p
 
 A run is either a finished stage 3 (``<output_dir>/<dataname>/gate/metrics.json``, its
 ``test_predictions`` and ``test_outputs``; every seed's run under ``gate/runs/``) or a file
-predict.py wrote (JSON Lines, no labels). Nothing here loads a model: the tab opens from those
+predict.py wrote (JSON Lines or CSV, no labels). Nothing here loads a model: the tab opens from those
 files and the images alone. Image paths are only ever resolved inside the run's image folder
 (--data_root for stage 3, --images for predict.py's file): an absolute path or one with ``..`` is
 refused.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -145,37 +146,75 @@ def load_stage3_run(path: str | Path, data_root: str | Path, dataname: str, name
 
 
 def load_predictions(path: str | Path, images: str | Path) -> Run:
-    """predict.py's JSON Lines file as an unlabelled run over the folder ``images``."""
+    """predict.py's output file, JSON Lines or CSV (told by its first line, as ``--format`` may have
+    written either under any name), as an unlabelled run over the folder ``images``."""
     path, images = Path(path), Path(images)
     if not path.is_file():
         raise UserError(f"--predictions {path}: no such file; write it with `python predict.py --images {images} "
                         f"--out {path}`")
     if not images.is_dir():
         raise UserError(f"--images {images}: no such folder")
-    records, class_names, gate = [], None, None
     with open(path, encoding="utf-8", errors="replace") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                names = list(row["final_probs"])
-                class_names = class_names or names
-                if names != class_names:
-                    raise ValueError("another run's classes")
-                index = {name: i for i, name in enumerate(class_names)}
-                probs = {module: [float(row[f"{module}_probs"][c]) for c in class_names] for module in MODULES}
-                records.append(Record(image=str(row["image"]), label=None, vlm=index.get(row.get("vlm_label"), -1),
-                                      head=index[row["head_label"]], final=index[row["final_label"]], probs=probs,
-                                      weights=row.get("gate_weights") or None))
-                gate = gate or row.get("gate")
-            except (ValueError, KeyError, TypeError, AttributeError) as err:
-                raise UserError(f"--predictions {path}: line {number} is not a predict.py record ({err}); "
-                                "write a JSON Lines file with predict.py") from None
+        lines = fh.read().split("\n")  # line breaks only (a text may hold other Unicode separators)
+    start = next((i for i, line in enumerate(lines) if line.strip()), 0)
+    rows = _csv_rows(lines, start) if lines[start].startswith("image,") else _jsonl_rows(lines)
+    records, class_names, gate = [], None, None
+    for number, row in rows:
+        try:
+            if isinstance(row, Exception):
+                raise row
+            if not row.get("image"):
+                raise ValueError("no image")
+            names = list(row["final_probs"])
+            class_names = class_names or names
+            if names != class_names:
+                raise ValueError("another run's classes")
+            index = {name: i for i, name in enumerate(class_names)}
+            probs = {module: [float(row[f"{module}_probs"][c]) for c in class_names] for module in MODULES}
+            weights = row.get("gate_weights") or None
+            records.append(Record(image=str(row["image"]), label=None, vlm=index.get(row.get("vlm_label"), -1),
+                                  head=index[row["head_label"]], final=index[row["final_label"]], probs=probs,
+                                  weights=None if weights is None else {k: float(v) for k, v in weights.items()}))
+            gate = gate or row.get("gate")
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"--predictions {path}: line {number} is not a predict.py record ({err}); "
+                            "write a JSON Lines or CSV file with predict.py") from None
     if not records:
         raise UserError(f"--predictions {path}: holds no predictions")
     return Run(name=path.name, class_names=class_names, records=records, image_root=images, labelled=False,
                gate=gate, source=path)
+
+
+def _jsonl_rows(lines: list[str]):
+    """``(line number, record or the error reading it)`` per non-empty line of a JSON Lines file."""
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except ValueError as err:
+                yield number, err
+
+
+def _csv_rows(lines: list[str], start: int):
+    """``(line number, record or the error reading it)`` per row of predict.py's CSV file (its header
+    on line ``start + 1``), its ``<field>.<name>`` columns nested back into the JSON Lines record's
+    dicts (engine.predict_folder.csv_columns); an empty cell is None, an empty ``gate_weights`` (a
+    gate without source weights) too."""
+    header = next(csv.reader(lines[start:start + 1]))
+    nested = {field: [column.split(".", 1)[1] for column in header if column.startswith(field + ".")]
+              for field in (*(f"{module}_probs" for module in MODULES), "gate_weights")}
+    for number, row in enumerate(csv.reader(lines[start + 1:]), start=start + 2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            yield number, ValueError(f"{len(row)} columns, not the header's {len(header)}")
+            continue
+        flat = dict(zip(header, row))
+        record = {key: value or None for key, value in flat.items() if "." not in key}
+        for field, names in nested.items():
+            values = {name: flat[f"{field}.{name}"] for name in names}
+            record[field] = None if not any(values.values()) else values
+        yield number, record
 
 
 # ----------------------------------------------------------------------------- categories and filters

@@ -1,7 +1,8 @@
 """EmoVLM-KD as one predictor: the stage-1 VLM, the stage-2 distilled head and the stage-3 gate.
 
 ``EmoVLMKD.from_outputs(output_dir, dataname)`` loads the three parts from their stage folders
-(``EmoVLMKD.from_pretrained(folder)`` from an export of them, engine/export.py)
+(``EmoVLMKD.from_pretrained(folder)`` from an export of them, engine/export.py; ``EmoVLMKD.from_args``
+picks one of the two from a script's --model / --dataname flags, for demo.py and predict.py)
 and refuses, naming the stage to rerun, parts that are missing, damaged (``gate.pt``, ``head.pt`` and
 the adapter are checked against the ids their records hold) or were not built on each other
 (class names, base VLM, adapter and head ids). ``predict`` / ``predict_batch`` compute every
@@ -34,6 +35,13 @@ from utils.records import DistillRecord, GateProvenance, GateRecord, VLMRecord
 
 DEFAULT_MAX_IMAGE_SIDE = 4096
 DEFAULT_MAX_UPLOAD_PIXELS = 64_000_000
+
+
+def require_model_source(args) -> None:
+    """A script's flags must name a model: --model (an export) or --dataname (the stage folders under
+    --output_dir); the scripts check this before any other work, ``EmoVLMKD.from_args`` again."""
+    if not getattr(args, "model", None) and not getattr(args, "dataname", None):
+        raise UserError("give --dataname (the stage folders under --output_dir) or --model (an export folder)")
 
 
 def open_upload(path: str | Path, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
@@ -174,6 +182,17 @@ class EmoVLMKD:
         export = read_export(folder)
         parts = check_parts(folder / "vlm", folder / "distill", folder / "gate", export["dataname"])
         return cls._from_parts(parts, device, vlm_model, quant, vlm_dtype)
+
+    @classmethod
+    def from_args(cls, args, device: str | torch.device = "cpu") -> "EmoVLMKD":
+        """The predictor a script's parsed flags name (demo.py, predict.py): ``--model``, an export
+        (:meth:`from_pretrained`), else ``--dataname``'s stage folders under ``--output_dir``
+        (:meth:`from_outputs`); ``--vlm_model``, ``--quant`` and ``--vlm_dtype`` apply to either."""
+        require_model_source(args)
+        options = (device, args.vlm_model, args.quant, args.vlm_dtype)
+        if args.model:
+            return cls.from_pretrained(args.model, *options)
+        return cls.from_outputs(args.output_dir, args.dataname, *options)
 
     @classmethod
     def _from_parts(cls, parts: "Parts", device, vlm_model, quant, vlm_dtype) -> "EmoVLMKD":

@@ -152,6 +152,64 @@ def test_a_bad_predictions_file_is_one_line(tmp_path):
         explorer.load_predictions(path, tmp_path)
 
 
+def predict_py_lines(fmt: str, weights: bool) -> list[str]:
+    """Five records as predict.py writes them (engine.predict_folder's own rendering) in ``fmt``:
+    one whose VLM answer named no class, texts with commas, quotes and line breaks."""
+    from engine.predict_folder import csv_columns, prediction_record, render
+
+    rng = random.Random(1)
+    records = []
+    for i in range(5):
+        probs = {}
+        for key in ("final", "vlm", "head"):
+            values = [rng.random() for _ in CLASSES]
+            probs[key] = {c: v / sum(values) for c, v in zip(CLASSES, values)}
+        result = {"final_label": CLASSES[i % 4], "final_probs": probs["final"], "vlm_answer": f'the "mood", {i}\nis',
+                  "vlm_label": None if i == 2 else CLASSES[(i + 1) % 4], "vlm_probs": probs["vlm"],
+                  "head_label": CLASSES[(i + 2) % 4], "head_probs": probs["head"], "gate": "dynamic_weight",
+                  "gate_weights": {"vlm": 0.1 * i, "head": 1 - 0.1 * i} if weights else None,
+                  "observation": "a, b", "reasoning": "c\nd"}
+        records.append(prediction_record(f"sub/{i}.png", result, explain=True))
+    columns = csv_columns(CLASSES, ["vlm", "head"] if weights else [], explain=True)
+    header = [render(dict(zip(columns, columns)), "csv", columns)] if fmt == "csv" else []
+    return header + [render(record, fmt, columns) for record in records]
+
+
+@pytest.mark.parametrize("weights", [True, False], ids=["gate_weights", "no_gate_weights"])
+def test_predict_py_csv_reads_as_its_jsonl(tmp_path, weights):
+    """The same predictions written by predict.py as CSV (under any name: --format csv) and as JSON
+    Lines load to the same run."""
+    runs = {}
+    for fmt, name in (("jsonl", "p.jsonl"), ("csv", "p.csv"), ("csv", "p.txt")):
+        path = tmp_path / name
+        path.write_text("".join(predict_py_lines(fmt, weights)), encoding="utf-8")
+        runs[name] = explorer.load_predictions(path, tmp_path)
+    jsonl = runs["p.jsonl"]
+    assert jsonl.class_names == CLASSES and len(jsonl.records) == 5 and jsonl.gate == "dynamic_weight"
+    assert [r.vlm for r in jsonl.records] == [1, 2, -1, 0, 1] and [r.final for r in jsonl.records] == [0, 1, 2, 3, 0]
+    assert (jsonl.records[3].weights == {"vlm": pytest.approx(0.3), "head": pytest.approx(0.7)}) if weights \
+        else all(r.weights is None for r in jsonl.records)
+    for name in ("p.csv", "p.txt"):
+        run = runs[name]
+        assert (run.class_names, run.gate, run.labelled) == (jsonl.class_names, jsonl.gate, False)
+        for got, want in zip(run.records, jsonl.records, strict=True):
+            assert (got.image, got.label, got.vlm, got.head, got.final) == \
+                (want.image, want.label, want.vlm, want.head, want.final)
+            assert got.probs == {k: pytest.approx(v) for k, v in want.probs.items()}
+            assert got.weights == (None if want.weights is None else pytest.approx(want.weights))
+
+
+def test_a_bad_predictions_csv_row_is_one_line(tmp_path):
+    lines = predict_py_lines("csv", weights=False)
+    path = tmp_path / "p.csv"
+    path.write_text("".join(lines[:3]) + lines[3].replace("amusement", "joy", 1) + "".join(lines[4:]))
+    with pytest.raises(UserError, match=r"p.csv: line 4 is not a predict.py record"):
+        explorer.load_predictions(path, tmp_path)
+    path.write_text("".join(lines[:2]) + "sub/9.png,amusement\n")
+    with pytest.raises(UserError, match=r"line 3 is not a predict.py record \(2 columns"):
+        explorer.load_predictions(path, tmp_path)
+
+
 # ----------------------------------------------------------------------------- over HTTP, the toy pipeline
 
 from tests.pipeline import trained_pipeline  # noqa: E402,F401  (session fixture)
