@@ -63,7 +63,8 @@ def get_args_parser():
             action.required = False
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None,
-                       help="an export folder (python -m engine.export) to load instead of --dataname's stage folders")
+                       help="an export (python -m engine.export): its folder or its Hub repo id (owner/name), "
+                            "loaded instead of --dataname's stage folders")
     model.add_argument("--vlm_model", default=None,
                        help="where to read the base VLM from (default: the id saved by stage 1); "
                             "must be the model stage 1 trained")

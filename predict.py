@@ -37,7 +37,8 @@ def get_args_parser():
             action.help += "; not needed with --model"
     group = parser.add_argument_group("prediction")
     group.add_argument("--model", default=None,
-                       help="an export folder (python -m engine.export) to load instead of --dataname's stage folders")
+                       help="an export (python -m engine.export): its folder or its Hub repo id (owner/name), "
+                            "loaded instead of --dataname's stage folders")
     group.add_argument("--images", required=True, help="folder of images (searched recursively)")
     group.add_argument("--out", required=True, help="output file: one record per image; appended to on a rerun")
     group.add_argument("--format", choices=FORMATS, default=None,

@@ -37,7 +37,7 @@ import yaml
 from engine.predictor import EXPORT_FILE, EXPORT_FORMAT, EXPORT_VERSION, check_parts, read_export
 from models.gates import GATE_FILE
 from utils.checkpoints import META_FILE, STAGE_COMMANDS
-from utils.errors import UserError, first_line, run_cli
+from utils.errors import UserError, first_line, network_errors, run_cli
 from utils.io import read_json, write_json, write_text
 from utils.records import TeacherRecord, VLMRecord
 
@@ -348,20 +348,6 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
                         "check the connection (or HF_ENDPOINT) and push again: the export folder is complete") from None
     return str(url)
 
-
-def network_errors() -> tuple[type[BaseException], ...]:
-    """The errors of a connection that failed on the way to the Hub: OSError (requests' errors
-    derive from it) and the transport errors of the HTTP client huggingface_hub uses (httpx, or
-    httpx2 in its 2.x releases), whichever are installed."""
-    import importlib
-
-    errors: list[type[BaseException]] = [OSError]
-    for name in ("httpx", "httpx2"):
-        try:
-            errors.append(importlib.import_module(name).TransportError)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from models.heads import load_head
 from models.scorer import predict_vlm
 from models.vlm import ADAPTER_FILE, head_features, load_processor, load_trained_vlm, vlm_torch_dtype
 from utils.checkpoints import META_FILE, verify_file
-from utils.errors import UserError, first_line
+from utils.errors import UserError, first_line, network_errors
 from utils.io import read_json
 from utils.records import DistillRecord, GateProvenance, GateRecord, VLMRecord
 
@@ -41,7 +41,7 @@ def require_model_source(args) -> None:
     """A script's flags must name a model: --model (an export) or --dataname (the stage folders under
     --output_dir); the scripts check this before any other work, ``EmoVLMKD.from_args`` again."""
     if not getattr(args, "model", None) and not getattr(args, "dataname", None):
-        raise UserError("give --dataname (the stage folders under --output_dir) or --model (an export folder)")
+        raise UserError("give --dataname (the stage folders under --output_dir) or --model (an export folder or Hub repo id)")
 
 
 def open_upload(path: str | Path, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
@@ -77,6 +77,34 @@ def _as_dict(probs: torch.Tensor, class_names: Sequence[str]) -> dict[str, float
 EXPORT_FILE = "export.json"
 EXPORT_FORMAT = "emovlm-kd-export"
 EXPORT_VERSION = 1
+
+
+def export_folder(name: str | Path) -> Path:
+    """An export's local folder: ``name`` itself when it exists, else a Hub model repo id
+    (``owner/name``) downloaded with huggingface_hub's ``snapshot_download`` (its cache, its token:
+    ``HF_TOKEN`` or the login). Neither: a UserError naming it."""
+    path = Path(name)
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(name))
+    except HFValidationError:
+        raise UserError(f"{name}: no such folder, and not a Hub repo id (owner/name); give an export's folder "
+                        "(`python -m engine.export`) or its repo id") from None
+    try:
+        return Path(snapshot_download(repo_id=str(name), repo_type="model"))
+    except LocalEntryNotFoundError:
+        raise UserError(f"{name}: no such folder, and the Hub repo is not in the local cache "
+                        "(offline, or no connection); download it where there is a connection") from None
+    except HfHubHTTPError as err:
+        raise UserError(f"{name}: no such folder, and the Hub did not give the repo ({first_line(err)}); "
+                        "check the id and HF_TOKEN for a private repo") from None
+    except network_errors() as err:
+        raise UserError(f"{name}: no such folder, and the Hub could not be reached ({first_line(err)})") from None
 
 
 def read_export(folder: str | Path) -> dict:
@@ -175,10 +203,11 @@ class EmoVLMKD:
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
                         vlm_model: str | None = None, quant: str | None = None,
                         vlm_dtype: str | None = None) -> "EmoVLMKD":
-        """Load an export (``python -m engine.export``, a folder or a Hub download of one): the same
+        """Load an export (``python -m engine.export``): a folder, or a Hub repo id (downloaded by
+        :func:`export_folder`). The same
         parts, checked the same way, as the stage folders it was exported from, so the same predictions.
         The base VLM is read from the hub id or local path recorded (``vlm_model``: its moved folder)."""
-        folder = Path(folder)
+        folder = export_folder(folder)
         export = read_export(folder)
         parts = check_parts(folder / "vlm", folder / "distill", folder / "gate", export["dataname"])
         return cls._from_parts(parts, device, vlm_model, quant, vlm_dtype)

@@ -128,6 +128,39 @@ def test_from_pretrained_refuses_a_folder_that_is_not_an_export(tmp_path):
         EmoVLMKD.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_downloads_a_hub_repo_id(exported, trained_pipeline, monkeypatch):  # noqa: F811
+    """A name that is no folder is a Hub repo id: huggingface_hub's snapshot_download (mocked at its
+    boundary: no network here) fetches it, and the download predicts as the export itself."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda **kw: calls.append(kw) or str(exported))
+    loaded = EmoVLMKD.from_pretrained("someone/emovlm-kd-toy", "cpu")
+    assert calls == [{"repo_id": "someone/emovlm-kd-toy", "repo_type": "model"}]
+    local = EmoVLMKD.from_pretrained(exported, "cpu")
+    splits = load_dataset(trained_pipeline.data_root, "toy", trained_pipeline.output_dir)
+    for sample in splits.test[:4]:
+        image = open_image(splits.absolute(sample))
+        assert loaded.predict(image, explain=False) == local.predict(image, explain=False)
+
+
+def test_model_name_neither_folder_nor_reachable_repo_is_one_line(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="not a Hub repo id") as bad:
+        EmoVLMKD.from_pretrained(tmp_path / "no" / "such--export")
+    assert len(str(bad.value).splitlines()) == 1
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(UserError, match="someone/absent-export") as absent:
+        EmoVLMKD.from_pretrained("someone/absent-export")
+    assert len(str(absent.value).splitlines()) == 1
+
+
 def test_push_to_hub_uploads_the_export_folder(trained_pipeline, tmp_path, monkeypatch):  # noqa: F811
     from huggingface_hub import HfApi
 

@@ -71,3 +71,18 @@ def _last_line(message: str) -> str:
     if len(lines) > 1 and "Traceback" in message:
         return lines[-1].split("UserError: ", 1)[-1]
     return message
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a connection that failed on the way to the Hub: OSError (requests' errors
+    derive from it) and the transport errors of the HTTP client huggingface_hub uses (httpx, or
+    httpx2 in its 2.x releases), whichever are installed."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
