@@ -7,6 +7,13 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread in the test process and (through the environment) in every script it starts,
+# as scripts/quickstart.sh does: the tiny models' ops are too small to split, and on a 2-core
+# machine two threads per op spin against each other. Measured on the shared 2-core machine:
+# stage 1 of the tiny Qwen2.5-VL, one epoch, 5 s of CPU with one thread; with two, over 12 minutes
+# of wall time without finishing the epoch (CI: test_pipeline_end_to_end_above_chance[qwen2_5_vl],
+# the only test module of its kind without the one_thread fixture, took 349 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -16,6 +23,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # also where torch was imported before this file
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -48,7 +56,9 @@ def tiny_vlm_dir(tmp_path_factory) -> Path:
 def one_thread():
     """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
     the tiny models' ops are too small to split; on a busy 2-core machine several threads per op
-    spin against each other (measured: 10x slower training)."""
+    spin against each other (measured: 10x slower training). The whole session already runs with
+    one thread unless ``OMP_NUM_THREADS`` says otherwise (above); this keeps a module at one thread
+    even then."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
