@@ -2,6 +2,7 @@
 
     python -m utils.report --output_dir outputs [--datasets FI emotion6] [--out results.md]
     python -m utils.report --datasets FI --ablation depth    # the paper's ablations: depth, alpha, gate, all
+    python -m utils.report --datasets FI --ablation teacher  # a row per teacher: baseline, its head, EmoVLM-KD
     python -m utils.report --runs base=outputs other=outputs/other   # runs side by side, paired tests
 
 Numbers come from ``<output_dir>/<dataset>/gate/metrics.json`` (written by train_gate.py),
@@ -133,7 +134,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--ablation", choices=(*ABLATIONS, "all"), default=None,
                         help="instead of the main table: the paper's ablation of the head depth, the distillation "
-                             "weight alpha or the gate type (or all), from the kept runs; writes a PNG per table")
+                             "weight alpha or the gate type, or the teacher ablation (a row per teacher of "
+                             "train_distillation.py --teacher_model A B C), or all, from the kept runs; writes a PNG "
+                             "per table")
     parser.add_argument("--runs", nargs="+", metavar="NAME=FOLDER", default=None,
                         help="instead of the main table: several output folders side by side, a row per run and "
                              "module, a column per dataset, 95%% intervals, McNemar of each run against the first")
