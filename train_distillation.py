@@ -3,8 +3,8 @@
 Writes the teacher to ``<output_dir>/<dataname>/teacher/`` and the head, its metrics and the
 feature cache to ``<output_dir>/<dataname>/distill/``. ``--teacher_model A B C`` trains one teacher
 per model side by side (the first in ``teacher/``, each further one in ``teachers/<name>/``) and
-distils heads from each (the further ones' runs named ``teacher=<name>,depth=..``). Needs stage 1's folder for its class
-names and base VLM. A trained teacher for the same classes is reused; the frozen features and
+distils heads from each (the further ones' runs named ``teacher=<name>,depth=..``). Needs stage
+1's folder for its class names and base VLM. A trained teacher for the same classes is reused; the frozen features and
 teacher logits are computed once and cached.
 
     python train_distillation.py --dataname emoset --gpu 1

@@ -81,7 +81,9 @@ def get_args_parser():
                              "a lone class word")
     inputs.add_argument("--head", default=None,
                         help="the stage-2 head run to fuse, e.g. depth=2,alpha=0.5[,seed=0] (lowest seed when "
-                             "omitted); default: stage 2's default head (the paper's depth 1, alpha 0.5)")
+                             "omitted), teacher=vgg16,depth=1,alpha=0.5 for a further teacher's head (stage 2's "
+                             "--teacher_model A B ...); default: stage 2's default head (the paper's depth 1, "
+                             "alpha 0.5)")
     inputs.add_argument("--vlm_batch_size", type=int, default=8, help="images per VLM forward")
     inputs.add_argument("--max_new_tokens", type=int, default=256,
                         help="--vlm_answer generate: the most tokens decoded per answer (the reference code's 256; "

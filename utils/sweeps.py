@@ -5,10 +5,10 @@ Stage 2 trains one head per (depth, alpha, seed) on the same cached features and
 log.txt, run.json, meta.json). With several teachers (``--teacher_model A B C``) the first is the
 stage's own (``teacher/``, the run names above); each further one trains into
 ``teachers/<name>/``, its teacher logits are cached in ``distill/cache/teacher=<name>/`` and its heads
-are the runs ``teacher=<name>,depth=D,alpha=A,seed=S``. The top-level ``distill/`` holds a copy of the *default* head, the
-one stage 3, the demo and the predictor use without being told otherwise. Stage 3 writes each
-gate seed to ``gate/runs/<head run>/seed=S/`` and, for the default head, the first seed also to
-``gate/`` as before.
+are the runs ``teacher=<name>,depth=D,alpha=A,seed=S``. The top-level ``distill/`` holds a copy of
+the *default* head, the one stage 3, the demo and the predictor use without being told otherwise.
+Stage 3 writes each gate seed to ``gate/runs/<head run>/seed=S/`` and, for the default head, the
+first seed also to ``gate/`` as before.
 """
 from __future__ import annotations
 
