@@ -50,7 +50,7 @@ from utils.records import DistillRecord, GateProvenance, GateRecord, VLMRecord
 from utils.report import complementarity_table, dataset_rows, markdown_table
 from utils.run import record_run, seed_everything
 from utils.stats import fusion_statistics
-from utils.sweeps import RUNS, as_list, resolve_head
+from utils.sweeps import RUNS, as_list, resolve_head, teacher_cache
 from utils.tracking import tracked
 
 log = logging.getLogger("train_gate")
@@ -82,7 +82,9 @@ def get_args_parser():
                              "a lone class word")
     inputs.add_argument("--head", default=None,
                         help="the stage-2 head run to fuse, e.g. depth=2,alpha=0.5[,seed=0] (lowest seed when "
-                             "omitted); default: stage 2's default head (the paper's depth 1, alpha 0.5)")
+                             "omitted), teacher=vgg16,depth=1,alpha=0.5 for a further teacher's head (stage 2's "
+                             "--teacher_model A B ...); default: stage 2's default head (the paper's depth 1, "
+                             "alpha 0.5)")
     inputs.add_argument("--vlm_batch_size", type=int, default=8, help="images per VLM forward")
     inputs.add_argument("--max_new_tokens", type=int, default=256,
                         help="--vlm_answer generate: the most tokens decoded per answer (the reference code's 256; "
@@ -363,7 +365,9 @@ def fit_gates(seed_args: list, names: list[str], data: dict, num_classes: int, d
 def teacher_test_predictions(args, splits, head_record: DistillRecord):
     """The teacher's test predictions from stage 2's logit cache, or None (with a warning) when the
     cache holds none for this teacher and these images: the statistics then leave the teacher out."""
-    logits = read_cached_teacher_logits(splits, head_record.teacher_id, stage_dir(args, "distill") / "cache")
+    # A further teacher's logits are cached in its own folder (train_distillation.py --teacher_model A B ...).
+    cache = teacher_cache(stage_dir(args, "distill") / "cache", head_record.teacher)
+    logits = read_cached_teacher_logits(splits, head_record.teacher_id, cache)
     if logits is None:
         log.warning("no cached teacher logits for this head's teacher: complementarity with the teacher left out")
         return None

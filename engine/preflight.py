@@ -61,7 +61,7 @@ from models.chat import encode_conversations
 from models.gates import GATES, GateEnsemble, build_gate
 from models.heads import DistillHead, DropoutMasks, HeadEnsemble, distillation_loss, member_cross_entropy
 from models.scorer import predict_vlm
-from models.teacher import build_teacher, data_config, teacher_transforms
+from models.teacher import build_teacher, data_config, default_img_size, teacher_transforms
 from models.vlm import (LATER_STAGES_DTYPE, load_processor, load_vlm, pooled_image_features, resolve_quant,
                         vision_hidden_size, vlm_torch_dtype)
 from utils.cli import base_parser, parse_args, resolve_device
@@ -282,7 +282,7 @@ def _weights_cached(model_id: str) -> dict:
 
 
 def _teacher_cached(args_distill) -> dict:
-    name = args_distill.teacher_model
+    name = as_list(args_distill.teacher_model)[0]  # the first teacher of --teacher_model A B ...
     if args_distill.teacher_checkpoint:
         return {"model": name, "cached": Path(args_distill.teacher_checkpoint).is_file(), "where": "--teacher_checkpoint"}
     if args_distill.no_teacher_pretrained:
@@ -494,9 +494,10 @@ def time_teacher(distill_args, splits, device, warmup, steps) -> dict:
 
     result = {"unit": "optimiser step"}
     with measured(device, result):
-        model = build_teacher(distill_args.teacher_model, len(splits.class_names), distill_args.teacher_img_size,
-                              pretrained=False).to(device)
-        config = data_config(model, distill_args.teacher_img_size)
+        name = as_list(distill_args.teacher_model)[0]  # the first teacher of --teacher_model A B ...
+        size = distill_args.teacher_img_size or default_img_size(name, distill_args.teacher_data_config)
+        model = build_teacher(name, len(splits.class_names), size, pretrained=False).to(device)
+        config = data_config(model, size, distill_args.teacher_data_config)
         train_tf, eval_tf = teacher_transforms(config)
         batch = distill_args.teacher_batch_size
         samples = [splits.train[i % len(splits.train)] for i in range(batch)]

@@ -21,23 +21,38 @@ from utils.io import torch_save
 # The authors fine-tune google/vit-base-patch16-384 (ImageNet-21k pretraining, ImageNet-1k
 # fine-tuning at 384 px); timm names the same weights so.
 DEFAULT_TEACHER = "vit_base_patch16_384.orig_in21k_ft_in1k"
-# The authors' preprocessing for it (the Hugging Face ViT image processor's): mean and std 0.5 per
-# channel, bilinear resizing. timm's own config for these weights resizes bicubically.
-REFERENCE_PREPROCESSING = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"}
+# The authors' preprocessing, for every teacher they train (ViT-B/16, VGG-16, ResNet-50): 384 px,
+# mean and std 0.5 per channel, bilinear resizing, the whole resized image as the centre crop (the
+# Hugging Face ViT image processor's). timm's own config for the default weights resizes bicubically.
+REFERENCE_IMG_SIZE = 384
+REFERENCE_PREPROCESSING = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
+                           "crop_pct": 1.0}
+# --teacher_data_config: the reference's preprocessing for every teacher (the default), or timm's own
+# pretrained data config of each checkpoint (its size, mean/std, interpolation and crop).
+PREPROCESSING = ("reference", "timm")
 
 
-def default_img_size(model_name: str) -> int:
-    """The input size the timm checkpoint was trained at (384 for the default teacher)."""
+def check_teacher_name(model_name: str) -> str:
+    """``model_name`` when timm knows it; otherwise a UserError naming the flag."""
     if not timm.is_model(model_name):
         raise UserError(f"--teacher_model {model_name}: unknown timm model; list them with "
                         "`python -c \"import timm; print(timm.list_models('vit_*'))\"`")
+    return model_name
+
+
+def default_img_size(model_name: str, preprocessing: str = "reference") -> int:
+    """The teacher's input size when --teacher_img_size is not given: 384 px, the reference's for
+    every teacher, or with ``preprocessing`` ``timm`` the size the checkpoint was trained at."""
+    check_teacher_name(model_name)
+    if preprocessing == "reference":
+        return REFERENCE_IMG_SIZE
     return timm.models.get_pretrained_cfg(model_name).input_size[-1]
 
 
 def build_teacher(model_name: str, num_classes: int, img_size: int | None = None,
                   pretrained: bool = True) -> torch.nn.Module:
     """A timm model with a fresh ``num_classes`` head; ``img_size`` resizes fixed-size models (ViT)."""
-    default_img_size(model_name)  # refuses an unknown name
+    check_teacher_name(model_name)
     kwargs = {"num_classes": num_classes}
     if img_size is not None and timm.models.get_pretrained_cfg(model_name).fixed_input_size:
         kwargs["img_size"] = img_size  # ViTs resize their position embeddings; CNNs take any size
@@ -50,15 +65,18 @@ def build_teacher(model_name: str, num_classes: int, img_size: int | None = None
                         "connect to the Hugging Face hub once, or pass --no_teacher_pretrained") from None
 
 
-def data_config(model: torch.nn.Module, img_size: int | None = None) -> dict:
-    """The preprocessing at ``img_size``: the authors' for the reference teacher
-    (:data:`REFERENCE_PREPROCESSING`), timm's own for this checkpoint (its mean/std/interpolation)
-    for any other model."""
+def data_config(model: torch.nn.Module, img_size: int | None = None, preprocessing: str = "reference") -> dict:
+    """The preprocessing at ``img_size`` (default: :func:`default_img_size`): the authors' for every
+    teacher (:data:`REFERENCE_PREPROCESSING`: mean and std 0.5, bilinear, no crop margin), or with
+    ``preprocessing`` ``timm`` timm's own for this checkpoint (its mean/std/interpolation/crop)."""
     pretrained = model.pretrained_cfg
-    size = img_size or pretrained["input_size"][-1]
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"preprocessing {preprocessing!r}: expected one of {PREPROCESSING}")
+    default = REFERENCE_IMG_SIZE if preprocessing == "reference" else pretrained["input_size"][-1]
+    size = img_size or default
     # resolve_data_config ignores a model's custom img_size unless input_size is given explicitly.
     config = resolve_data_config({"input_size": (3, size, size)}, model=model)
-    if f"{pretrained.get('architecture')}.{pretrained.get('tag')}" == DEFAULT_TEACHER:
+    if preprocessing == "reference":
         config.update(REFERENCE_PREPROCESSING)
     return config
 

@@ -170,6 +170,12 @@ MUTANTS = (
            ("tests/test_report.py::test_depth_ablation_compares_the_papers_gate_on_every_row",
             "tests/test_report.py::test_alpha_ablation_compares_the_papers_gate_on_every_row"),
            "the depth/alpha ablation's EmoVLM-KD column takes the gate each run selected (rows compare different gates)"),
+    Mutant("heads_from_the_first_teacher", "train_distillation.py",
+           '        inputs = {"features": features, "teacher_logits": teacher_logits, "labels": labels,',
+           '        inputs = {"features": features, "teacher_logits": all_logits[0], "labels": labels,',
+           ("tests/test_teachers.py::test_a_further_teachers_head_is_distilled_from_its_own_logits",),
+           "with --teacher_model A B every head is distilled from the first teacher's logits (the teacher "
+           "ablation's heads all the same teacher's)"),
     Mutant("efficiency_selected_gate", "engine/efficiency.py",
            "    fused = PAPER_GATE if PAPER_GATE in gate_rows else published",
            "    fused = published",

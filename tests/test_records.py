@@ -29,7 +29,8 @@ RECORDS = {
                      tasks=["categorical"]),
     "teacher": TeacherRecord(class_names=CLASSES, model="vit_tiny_patch16_224", img_size=64, pretrained=False,
                              teacher_id="t" * 12, best_val_acc=0.5, epoch=2, train_images="1" * 16,
-                             val_images="2" * 16),
+                             val_images="2" * 16, preprocessing="reference",
+                             data_config={"input_size": [3, 64, 64], "interpolation": "bilinear"}),
     "distill": DistillRecord(class_names=CLASSES, base_model="Qwen/Qwen2-VL-7B-Instruct", head_id="h" * 12,
                              teacher_id="t" * 12, teacher_checkpoint="out/toy/teacher/teacher.pt",
                              adapter_id="a" * 12, in_dim=3584, run="depth=1,alpha=0.5,seed=42", depth=1,
@@ -51,9 +52,9 @@ KEYS_ON_DISK = {
     "vlm_zero_shot": ["class_names", "base_model", "base_config_id", "zero_shot", "min_pixels", "max_pixels", "quant",
                       "vlm_dtype"],
     "teacher": ["class_names", "model", "img_size", "pretrained", "teacher_id", "best_val_acc", "epoch",
-                "train_images", "val_images"],
-    "distill": ["class_names", "base_model", "head_id", "teacher_id", "teacher_checkpoint", "adapter_id", "in_dim",
-                "run", "depth", "alpha", "seed", "min_pixels", "max_pixels", "feature_dtype", "pre_resize"],
+                "train_images", "val_images", "preprocessing", "data_config"],
+    "distill": ["class_names", "base_model", "head_id", "teacher_id", "teacher_checkpoint", "teacher", "adapter_id",
+                "in_dim", "run", "depth", "alpha", "seed", "min_pixels", "max_pixels", "feature_dtype", "pre_resize"],
     "gate": ["class_names", "gate", "gate_id"],
 }
 PROVENANCE = GateProvenance(vlm_signal="onehot", vlm_answer="score", parser="lenient", max_new_tokens=32,
@@ -174,12 +175,15 @@ def test_a_teacher_is_reused_only_for_the_same_classes_model_size_and_images():
     teacher = RECORDS["teacher"]
     splits = {"train_images": teacher.train_images, "val_images": teacher.val_images}
     teacher.check_reusable("t", CLASSES, teacher.model, teacher.img_size, splits)
+    teacher.check_reusable("t", CLASSES, teacher.model, teacher.img_size, splits, "reference")
     for args, expected in [((["a", "b"], teacher.model, 64, splits), r"trained for classes .*; or pass --retrain_teacher$"),
                            ((CLASSES, "vit_small", 64, splits), r"holds teacher vit_tiny_patch16_224 at 64 px, but "
                                                                 r"this run asks for --teacher_model vit_small at 64 px"),
                            ((CLASSES, teacher.model, 224, splits), r"at 224 px; pass those flags, or --retrain_teacher"),
                            ((CLASSES, teacher.model, 64, {**splits, "val_images": "0" * 16}),
-                            r"trained on other val_images \(the data split changed\); pass --retrain_teacher")]:
+                            r"trained on other val_images \(the data split changed\); pass --retrain_teacher"),
+                           ((CLASSES, teacher.model, 64, splits, "timm"),
+                            r"trained with --teacher_data_config reference, but this run asks for timm")]:
         with pytest.raises(UserError, match=expected):
             teacher.check_reusable("t", *args)
 

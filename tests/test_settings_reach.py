@@ -51,6 +51,7 @@ CHANGED = {
             "lr_scheduler": "linear", "warmup_ratio": 0.1, "max_grad_norm": 1.5, "batch_size": 3,
             "max_new_tokens": 7, "tasks": ["categorical"]},
     "distill": {"feature_dtype": "bf16", "pre_resize": 32, "teacher_model": "vit_tiny_patch16_224",
+                "teacher_data_config": "timm",
                 "teacher_img_size": 48, "no_teacher_pretrained": True, "teacher_lr": 1.0e-3,
                 "teacher_weight_decay": 0.02, "teacher_batch_size": 5, "teacher_epochs": 4, "teacher_precision": "bf16", "depth": [2],
                 "alpha": [0.25], "temperature": 4.0, "lr": 2.0e-3, "weight_decay": 0.03, "epochs": 3,
@@ -483,7 +484,11 @@ CHECKS: dict[str, dict[str, Check]] = {
         "feature_dtype": Check(lambda r: r.first("vlm_weights_dtype"), DTYPES.get),
         "pre_resize": Check(lambda r: pre_resize_seen(r, "engine.features"), pre_resize_expected),
         # the teacher asked of timm, its training images, optimiser, loader and epochs
-        "teacher_model": Check(lambda r: r.first("create_model")["name"], runs=TEACHER_RUNS),
+        "teacher_model": Check(lambda r: r.first("create_model")["name"], lambda v: v[0] if isinstance(v, list) else v,
+                               runs=TEACHER_RUNS),
+        # the interpolation the teacher's training images are resized with (the changed vit_tiny's own: bicubic)
+        "teacher_data_config": Check(lambda r: teacher_loader(r).dataset.transform.transforms[0].interpolation.value,
+                                     lambda v: {"reference": "bilinear", "timm": "bicubic"}[v], runs=TEACHER_RUNS),
         # (the size timm is asked for, and that of the images the teacher trains on)
         "teacher_img_size": Check(lambda r: (r.first("create_model")["img_size"],
                                              teacher_loader(r).dataset[0][0].shape[-1]),

@@ -307,9 +307,11 @@ def test_counts_below_one_are_one_line_errors(flag, toy_root, tmp_path, capsys):
     assert lines == [f"error: {flag} must be at least 1 (got 0)"]
 
 
-def test_reference_teacher_uses_the_authors_preprocessing_and_other_models_their_own():
+def test_every_teacher_uses_the_authors_preprocessing_and_timms_is_one_flag_away():
     """Default teacher: google/vit-base-patch16-384's weights with mean/std 0.5 and bilinear
-    resizing; train = random resized crop 384 + flip, eval = resize + centre crop 384."""
+    resizing; train = random resized crop 384 + flip, eval = resize + centre crop 384. Every other
+    teacher the same by default (the reference's VGG-16 and ResNet-50 too); --teacher_data_config
+    timm gives each checkpoint its own."""
     from types import SimpleNamespace
 
     import timm
@@ -319,7 +321,9 @@ def test_reference_teacher_uses_the_authors_preprocessing_and_other_models_their
     import train_distillation
 
     assert DEFAULT_TEACHER == "vit_base_patch16_384.orig_in21k_ft_in1k"
-    assert train_distillation.get_args_parser().get_default("teacher_model") == DEFAULT_TEACHER
+    parser = train_distillation.get_args_parser()
+    assert parser.get_default("teacher_model") == [DEFAULT_TEACHER]
+    assert parser.get_default("teacher_data_config") == "reference"
 
     def fake_model(name):  # data_config reads only the checkpoint's pretrained config
         return SimpleNamespace(pretrained_cfg=timm.models.get_pretrained_cfg(name).to_dict())
@@ -337,7 +341,14 @@ def test_reference_teacher_uses_the_authors_preprocessing_and_other_models_their
     normalize = evaluate.transforms[-1]
     assert normalize.mean.tolist() == normalize.std.tolist() == [0.5] * 3
 
-    other = "resnet50.a1_in1k"  # any other timm model: its own preprocessing, one flag away
-    own = timm.models.get_pretrained_cfg(other)
-    config = data_config(fake_model(other), 224)
-    assert (config["mean"], config["interpolation"]) == (own.mean, own.interpolation) != ((0.5,) * 3, "bilinear")
+    assert data_config(fake_model(DEFAULT_TEACHER), preprocessing="timm")["interpolation"] == "bicubic"
+
+    for other in ("resnet50.a1_in1k", "vgg16.tv_in1k"):  # the reference's other teachers: 384 px, 0.5, bilinear
+        config = data_config(fake_model(other))
+        assert (config["input_size"], config["mean"], config["std"], config["interpolation"], config["crop_pct"]) == (
+            (3, 384, 384), (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0)
+        own = timm.models.get_pretrained_cfg(other)  # timm's own, one flag away
+        config = data_config(fake_model(other), preprocessing="timm")
+        assert (config["input_size"], config["mean"], config["interpolation"], config["crop_pct"]) == (
+            own.input_size, own.mean, own.interpolation, own.crop_pct)
+        assert config["mean"] != (0.5,) * 3

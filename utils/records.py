@@ -193,17 +193,26 @@ class TeacherRecord(StageRecord):
     epoch: int | None = None
     train_images: str | None = None  # utils.cache.image_list_id of the training split
     val_images: str | None = None
+    # --teacher_data_config: "reference" (mean/std 0.5, bilinear, 384 px by default) or "timm" (the
+    # checkpoint's own), and the resolved config (as in teacher.pt); None in a record written before.
+    preprocessing: str | None = None
+    data_config: dict | None = None
 
     def check_reusable(self, folder: str | Path, class_names: Sequence[str], model: str, img_size: int,
-                       split_ids: dict[str, str]) -> None:
-        """Refuse to reuse this teacher for a run with other classes, another model or size, or other
-        training or validation images (``split_ids``: ``train_images`` and ``val_images``)."""
+                       split_ids: dict[str, str], preprocessing: str | None = None) -> None:
+        """Refuse to reuse this teacher for a run with other classes, another model or size, other
+        training or validation images (``split_ids``: ``train_images`` and ``val_images``), or
+        another ``preprocessing`` (where both the record and the run name one)."""
         if list(self.class_names) != list(class_names):
             raise UserError(f"{folder}: trained for classes {self.class_names}, but this run has "
                             f"{list(class_names)}; retrain that stage for this dataset; or pass --retrain_teacher")
         if (self.model, self.img_size) != (model, img_size):
             raise UserError(f"{folder}: holds teacher {self.model} at {self.img_size} px, but this run "
                             f"asks for --teacher_model {model} at {img_size} px; pass those flags, "
+                            "or --retrain_teacher to replace it")
+        if None not in (self.preprocessing, preprocessing) and self.preprocessing != preprocessing:
+            raise UserError(f"{folder}: holds teacher {self.model} trained with --teacher_data_config "
+                            f"{self.preprocessing}, but this run asks for {preprocessing}; pass that flag, "
                             "or --retrain_teacher to replace it")
         recorded = {"train_images": self.train_images, "val_images": self.val_images}
         changed = [name for name, value in split_ids.items() if recorded.get(name) != value]
@@ -221,6 +230,9 @@ class DistillRecord(StageRecord):
     head_id: str
     teacher_id: str | None = None
     teacher_checkpoint: str | None = None
+    # The further teacher of --teacher_model A B ... it was distilled from, as named there (its run
+    # is teacher=<name>,depth=..); None: the stage's own teacher in teacher/ (the first named).
+    teacher: str | None = None
     adapter_id: str | None = None
     in_dim: int | None = None
     run: str  # the run's name, e.g. depth=1,alpha=0.5,seed=42 (utils.sweeps.run_name)

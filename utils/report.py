@@ -2,6 +2,7 @@
 
     python -m utils.report --output_dir outputs [--datasets FI emotion6] [--out results.md]
     python -m utils.report --datasets FI --ablation depth    # the paper's ablations: depth, alpha, gate, all
+    python -m utils.report --datasets FI --ablation teacher  # a row per teacher: baseline, its head, EmoVLM-KD
     python -m utils.report --runs base=outputs other=outputs/other   # runs side by side, paired tests
     python -m utils.report --table main    # the paper's main table: a row per method, <output_dir>/tables/main.md, .csv
 
@@ -207,8 +208,10 @@ def main(argv=None) -> None:
                              "every dataset with results of any stage)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--ablation", choices=(*ABLATIONS, "all"), default=None,
-                        help="instead of the results table: the paper's ablation of the head depth, the distillation "
-                             "weight alpha or the gate type (or all), from the kept runs; writes a PNG per table")
+                        help="instead of the results table: the paper's ablation of the head depth, the "
+                             "distillation weight alpha or the gate type, or the teacher ablation (a row per teacher "
+                             "of train_distillation.py --teacher_model A B C), or all, from the kept runs; writes a "
+                             "PNG per table")
     parser.add_argument("--runs", nargs="+", metavar="NAME=FOLDER", default=None,
                         help="instead of the results table: several output folders side by side, a row per run and "
                              "module, a column per dataset, 95%% intervals, McNemar of each run against the first")

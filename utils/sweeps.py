@@ -2,10 +2,13 @@
 
 Stage 2 trains one head per (depth, alpha, seed) on the same cached features and keeps each in
 ``<output_dir>/<dataname>/distill/runs/depth=D,alpha=A,seed=S/`` (head.pt, metrics.json, curves,
-log.txt, run.json, meta.json). The top-level ``distill/`` holds a copy of the *default* head, the
-one stage 3, the demo and the predictor use without being told otherwise. Stage 3 writes each
-gate seed to ``gate/runs/<head run>/seed=S/`` and, for the default head, the first seed also to
-``gate/`` as before.
+log.txt, run.json, meta.json). With several teachers (``--teacher_model A B C``) the first is the
+stage's own (``teacher/``, the run names above); each further one trains into
+``teachers/<name>/``, its teacher logits are cached in ``distill/cache/teacher=<name>/`` and its heads
+are the runs ``teacher=<name>,depth=D,alpha=A,seed=S``. The top-level ``distill/`` holds a copy of
+the *default* head, the one stage 3, the demo and the predictor use without being told otherwise.
+Stage 3 writes each gate seed to ``gate/runs/<head run>/seed=S/`` and, for the default head, the
+first seed also to ``gate/`` as before.
 """
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ from utils.errors import UserError
 from utils.records import DistillRecord
 
 RUNS = "runs"
+TEACHERS = "teachers"  # <output_dir>/<dataname>/teachers/<name>/: the further teachers of --teacher_model
 # The paper's best head (depth 1, alpha 0.5): the default head of a sweep that includes it.
 PAPER_SETTING = {"depth": 1, "alpha": 0.5}
-SETTING_KEYS = ("depth", "alpha", "seed")
+SETTING_KEYS = ("teacher", "depth", "alpha", "seed")
 
 
 def as_list(value) -> list:
@@ -27,8 +31,21 @@ def as_list(value) -> list:
     return list(dict.fromkeys(values))
 
 
-def run_name(depth: int, alpha: float, seed: int) -> str:
-    return f"depth={depth},alpha={alpha:g},seed={seed}"
+def run_name(depth: int, alpha: float, seed: int, teacher: str | None = None) -> str:
+    """``depth=D,alpha=A,seed=S``; a head of a further teacher ``teacher=<name>,depth=D,...``."""
+    return ("" if teacher is None else f"teacher={teacher},") + f"depth={depth},alpha={alpha:g},seed={seed}"
+
+
+def teacher_folder(dataset_dir: str | Path, teacher: str | None) -> Path:
+    """Where a teacher lives: ``<dataset_dir>/teacher`` for the stage's own (``teacher`` None),
+    ``<dataset_dir>/teachers/<teacher>`` for a further one of ``--teacher_model``."""
+    return Path(dataset_dir) / ("teacher" if teacher is None else f"{TEACHERS}/{teacher}")
+
+
+def teacher_cache(cache_dir: str | Path, teacher: str | None) -> Path:
+    """Where stage 2 caches a teacher's logits: ``distill/cache`` for the stage's own teacher,
+    ``distill/cache/teacher=<name>`` for a further one (stage 3 reads them there)."""
+    return Path(cache_dir) if teacher is None else Path(cache_dir) / f"teacher={teacher}"
 
 
 def settings(depths, alphas, seeds) -> list[dict]:
@@ -60,12 +77,13 @@ def list_runs(distill_dir: str | Path) -> dict[str, DistillRecord]:
 
 
 def setting_of(record: DistillRecord) -> dict:
-    """A head run's ``{"depth", "alpha", "seed"}`` (None where its meta.json does not say)."""
-    return {"depth": record.depth, "alpha": record.alpha, "seed": record.seed}
+    """A head run's ``{"teacher", "depth", "alpha", "seed"}`` (None where its meta.json does not
+    say; ``teacher`` None: the stage's own teacher)."""
+    return {"teacher": record.teacher, "depth": record.depth, "alpha": record.alpha, "seed": record.seed}
 
 
 def parse_head_spec(spec: str) -> dict:
-    """``"depth=2,alpha=0.5[,seed=0]"`` -> ``{"depth": 2, "alpha": 0.5, ...}``."""
+    """``"[teacher=vgg16,]depth=2,alpha=0.5[,seed=0]"`` -> ``{"depth": 2, "alpha": 0.5, ...}``."""
     values = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, sep, text = part.partition("=")
@@ -73,7 +91,7 @@ def parse_head_spec(spec: str) -> dict:
             raise UserError(f"--head {spec}: expected key=value pairs of {', '.join(SETTING_KEYS)}, "
                             "e.g. --head depth=2,alpha=0.5")
         try:
-            values[key] = float(text) if key == "alpha" else int(text)
+            values[key] = text if key == "teacher" else float(text) if key == "alpha" else int(text)
         except ValueError:
             raise UserError(f"--head {spec}: {key}={text!r} is not a number") from None
     if not values:
@@ -83,12 +101,12 @@ def parse_head_spec(spec: str) -> dict:
 
 def resolve_head(distill_dir: str | Path, spec: str | None) -> Path:
     """The head folder: the top-level default head for no ``spec``; else the run matching it (the
-    lowest seed when the seed is not given), refusing a missing one and naming those that exist.
-    Its meta.json names the run (``run``)."""
+    lowest seed when the seed is not given; the stage's own teacher's runs when no ``teacher=`` is
+    given), refusing a missing one and naming those that exist. Its meta.json names the run (``run``)."""
     distill_dir = Path(distill_dir)
     if spec is None:
         return distill_dir
-    wanted = parse_head_spec(spec)
+    wanted = {"teacher": None, **parse_head_spec(spec)}
     runs = list_runs(distill_dir)
     matches = [(record.seed or 0, name) for name, record in runs.items()
                if all(setting_of(record)[key] == value for key, value in wanted.items())]
