@@ -23,10 +23,13 @@ def acc(preds) -> float:
     return float(np.mean(np.array(preds) == np.array(LABELS)))
 
 
-def fake_teacher(root, model="vit_base_patch16_384.orig_in21k_ft_in1k"):
+def fake_teacher(root, model="vit_base_patch16_384.orig_in21k_ft_in1k", name=None, teacher_id="teacher-id"):
+    """Stage 2's own teacher (``name`` None: ``teacher/``) or a further one (``teachers/<name>/``)."""
     from utils.records import TeacherRecord
+    from utils.sweeps import teacher_folder
 
-    TeacherRecord(class_names=["a", "b"], model=model, img_size=384, teacher_id="teacher-id").write(root / "teacher")
+    TeacherRecord(class_names=["a", "b"], model=model, img_size=384, teacher_id=teacher_id).write(
+        teacher_folder(root, name))
 
 
 def fake_head(root, seed, right, depth=1, teacher_id="teacher-id", default=False, prefix=""):
@@ -77,7 +80,9 @@ def fake_world(tmp_path):
     write_json(fi / "distill" / "metrics.json", {"accuracy": acc(right_on(28)), "teacher": published["teacher"]})
     fake_gate_run(fi, fake_head(fi, 42, 39, depth=2), 39, 0, {"concat_linear": 40}, "concat_linear")
     fake_gate_run(fi, fake_head(fi, 3, 40, teacher_id="other"), 40, 0, {"concat_linear": 40}, "concat_linear")
-    fake_head(fi, 42, 27, teacher_id="vgg-id", prefix="teacher=vgg16,")  # its teacher: 50% (fake_head)
+    fake_teacher(fi, "vgg16", name="vgg16", teacher_id="vgg-id")  # a further teacher: 50% on the test images
+    write_json(fi / "teachers" / "vgg16" / "metrics.json", {"accuracy": 0.5, "ci95": [0.3, 0.7]})
+    fake_head(fi, 42, 27, teacher_id="vgg-id", prefix="teacher=vgg16,")
     zero = fi / "vlm_zero_shot" / "Qwen2-VL-7B-Instruct" / "eval_score"
     write_json(zero / "metrics.json", metric(acc(right_on(22)), 0.4))
     (zero / "predictions.jsonl").write_text("".join(
@@ -143,7 +148,7 @@ def test_main_table_rows_seeds_paper_numbers_and_files(tmp_path, capsys):
                                     f"[{100 * vit['ci95'][0]:.2f}, {100 * vit['ci95'][1]:.2f}]", "68.86"]
     assert rows["instruction-tuned VLM"][0] == f"{100 * published['vlm']['accuracy']:.2f}"
     assert rows["instruction-tuned VLM"][2] == "71.19" and rows["instruction-tuned VLM"][5] == ""
-    assert rows["VGG-16"][0] == "50.00" and rows["VGG-16"][3] == "not run"
+    assert rows["VGG-16"][:2] == ["50.00", "[30.00, 70.00]"] and rows["VGG-16"][3] == "not run"
     assert rows["ResNet-50"] == ["not run", "", "", "not run", "", ""]
     zero = rows["zero-shot Qwen2-VL-7B-Instruct (score)"]
     low, high = bootstrap_ci(np.array(right_on(22)) == np.array(LABELS))

@@ -121,17 +121,14 @@ def default_teacher(root: Path) -> dict[str, Result]:
 
 
 def other_teachers(root: Path) -> dict[str, Result]:
-    """Teachers trained side by side (``train_distillation.py --teacher_model A B ...``), one row per
-    model: the ``teacher`` entry (that teacher's test metrics) of the first head run named after it,
-    ``distill/runs/teacher=<model>,depth=...,alpha=...,seed=.../metrics.json``; the model is read from
-    the run name."""
-    rows: dict[str, Result] = {}
-    for path in sorted((root / "distill" / "runs").glob("teacher=*/metrics.json")):
-        model = path.parent.name.split(",")[0].removeprefix("teacher=")
-        teacher = read_json(path).get("teacher")
-        if teacher and baseline_name(model) not in rows:
-            rows[baseline_name(model)] = _single(teacher)
-    return rows
+    """Further teachers trained side by side (``train_distillation.py --teacher_model A B ...``), one
+    row per model: each finished ``teachers/<name>/`` folder's test ``metrics.json`` (its accuracy
+    and interval), as :func:`utils.ablation.teacher_baselines` lists them; the stage's own teacher
+    is :func:`default_teacher`'s row."""
+    from utils.ablation import teacher_baselines
+
+    return {baseline_name(row["model"]): Result([row["accuracy"]], [None], row["ci95"])
+            for row in teacher_baselines(root.parent, root.name) if row["teacher"] is not None}
 
 
 def _evaluation(path: Path) -> Result:
