@@ -387,6 +387,12 @@ def teacher_loader(record: Record):
     return loader_of(fitted(record, "teacher")["train_epoch"])
 
 
+def teacher_images(record: Record):
+    """The image dataset the teacher's loader reads (inside engine.distill.SeededAugmentation)."""
+    dataset = teacher_loader(record).dataset
+    return getattr(dataset, "dataset", dataset)
+
+
 def teacher_optimizer(record: Record):
     return optimizer_of(fitted(record, "teacher")["train_epoch"])
 
@@ -487,7 +493,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "teacher_model": Check(lambda r: r.first("create_model")["name"], lambda v: v[0] if isinstance(v, list) else v,
                                runs=TEACHER_RUNS),
         # the interpolation the teacher's training images are resized with (the changed vit_tiny's own: bicubic)
-        "teacher_data_config": Check(lambda r: teacher_loader(r).dataset.transform.transforms[0].interpolation.value,
+        "teacher_data_config": Check(lambda r: teacher_images(r).transform.transforms[0].interpolation.value,
                                      lambda v: {"reference": "bilinear", "timm": "bicubic"}[v], runs=TEACHER_RUNS),
         # (the size timm is asked for, and that of the images the teacher trains on)
         "teacher_img_size": Check(lambda r: (r.first("create_model")["img_size"],
