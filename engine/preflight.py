@@ -486,15 +486,24 @@ def time_features(vlm_model, processor, images, device, dtype, batch_size, pre_r
     return result
 
 
-def time_teacher(distill_args, splits, device, warmup, steps) -> dict:
-    """Teacher training steps (the architecture of the real teacher, random weights: the same cost,
-    nothing downloaded) and its forward pass per image (the logits pass)."""
+def teacher_parts(distill_args) -> dict[str, str]:
+    """The teachers stage 2 trains and distils from, by measurement name: the first of
+    ``--teacher_model A B C`` (the stage's own, or the one ``--teacher_checkpoint`` gives) as
+    ``teacher``, each further one as ``teacher <model>`` (duplicates dropped, as stage 2 drops them)."""
+    names = list(dict.fromkeys(as_list(distill_args.teacher_model)))
+    if distill_args.teacher_checkpoint:
+        names = names[:1]
+    return {("teacher" if index == 0 else f"teacher {name}"): name for index, name in enumerate(names)}
+
+
+def time_teacher(distill_args, name: str, splits, device, warmup, steps) -> dict:
+    """Teacher ``name``'s training steps (the architecture of the real teacher, random weights: the
+    same cost, nothing downloaded) and its forward pass per image (the logits pass)."""
     from torch.utils.data import DataLoader
     from data.datasets import ImageDataset
 
     result = {"unit": "optimiser step"}
     with measured(device, result):
-        name = as_list(distill_args.teacher_model)[0]  # the first teacher of --teacher_model A B ...
         size = distill_args.teacher_img_size or default_img_size(name, distill_args.teacher_data_config)
         model = build_teacher(name, len(splits.class_names), size, pretrained=False).to(device)
         config = data_config(model, size, distill_args.teacher_data_config)
@@ -581,12 +590,14 @@ def judge(measurements: dict, memory_bytes: int) -> list[str]:
     what to change."""
     lines = []
     for stage, parts in STAGE_PEAKS.items():
-        over = [part for part in parts if measurements[part]["peak_bytes"] > memory_bytes]
+        # a part and its kind ("teacher" and each further "teacher <model>")
+        measured = [key for key in measurements if key.split(" ", 1)[0] in parts]
+        over = [part for part in measured if measurements[part]["peak_bytes"] > memory_bytes]
         if over:
             worst = max(over, key=lambda part: measurements[part]["peak_bytes"])
             lines.append(f"{stage} does not fit: {worst} peaks at {measurements[worst]['peak_bytes'] / GIB:.2f} GiB "
                          f"({measurements[worst]['peak_kind']}) > {memory_bytes / GIB:.2f} GiB; "
-                         f"{REMEDIES[worst]}")
+                         f"{REMEDIES[worst.split(' ', 1)[0]]}")
     return lines
 
 
@@ -706,7 +717,11 @@ def main(args) -> None:
                                              FEATURE_DTYPES[distill_args.feature_dtype],
                                              min(distill_args.feature_batch_size, len(images)),
                                              distill_args.pre_resize, args.warmup, args.steps)
-    measurements["teacher"] = time_teacher(distill_args, splits, device, args.warmup, args.steps)
+    # Every teacher of --teacher_model A B C is trained and distilled from (one with --teacher_checkpoint):
+    # the first is measured as "teacher", each further one as "teacher <model>".
+    teachers = teacher_parts(distill_args)
+    for part, name in teachers.items():
+        measurements[part] = time_teacher(distill_args, name, splits, device, args.warmup, args.steps)
     from transformers import AutoConfig
 
     in_dim = vision_hidden_size(AutoConfig.from_pretrained(vlm_model))
@@ -725,14 +740,18 @@ def main(args) -> None:
     heads = len(settings(as_list(distill_args.depth), as_list(distill_args.alpha),
                          as_list(distill_args.seeds) if distill_args.seeds is not None else [distill_args.seed]))
     seeds = len(as_list(gate_args.seeds)) if gate_args.seeds is not None else 1
+    teacher_steps = math.ceil(n_train / distill_args.teacher_batch_size) * distill_args.teacher_epochs
     counts = {  # part: (stage, measurement, units, sharded across --nproc)
         "VLM training": ("stage 1", "vlm_train", vlm_steps, True),
         "test evaluation": ("stage 1", "eval", 0 if vlm_args.skip_eval else len(splits.test), True),
-        "teacher training": ("stage 2", "teacher",
-                             math.ceil(n_train / distill_args.teacher_batch_size) * distill_args.teacher_epochs, False),
-        "teacher logits": ("stage 2", ("teacher", "forward_seconds_per_image"), n_all, True),
+        **{f"{part.replace('teacher', 'teacher training', 1)}": ("stage 2", part, teacher_steps, False)
+           for part in teachers},
+        **{f"{part.replace('teacher', 'teacher logits', 1)}": ("stage 2", (part, "forward_seconds_per_image"), n_all,
+                                                               True) for part in teachers},
         "VLM features": ("stage 2", "features", n_all, True),
-        "head training": ("stage 2", "head", math.ceil(n_train / distill_args.batch_size) * distill_args.epochs * heads,
+        # the sweep's heads from every teacher
+        "head training": ("stage 2", "head",
+                          math.ceil(n_train / distill_args.batch_size) * distill_args.epochs * heads * len(teachers),
                           False),
         "VLM answers": ("stage 3", "answers", n_all, True),
         "gate training": ("stage 3", "gate",

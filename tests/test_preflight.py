@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 from conftest import REPO, run_script
 from engine import preflight
@@ -28,11 +29,19 @@ def argv(toy_root, tiny_vlm_dir, output_dir, *extra):
             "--steps", "2", "--warmup", "1", "--images", "4", "--head_steps", "30", *extra]
 
 
+FURTHER_TEACHER = "test_resnet"  # the run below projects a teacher ablation: --teacher_model <toy ViT> test_resnet
+
+
 @pytest.fixture(scope="module")
 def preflight_run(tmp_path_factory, toy_root, tiny_vlm_dir):
     output_dir = tmp_path_factory.mktemp("preflight_outputs")
+    distill = yaml.safe_load((CONFIGS / "toy_distill.yaml").read_text())
+    distill["teacher_model"] = [*distill["teacher_model"], FURTHER_TEACHER]
+    config = output_dir.parent / "two_teachers.yaml"
+    config.write_text(yaml.safe_dump(distill))
     result = run_script("-c", _RUN, *argv(toy_root, tiny_vlm_dir, output_dir, "--nproc", str(NPROC),
-                                          "--speed_ratio", str(RATIO), "--price_in", "2.5", "--price_out", "10"))
+                                          "--speed_ratio", str(RATIO), "--price_in", "2.5", "--price_out", "10",
+                                          "--distill_config", str(config)))
     path = output_dir / "toy" / "preflight" / "preflight.json"
     report = json.loads(path.read_text()) if path.is_file() else None
     return result, report, output_dir
@@ -76,6 +85,13 @@ def test_the_projection_is_the_measured_figures_times_the_counts(preflight_run):
     steps = math.ceil(splits["train"] * 3 / measurements["vlm_train"]["conversations_per_unit"]) * 5  # toy_vlm.yaml
     assert counts["VLM training"]["units"] == steps
     assert counts["VLM features"]["units"] == sum(splits.values())
+    # Both teachers are measured and projected; the sweep's heads are trained from each.
+    further = f"teacher {FURTHER_TEACHER}"
+    assert measurements[further]["seconds_per_unit"] != measurements["teacher"]["seconds_per_unit"]
+    assert counts[f"teacher training {FURTHER_TEACHER}"]["measurement"] == further
+    assert counts[f"teacher logits {FURTHER_TEACHER}"]["measurement"] == [further, "forward_seconds_per_image"]
+    assert counts[f"teacher training {FURTHER_TEACHER}"]["units"] == counts["teacher training"]["units"]
+    assert counts["head training"]["units"] == math.ceil(splits["train"] / 16) * 20 * 2  # toy_distill.yaml, 2 teachers
     assert report["totals"]["all"]["seconds"] == pytest.approx(sum(r["seconds"] for r in report["projection"]))
 
 
@@ -91,7 +107,7 @@ def test_judge_names_exactly_the_stages_whose_peak_exceeds_the_memory(preflight_
     measurements = report["measurements"]
     worst = max(measurements, key=lambda part: measurements[part]["peak_bytes"])
     lines = preflight.judge(measurements, measurements[worst]["peak_bytes"] - 1)
-    stages = [stage for stage, parts in preflight.STAGE_PEAKS.items() if worst in parts]
+    stages = [stage for stage, parts in preflight.STAGE_PEAKS.items() if worst.split(" ", 1)[0] in parts]
     assert len(lines) >= len(stages) and all(any(line.startswith(f"{stage} ") for line in lines) for stage in stages)
     assert preflight.judge(measurements, max(row["peak_bytes"] for row in measurements.values())) == []
 
