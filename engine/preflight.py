@@ -657,21 +657,28 @@ def environment_lines(env: dict) -> list[str]:
 
 def table(report: dict) -> str:
     nproc = report["nproc"]
+    # wide enough for every part (a further teacher's rows carry its timm name)
+    width = max([22, *(len(row["part"]) for row in report["projection"])])
+
+    def line(stage, part, units, per_unit, seconds, on_nproc) -> str:
+        return f"{stage:8} {part:{width}} {units:>10} {per_unit:>10} {seconds:>10} {on_nproc:>12}"
+
     lines = [f"preflight {report['dataname']} on {report['environment']['name']} "
              f"(speed ratio {report['speed_ratio']:g}{' (assumed)' if report['speed_ratio'] != 1 else ''})",
              *environment_lines(report["environment"]),
-             f"{'stage':8} {'part':22} {'units':>10} {'per unit':>10} {'1 device':>10} {f'{nproc} device(s)':>12}"]
+             line("stage", "part", "units", "per unit", "1 device", f"{nproc} device(s)")]
     for row in report["projection"]:
-        lines.append(f"{row['stage']:8} {row['part']:22} {row['units']:>10} {_fmt_seconds(row['seconds_per_unit']):>10} "
-                     f"{_fmt_seconds(row['seconds']):>10} {_fmt_seconds(row['seconds_on_nproc']):>12}")
+        lines.append(line(row["stage"], row["part"], row["units"], _fmt_seconds(row["seconds_per_unit"]),
+                          _fmt_seconds(row["seconds"]), _fmt_seconds(row["seconds_on_nproc"])))
     for stage, total in report["totals"].items():
-        lines.append(f"{stage:8} {'total':22} {'':>10} {'':>10} {_fmt_seconds(total['seconds']):>10} "
-                     f"{_fmt_seconds(total['seconds_on_nproc']):>12}")
+        lines.append(line(stage, "total", "", "", _fmt_seconds(total["seconds"]),
+                          _fmt_seconds(total["seconds_on_nproc"])))
     memory = report["memory_bytes"]
     lines.append(f"peak memory against {memory / GIB:.2f} GiB"
                  f"{' (--device_memory)' if report['device_memory_given'] else ''}:")
+    part_width = max([10, *map(len, report["measurements"])])
     for part, row in report["measurements"].items():
-        lines.append(f"  {part:10} {row['peak_bytes'] / GIB:8.2f} GiB ({row['peak_kind']})"
+        lines.append(f"  {part:{part_width}} {row['peak_bytes'] / GIB:8.2f} GiB ({row['peak_kind']})"
                      f"{'  OVER' if row['peak_bytes'] > memory else ''}")
     s0 = report["stage0"]
     lines.append(f"stage 0: {s0['requests']} requests, ~{s0['prompt_tokens']:,} prompt tokens, at most "
